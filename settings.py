@@ -1,0 +1,386 @@
+"""One typed Settings object: defaults < config.yaml < STOX_* environment < command-line flags.
+
+An unknown key or a value of the wrong kind refuses start-up with a message that names the
+key and what was expected (`SettingsError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kib|mib|gib|kb|mb|gb)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kib": 1024, "kb": 1000, "mib": 1024**2, "mb": 1000**2}
+_SIZE_UNITS |= {"gib": 1024**3, "gb": 1000**3, None: 1}
+
+
+class Duration(float):
+    """Seconds; written in config as `5s`, `250ms`, `1h` or a plain number of seconds."""
+
+
+class Size(int):
+    """Bytes; written in config as `1MiB`, `64KiB` or a plain number of bytes."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ServerSettings:
+    host: str = _help("address to listen on", default="127.0.0.1")
+    port: int = _help("port to listen on", default=8080)
+    environment: str = _help("development or production", default="development")
+    public_url: str = _help(
+        "the URL services use to reach this gateway (default http://host:port)", default=""
+    )
+    max_body_size: Size = _help("largest request body accepted", default=Size(1024 * 1024))
+    instance_id: str = _help(
+        "name of this instance in logs and queues (default random)", default=""
+    )
+    sweep_interval: Duration = _help(
+        "how often deadlines and retries are checked", default=Duration(0.5)
+    )
+    relay_interval: Duration = _help(
+        "how often unconfirmed outbox events are re-published", default=Duration(5)
+    )
+
+
+@dataclass
+class Endpoint:
+    host: str = _help("host name", default="")
+    port: int = _help("port", default=0)
+
+
+@dataclass
+class ServicesSettings:
+    auth: Endpoint = _help(
+        "the gRPC AuthService; empty: the built-in one", default_factory=Endpoint
+    )
+    image: Endpoint = _help(
+        "image service (reached through RabbitMQ; informational)", default_factory=Endpoint
+    )
+    llm: Endpoint = _help("AI enhancement service (informational)", default_factory=Endpoint)
+    queue: Endpoint = _help("queue service (informational)", default_factory=Endpoint)
+    agent: Endpoint = _help("SEO agent service (informational)", default_factory=Endpoint)
+
+
+@dataclass
+class StorageSettings:
+    url: str = _help("sqlite:///PATH or mongodb://…", default="sqlite:///stox.db")
+
+
+@dataclass
+class RabbitMQSettings:
+    url: str = _help("amqp://… ; empty: the in-process bus", default="")
+    exchange: str = _help("the durable topic exchange", default="workflow_exchange")
+    routing_key: str = _help("routing key of service completion reports", default="step.completed")
+    max_retries: int = _help("publish attempts before an event waits for the relay", default=3)
+    retry_delay: Duration = _help("pause between publish attempts", default=Duration(5))
+    prefix: str = _help("prefix of the queue names this gateway declares", default="stox")
+
+
+@dataclass
+class JWTSettings:
+    secret: str = _help("HS256 signing secret; empty: generated once beside the data", default="")
+    expiry: Duration = _help("lifetime of issued tokens", default=Duration(3600))
+    issuer: str = _help("the iss claim", default="stox")
+    audience: str = _help("the aud claim", default="stox")
+
+
+@dataclass
+class LoggingSettings:
+    level: str = _help("debug, info, warning or error", default="info")
+    format: str = _help("json or text", default="json")
+
+
+@dataclass
+class CorsSettings:
+    allowed_origins: list[str] = _help(
+        "origins allowed to open the WebSocket; empty: the server's own", default_factory=list
+    )
+
+
+@dataclass
+class StepSettings:
+    name: str = _help("step name", default="")
+    routing_key: str = _help("routing key of its dispatch event (default step.NAME)", default="")
+    timeout: Duration = _help("how long an attempt may take", default=Duration(60))
+    max_attempts: int = _help("attempts before the workflow fails", default=3)
+    backoff: Duration = _help("pause before the first retry, doubling after", default=Duration(1))
+
+
+def _default_steps() -> list[StepSettings]:
+    return [StepSettings(name) for name in ("image_processing", "ai_enhancement", "seo_generation")]
+
+
+@dataclass
+class PipelineSettings:
+    steps: list[StepSettings] = _help("the ordered steps", default_factory=_default_steps)
+
+
+@dataclass
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    services: ServicesSettings = field(default_factory=ServicesSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    rabbitmq: RabbitMQSettings = field(default_factory=RabbitMQSettings)
+    jwt: JWTSettings = field(default_factory=JWTSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    cors: CorsSettings = field(default_factory=CorsSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    demo_workers: bool = False
+
+    @property
+    def public_url(self) -> str:
+        return self.server.public_url or f"http://{self.server.host}:{self.server.port}"
+
+    @property
+    def allowed_origins(self) -> list[str]:
+        return self.cors.allowed_origins or [self.public_url]
+
+
+# (dotted key, environment variable, command-line flag)
+_ENV_AND_FLAGS: list[tuple[str, str | None, str | None]] = [
+    ("server.host", "STOX_HOST", "--host"),
+    ("server.port", "STOX_PORT", "--port"),
+    ("server.environment", "STOX_ENV", None),
+    ("server.public_url", "STOX_PUBLIC_URL", "--public-url"),
+    ("storage.url", "STOX_STORAGE_URL", "--storage-url"),
+    ("rabbitmq.url", "STOX_RABBITMQ_URL", "--rabbitmq-url"),
+    ("services.auth", "STOX_AUTH_ADDR", "--auth-addr"),
+    ("jwt.secret", "STOX_JWT_SECRET", None),
+    ("cors.allowed_origins", "STOX_ALLOWED_ORIGINS", None),
+    ("logging.level", "STOX_LOG_LEVEL", "--log-level"),
+]
+
+
+def _coerce(key: str, kind: Any, value: Any) -> Any:
+    """Turn a YAML, environment or flag value into `kind`, or raise naming the key."""
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        if isinstance(value, str) and kind is Endpoint:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host:
+                raise SettingsError(f"{key}: expected host:port, got {value!r}")
+            return Endpoint(host, _coerce(f"{key}.port", int, port))
+        if not isinstance(value, Mapping):
+            raise SettingsError(f"{key}: expected a mapping, got {value!r}")
+        return _build(kind, value, key)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise SettingsError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if kind is Duration:
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            return Duration(value)
+        match = _DURATION.match(str(value))
+        if not match:
+            raise SettingsError(
+                f"{key}: expected a duration such as 5s, 250ms or 1h, got {value!r}"
+            )
+        return Duration(float(match[1]) * _UNITS[match[2]])
+    if kind is Size:
+        match = _SIZE.match(str(value))
+        if isinstance(value, bool) or not match:
+            raise SettingsError(f"{key}: expected a size such as 1MiB or 65536, got {value!r}")
+        return Size(int(match[1]) * _SIZE_UNITS[(match[2] or "").lower() or None])
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        lowered = str(value).strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise SettingsError(f"{key}: expected a whole number, got {value!r}")
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise SettingsError(f"{key}: expected a whole number, got {value!r}") from None
+    if kind is str:
+        if isinstance(value, Mapping | list) or value is None:
+            raise SettingsError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise SettingsError(f"{key}: unsupported setting type {kind!r}")  # pragma: no cover
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "", base: Any = None) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise SettingsError(
+            f"{where}{unknown[0]}: unknown setting (expected one of: {', '.join(sorted(known))})"
+        )
+    base = cls() if base is None else base
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        current = getattr(base, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            _build(type(current), value, key, base=current)
+        else:
+            setattr(base, name, _coerce(key, hints[name], value))
+    return base
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _validate(settings: Settings) -> Settings:
+    if settings.server.environment not in ("development", "production"):
+        raise SettingsError(
+            f"server.environment: expected development or production, "
+            f"got {settings.server.environment!r}"
+        )
+    if not 0 <= settings.server.port <= 65535:
+        raise SettingsError(f"server.port: expected 0-65535, got {settings.server.port}")
+    if settings.logging.level.lower() not in ("debug", "info", "warning", "error"):
+        raise SettingsError(
+            f"logging.level: expected debug, info, warning or error, got {settings.logging.level!r}"
+        )
+    if settings.logging.format not in ("json", "text"):
+        raise SettingsError(
+            f"logging.format: expected json or text, got {settings.logging.format!r}"
+        )
+    if not settings.storage.url.startswith(("sqlite:", "mongodb://", "mongodb+srv://")):
+        raise SettingsError(
+            f"storage.url: expected sqlite:///PATH or mongodb://…, got {settings.storage.url!r}"
+        )
+    if settings.rabbitmq.url and not settings.rabbitmq.url.startswith(("amqp://", "amqps://")):
+        raise SettingsError(f"rabbitmq.url: expected amqp://…, got {settings.rabbitmq.url!r}")
+    if settings.server.max_body_size <= 0:
+        raise SettingsError("server.max_body_size: expected a positive size")
+    steps = settings.pipeline.steps
+    if not steps:
+        raise SettingsError("pipeline.steps: expected at least one step")
+    names = [s.name for s in steps]
+    for i, step in enumerate(steps):
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", step.name):
+            raise SettingsError(
+                f"pipeline.steps[{i}].name: expected lowercase letters, digits and _, "
+                f"got {step.name!r}"
+            )
+        if names.count(step.name) > 1:
+            raise SettingsError(f"pipeline.steps[{i}].name: {step.name!r} appears twice")
+        if step.max_attempts < 1:
+            raise SettingsError(f"pipeline.steps[{i}].max_attempts: expected at least 1")
+        if step.timeout <= 0:
+            raise SettingsError(f"pipeline.steps[{i}].timeout: expected a positive duration")
+    return settings
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="server.py", description="Run the Stox gateway.")
+    p.add_argument("--config", help="a YAML settings file (see config.example.yaml)")
+    p.add_argument("--host", help="address to listen on (server.host)")
+    p.add_argument("--port", help="port to listen on (server.port)")
+    p.add_argument("--public-url", help="URL services use to reach this gateway")
+    p.add_argument("--storage-url", help="sqlite:///PATH or mongodb://… (storage.url)")
+    p.add_argument("--rabbitmq-url", help="amqp://… ; empty: in-process bus (rabbitmq.url)")
+    p.add_argument("--auth-addr", help="host:port of a remote AuthService (services.auth)")
+    p.add_argument("--log-level", help="debug, info, warning or error (logging.level)")
+    p.add_argument(
+        "--demo-workers",
+        action="store_true",
+        default=None,
+        help="run simulated image/AI/SEO services in this process",
+    )
+    return p
+
+
+def load(
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings from defaults, then the YAML file, then STOX_* variables, then flags."""
+    args = parser().parse_args(argv)
+    environ = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    config_path = args.config or environ.get("STOX_CONFIG")
+    if config_path:
+        tree = _merge(tree, _read_yaml(Path(config_path)))
+    overrides: dict[str, Any] = {}
+    for dotted, env, _flag in _ENV_AND_FLAGS:
+        if env and environ.get(env) not in (None, ""):
+            _set_dotted(overrides, dotted, environ[env])
+    for dotted, _env, flag in _ENV_AND_FLAGS:
+        if flag:
+            value = getattr(args, flag.lstrip("-").replace("-", "_"))
+            if value is not None:
+                _set_dotted(overrides, dotted, value)
+    if args.demo_workers:
+        overrides["demo_workers"] = True
+    tree = _merge(tree, overrides)
+    return _validate(_build(Settings, tree))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SettingsError(f"--config: cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"--config: {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"--config: {path} must hold a mapping of sections")
+    return data
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every setting, for docs and `--help-settings`."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                rows.append((key, repr(value), f.metadata.get("help", "")))
+
+    walk(Settings(), "")
+    return rows
+
+
+__all__ = ["Settings", "SettingsError", "load", "parser"]

@@ -1,0 +1,1 @@
+"""Stox: a workflow-orchestration gateway for product uploads."""

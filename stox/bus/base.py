@@ -1,0 +1,70 @@
+"""The EventBus protocol every bus implements (in-process, RabbitMQ)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    routing_key: str
+    payload: dict[str, Any]
+    message_id: str
+    correlation_id: str | None = None  # the workflow id
+    timestamp: float = 0.0
+    headers: dict[str, Any] = field(default_factory=dict)
+
+
+class PublishError(Exception):
+    """The broker did not confirm an event; it stays in the outbox for the relay."""
+
+
+class Rejected(Exception):
+    """Raised by a handler for a message that can never be handled: it is dead-lettered."""
+
+
+Handler = Callable[[Event], Awaitable[None]]
+
+
+class EventBus(Protocol):
+    """Topic routing with AMQP binding keys (`*` one word, `#` zero or more words).
+
+    A handler that returns acknowledges its message; one that raises `Rejected` sends it to
+    the dead-letter queue; any other exception redelivers it later.
+    """
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(self, event: Event) -> None:
+        """Return once the broker has confirmed the event; PublishError otherwise."""
+
+    async def declare(
+        self, queue: str, bindings: Sequence[str], *, exclusive: bool = False
+    ) -> None:
+        """A queue that keeps matching events until consumed (exclusive: this instance's)."""
+
+    async def consume(self, queue: str, handler: Handler) -> None:
+        """Deliver the queue's events to `handler`; consumers of one queue compete."""
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """AMQP topic matching of one binding key against one routing key."""
+    return _match(pattern.split("."), routing_key.split("."))
+
+
+def _match(pattern: list[str], words: list[str]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
+    if not words:
+        return False
+    return (head in ("*", words[0])) and _match(rest, words[1:])

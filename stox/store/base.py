@@ -1,0 +1,53 @@
+"""The WorkflowStore protocol every store implements (SQLite, MongoDB)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (unreachable, corrupt, ...)."""
+
+
+class AlreadyExists(StoreError):
+    pass
+
+
+class WorkflowStore(Protocol):
+    """Keeps workflow documents (the shape `Workflow.to_doc` produces).
+
+    Writes are compare-and-swap on `version`: `replace` succeeds only when the stored
+    document still has `expected_version`.
+    """
+
+    async def open(self) -> None:
+        """Connect and create tables or indexes; idempotent."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreError when the store cannot serve."""
+
+    async def insert(self, doc: dict[str, Any]) -> None:
+        """Add a new workflow; AlreadyExists if its id is taken."""
+
+    async def get(self, workflow_id: str) -> dict[str, Any] | None: ...
+
+    async def replace(self, doc: dict[str, Any], expected_version: int) -> bool:
+        """Write `doc` if the stored version is `expected_version`; False when it is not."""
+
+    async def list(
+        self,
+        *,
+        owner: str | None,
+        status: str | None,
+        limit: int,
+        before: tuple[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Newest first by (created_at, id), only those strictly before `before`."""
+
+    async def due(self, now: str, limit: int) -> list[dict[str, Any]]:
+        """Workflows whose `wake_at` is at or before `now`."""
+
+    async def unpublished(self, written_before: str, limit: int) -> list[dict[str, Any]]:
+        """Workflows with an outbox entry written at or before `written_before`."""

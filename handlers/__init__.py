@@ -1,0 +1,1 @@
+"""Tornado handlers; each module exports `routes`, joined in `handlers.routes`."""

@@ -1,0 +1,37 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from handlers.base import BaseHandler
+from stox.bus.base import EventBus
+from stox.store.base import WorkflowStore
+
+
+class HealthHandler(BaseHandler):
+    async def get(self) -> None:
+        self.render(200, {"status": "ok"})
+
+
+class ReadyHandler(BaseHandler):
+    """Ready when the store answers and the bus is connected."""
+
+    async def get(self) -> None:
+        store = cast(WorkflowStore, self.settings["store"])
+        bus = cast(EventBus, self.settings["bus"])
+        checks: dict[str, str] = {}
+        try:
+            await store.ping()
+            checks["store"] = "ok"
+        except Exception as exc:  # any failure means "not ready", whatever its kind
+            checks["store"] = f"unavailable: {type(exc).__name__}"
+        checks["bus"] = "ok" if bus.connected else "disconnected"
+        ready = all(value == "ok" for value in checks.values())
+        self.render(200 if ready else 503, {"status": "ready" if ready else "unready", **checks})
+
+
+routes = [
+    (r"/healthz", HealthHandler),
+    (r"/readyz", ReadyHandler),
+]

@@ -1,0 +1,64 @@
+"""Entry point: load settings, start the gateway on one IOLoop, serve, shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import tornado.httpserver
+
+import settings as settings_module
+from stox.app import Gateway
+from stox.logs import configure
+
+log = logging.getLogger("stox.server")
+
+
+async def serve(settings: settings_module.Settings) -> None:
+    gateway = Gateway(settings)
+    app = await gateway.start()
+    server = tornado.httpserver.HTTPServer(
+        app,
+        xheaders=True,
+        # the handlers enforce server.max_body_size themselves (413); this is the hard cap
+        max_body_size=4 * settings.server.max_body_size,
+    )
+    server.listen(settings.server.port, settings.server.host)
+    log.info(
+        "stox gateway %s listening on %s (store %s, bus %s%s)",
+        gateway.instance_id,
+        settings.public_url,
+        settings.storage.url.split("@")[-1],
+        "rabbitmq" if settings.rabbitmq.url else "in-process",
+        ", demo workers" if settings.demo_workers else "",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    server.stop()
+    await server.close_all_connections()
+    await gateway.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = settings_module.load(argv)
+    except settings_module.SettingsError as exc:
+        print(f"stox: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure(settings.logging.level, settings.logging.format)
+    try:
+        asyncio.run(serve(settings))
+    except settings_module.SettingsError as exc:
+        print(f"stox: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Wiring: open the store, bus and token authority on the running loop, build the app.
+
+`Gateway.start()` must run inside the loop that will serve (PyMongo's async client and
+pika's TornadoConnection bind to it). It declares the queue topology, consumes completion
+reports and change notifications, and runs the timer sweeper and the outbox relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import tornado.web
+
+import handlers.health
+import handlers.workflow
+import handlers.ws
+from handlers.base import NotFoundHandler
+from settings import Settings, SettingsError
+from stox.auth import secret
+from stox.auth.tokens import TokenAuthority
+from stox.bus.base import EventBus
+from stox.completions import completion_handler
+from stox.hub import Hub
+from stox.logs import log_request
+from stox.orchestrator import Orchestrator
+from stox.store import WorkflowStore, make_store
+from stox.workflow import CHANGE_ROUTING_KEY, COMPLETION_ROUTING_KEY, Pipeline, StepSpec
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+
+def make_pipeline(settings: Settings) -> Pipeline:
+    return Pipeline(
+        steps=tuple(
+            StepSpec(s.name, s.routing_key, s.timeout, s.max_attempts, s.backoff)
+            for s in settings.pipeline.steps
+        ),
+        completion_url=f"{settings.public_url}/api/v1/workflow/step-completed",
+    )
+
+
+def make_bus(settings: Settings) -> EventBus:
+    if settings.rabbitmq.url:
+        from stox.bus.rabbitmq import RabbitMQBus
+
+        return RabbitMQBus(settings.rabbitmq)
+    from stox.bus.local import LocalBus
+
+    return LocalBus()
+
+
+def make_tokens(settings: Settings) -> TokenAuthority:
+    key = settings.jwt.secret
+    if not key:
+        if settings.server.environment == "production":
+            raise SettingsError("jwt.secret: required in production (set STOX_JWT_SECRET)")
+        key = secret.load_or_create(secret.data_dir(settings.storage.url))
+    return TokenAuthority(
+        key,
+        issuer=settings.jwt.issuer,
+        audience=settings.jwt.audience,
+        expiry=settings.jwt.expiry,
+    )
+
+
+class Topology:
+    """Queue names this gateway declares (DESIGN §4), under a configurable prefix."""
+
+    def __init__(self, prefix: str, instance_id: str) -> None:
+        self.prefix = prefix
+        self.completions = f"{prefix}.step.completed"
+        self.hub = f"{prefix}.hub.{instance_id}"
+
+    def step_queue(self, step: str) -> str:
+        return f"{self.prefix}.step.{step}"
+
+
+class Gateway:
+    """Everything one gateway process runs, started and stopped in order."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: WorkflowStore | None = None,
+        bus: EventBus | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.instance_id = settings.server.instance_id or uuid.uuid4().hex[:12]
+        self.store = store or make_store(settings.storage.url)
+        self.bus = bus or make_bus(settings)
+        self.tokens = make_tokens(settings)
+        self.pipeline = make_pipeline(settings)
+        self.orchestrator = Orchestrator(self.store, self.bus, self.pipeline, clock=clock)
+        self.hub = Hub(self.orchestrator)
+        self.topology = Topology(settings.rabbitmq.prefix, self.instance_id)
+        self.demo_workers: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> tornado.web.Application:
+        await self.store.open()
+        await self.bus.start()
+        await self._declare_and_consume()
+        if self.settings.demo_workers:
+            from stox.demo_workers import DemoWorkers
+
+            self.demo_workers = DemoWorkers(self.bus, self.pipeline, self.topology.step_queue)
+            await self.demo_workers.start()
+        await self.orchestrator.relay(min_age=0)
+        server = self.settings.server
+        self._every(server.sweep_interval, self.orchestrator.sweep)
+        self._every(server.relay_interval, lambda: self.orchestrator.relay(server.relay_interval))
+        return self.make_app()
+
+    async def _declare_and_consume(self) -> None:
+        topo = self.topology
+        for spec in self.pipeline.steps:
+            await self.bus.declare(topo.step_queue(spec.name), [spec.routing_key])
+        await self.bus.declare(topo.completions, [COMPLETION_ROUTING_KEY])
+        await self.bus.declare(topo.hub, [CHANGE_ROUTING_KEY], exclusive=True)
+        await self.bus.consume(topo.completions, completion_handler(self.orchestrator))
+        await self.bus.consume(topo.hub, self.hub.on_change)
+
+    def make_app(self) -> tornado.web.Application:
+        settings = self.settings
+        routes: list[Any] = [
+            *handlers.health.routes,
+            *handlers.workflow.routes,
+            *handlers.ws.routes,
+            (
+                r"/()",
+                tornado.web.StaticFileHandler,
+                {"path": str(STATIC_DIR), "default_filename": "index.html"},
+            ),
+            (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": str(STATIC_DIR)}),
+        ]
+        return tornado.web.Application(
+            routes,
+            default_handler_class=NotFoundHandler,
+            log_function=log_request,
+            orchestrator=self.orchestrator,
+            tokens=self.tokens,
+            store=self.store,
+            bus=self.bus,
+            hub=self.hub,
+            max_body_size=settings.server.max_body_size,
+            allowed_origins=settings.allowed_origins,
+            websocket_ping_interval=20,
+            websocket_ping_timeout=30,
+        )
+
+    def _every(self, interval: float, job: Callable[[], Awaitable[Any]]) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await job()
+                except Exception:  # a failed round is logged; the next one tries again
+                    log.exception("background job %s failed", getattr(job, "__name__", job))
+
+        self._tasks.append(asyncio.ensure_future(loop()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.demo_workers is not None:
+            await self.demo_workers.close()
+        await self.hub.close()
+        await self.orchestrator.drain()
+        await self.bus.close()
+        await self.store.close()

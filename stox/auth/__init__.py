@@ -1,0 +1,1 @@
+"""Authentication: JWT issue and verification, the signing secret, roles."""

@@ -1,0 +1,106 @@
+"""Marshmallow schemas: the one place client and service input is checked."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+from stox.workflow import WORKFLOW_STATUSES, Report
+
+HEX_ID = validate.Regexp(r"^[0-9a-f]{32}$", error="expected a 32-character hex id")
+MAX_METADATA_BYTES = 16 * 1024
+
+
+class StrictSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class ProductSchema(StrictSchema):
+    name = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    description = fields.String(load_default="", validate=validate.Length(max=10_000))
+    images = fields.List(
+        fields.String(validate=validate.Length(min=1, max=2048)),
+        load_default=list,
+        validate=validate.Length(max=50),
+    )
+    category = fields.String(load_default="", validate=validate.Length(max=100))
+    price = fields.Float(
+        load_default=None,
+        allow_none=True,
+        allow_nan=False,
+        validate=validate.Range(min=0, max=1e12),
+    )
+    metadata = fields.Dict(keys=fields.String(), load_default=dict)
+
+    @validates_schema
+    def _metadata_size(self, data: dict[str, Any], **_: Any) -> None:
+        if len(json.dumps(data.get("metadata", {}))) > MAX_METADATA_BYTES:
+            raise ValidationError(f"at most {MAX_METADATA_BYTES} bytes of JSON", "metadata")
+
+
+class CompletionSchema(StrictSchema):
+    workflow_id = fields.String(required=True, validate=HEX_ID)
+    step_id = fields.String(required=True, validate=HEX_ID)
+    step_type = fields.String(load_default=None, validate=validate.Length(min=1, max=64))
+    success = fields.Boolean(required=True, truthy={True}, falsy={False})
+    result = fields.Dict(keys=fields.String(), load_default=None, allow_none=True)
+    error = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=4000))
+
+    def to_report(self, data: dict[str, Any]) -> Report:
+        return Report(**data)
+
+
+class CompletionEventSchema(CompletionSchema):
+    """A `step.completed` message also carries the common event fields."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+
+class WorkflowIdSchema(StrictSchema):
+    workflow_id = fields.String(required=True, validate=HEX_ID)
+
+
+class ListQuerySchema(Schema):
+    """Query parameters; unknown ones (cache busters) are ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    status = fields.String(load_default=None, validate=validate.OneOf(WORKFLOW_STATUSES))
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    cursor = fields.String(load_default=None)
+
+    @validates_schema
+    def _cursor(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("cursor") is not None:
+            decode_cursor(data["cursor"])
+
+
+def encode_cursor(created_at: str, workflow_id: str) -> str:
+    raw = json.dumps([created_at, workflow_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """The (created_at, id) an opaque cursor stands for; ValidationError if it is not one."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, workflow_id = json.loads(raw)
+    except (binascii.Error, ValueError, TypeError):
+        raise ValidationError("not a cursor this server issued", "cursor") from None
+    if not isinstance(created_at, str) or not isinstance(workflow_id, str):
+        raise ValidationError("not a cursor this server issued", "cursor")
+    return created_at, workflow_id
+
+
+upload_schema = ProductSchema()
+completion_schema = CompletionSchema()
+completion_event_schema = CompletionEventSchema()
+workflow_id_schema = WorkflowIdSchema()
+list_query_schema = ListQuerySchema()

@@ -7,10 +7,8 @@ import logging
 import signal
 import sys
 
-import tornado.httpserver
-
 import settings as settings_module
-from stox.app import Gateway
+from stox.app import Gateway, make_http_server
 from stox.logs import configure
 
 log = logging.getLogger("stox.server")
@@ -19,12 +17,7 @@ log = logging.getLogger("stox.server")
 async def serve(settings: settings_module.Settings) -> None:
     gateway = Gateway(settings)
     app = await gateway.start()
-    server = tornado.httpserver.HTTPServer(
-        app,
-        xheaders=True,
-        # the handlers enforce server.max_body_size themselves (413); this is the hard cap
-        max_body_size=4 * settings.server.max_body_size,
-    )
+    server = make_http_server(app, settings)
     server.listen(settings.server.port, settings.server.host)
     log.info(
         "stox gateway %s listening on %s (store %s, bus %s%s)",

@@ -86,8 +86,10 @@ class BaseHandler(tornado.web.RequestHandler):
 
     # -- request body ---------------------------------------------------------------------
 
-    def prepare(self) -> None:
+    def set_default_headers(self) -> None:
         self.set_header("X-Request-Id", self.request_id)
+
+    def prepare(self) -> None:
         declared = self.request.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_size:
             raise self._too_large()

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import tornado.httpserver
 import tornado.web
 
 import handlers.health
@@ -68,6 +69,15 @@ def make_tokens(settings: Settings) -> TokenAuthority:
         issuer=settings.jwt.issuer,
         audience=settings.jwt.audience,
         expiry=settings.jwt.expiry,
+    )
+
+
+def make_http_server(
+    app: tornado.web.Application, settings: Settings
+) -> tornado.httpserver.HTTPServer:
+    # the handlers enforce server.max_body_size themselves (a JSON 413); this is the hard cap
+    return tornado.httpserver.HTTPServer(
+        app, xheaders=True, max_body_size=4 * settings.server.max_body_size
     )
 
 

@@ -1,0 +1,153 @@
+"""A real gateway on a free port for tests, with helpers to call it as clients do."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tornado.httpclient
+import tornado.websocket
+
+import settings as settings_module
+from stox.app import Gateway, make_http_server
+from stox.auth.tokens import SERVICE, USER
+
+
+@dataclass
+class Response:
+    status: int
+    body: Any
+    headers: Any
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def token(self, user: str = "alice", role: str = USER, expires_in: float | None = None) -> str:
+        return self.gateway.tokens.issue(user, user, role, expires_in)
+
+    def service_token(self, name: str = "worker") -> str:
+        return self.gateway.tokens.issue(f"service:{name}", name, SERVICE)
+
+    async def fetch(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        all_headers = {"Content-Type": "application/json", **(headers or {})}
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        if data is None and method in ("POST", "PUT", "PATCH"):
+            data = b""
+        request = tornado.httpclient.HTTPRequest(
+            self.base_url + path,
+            method=method,
+            body=data,
+            headers=all_headers,
+            allow_nonstandard_methods=True,
+            request_timeout=20,
+        )
+        client = tornado.httpclient.AsyncHTTPClient()
+        response = await client.fetch(request, raise_error=False)
+        text = response.body or b""
+        try:
+            parsed = json.loads(text) if text else None
+        except ValueError:
+            parsed = text.decode(errors="replace")
+        return Response(response.code, parsed, response.headers)
+
+    async def upload(self, token: str, **product: Any) -> str:
+        response = await self.fetch(
+            "POST", "/api/v1/workflow/upload", {"name": "Mug", **product}, token=token
+        )
+        assert response.status == 202, response.body
+        return str(response.body["workflow_id"])
+
+    async def ws_connect(
+        self,
+        token: str | None,
+        workflow_id: str | None = None,
+        *,
+        origin: str | None = None,
+        via: str = "protocol",
+    ) -> tornado.websocket.WebSocketClientConnection:
+        """Open /ws with the token in Sec-WebSocket-Protocol (via="protocol") or ?token=."""
+        query = []
+        if workflow_id:
+            query.append(f"workflow_id={workflow_id}")
+        if token and via == "query":
+            query.append(f"token={token}")
+        url = self.ws_url + ("?" + "&".join(query) if query else "")
+        headers = {"Origin": origin or self.base_url}
+        subprotocols = ["bearer", token] if token and via == "protocol" else None
+        request = tornado.httpclient.HTTPRequest(url, headers=headers, request_timeout=10)
+        return await tornado.websocket.websocket_connect(request, subprotocols=subprotocols)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def gateway_settings(tmp_path: Path, **overrides: Any) -> settings_module.Settings:
+    """Settings for a test gateway: SQLite in tmp_path, fast timers, a fixed secret."""
+    settings = settings_module.load([], {})
+    settings.storage.url = f"sqlite:///{tmp_path}/stox.db"
+    settings.jwt.secret = "test-secret-" + "x" * 32
+    settings.server.sweep_interval = settings_module.Duration(0.05)
+    settings.server.relay_interval = settings_module.Duration(0.5)
+    settings.logging.format = "text"
+    for dotted, value in overrides.items():
+        target: Any = settings
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            target = getattr(target, part)
+        setattr(target, leaf, value)
+    return settings
+
+
+@asynccontextmanager
+async def running_gateway(
+    tmp_path: Path,
+    configure: Callable[[settings_module.Settings], None] | None = None,
+    **overrides: Any,
+) -> AsyncIterator[RunningGateway]:
+    """Start a gateway on a free port; `overrides` use `section__field=value`."""
+    settings = gateway_settings(tmp_path, **overrides)
+    port = free_port()
+    settings.server.port = port
+    settings.cors.allowed_origins = [f"http://127.0.0.1:{port}"]
+    if configure is not None:
+        configure(settings)
+    gateway = Gateway(settings)
+    app = await gateway.start()
+    server = make_http_server(app, settings)
+    server.listen(port, "127.0.0.1")
+    try:
+        yield RunningGateway(gateway, port)
+    finally:
+        server.stop()
+        await server.close_all_connections()
+        await gateway.stop()

@@ -113,7 +113,6 @@ class Gateway:
         self.orchestrator = Orchestrator(self.store, self.bus, self.pipeline, clock=clock)
         self.hub = Hub(self.orchestrator)
         self.topology = Topology(settings.rabbitmq.prefix, self.instance_id)
-        self.demo_workers: Any = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> tornado.web.Application:
@@ -123,8 +122,8 @@ class Gateway:
         if self.settings.demo_workers:
             from stox.demo_workers import DemoWorkers
 
-            self.demo_workers = DemoWorkers(self.bus, self.pipeline, self.topology.step_queue)
-            await self.demo_workers.start()
+            workers = DemoWorkers(self.bus, self.pipeline, self.topology.step_queue)
+            await workers.start()
         await self.orchestrator.relay(min_age=0)
         server = self.settings.server
         self._every(server.sweep_interval, self.orchestrator.sweep)
@@ -184,8 +183,6 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self.demo_workers is not None:
-            await self.demo_workers.close()
         await self.hub.close()
         await self.orchestrator.drain()
         await self.bus.close()

@@ -31,7 +31,7 @@ from stox.hub import Hub
 from stox.logs import log_request
 from stox.orchestrator import Orchestrator
 from stox.store import WorkflowStore, make_store
-from stox.workflow import CHANGE_ROUTING_KEY, COMPLETION_ROUTING_KEY, Pipeline, StepSpec
+from stox.workflow import CHANGE_ROUTING_KEY, Pipeline, StepSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def make_pipeline(settings: Settings) -> Pipeline:
             for s in settings.pipeline.steps
         ),
         completion_url=f"{settings.public_url}/api/v1/workflow/step-completed",
+        completion_routing_key=settings.rabbitmq.routing_key,
     )
 
 
@@ -134,7 +135,7 @@ class Gateway:
         topo = self.topology
         for spec in self.pipeline.steps:
             await self.bus.declare(topo.step_queue(spec.name), [spec.routing_key])
-        await self.bus.declare(topo.completions, [COMPLETION_ROUTING_KEY])
+        await self.bus.declare(topo.completions, [self.pipeline.completion_routing_key])
         await self.bus.declare(topo.hub, [CHANGE_ROUTING_KEY], exclusive=True)
         await self.bus.consume(topo.completions, completion_handler(self.orchestrator))
         await self.bus.consume(topo.hub, self.hub.on_change)

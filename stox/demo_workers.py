@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from stox.bus.base import Event, EventBus
-from stox.workflow import COMPLETION_ROUTING_KEY, Pipeline, isoformat
+from stox.workflow import Pipeline, isoformat
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,9 @@ class DemoWorkers:
         payload = event.payload
         step = payload["step_type"]
         await asyncio.sleep(self.rng.uniform(self.min_delay, self.max_delay))
+        reply_key = payload["reply_to"]["routing_key"]
         report: dict[str, Any] = {
-            "event": COMPLETION_ROUTING_KEY,
+            "event": reply_key,
             "workflow_id": payload["workflow_id"],
             "occurred_at": isoformat(time.time()),
             "step_id": payload["step_id"],
@@ -138,7 +139,7 @@ class DemoWorkers:
             )
         await self.bus.publish(
             Event(
-                routing_key=COMPLETION_ROUTING_KEY,
+                routing_key=reply_key,
                 payload=report,
                 message_id=uuid.uuid4().hex,
                 correlation_id=payload["workflow_id"],

@@ -89,6 +89,7 @@ DEFAULT_STEPS = (
 class Pipeline:
     steps: tuple[StepSpec, ...] = DEFAULT_STEPS
     completion_url: str = ""  # the HTTP reply address put into every dispatch
+    completion_routing_key: str = COMPLETION_ROUTING_KEY  # the AMQP reply routing key
 
     def spec(self, name: str) -> StepSpec:
         for spec in self.steps:
@@ -218,7 +219,8 @@ class _Transition:
 
     def emit(self, routing_key: str, payload: dict[str, Any]) -> None:
         body = {"event": routing_key, "workflow_id": self.wf.id, "occurred_at": self.now_iso}
-        body.update(payload)
+        # A snapshot: later transitions of this workflow must not rewrite an emitted event.
+        body.update(copy.deepcopy(payload))
         self.wf.outbox.append(
             {
                 "message_id": self.ids(),
@@ -251,7 +253,7 @@ class _Transition:
                 "results": wf.results(),
                 "reply_to": {
                     "http": self.pipeline.completion_url,
-                    "routing_key": COMPLETION_ROUTING_KEY,
+                    "routing_key": self.pipeline.completion_routing_key,
                 },
             },
         )

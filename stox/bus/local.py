@@ -1,0 +1,283 @@
+"""The in-process topic bus: the default when no RabbitMQ URL is configured.
+
+It mirrors what the gateway relies on from RabbitMQ so one contract suite runs on both:
+a topic exchange routing to named queues by AMQP binding keys, queues that keep messages
+until a consumer appears, competing consumers with a prefetch limit, ack on return,
+dead-lettering on `Rejected`, and delayed redelivery on any other error.
+
+Payloads are serialised to JSON once at publish and decoded for each delivery, so every
+queue (and every redelivery) gets its own copy, exactly as it would arrive from a broker,
+and a payload RabbitMQ could not carry fails here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections import deque
+from collections.abc import Sequence
+
+from stox.bus.base import Event, Handler, PublishError, Rejected, topic_matches
+
+log = logging.getLogger(__name__)
+
+REDELIVERED = "x-redelivered"
+
+# Routing keys are few in practice (step.<name>, workflow.*); the bound only stops a caller
+# that puts ids into routing keys from growing the cache without limit.
+_ROUTE_CACHE_MAX = 4096
+
+
+class _Message:
+    __slots__ = ("body", "event", "redeliveries")
+
+    def __init__(self, event: Event, body: str) -> None:
+        self.event = event  # the published event; its payload is decoded afresh from `body`
+        self.body = body
+        self.redeliveries = 0
+
+    def materialize(self) -> Event:
+        headers = dict(self.event.headers)
+        if self.redeliveries:
+            headers[REDELIVERED] = True
+        return dataclasses.replace(self.event, payload=json.loads(self.body), headers=headers)
+
+
+class _Consumer:
+    __slots__ = ("handler", "in_flight")
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.in_flight = 0
+
+
+class _Queue:
+    __slots__ = ("bindings", "consumers", "exclusive", "messages", "name", "next", "task", "wakeup")
+
+    def __init__(self, name: str, exclusive: bool) -> None:
+        self.name = name
+        self.exclusive = exclusive
+        self.bindings: list[str] = []
+        self.messages: deque[_Message] = deque()
+        self.consumers: list[_Consumer] = []
+        self.next = 0  # round-robin position among consumers
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def matches(self, routing_key: str) -> bool:
+        return any(topic_matches(binding, routing_key) for binding in self.bindings)
+
+    def ready_consumer(self, prefetch: int) -> _Consumer | None:
+        """The next consumer in round-robin order with room under its prefetch limit."""
+        consumers = self.consumers
+        n = len(consumers)
+        for i in range(n):
+            index = (self.next + i) % n
+            consumer = consumers[index]
+            if consumer.in_flight < prefetch:
+                self.next = (index + 1) % n
+                return consumer
+        return None
+
+
+class LocalBus:
+    """An in-process `EventBus` with RabbitMQ's topic-exchange semantics.
+
+    `prefetch` bounds the handlers in flight per consumer (1 gives strict FIFO handling);
+    a handler that raises anything but `Rejected` sees its message again after
+    `redelivery_delay` seconds, at most `max_redeliveries` times, and then it is
+    dead-lettered. Dead letters are kept in `dead_letters` as (queue, event, reason).
+    """
+
+    def __init__(
+        self,
+        *,
+        prefetch: int = 100,
+        redelivery_delay: float = 0.5,
+        max_redeliveries: int = 5,
+    ) -> None:
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        if redelivery_delay < 0:
+            raise ValueError("redelivery_delay must not be negative")
+        if max_redeliveries < 0:
+            raise ValueError("max_redeliveries must not be negative")
+        self.prefetch = prefetch
+        self.redelivery_delay = redelivery_delay
+        self.max_redeliveries = max_redeliveries
+        self.dead_letters: list[tuple[str, Event, str]] = []
+        self._queues: dict[str, _Queue] = {}
+        self._routes: dict[str, tuple[_Queue, ...]] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._timers: dict[_Message, asyncio.TimerHandle] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+        self._closed = False
+
+    @property
+    def connected(self) -> bool:
+        return self._started and not self._closed
+
+    async def start(self) -> None:
+        if self._closed:
+            raise RuntimeError("LocalBus cannot be restarted after close()")
+        self._loop = asyncio.get_running_loop()
+        self._started = True
+
+    async def close(self) -> None:
+        """Stop delivering; handlers already running are cancelled. Queued messages are lost."""
+        if self._closed:
+            return
+        self._closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        tasks: list[asyncio.Task[None]] = [q.task for q in self._queues.values() if q.task]
+        tasks.extend(self._handlers)
+        # close() may be called from a handler: never cancel or wait for the caller itself.
+        current = asyncio.current_task()
+        tasks = [task for task in tasks if task is not current]
+        for task in tasks:
+            task.cancel()
+        # A cancelled task re-raises CancelledError; that is the expected outcome here.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._handlers.clear()
+        for q in self._queues.values():
+            q.task = None
+            q.consumers.clear()
+            q.messages.clear()
+
+    async def publish(self, event: Event) -> None:
+        if not self._started or self._closed:
+            raise PublishError(f"bus is not connected; {event.routing_key} not published")
+        body = json.dumps(event.payload)
+        queues = self._routes.get(event.routing_key)
+        if queues is None:
+            queues = self._route(event.routing_key)
+        if not queues:
+            return  # like an AMQP exchange publish without `mandatory`: unroutable, dropped
+        for q in queues:
+            q.messages.append(_Message(event, body))
+            if q.consumers:
+                q.wakeup.set()
+
+    async def declare(
+        self, queue: str, bindings: Sequence[str], *, exclusive: bool = False
+    ) -> None:
+        self._require_connected()
+        if isinstance(bindings, str):
+            raise TypeError("bindings must be a sequence of binding keys, not one string")
+        q = self._queues.get(queue)
+        if q is None:
+            q = self._queues[queue] = _Queue(queue, exclusive)
+        elif q.exclusive != exclusive:
+            # RabbitMQ answers a redeclaration with other properties with PRECONDITION_FAILED.
+            raise ValueError(f"queue {queue!r} already declared with exclusive={q.exclusive}")
+        added = [b for b in dict.fromkeys(bindings) if b not in q.bindings]
+        if added:
+            q.bindings.extend(added)
+            self._routes.clear()
+
+    async def consume(self, queue: str, handler: Handler) -> None:
+        self._require_connected()
+        q = self._queues.get(queue)
+        if q is None:
+            raise LookupError(f"queue {queue!r} is not declared")
+        q.consumers.append(_Consumer(handler))
+        if q.task is None:
+            assert self._loop is not None
+            q.task = self._loop.create_task(self._deliver(q), name=f"LocalBus deliver {queue}")
+        q.wakeup.set()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _require_connected(self) -> None:
+        if not self.connected:
+            raise RuntimeError("bus is not connected; call start() first")
+
+    def _route(self, routing_key: str) -> tuple[_Queue, ...]:
+        queues = tuple(q for q in self._queues.values() if q.matches(routing_key))
+        if len(self._routes) >= _ROUTE_CACHE_MAX:
+            self._routes.clear()
+        self._routes[routing_key] = queues
+        return queues
+
+    async def _deliver(self, q: _Queue) -> None:
+        """Hand queued messages to consumers with room, round-robin; runs until close()."""
+        loop = asyncio.get_running_loop()
+        messages, wakeup, prefetch = q.messages, q.wakeup, self.prefetch
+        while True:
+            while messages:
+                consumer = q.ready_consumer(prefetch)
+                if consumer is None:
+                    break  # every consumer is at its prefetch limit; a finishing one wakes us
+                message = messages.popleft()
+                consumer.in_flight += 1
+                task = loop.create_task(self._handle(q, consumer, message))
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+            wakeup.clear()
+            await wakeup.wait()
+
+    async def _handle(self, q: _Queue, consumer: _Consumer, message: _Message) -> None:
+        event = message.materialize()
+        try:
+            await consumer.handler(event)
+        except Rejected as exc:
+            self._dead_letter(q.name, event, f"rejected: {exc}" if str(exc) else "rejected")
+        except Exception as exc:
+            self._redeliver_later(q, message, event, exc)
+        finally:
+            consumer.in_flight -= 1
+            if q.messages:
+                q.wakeup.set()
+
+    def _dead_letter(self, queue: str, event: Event, reason: str) -> None:
+        log.warning(
+            "dead-lettered %s from %s (message_id=%s): %s",
+            event.routing_key,
+            queue,
+            event.message_id,
+            reason,
+        )
+        self.dead_letters.append((queue, event, reason))
+
+    def _redeliver_later(self, q: _Queue, message: _Message, event: Event, exc: Exception) -> None:
+        if message.redeliveries >= self.max_redeliveries:
+            log.error(
+                "handler for %s on %s failed %d times (message_id=%s)",
+                event.routing_key,
+                q.name,
+                message.redeliveries + 1,
+                event.message_id,
+                exc_info=exc,
+            )
+            self._dead_letter(
+                q.name, event, f"failed after {message.redeliveries} redeliveries: {exc!r}"
+            )
+            return
+        log.warning(
+            "handler for %s on %s failed (message_id=%s); redelivering in %.2fs",
+            event.routing_key,
+            q.name,
+            event.message_id,
+            self.redelivery_delay,
+            exc_info=exc,
+        )
+        message.redeliveries += 1
+        if self._closed or self._loop is None:
+            return
+        self._timers[message] = self._loop.call_later(
+            self.redelivery_delay, self._requeue, q, message
+        )
+
+    def _requeue(self, q: _Queue, message: _Message) -> None:
+        self._timers.pop(message, None)
+        if self._closed:
+            return
+        # RabbitMQ puts a requeued message back near the head of its queue, not at the tail.
+        q.messages.appendleft(message)
+        if q.consumers:
+            q.wakeup.set()

@@ -1,0 +1,200 @@
+"""The production store: MongoDB through PyMongo's async API (`AsyncMongoClient`, not Motor).
+
+One collection, `workflows`, holds the documents `Workflow.to_doc` produces, with `_id` set to
+the workflow id; reads strip `_id` again, so they return exactly the shape written.
+
+Only operations that behave the same on MongoDB and on nx-27017 (a MongoDB wire-protocol
+server on SQLite, used by the tests) are used: insert_one, find_one, replace_one on
+{_id, version} (no upsert), find with $lte, a sort on one or two keys, limit, create_index
+and the `ping` command. Two nx-27017 quirks shape the queries:
+
+- A secondary index that names `_id` makes every later insert fail ("JSON path error near
+  '_id'"). The `id` field is kept in the stored document, and the indexes and sorts use it
+  instead; `id` always equals `_id`, so on MongoDB this costs nothing.
+- A query value that looks like a date (`2026-01-01T...`) is compared with SQLite's
+  `datetime()`, which drops the fractional seconds: `$lt`, `$lte` and equality on our
+  timestamps are only exact to the second (sorting is exact). So timestamp bounds are
+  queried inclusively, which gives a superset on both servers, and the extra documents
+  (which sort at one end of the result) are filtered out here. On MongoDB that filter
+  drops at most the page cursor's own document and its exact-timestamp ties.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from stox.store.base import AlreadyExists, StoreError
+
+DEFAULT_DATABASE = "stox"
+COLLECTION = "workflows"
+SERVER_SELECTION_TIMEOUT_MS = 5000
+
+_NEWEST_FIRST = [("created_at", DESCENDING), ("id", DESCENDING)]
+_INDEXES = (
+    [("owner", ASCENDING), *_NEWEST_FIRST],
+    [("status", ASCENDING), *_NEWEST_FIRST],
+    _NEWEST_FIRST,
+    [("wake_at", ASCENDING)],
+    [("outbox_at", ASCENDING)],
+)
+
+
+def database_from_url(url: str) -> str:
+    """The database named in the URL path (`mongodb://host/NAME?opts`), else `stox`."""
+    _, _, rest = url.partition("://")
+    _, slash, path = rest.partition("/")
+    name = unquote(path.partition("?")[0]) if slash else ""
+    return name or DEFAULT_DATABASE
+
+
+def _from_mongo(doc: dict[str, Any]) -> dict[str, Any]:
+    del doc["_id"]
+    return doc
+
+
+class MongoStore:
+    """WorkflowStore on a MongoDB collection. The client is made in `open()`, on the loop."""
+
+    def __init__(self, url: str, database: str | None = None) -> None:
+        self.url = url
+        self.database = database or database_from_url(url)
+        self._client: AsyncMongoClient[dict[str, Any]] | None = None
+        self._collection: Any = None
+
+    @classmethod
+    def from_url(cls, url: str) -> MongoStore:
+        return cls(url)
+
+    def __repr__(self) -> str:
+        return f"MongoStore(database={self.database!r})"
+
+    def _col(self) -> Any:
+        col = self._collection
+        if col is None:
+            raise StoreError("the MongoDB store is not open")
+        return col
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        options: dict[str, Any] = {}
+        if "serverselectiontimeoutms" not in self.url.lower():
+            options["serverSelectionTimeoutMS"] = SERVER_SELECTION_TIMEOUT_MS
+        try:
+            client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(self.url, **options)
+        except PyMongoError as exc:  # a malformed URL or option
+            raise StoreError(f"MongoDB: {exc}") from exc
+        collection = client[self.database][COLLECTION]
+        try:
+            for keys in _INDEXES:
+                await collection.create_index(keys)
+        except PyMongoError as exc:
+            await client.close()
+            raise StoreError(f"MongoDB: cannot create indexes: {exc}") from exc
+        except BaseException:
+            await client.close()
+            raise
+        self._client, self._collection = client, collection
+
+    async def close(self) -> None:
+        client, self._client, self._collection = self._client, None, None
+        if client is not None:
+            await client.close()
+
+    async def ping(self) -> None:
+        client = self._client
+        if client is None:
+            raise StoreError("the MongoDB store is not open")
+        try:
+            await client[self.database].command("ping")
+        except PyMongoError as exc:
+            raise StoreError(f"MongoDB: {exc}") from exc
+
+    # -- documents -----------------------------------------------------------------------
+
+    async def insert(self, doc: dict[str, Any]) -> None:
+        col = self._col()
+        try:
+            await col.insert_one({"_id": doc["id"], **doc})
+        except DuplicateKeyError as exc:
+            raise AlreadyExists(f"workflow {doc['id']} already exists") from exc
+        except PyMongoError as exc:
+            raise StoreError(f"MongoDB: {exc}") from exc
+
+    async def get(self, workflow_id: str) -> dict[str, Any] | None:
+        col = self._col()
+        try:
+            doc = await col.find_one({"_id": workflow_id})
+        except PyMongoError as exc:
+            raise StoreError(f"MongoDB: {exc}") from exc
+        return None if doc is None else _from_mongo(doc)
+
+    async def replace(self, doc: dict[str, Any], expected_version: int) -> bool:
+        col = self._col()
+        workflow_id = doc["id"]
+        try:
+            result = await col.replace_one(
+                {"_id": workflow_id, "version": expected_version}, {"_id": workflow_id, **doc}
+            )
+        except PyMongoError as exc:
+            raise StoreError(f"MongoDB: {exc}") from exc
+        return result.matched_count == 1
+
+    async def list(
+        self,
+        *,
+        owner: str | None,
+        status: str | None,
+        limit: int,
+        before: tuple[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        query: dict[str, Any] = {}
+        if owner is not None:
+            query["owner"] = owner
+        if status is not None:
+            query["status"] = status
+        if before is None:
+            return await self._find(query, _NEWEST_FIRST, limit)
+        # Exact would be created_at < c or (created_at == c and id < i); see the module
+        # docstring for why this asks for created_at <= c and drops the newer head here.
+        cursor = (before[0], before[1])
+        query["created_at"] = {"$lte": cursor[0]}
+        fetch = limit + 1
+        while True:
+            docs = await self._find(query, _NEWEST_FIRST, fetch)
+            kept = [doc for doc in docs if (doc["created_at"], doc["id"]) < cursor]
+            if len(kept) >= limit or len(docs) < fetch:
+                return kept[:limit]
+            fetch *= 4  # many ties within the cursor's second (nx-27017 only)
+
+    async def due(self, now: str, limit: int) -> list[dict[str, Any]]:
+        # Neither server matches a null or missing wake_at with a string bound. Sorted by
+        # wake_at, nx-27017's extras (later in the same second) come last, so dropping
+        # them still leaves the first `limit` due workflows.
+        docs = await self._find({"wake_at": {"$lte": now}}, [("wake_at", ASCENDING)], limit)
+        return [doc for doc in docs if doc["wake_at"] <= now]
+
+    async def unpublished(self, written_before: str, limit: int) -> list[dict[str, Any]]:
+        query = {"outbox_at": {"$lte": written_before}}
+        docs = await self._find(query, [("outbox_at", ASCENDING)], limit)
+        return [doc for doc in docs if doc["outbox_at"] <= written_before]
+
+    async def _find(
+        self, query: dict[str, Any], sort: list[tuple[str, int]], limit: int
+    ) -> list[dict[str, Any]]:
+        if limit <= 0:  # limit(0) would mean "no limit" to MongoDB
+            return []
+        col = self._col()
+        try:
+            docs = await col.find(query, sort=sort, limit=limit).to_list()
+        except PyMongoError as exc:
+            raise StoreError(f"MongoDB: {exc}") from exc
+        return [_from_mongo(doc) for doc in docs]

@@ -1,0 +1,259 @@
+"""The embedded default store: one SQLite file (WAL), documents as JSON beside indexed columns.
+
+All SQLite work runs on one dedicated worker thread that owns the connection, so the IOLoop
+never waits on disk and the connection is never used from two threads at once (which also
+keeps a `:memory:` database alive: there is only ever one connection). Every statement runs
+in autocommit mode; each write is a single statement, so each is atomic on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from stox.store.base import AlreadyExists, StoreError
+
+T = TypeVar("T")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS workflows (
+        id TEXT PRIMARY KEY,
+        owner TEXT,
+        status TEXT,
+        created_at TEXT,
+        version INTEGER,
+        wake_at TEXT NULL,
+        outbox_at TEXT NULL,
+        doc TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS idx_workflows_owner ON workflows (owner, created_at, id)",
+    "CREATE INDEX IF NOT EXISTS idx_workflows_status ON workflows (status, created_at, id)",
+    "CREATE INDEX IF NOT EXISTS idx_workflows_created ON workflows (created_at, id)",
+    "CREATE INDEX IF NOT EXISTS idx_workflows_wake_at ON workflows (wake_at)",
+    "CREATE INDEX IF NOT EXISTS idx_workflows_outbox_at ON workflows (outbox_at)",
+)
+
+_INSERT = (
+    "INSERT INTO workflows (id, owner, status, created_at, version, wake_at, outbox_at, doc)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_REPLACE = (
+    "UPDATE workflows SET owner = ?, status = ?, created_at = ?, version = ?, wake_at = ?,"
+    " outbox_at = ?, doc = ? WHERE id = ? AND version = ?"
+)
+_GET = "SELECT doc FROM workflows WHERE id = ?"
+_DUE = "SELECT doc FROM workflows WHERE wake_at <= ? ORDER BY wake_at LIMIT ?"
+_UNPUBLISHED = "SELECT doc FROM workflows WHERE outbox_at <= ? ORDER BY outbox_at LIMIT ?"
+
+# ensure_ascii (the default) keeps even lone surrogates storable, as \uXXXX escapes.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_decode = json.loads
+
+MEMORY = ":memory:"
+
+
+def path_from_url(url: str) -> str:
+    """`sqlite:///relative.db`, `sqlite:////abs/path.db` or `sqlite://:memory:` -> a path."""
+    if not url.startswith("sqlite://"):
+        raise ValueError(f"not a sqlite URL: {url!r}")
+    rest = url[len("sqlite://") :]
+    if rest in (MEMORY, "/" + MEMORY):
+        return MEMORY
+    if not rest.startswith("/") or len(rest) < 2:
+        raise ValueError(
+            f"expected sqlite:///relative/path.db, sqlite:////abs/path.db or "
+            f"sqlite://:memory:, got {url!r}"
+        )
+    return rest[1:]
+
+
+class SQLiteStore:
+    """WorkflowStore on a SQLite file; see the module docstring for the threading model."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStore:
+        return cls(path_from_url(url))
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        executor = self._executor
+        if executor is None:
+            raise StoreError("the SQLite store is not open")
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = self._conn
+        if conn is None:
+            raise StoreError("the SQLite store is closed")
+        return conn
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stox-sqlite")
+        try:
+            await self._run(self._open_sync)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    def _open_sync(self) -> None:
+        try:
+            if self.path != MEMORY:
+                parent = os.path.dirname(os.path.abspath(self.path))
+                os.makedirs(parent, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=5.0
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot set up SQLite database {self.path!r}: {exc}") from exc
+        self._conn = conn
+
+    async def close(self) -> None:
+        executor = self._executor
+        if executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
+        finally:
+            self._executor = None
+            executor.shutdown(wait=True)
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    async def ping(self) -> None:
+        await self._run(self._ping_sync)
+
+    def _ping_sync(self) -> None:
+        try:
+            self._connection().execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from exc
+
+    # -- documents -----------------------------------------------------------------------
+
+    async def insert(self, doc: dict[str, Any]) -> None:
+        # Encode here, on the caller's thread: the row is a snapshot of `doc` as it is now.
+        row = (
+            doc["id"],
+            doc["owner"],
+            doc["status"],
+            doc["created_at"],
+            doc["version"],
+            doc.get("wake_at"),
+            doc.get("outbox_at"),
+            _encode(doc),
+        )
+        await self._run(self._insert_sync, row)
+
+    def _insert_sync(self, row: tuple[Any, ...]) -> None:
+        try:
+            self._connection().execute(_INSERT, row)
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"workflow {row[0]} already exists") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from exc
+
+    async def get(self, workflow_id: str) -> dict[str, Any] | None:
+        return await self._run(self._get_sync, workflow_id)
+
+    def _get_sync(self, workflow_id: str) -> dict[str, Any] | None:
+        try:
+            row = self._connection().execute(_GET, (workflow_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from exc
+        return None if row is None else _decode(row[0])
+
+    async def replace(self, doc: dict[str, Any], expected_version: int) -> bool:
+        row = (
+            doc["owner"],
+            doc["status"],
+            doc["created_at"],
+            doc["version"],
+            doc.get("wake_at"),
+            doc.get("outbox_at"),
+            _encode(doc),
+            doc["id"],
+            expected_version,
+        )
+        return await self._run(self._replace_sync, row)
+
+    def _replace_sync(self, row: tuple[Any, ...]) -> bool:
+        try:
+            return self._connection().execute(_REPLACE, row).rowcount == 1
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from exc
+
+    async def list(
+        self,
+        *,
+        owner: str | None,
+        status: str | None,
+        limit: int,
+        before: tuple[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        where: list[str] = []
+        params: list[Any] = []
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if before is not None:
+            # A row-value comparison: SQLite serves it as one range scan of the index.
+            where.append("(created_at, id) < (?, ?)")
+            params.extend(before)
+        sql = "SELECT doc FROM workflows"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        params.append(limit)
+        return await self._run(self._select_sync, sql, tuple(params))
+
+    async def due(self, now: str, limit: int) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        return await self._run(self._select_sync, _DUE, (now, limit))
+
+    async def unpublished(self, written_before: str, limit: int) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        return await self._run(self._select_sync, _UNPUBLISHED, (written_before, limit))
+
+    def _select_sync(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        try:
+            rows = self._connection().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from exc
+        return [_decode(row[0]) for row in rows]

@@ -1,0 +1,165 @@
+"""Shared pytest fixtures. Keep each area in its own delimited section."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from stox.store import WorkflowStore
+
+# ======================================================================================
+# Stores: `store` runs a test on every WorkflowStore (SQLite, MongoDB)
+# ======================================================================================
+#
+# The MongoDB tests use STOX_TEST_MONGO_URL when set; otherwise one nx-27017 (a MongoDB
+# wire-protocol server on SQLite, from PyPI) is started for the session on a free port.
+# Every test gets its own database, dropped afterwards.
+
+MONGO_URL_ENV = "STOX_TEST_MONGO_URL"
+NX_START_TIMEOUT = 15.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _nx_27017_command() -> str:
+    beside_python = Path(sys.executable).with_name("nx-27017")
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nx-27017")
+    if found is None:
+        pytest.fail(f"nx-27017 is not installed; install it or set {MONGO_URL_ENV}")
+    return found
+
+
+def _wait_for_port(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + NX_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(
+                f"nx-27017 exited with code {proc.returncode} before accepting connections:\n"
+                + log.read_text(errors="replace")
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(
+        f"nx-27017 did not accept connections on 127.0.0.1:{port} within "
+        f"{NX_START_TIMEOUT:g}s:\n" + log.read_text(errors="replace")
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def mongo_url_with_database(url: str, database: str) -> str:
+    """`url` (`mongodb://hosts[/db][?opts]`) naming `database` instead."""
+    scheme, _, rest = url.partition("://")
+    hosts, _, path = rest.partition("/")
+    _, question, query = path.partition("?")
+    if "?" in hosts:  # mongodb://host?opts, without the slash
+        hosts, _, query = hosts.partition("?")
+        question = "?"
+    return f"{scheme}://{hosts}/{database}{question}{query}"
+
+
+@pytest.fixture(scope="session")
+def mongo_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A MongoDB URL (no database) for the whole session."""
+    configured = os.environ.get(MONGO_URL_ENV)
+    if configured:
+        yield configured
+        return
+    workdir = tmp_path_factory.mktemp("nx-27017")
+    port = _free_port()
+    log = workdir / "nx-27017.log"
+    command = [
+        _nx_27017_command(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--db",
+        "memory",
+        "--log-file",
+        str(log),
+        "--pid-file",
+        str(workdir / "nx-27017.pid"),
+    ]
+    with open(workdir / "nx-27017.out", "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(proc, port, workdir / "nx-27017.out")
+        yield f"mongodb://127.0.0.1:{port}/"
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def mongo_url(mongo_server_url: str) -> Iterator[str]:
+    """A URL naming a fresh database of its own, dropped after the test."""
+    from pymongo import MongoClient
+
+    database = f"stox_test_{uuid.uuid4().hex}"
+    yield mongo_url_with_database(mongo_server_url, database)
+    client: MongoClient[dict[str, object]] = MongoClient(
+        mongo_server_url, serverSelectionTimeoutMS=5000
+    )
+    try:
+        client.drop_database(database)
+    finally:
+        client.close()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("mongo", id="mongo", marks=pytest.mark.mongo),
+    ]
+)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """`storage.url` of an empty store, once for each kind of store."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'stox.db'}"
+    return request.getfixturevalue("mongo_url")
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[WorkflowStore]:
+    """An opened, empty WorkflowStore of each kind; closed after the test."""
+    from stox.store import make_store
+
+    opened = make_store(store_url)
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+# ======================================================================================
+# End of stores
+# ======================================================================================

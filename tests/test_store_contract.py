@@ -1,0 +1,501 @@
+"""The WorkflowStore contract: every test runs on every store (see the `store` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import socket
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stox.store import AlreadyExists, StoreError, WorkflowStore, make_store
+from stox.store.mongo import MongoStore, database_from_url
+from stox.store.sqlite import SQLiteStore
+from stox.workflow import COMPLETED, FAILED, RUNNING, Pipeline, isoformat, start
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+
+
+def new_doc(
+    owner: str = "alice",
+    now: float = T0,
+    product: dict[str, Any] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A real workflow document, as the orchestrator would first insert it."""
+    if product is None:
+        product = {
+            "name": "Desk lamp",
+            "description": "A lamp",
+            "images": ["https://example.com/lamp.jpg"],
+            "category": "home",
+            "price": 19.5,
+            "metadata": {},
+        }
+    wf, _ = start(Pipeline(), owner, product, now)
+    doc = wf.to_doc()
+    doc.update(fields)
+    return doc
+
+
+def ids(docs: list[dict[str, Any]]) -> list[str]:
+    return [doc["id"] for doc in docs]
+
+
+def newest_first(docs: list[dict[str, Any]]) -> list[str]:
+    return ids(sorted(docs, key=lambda d: (d["created_at"], d["id"]), reverse=True))
+
+
+async def insert_all(store: WorkflowStore, docs: list[dict[str, Any]]) -> None:
+    for doc in docs:
+        await store.insert(doc)
+
+
+# -- insert / get ------------------------------------------------------------------------
+
+
+async def test_insert_then_get_round_trips_the_document(store: WorkflowStore) -> None:
+    doc = new_doc()
+    written = copy.deepcopy(doc)
+    await store.insert(doc)
+    assert doc == written, "insert must not modify the caller's document"
+    got = await store.get(doc["id"])
+    assert got == written
+    assert got is not doc
+    assert "_id" not in got
+
+
+async def test_get_returns_a_copy_not_shared_state(store: WorkflowStore) -> None:
+    doc = new_doc()
+    await store.insert(doc)
+    got = await store.get(doc["id"])
+    assert got is not None
+    got["status"] = "mangled"
+    got["steps"][0]["status"] = "mangled"
+    assert await store.get(doc["id"]) == doc
+
+
+async def test_get_of_a_missing_id_is_none(store: WorkflowStore) -> None:
+    assert await store.get("0" * 32) is None
+
+
+async def test_duplicate_insert_raises_already_exists(store: WorkflowStore) -> None:
+    doc = new_doc()
+    await store.insert(doc)
+    other = new_doc(owner="mallory", id=doc["id"])
+    with pytest.raises(AlreadyExists):
+        await store.insert(other)
+    assert issubclass(AlreadyExists, StoreError)
+    assert await store.get(doc["id"]) == doc
+
+
+# -- compare-and-swap ----------------------------------------------------------------------
+
+
+async def test_replace_with_the_expected_version_writes(store: WorkflowStore) -> None:
+    doc = new_doc()
+    await store.insert(doc)
+    updated = copy.deepcopy(doc)
+    updated.update(status=COMPLETED, version=doc["version"] + 1, wake_at=None)
+    updated["steps"][0]["status"] = COMPLETED
+    assert await store.replace(updated, doc["version"]) is True
+    assert await store.get(doc["id"]) == updated
+
+
+async def test_replace_with_a_stale_version_changes_nothing(store: WorkflowStore) -> None:
+    doc = new_doc()
+    await store.insert(doc)
+    first = dict(doc, status=COMPLETED, version=doc["version"] + 1)
+    assert await store.replace(first, doc["version"]) is True
+
+    stale = dict(doc, status=FAILED, owner="mallory", version=doc["version"] + 1)
+    assert await store.replace(stale, doc["version"]) is False
+    assert await store.get(doc["id"]) == first
+    newer = dict(doc, status=FAILED, version=first["version"] + 5)
+    assert await store.replace(newer, first["version"] + 1) is False  # a version not yet seen
+    assert await store.get(doc["id"]) == first
+    # the stale write did not leak into the indexed fields either
+    assert await store.list(owner="mallory", status=None, limit=10) == []
+    assert await store.list(owner=None, status=FAILED, limit=10) == []
+
+
+async def test_replace_of_a_missing_workflow_is_false(store: WorkflowStore) -> None:
+    doc = new_doc()
+    assert await store.replace(doc, doc["version"]) is False
+    assert await store.get(doc["id"]) is None
+
+
+async def cas_increment(store: WorkflowStore, workflow_id: str, times: int) -> int:
+    """Read-modify-CAS `times` times with retry; returns how many races were lost."""
+    lost = 0
+    for _ in range(times):
+        while True:
+            current = await store.get(workflow_id)
+            assert current is not None
+            updated = copy.deepcopy(current)
+            updated["version"] = current["version"] + 1
+            updated["product"]["metadata"]["count"] = current["product"]["metadata"]["count"] + 1
+            if await store.replace(updated, current["version"]):
+                break
+            lost += 1
+    return lost
+
+
+async def test_concurrent_cas_loses_no_update(store: WorkflowStore) -> None:
+    doc = new_doc()
+    doc["product"]["metadata"]["count"] = 0
+    await store.insert(doc)
+    await asyncio.gather(*(cas_increment(store, doc["id"], 20) for _ in range(5)))
+    final = await store.get(doc["id"])
+    assert final is not None
+    assert final["version"] == doc["version"] + 100
+    assert final["product"]["metadata"]["count"] == 100
+
+
+async def test_concurrent_cas_across_two_store_instances(
+    store: WorkflowStore, store_url: str
+) -> None:
+    """Two gateway instances on one database: still no lost update."""
+    doc = new_doc()
+    doc["product"]["metadata"]["count"] = 0
+    await store.insert(doc)
+    other = make_store(store_url)
+    await other.open()
+    try:
+        await asyncio.gather(
+            *(cas_increment(s, doc["id"], 20) for s in (store, other, store, other))
+        )
+    finally:
+        await other.close()
+    final = await store.get(doc["id"])
+    assert final is not None
+    assert final["version"] == doc["version"] + 80
+    assert final["product"]["metadata"]["count"] == 80
+
+
+# -- list ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def listed(store: WorkflowStore) -> list[dict[str, Any]]:
+    """Ten workflows, one second apart: alternating owners, every third one completed."""
+    docs = []
+    for i in range(10):
+        status = COMPLETED if i % 3 == 0 else RUNNING
+        docs.append(new_doc(owner="alice" if i % 2 else "bob", now=T0 + i, status=status))
+    await insert_all(store, docs[::-1])  # insertion order must not matter
+    return docs
+
+
+async def test_list_is_newest_first(store: WorkflowStore, listed: list[dict[str, Any]]) -> None:
+    got = await store.list(owner=None, status=None, limit=100)
+    assert ids(got) == newest_first(listed)
+    assert got[0] == listed[-1]  # whole documents, exactly as written
+
+
+async def test_list_filters_by_owner(store: WorkflowStore, listed: list[dict[str, Any]]) -> None:
+    got = await store.list(owner="alice", status=None, limit=100)
+    assert ids(got) == newest_first([d for d in listed if d["owner"] == "alice"])
+    assert await store.list(owner="nobody", status=None, limit=100) == []
+
+
+async def test_list_filters_by_status(store: WorkflowStore, listed: list[dict[str, Any]]) -> None:
+    got = await store.list(owner=None, status=COMPLETED, limit=100)
+    assert ids(got) == newest_first([d for d in listed if d["status"] == COMPLETED])
+    assert await store.list(owner=None, status=FAILED, limit=100) == []
+
+
+async def test_list_filters_by_owner_and_status(
+    store: WorkflowStore, listed: list[dict[str, Any]]
+) -> None:
+    got = await store.list(owner="bob", status=COMPLETED, limit=100)
+    expected = [d for d in listed if d["owner"] == "bob" and d["status"] == COMPLETED]
+    assert len(expected) == 2
+    assert ids(got) == newest_first(expected)
+
+
+async def test_list_honours_limit(store: WorkflowStore, listed: list[dict[str, Any]]) -> None:
+    assert ids(await store.list(owner=None, status=None, limit=3)) == newest_first(listed)[:3]
+    alice = newest_first([d for d in listed if d["owner"] == "alice"])
+    assert ids(await store.list(owner="alice", status=None, limit=2)) == alice[:2]
+    assert await store.list(owner=None, status=None, limit=0) == []
+
+
+async def test_list_before_is_strict(store: WorkflowStore, listed: list[dict[str, Any]]) -> None:
+    order = newest_first(listed)
+    by_id = {d["id"]: d for d in listed}
+    pivot = by_id[order[3]]
+    got = await store.list(owner=None, status=None, limit=100, before=cursor(pivot))
+    assert ids(got) == order[4:]
+    # a cursor that matches no stored workflow works as a position too
+    between = (isoformat(T0 + 4.5), "")
+    got = await store.list(owner=None, status=None, limit=100, before=between)
+    assert ids(got) == newest_first([d for d in listed if d["created_at"] < between[0]])
+
+
+def cursor(doc: dict[str, Any]) -> tuple[str, str]:
+    return doc["created_at"], doc["id"]
+
+
+async def walk(
+    store: WorkflowStore, owner: str | None, status: str | None, page_size: int
+) -> list[str]:
+    seen: list[str] = []
+    before = None
+    for _ in range(1000):
+        page = await store.list(owner=owner, status=status, limit=page_size, before=before)
+        assert len(page) <= page_size
+        seen.extend(ids(page))
+        if len(page) < page_size:
+            return seen
+        before = cursor(page[-1])
+    raise AssertionError("pagination did not end")
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 4, 7, 100])
+@pytest.mark.parametrize("spacing", [1.0, 0.000123], ids=["seconds", "microseconds"])
+async def test_keyset_pagination_walks_every_page_without_gaps_or_duplicates(
+    store: WorkflowStore, page_size: int, spacing: float
+) -> None:
+    # 23 workflows on only 4 distinct timestamps: pages must break inside runs of ties,
+    # and (with microsecond spacing) inside one second.
+    docs = []
+    for i in range(23):
+        owner = ("alice", "bob", "carol")[i % 3]
+        status = FAILED if i % 4 == 0 else RUNNING
+        docs.append(new_doc(owner=owner, now=T0 + (i % 4) * spacing, status=status))
+    await insert_all(store, docs)
+    assert len({d["created_at"] for d in docs}) == 4
+    for owner, status in [(None, None), ("alice", None), (None, FAILED), ("bob", RUNNING)]:
+        expected = newest_first(
+            [
+                d
+                for d in docs
+                if (owner is None or d["owner"] == owner)
+                and (status is None or d["status"] == status)
+            ]
+        )
+        seen = await walk(store, owner, status, page_size)
+        assert len(seen) == len(set(seen)), "a workflow appeared on two pages"
+        assert seen == expected, f"owner={owner} status={status}"
+
+
+# -- timers and outbox -------------------------------------------------------------------------
+
+
+async def test_due_returns_only_workflows_whose_wake_at_has_come(store: WorkflowStore) -> None:
+    now = isoformat(T0 + 100)
+    past = new_doc(wake_at=isoformat(T0 + 1))
+    exactly_now = new_doc(wake_at=now)
+    just_after = new_doc(wake_at=isoformat(T0 + 100.000001))
+    future = new_doc(wake_at=isoformat(T0 + 3600))
+    never = new_doc(wake_at=None, status=COMPLETED)
+    await insert_all(store, [past, exactly_now, just_after, future, never])
+
+    got = await store.due(now, 100)
+    assert sorted(ids(got)) == sorted([past["id"], exactly_now["id"]])
+    assert {d["id"]: d for d in got}[past["id"]] == past
+    assert len(await store.due(now, 1)) == 1
+    assert await store.due(now, 0) == []
+    assert await store.due(isoformat(T0), 100) == []
+    # a far-future `now` still never returns the workflow without a wake_at
+    assert never["id"] not in ids(await store.due("9999-12-31T23:59:59.999999Z", 100))
+
+
+async def test_due_follows_replace(store: WorkflowStore) -> None:
+    doc = new_doc(wake_at=isoformat(T0 + 10))
+    await store.insert(doc)
+    now = isoformat(T0 + 20)
+    assert ids(await store.due(now, 10)) == [doc["id"]]
+    done = dict(doc, wake_at=None, status=COMPLETED, version=doc["version"] + 1)
+    assert await store.replace(done, doc["version"])
+    assert await store.due(now, 10) == []
+
+
+async def test_unpublished_returns_only_outboxes_written_by_then(store: WorkflowStore) -> None:
+    cutoff = isoformat(T0 + 100)
+    old = new_doc(outbox_at=isoformat(T0 + 1))
+    at_cutoff = new_doc(outbox_at=cutoff)
+    fresh = new_doc(outbox_at=isoformat(T0 + 101))
+    published = new_doc(outbox_at=None, outbox=[])
+    await insert_all(store, [old, at_cutoff, fresh, published])
+
+    got = await store.unpublished(cutoff, 100)
+    assert sorted(ids(got)) == sorted([old["id"], at_cutoff["id"]])
+    assert {d["id"]: d for d in got}[old["id"]] == old
+    assert len(await store.unpublished(cutoff, 1)) == 1
+    assert await store.unpublished(cutoff, 0) == []
+    assert published["id"] not in ids(await store.unpublished("9999-12-31T23:59:59Z", 100))
+
+    confirmed = dict(old, outbox=[], outbox_at=None, version=old["version"] + 1)
+    assert await store.replace(confirmed, old["version"])
+    assert ids(await store.unpublished(cutoff, 100)) == [at_cutoff["id"]]
+
+
+# -- documents -----------------------------------------------------------------------------------
+
+
+async def test_unicode_and_nested_metadata_round_trip_exactly(store: WorkflowStore) -> None:
+    product = {
+        "name": 'Café ☕ «déjà vu» 日本語 🚀 "quoted" \\ back\\slash',
+        "description": "line one\nline two\ttabbed\r\n\u00a0nbsp \u2028 sep \x00 nul",
+        "images": ["https://例え.jp/画像.png", ""],
+        "category": "ünïcödé",
+        "price": 1234.56,
+        "metadata": {
+            "nested": {"deeper": {"deepest": [1, 2.5, -3, True, False, None, "x"]}},
+            "empty_dict": {},
+            "empty_list": [],
+            "mixed": [{"a": 1}, [1, [2, [3]]], "🙂"],
+            "big": 2**53,
+            "negative": -(2**40),
+            "tiny": 1e-7,
+            "tenth": 0.1,
+            "zero": 0,
+            "Ключ": "значение",
+            "emoji 🔑": "value",
+        },
+    }
+    doc = new_doc(owner="ütf-8 öwner ✓", product=product)
+    expected = copy.deepcopy(doc)
+    await store.insert(doc)
+    assert await store.get(doc["id"]) == expected
+    assert await store.list(owner="ütf-8 öwner ✓", status=None, limit=5) == [expected]
+
+    updated = copy.deepcopy(expected)
+    updated["version"] += 1
+    updated["product"]["metadata"]["nested"]["deeper"]["added"] = {"ß": ["ẞ"]}
+    assert await store.replace(updated, expected["version"])
+    assert await store.get(doc["id"]) == updated
+
+
+# -- health ----------------------------------------------------------------------------------------
+
+
+async def test_ping(store: WorkflowStore) -> None:
+    await store.ping()
+
+
+async def test_a_closed_store_raises_store_error(store_url: str) -> None:
+    opened = make_store(store_url)
+    await opened.open()
+    await opened.open()  # idempotent
+    await opened.ping()
+    await opened.close()
+    with pytest.raises(StoreError):
+        await opened.ping()
+    with pytest.raises(StoreError):
+        await opened.get("x")
+    await opened.close()  # idempotent
+
+
+# -- SQLite only -----------------------------------------------------------------------------------
+
+
+async def test_sqlite_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dir" / "stox.db"  # parent directories are made
+    url = f"sqlite:///{path}"
+    first = SQLiteStore.from_url(url)
+    await first.open()
+    doc = new_doc()
+    await first.insert(doc)
+    updated = dict(doc, version=doc["version"] + 1, status=COMPLETED)
+    assert await first.replace(updated, doc["version"])
+    await first.close()
+
+    assert path.is_file()
+    second = SQLiteStore.from_url(url)
+    await second.open()
+    try:
+        assert await second.get(doc["id"]) == updated
+        assert ids(await second.list(owner="alice", status=COMPLETED, limit=5)) == [doc["id"]]
+        with pytest.raises(AlreadyExists):
+            await second.insert(doc)
+    finally:
+        await second.close()
+
+
+async def test_sqlite_file_is_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "stox.db"
+    store = SQLiteStore.from_url(f"sqlite:///{path}")
+    await store.open()
+    try:
+        await store.insert(new_doc())
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(workflows)")}
+            assert {"id", "owner", "status", "created_at", "version", "wake_at"} <= columns
+            assert {"outbox_at", "doc"} <= columns
+        finally:
+            conn.close()
+    finally:
+        await store.close()
+
+
+async def test_sqlite_memory_database_keeps_its_data() -> None:
+    store = SQLiteStore.from_url("sqlite://:memory:")
+    await store.open()
+    try:
+        doc = new_doc()
+        await store.insert(doc)
+        await store.ping()
+        assert await store.get(doc["id"]) == doc
+        assert ids(await store.list(owner=None, status=None, limit=5)) == [doc["id"]]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///stox.db", "stox.db"),
+        ("sqlite:///data/dir/stox.db", "data/dir/stox.db"),
+        ("sqlite:////var/lib/stox/stox.db", "/var/lib/stox/stox.db"),
+        ("sqlite://:memory:", ":memory:"),
+        ("sqlite:///:memory:", ":memory:"),
+    ],
+)
+def test_sqlite_url_paths(url: str, path: str) -> None:
+    assert SQLiteStore.from_url(url).path == path
+    assert isinstance(make_store(url), SQLiteStore)
+
+
+@pytest.mark.parametrize("url", ["sqlite:", "sqlite://", "sqlite:///", "sqlite://host/x.db"])
+def test_sqlite_bad_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        make_store(url)
+
+
+# -- MongoDB only (no server needed) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "database"),
+    [
+        ("mongodb://localhost", "stox"),
+        ("mongodb://localhost/", "stox"),
+        ("mongodb://localhost:27017/shop", "shop"),
+        ("mongodb://u:p@a:1,b:2/shop?replicaSet=rs0", "shop"),
+        ("mongodb://a:1,b:2/?replicaSet=rs0", "stox"),
+        ("mongodb+srv://cluster.example.com/prod?retryWrites=true", "prod"),
+    ],
+)
+def test_mongo_database_from_url(url: str, database: str) -> None:
+    assert database_from_url(url) == database
+    assert isinstance(make_store(url), MongoStore)
+
+
+async def test_mongo_unreachable_server_raises_store_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once the socket is closed
+    store = MongoStore.from_url(f"mongodb://127.0.0.1:{port}/x?serverSelectionTimeoutMS=200")
+    with pytest.raises(StoreError):
+        await store.open()
+    with pytest.raises(StoreError):
+        await store.ping()
+    await store.close()

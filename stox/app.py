@@ -133,8 +133,11 @@ class Gateway:
 
     async def _declare_and_consume(self) -> None:
         topo = self.topology
-        for spec in self.pipeline.steps:
-            await self.bus.declare(topo.step_queue(spec.name), [spec.routing_key])
+        if self.settings.rabbitmq.url or self.settings.demo_workers:
+            # only declared where a service will consume them: an in-process queue that
+            # nobody reads would grow without bound
+            for spec in self.pipeline.steps:
+                await self.bus.declare(topo.step_queue(spec.name), [spec.routing_key])
         await self.bus.declare(topo.completions, [self.pipeline.completion_routing_key])
         await self.bus.declare(topo.hub, [CHANGE_ROUTING_KEY], exclusive=True)
         await self.bus.consume(topo.completions, completion_handler(self.orchestrator))

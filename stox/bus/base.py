@@ -56,7 +56,11 @@ class EventBus(Protocol):
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
     """AMQP topic matching of one binding key against one routing key."""
-    return _match(pattern.split("."), routing_key.split("."))
+    return _match(_words(pattern), _words(routing_key))
+
+
+def _words(key: str) -> list[str]:
+    return key.split(".") if key else []  # as RabbitMQ: the empty key has no words
 
 
 def _match(pattern: list[str], words: list[str]) -> bool:

@@ -24,6 +24,7 @@ from stox.bus.base import Event, Handler, PublishError, Rejected, topic_matches
 log = logging.getLogger(__name__)
 
 REDELIVERED = "x-redelivered"
+DEAD_LETTER_LIMIT = 1000  # the newest dead letters kept for inspection
 
 # Routing keys are few in practice (step.<name>, workflow.*); the bound only stops a caller
 # that puts ids into routing keys from growing the cache without limit.
@@ -107,7 +108,7 @@ class LocalBus:
         self.prefetch = prefetch
         self.redelivery_delay = redelivery_delay
         self.max_redeliveries = max_redeliveries
-        self.dead_letters: list[tuple[str, Event, str]] = []
+        self.dead_letters: deque[tuple[str, Event, str]] = deque(maxlen=DEAD_LETTER_LIMIT)
         self._queues: dict[str, _Queue] = {}
         self._routes: dict[str, tuple[_Queue, ...]] = {}
         self._handlers: set[asyncio.Task[None]] = set()

@@ -28,6 +28,7 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kib|mib|gib|kb|mb|gb)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kib": 1024, "kb": 1000, "mib": 1024**2, "mb": 1000**2}
 _SIZE_UNITS |= {"gib": 1024**3, "gb": 1000**3, None: 1}
+_MAX_DURATION = 3650 * 86400.0  # ten years
 
 
 class Duration(float):
@@ -192,13 +193,18 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
         return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
     if kind is Duration:
         if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-            return Duration(value)
-        match = _DURATION.match(str(value))
-        if not match:
-            raise SettingsError(
-                f"{key}: expected a duration such as 5s, 250ms or 1h, got {value!r}"
-            )
-        return Duration(float(match[1]) * _UNITS[match[2]])
+            seconds = float(value)
+        else:
+            match = _DURATION.match(str(value))
+            if not match:
+                raise SettingsError(
+                    f"{key}: expected a duration such as 5s, 250ms or 1h, got {value!r}"
+                )
+            seconds = float(match[1]) * _UNITS[match[2]]
+        # deadlines are timestamps: an infinite or enormous duration cannot become one
+        if not seconds <= _MAX_DURATION:
+            raise SettingsError(f"{key}: expected a duration of at most 3650d, got {value!r}")
+        return Duration(seconds)
     if kind is Size:
         match = _SIZE.match(str(value))
         if isinstance(value, bool) or not match:
@@ -230,7 +236,7 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
 def _build(cls: type, values: Mapping[str, Any], prefix: str = "", base: Any = None) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known, key=str)  # YAML keys may be numbers or null
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise SettingsError(
@@ -288,6 +294,9 @@ def _validate(settings: Settings) -> Settings:
         raise SettingsError(f"rabbitmq.url: expected amqp://…, got {settings.rabbitmq.url!r}")
     if settings.server.max_body_size <= 0:
         raise SettingsError("server.max_body_size: expected a positive size")
+    for name in ("sweep_interval", "relay_interval"):
+        if getattr(settings.server, name) < 0.01:
+            raise SettingsError(f"server.{name}: expected at least 10ms")
     steps = settings.pipeline.steps
     if not steps:
         raise SettingsError("pipeline.steps: expected at least one step")
@@ -354,9 +363,11 @@ def load(
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SettingsError(f"--config: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"--config: {path} is not UTF-8 text: {exc.reason}") from None
     except yaml.YAMLError as exc:
         raise SettingsError(f"--config: {path} is not valid YAML: {exc}") from None
     if data is None:

@@ -12,12 +12,14 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import tornado.web
 from marshmallow import Schema, ValidationError
 
 from stox.auth.tokens import ADMIN, SERVICE, USER, InvalidToken, Principal, TokenAuthority
+from stox.logs import log_exception
 from stox.orchestrator import Orchestrator
 
 log = logging.getLogger("stox.http")
@@ -121,6 +123,8 @@ class BaseHandler(tornado.web.RequestHandler):
             body = json.loads(b"".join(self._chunks) or b"null")
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+        except RecursionError:  # arrays or objects nested about a thousand levels deep
+            raise ApiError(400, "invalid_json", "the body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
         return body
@@ -168,6 +172,22 @@ class BaseHandler(tornado.web.RequestHandler):
 
     # -- responses ------------------------------------------------------------------------
 
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        log_exception(self, typ, value, tb)  # Tornado's names the URI, ?token= and all
+
+    def allowed_methods(self) -> list[str]:
+        base = tornado.web.RequestHandler
+        return [
+            method
+            for method in ("GET", "POST", "PUT", "PATCH", "DELETE")
+            if getattr(type(self), method.lower()) is not getattr(base, method.lower())
+        ]
+
     def render(self, status: int, body: Any) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
@@ -175,6 +195,8 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         if isinstance(exc, ApiError):
             error: dict[str, Any] = {"code": exc.code, "message": exc.message}
             if exc.fields:

@@ -5,19 +5,81 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+from collections.abc import Mapping
 from typing import Any
 
-from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import (
+    EXCLUDE,
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    pre_load,
+    validate,
+    validates_schema,
+)
 
 from stox.workflow import WORKFLOW_STATUSES, Report
 
 HEX_ID = validate.Regexp(r"^[0-9a-f]{32}$", error="expected a 32-character hex id")
 MAX_METADATA_BYTES = 16 * 1024
+MAX_DEPTH = 32  # nesting of free-form values (metadata, result)
+
+
+def _is_text(value: str) -> bool:
+    """False for strings with lone surrogates (`"\\ud800"` in JSON): not storable as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def storable_problem(value: Any) -> str | None:
+    """Why a decoded JSON value could not be stored and sent on as it is; None if it can.
+
+    Free-form values are copied, stored (SQLite JSON, MongoDB BSON) and re-encoded for every
+    event; too deep a nesting overflows the recursion of those copies, NaN and Infinity are
+    not JSON, lone surrogates are not UTF-8, and BSON holds neither NUL in keys nor integers
+    beyond 64 bits.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"nested more than {MAX_DEPTH} levels deep"
+        if isinstance(item, float) and not math.isfinite(item):
+            return "NaN and Infinity are not permitted"
+        if isinstance(item, int) and not -(2**63) <= item < 2**63:
+            return "whole numbers must fit in 64 bits"
+        if isinstance(item, str) and not _is_text(item):
+            return "not valid Unicode text"
+        if isinstance(item, Mapping):
+            for key, sub in item.items():
+                if isinstance(key, str) and ("\x00" in key or not _is_text(key)):
+                    return "keys must be valid Unicode text without NUL"
+                stack.append((sub, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((sub, depth + 1) for sub in item)
+    return None
 
 
 class StrictSchema(Schema):
     class Meta:
         unknown = RAISE
+
+    @pre_load
+    def _storable(self, data: Any, **_: Any) -> Any:
+        if isinstance(data, Mapping):
+            errors = {
+                name: [problem]
+                for name, value in data.items()
+                if (problem := storable_problem({name: value}))
+            }
+            if errors:
+                raise ValidationError(errors)
+        return data
 
 
 class ProductSchema(StrictSchema):

@@ -24,10 +24,18 @@ def load_or_create(folder: Path) -> str:
         pass
     folder.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
+    # Written in full under a private name, then linked into place: the secret file never
+    # exists empty or half-written, so a process starting at the same moment reads either
+    # nothing (and races to link its own) or the whole secret.
+    temp = folder / f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(8)}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first: use theirs
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secret + "\n")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secret + "\n")
+        try:
+            os.link(temp, path)
+        except FileExistsError:  # another process made it first: use theirs
+            return path.read_text().strip()
+    finally:
+        temp.unlink(missing_ok=True)
     return secret

@@ -1,0 +1,142 @@
+"""`python -m stox token` (DESIGN §7): tokens the gateway built from the same settings accepts."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import jwt
+import pytest
+
+from settings import load
+from stox.app import make_tokens
+from stox.auth import secret
+from stox.auth.tokens import InvalidToken, TokenAuthority
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "cli-secret-" + "z" * 40
+
+
+def run_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m stox ARGS` in `cwd`, with no STOX_* variables but those given."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("STOX_")}
+    environ["PYTHONPATH"] = str(ROOT)
+    environ.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "stox", *args],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def printed_token(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    return lines[0]
+
+
+def authority(**environ: str) -> TokenAuthority:
+    """The TokenAuthority a gateway started with these variables would use."""
+    return make_tokens(load([], environ))
+
+
+def test_a_user_token(tmp_path: Path) -> None:
+    token = printed_token(run_cli(tmp_path, "token", "--user", "alice", STOX_JWT_SECRET=SECRET))
+
+    principal = authority(STOX_JWT_SECRET=SECRET).verify(token)
+
+    assert principal.id == "alice"
+    assert principal.username == "alice"
+    assert principal.role == "user"
+    assert not principal.is_admin
+    assert not (tmp_path / secret.SECRET_FILE).exists()  # a configured secret is used as is
+
+
+def test_an_admin_token(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "token", "--user", "root", "--role", "admin", STOX_JWT_SECRET=SECRET)
+    principal = authority(STOX_JWT_SECRET=SECRET).verify(printed_token(result))
+    assert principal.id == "root"
+    assert principal.role == "admin" and principal.is_admin
+
+
+def test_a_service_token(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "token", "--service", "imgsvc", STOX_JWT_SECRET=SECRET)
+    principal = authority(STOX_JWT_SECRET=SECRET).verify(printed_token(result))
+    assert principal.role == "service"
+    assert principal.id == "service:imgsvc"
+    assert principal.username == "imgsvc"
+
+
+def test_the_token_carries_the_configured_expiry(tmp_path: Path) -> None:
+    token = printed_token(
+        run_cli(tmp_path, "token", "--user", "alice", "--expires-in", "120", STOX_JWT_SECRET=SECRET)
+    )
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 120
+    assert (claims["iss"], claims["aud"]) == ("stox", "stox")
+
+
+def test_a_token_made_with_another_secret_is_refused(tmp_path: Path) -> None:
+    token = printed_token(run_cli(tmp_path, "token", "--user", "alice", STOX_JWT_SECRET=SECRET))
+    with pytest.raises(InvalidToken):
+        authority(STOX_JWT_SECRET="another-" + SECRET).verify(token)
+
+
+def test_without_a_secret_the_generated_one_is_shared(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/data/x.db"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    first = printed_token(run_cli(elsewhere, "token", "--user", "alice", STOX_STORAGE_URL=url))
+    secret_file = tmp_path / "data" / secret.SECRET_FILE
+    assert secret_file.exists()
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    kept = secret_file.read_text()
+    second = printed_token(run_cli(tmp_path, "token", "--service", "seo", STOX_STORAGE_URL=url))
+
+    assert secret_file.read_text() == kept  # reused, not regenerated
+    assert not (elsewhere / secret.SECRET_FILE).exists()  # beside the data, not in the cwd
+    gateway = authority(STOX_STORAGE_URL=url)
+    assert gateway.verify(first).id == "alice"
+    assert gateway.verify(second).id == "service:seo"
+
+
+def test_a_configuration_error_exits_2(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "token", "--user", "alice", STOX_PORT="x")
+    assert result.returncode == 2
+    assert "server.port" in result.stderr
+    assert result.stdout == ""
+
+
+def test_production_without_a_secret_prints_no_token(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/x.db"
+    result = run_cli(
+        tmp_path, "token", "--user", "alice", STOX_ENV="production", STOX_STORAGE_URL=url
+    )
+    assert result.returncode == 2
+    assert "jwt.secret" in result.stderr
+    assert result.stdout == ""
+    assert not (tmp_path / secret.SECRET_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["token"],
+        ["token", "--user", "a", "--service", "b"],
+        ["token", "--user", "a", "--role", "service"],
+        ["token", "--user", "a", "--role", "root"],
+        [],
+    ],
+)
+def test_bad_command_lines_exit_2(tmp_path: Path, args: list[str]) -> None:
+    result = run_cli(tmp_path, *args, STOX_JWT_SECRET=SECRET)
+    assert result.returncode == 2
+    assert result.stdout == ""

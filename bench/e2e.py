@@ -1,0 +1,1027 @@
+"""End-to-end throughput benchmark of the Stox gateway, run by hand; it prints figures.
+
+It starts the gateway (`server.py`, embedded SQLite store and in-process bus) as a
+subprocess, or targets a running one with `--url`, and drives it the way an embedded-mode
+deployment is driven:
+
+* `--uploaders U` coroutines upload `--workflows N` products over HTTP (a user token);
+* one WebSocket subscription to all of that user's workflows (`/ws`) sees every
+  `step_dispatched` change and puts (workflow, step_id, step) on a queue;
+* `--services S` coroutines play the step services: they drain the queue and report each
+  step over HTTP (`POST /api/v1/workflow/step-completed`, a service token, success);
+* a workflow counts as completed when its `workflow_completed` message arrives.
+
+Then, in the same run, it starts `bench/bare_tornado.py` (one JSON POST handler on a bare
+Tornado app) and drives it with the same client and the same total concurrency (U+S) for
+as many requests as the gateway served: the ceiling one Tornado process reaches here.
+
+The HTTP client is a minimal asyncio HTTP/1.1 keep-alive client (one connection per worker,
+Content-Length bodies), several times cheaper per request than tornado's AsyncHTTPClient,
+so the load generator stays out of the way; the gateway and the bare app each run in their
+own process. Everything has a bound: per-request timeouts and an overall `--timeout`, after
+which it prints what it has and exits non-zero. Only loopback addresses are used.
+
+    .venv/bin/python bench/e2e.py --quick          # 300 workflows, a smoke run
+    .venv/bin/python bench/e2e.py                  # 2000 workflows, about a minute
+    .venv/bin/python bench/e2e.py --profile-server /tmp/gw.prof   # gateway under cProfile
+    .venv/bin/python -m pstats /tmp/gw.prof      # then: sort cumulative, stats 15
+    .venv/bin/python bench/e2e.py --url http://127.0.0.1:8080 --jwt-secret "$STOX_JWT_SECRET"
+
+Exit status: 0 when every workflow completed, 1 otherwise (timeout, errors that lost
+workflows, a gateway that would not start), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from stox.auth.tokens import SERVICE, USER, TokenAuthority  # noqa: E402
+
+UPLOAD_PATH = "/api/v1/workflow/upload"
+STEP_PATH = "/api/v1/workflow/step-completed"
+CEILING_PATH = "/echo"
+GOAL_WORKFLOWS_PER_S = 750
+
+now = time.perf_counter
+
+# `python -c THREAD_CPU_PROFILER OUT server.py ARGS…`: cProfile on the main thread's CPU clock
+THREAD_CPU_PROFILER = """
+import cProfile, runpy, sys, time
+out = sys.argv[1]
+sys.argv = sys.argv[2:]
+sys.path.insert(0, ".")
+profiler = cProfile.Profile(time.thread_time)
+profiler.enable()
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+finally:
+    profiler.disable()
+    profiler.dump_stats(out)
+"""
+
+
+# -- a minimal HTTP/1.1 keep-alive client ------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """The server's answer was not HTTP we understand."""
+
+
+# what a failed request is counted as, besides a non-2xx status
+TRANSPORT_ERRORS = (TimeoutError, OSError, asyncio.IncompleteReadError, ProtocolError)
+
+
+def error_name(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, asyncio.IncompleteReadError | ConnectionError):
+        return "connection closed"
+    return type(exc).__name__
+
+
+class HttpClient:
+    """One keep-alive connection; requests go one at a time. Reconnects when needed."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.host_header = f"{host}:{port}".encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: bytes = b""
+    ) -> tuple[int, bytes]:
+        """(status, body). `headers` are ready-made `Name: value\\r\\n` lines."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self.writer is None:
+                    await self._connect()
+                assert self.reader is not None and self.writer is not None
+                self.writer.write(
+                    b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n%s"
+                    % (
+                        method.encode(),
+                        path.encode(),
+                        self.host_header,
+                        len(body),
+                        headers,
+                        body,
+                    )
+                )
+                status, keep_alive, data = await self._read_response(self.reader)
+        except BaseException:
+            self.close()  # a half-read answer leaves the connection unusable
+            raise
+        if not keep_alive:
+            self.close()
+        return status, data
+
+    @staticmethod
+    async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head[:-4].split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            raise ProtocolError(f"bad status line {lines[0][:80]!r}")
+        status = int(parts[1])
+        keep_alive = parts[0] == b"HTTP/1.1"
+        length: int | None = None
+        chunked = False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                token = value.strip().lower()
+                keep_alive = token != b"close" and (keep_alive or token == b"keep-alive")
+        if chunked:
+            chunks = []
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    while await reader.readuntil(b"\r\n") != b"\r\n":
+                        pass  # trailers
+                    break
+                chunks.append(await reader.readexactly(size))
+                await reader.readexactly(2)
+            return status, keep_alive, b"".join(chunks)
+        if length is not None:
+            return status, keep_alive, await reader.readexactly(length)
+        if status in (204, 304) or 100 <= status < 200:
+            return status, keep_alive, b""
+        return status, False, await reader.read()  # body until close
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def ms(values: list[float]) -> str:
+    p50, p99 = percentile(values, 50), percentile(values, 99)
+    if p50 is None or p99 is None:
+        return "-"
+    return f"p50 {p50 * 1000:.1f} ms   p99 {p99 * 1000:.1f} ms"
+
+
+def format_errors(errors: Counter[Any]) -> str:
+    if not errors:
+        return "none"
+    return ", ".join(f"{key}: {count}" for key, count in sorted(errors.items(), key=str))
+
+
+# -- the gateway load -------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """One batch of workflows (the warm-up, then the measured run), told apart by `tag`."""
+
+    name: str
+    total: int
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    last_finish: float = 0.0
+    upload_requests: int = 0
+    step_requests: int = 0
+    uploaded: int = 0
+    completed: int = 0
+    failed: int = 0
+    uploads_done: bool = False
+    stalled: bool = False  # nothing moved for --idle-timeout seconds
+    upload_latency: list[float] = field(default_factory=list)
+    step_latency: list[float] = field(default_factory=list)
+    workflow_latency: list[float] = field(default_factory=list)
+    errors: Counter[Any] = field(default_factory=Counter)
+    sent_at: dict[int, float] = field(default_factory=dict)
+    finished: set[int] = field(default_factory=set)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def finish(self, n: int, ok: bool) -> None:
+        if n in self.finished:
+            return
+        self.finished.add(n)
+        t = now()
+        self.last_finish = t
+        if ok:
+            self.completed += 1
+        else:
+            self.failed += 1
+        if n in self.sent_at:
+            self.workflow_latency.append(t - self.sent_at[n])
+        self.check()
+
+    def check(self) -> None:
+        if self.uploads_done and len(self.finished) >= self.uploaded:
+            self.done.set()
+
+    @property
+    def wall(self) -> float:
+        end = self.ended_at or now()
+        return max(end - self.started_at, 1e-9)
+
+
+@dataclass
+class Shared:
+    """State the WebSocket reader and the services share across phases."""
+
+    phases: dict[str, Phase] = field(default_factory=dict)
+    queue: asyncio.Queue[tuple[Phase, str, str, str]] = field(default_factory=asyncio.Queue)
+    ws_messages: int = 0
+    ws_closed: str | None = None
+    steps_per_workflow: int = 3  # learnt from the first workflow seen
+
+    def wake_all(self) -> None:
+        for phase in self.phases.values():
+            phase.done.set()
+
+
+# messages the services never need; skipped before json.loads (the hub writes "type" first)
+_SKIP = ('{"type":"step_completed"', '{"type":"snapshot"', '{"type":"step_retrying"')
+_WANTED = {"step_dispatched", "workflow_completed", "workflow_failed", "workflow_cancelled"}
+
+
+async def ws_reader(conn: Any, shared: Shared) -> None:
+    while True:
+        message = await conn.read_message()
+        if message is None:
+            shared.ws_closed = f"closed by the server: code {conn.close_code} {conn.close_reason!r}"
+            shared.wake_all()
+            return
+        shared.ws_messages += 1
+        if isinstance(message, bytes):
+            message = message.decode()
+        if message.startswith(_SKIP):
+            continue
+        msg = json.loads(message)
+        kind = msg.get("type")
+        if kind not in _WANTED:
+            continue
+        workflow = (msg.get("data") or {}).get("workflow") or {}
+        meta = (workflow.get("product") or {}).get("metadata") or {}
+        phase = shared.phases.get(meta.get("bench"))
+        if phase is None:
+            continue  # another client's workflow of the same user
+        if kind == "step_dispatched":
+            shared.steps_per_workflow = len(workflow["steps"])
+            step = workflow["steps"][workflow["current_step"]]
+            shared.queue.put_nowait((phase, workflow["id"], step["step_id"], step["name"]))
+        else:
+            phase.finish(int(meta["n"]), ok=kind == "workflow_completed")
+
+
+def product(tag: str, n: int) -> bytes:
+    return json.dumps(
+        {
+            "name": f"Bench mug #{n}",
+            "description": "Stoneware mug, 350 ml, dishwasher safe.",
+            "images": [f"https://cdn.example.com/bench/{n}/front.jpg"],
+            "category": "kitchen",
+            "price": 12.5,
+            "metadata": {"bench": tag, "n": n},
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def step_result(name: str, workflow_id: str) -> dict[str, Any]:
+    if name == "image_processing":
+        return {"images": [f"https://cdn.example.com/p/{workflow_id}/0.webp"], "width": 1024}
+    if name == "ai_enhancement":
+        return {"description": "A sturdy stoneware mug for every morning.", "tags": ["mug"]}
+    if name == "seo_generation":
+        return {"title": "Stoneware mug 350 ml", "slug": f"mug-{workflow_id[:8]}"}
+    return {"ok": True}
+
+
+async def uploader(
+    client: HttpClient, phase: Phase, numbers: itertools.count[int], headers: bytes, delay: float
+) -> None:
+    if delay > 0:
+        await asyncio.sleep(delay)
+    for n in numbers:
+        if n >= phase.total:
+            return
+        body = product(phase.tag, n)
+        t0 = now()
+        phase.sent_at[n] = t0
+        try:
+            status, _ = await client.request("POST", UPLOAD_PATH, body, headers)
+        except TRANSPORT_ERRORS as exc:
+            phase.errors[f"upload {error_name(exc)}"] += 1
+            continue  # an upload is not retried: it might have been applied
+        phase.upload_requests += 1
+        phase.upload_latency.append(now() - t0)
+        if 200 <= status < 300:
+            phase.uploaded += 1
+        else:
+            phase.errors[f"upload {status}"] += 1
+
+
+async def service(client: HttpClient, shared: Shared, headers: bytes, attempts: int = 3) -> None:
+    """A simulated step service: report each dispatched step as done (retrying 503s)."""
+    while True:
+        phase, workflow_id, step_id, name = await shared.queue.get()
+        body = json.dumps(
+            {
+                "workflow_id": workflow_id,
+                "step_id": step_id,
+                "step_type": name,
+                "success": True,
+                "result": step_result(name, workflow_id),
+            },
+            separators=(",", ":"),
+        ).encode()
+        for attempt in range(attempts):
+            t0 = now()
+            try:
+                status, _ = await client.request("POST", STEP_PATH, body, headers)
+            except TRANSPORT_ERRORS as exc:
+                phase.errors[f"step {error_name(exc)}"] += 1
+                await asyncio.sleep(0.05 * (attempt + 1))
+                continue  # a completion is idempotent: sending it again is safe
+            phase.step_requests += 1
+            phase.step_latency.append(now() - t0)
+            if 200 <= status < 300:
+                break
+            phase.errors[f"step {status}"] += 1
+            if status != 503:
+                break
+            await asyncio.sleep(0.05 * (attempt + 1))
+
+
+def auth_headers(token: str) -> bytes:
+    return f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n".encode()
+
+
+async def run_phase(
+    phase: Phase, target: Target, shared: Shared, args: argparse.Namespace, user_token: str
+) -> None:
+    shared.phases[phase.tag] = phase
+    headers = auth_headers(user_token)
+    numbers = itertools.count()
+    clients = [
+        HttpClient(target.host, target.port, args.request_timeout) for _ in range(args.uploaders)
+    ]
+    phase.started_at = now()
+    tasks = [
+        asyncio.ensure_future(
+            uploader(c, phase, numbers, headers, args.ramp * i / max(1, args.uploaders))
+        )
+        for i, c in enumerate(clients)
+    ]
+    try:
+        await asyncio.gather(*tasks)
+        phase.uploads_done = True
+        phase.check()
+        if shared.ws_closed:
+            phase.done.set()  # nothing more will arrive
+        await wait_or_stall(phase, shared, args.idle_timeout)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for c in clients:
+            c.close()
+        phase.ended_at = phase.last_finish if phase.done.is_set() and phase.last_finish else now()
+
+
+async def wait_or_stall(phase: Phase, shared: Shared, idle: float) -> None:
+    """Wait for the phase to finish, or until nothing has moved for `idle` seconds."""
+    last, still_since = (-1, -1), now()
+    while not phase.done.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(1.0, idle)):
+                await phase.done.wait()
+        progress = (shared.ws_messages, phase.step_requests)
+        if progress != last:
+            last, still_since = progress, now()
+        elif now() - still_since >= idle:
+            phase.stalled = True
+            return
+
+
+# -- the ceiling ------------------------------------------------------------------------
+
+
+@dataclass
+class Ceiling:
+    concurrency: int
+    total: int
+    requests: int = 0
+    latency: list[float] = field(default_factory=list)
+    errors: Counter[Any] = field(default_factory=Counter)
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    cpu: CpuMeter | None = None
+
+    @property
+    def wall(self) -> float:
+        return max((self.ended_at or now()) - self.started_at, 1e-9)
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.wall
+
+
+async def drive_ceiling(host: str, port: int, ceiling: Ceiling, request_timeout: float) -> None:
+    headers = b"Content-Type: application/json\r\n"
+    body = json.dumps(
+        {
+            "workflow_id": uuid.uuid4().hex,
+            "step_id": uuid.uuid4().hex,
+            "step_type": "ai_enhancement",
+            "success": True,
+            "result": step_result("ai_enhancement", "0" * 32),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+    async def worker(client: HttpClient, numbers: itertools.count[int], total: int, record: bool):
+        for n in numbers:
+            if n >= total:
+                return
+            t0 = now()
+            try:
+                status, _ = await client.request("POST", CEILING_PATH, body, headers)
+            except TRANSPORT_ERRORS as exc:
+                ceiling.errors[error_name(exc)] += 1
+                continue
+            if record:
+                ceiling.requests += 1
+                ceiling.latency.append(now() - t0)
+                if not 200 <= status < 300:
+                    ceiling.errors[status] += 1
+
+    clients = [HttpClient(host, port, request_timeout) for _ in range(ceiling.concurrency)]
+    try:
+        warm = itertools.count()
+        warmup = min(2000, max(ceiling.concurrency * 10, ceiling.total // 10))
+        await asyncio.gather(*(worker(c, warm, warmup, False) for c in clients))
+        numbers = itertools.count()
+        if ceiling.cpu is not None:
+            ceiling.cpu.start()
+        ceiling.started_at = now()
+        try:
+            await asyncio.gather(*(worker(c, numbers, ceiling.total, True) for c in clients))
+        finally:
+            ceiling.ended_at = now()
+            if ceiling.cpu is not None:
+                ceiling.cpu.stop()
+    finally:
+        for c in clients:
+            c.close()
+
+
+# -- processes --------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    base_url: str
+    host: str
+    port: int
+    origin: str
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def loopback_target(url: str, origin: str | None) -> Target:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if parts.scheme != "http" or not loopback or not parts.port:
+        raise ValueError(f"--url must be http://<loopback address>:<port>, not {url!r}")
+    base = f"http://{parts.netloc}"
+    return Target(base, host, parts.port, origin or base)
+
+
+def spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        )
+
+
+async def wait_ready(target: Target, path: str, within: float) -> None:
+    """Poll `path` until it answers 200; fail fast if the process exits."""
+    client = HttpClient(target.host, target.port, 2.0)
+    deadline = now() + within
+    try:
+        while now() < deadline:
+            if target.process is not None and target.process.poll() is not None:
+                raise RuntimeError(f"exited with status {target.process.returncode}")
+            try:
+                status, _ = await client.request("GET", path)
+                if status == 200:
+                    return
+            except TRANSPORT_ERRORS:
+                pass
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"not ready within {within:g}s")
+    finally:
+        client.close()
+
+
+def stop(process: subprocess.Popen[bytes] | None, grace: float = 10.0) -> int | None:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL. Returns the exit status."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    return process.returncode
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def host_busy_seconds() -> float | None:
+    """CPU seconds every process on the host has used (all cores), from /proc/stat."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+        return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@dataclass
+class CpuMeter:
+    """CPU used by the server under test, by this load generator and by everything else."""
+
+    pid: int | None
+    server0: float | None = None
+    bench0: float = 0.0
+    host0: float | None = None
+    wall0: float = 0.0
+    server: float | None = None
+    bench: float | None = None
+    others: float | None = None
+    wall: float = 0.0
+
+    def start(self) -> None:
+        self.server0 = cpu_seconds(self.pid) if self.pid else None
+        self.bench0 = time.process_time()
+        self.host0 = host_busy_seconds()
+        self.wall0 = now()
+
+    def stop(self) -> None:
+        self.wall = max(now() - self.wall0, 1e-9)
+        server1 = cpu_seconds(self.pid) if self.pid else None
+        self.bench = time.process_time() - self.bench0
+        host1 = host_busy_seconds()
+        if self.server0 is not None and server1 is not None:
+            self.server = server1 - self.server0
+        if self.host0 is not None and host1 is not None:
+            self.others = max(0.0, host1 - self.host0 - self.bench - (self.server or 0.0))
+
+    def describe(self, server_name: str) -> str:
+        parts = []
+        if self.server is not None:
+            parts.append(f"{server_name} {100 * self.server / self.wall:.0f}%")
+        if self.bench is not None:
+            parts.append(f"load generator {100 * self.bench / self.wall:.0f}%")
+        if self.others is not None:
+            others = "other processes" if self.pid else f"other processes (with the {server_name})"
+            parts.append(f"{others} {100 * self.others / self.wall:.0f}%")
+        return ", ".join(parts) + f"  (host has {os.cpu_count()} CPUs)"
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def tail(path: Path | None, lines: int = 8) -> list[str]:
+    if path is None or not path.exists():
+        return []
+    return path.read_text(errors="replace").splitlines()[-lines:]
+
+
+def count_lines(path: Path | None) -> int:
+    if path is None or not path.exists():
+        return 0
+    return len(path.read_text(errors="replace").splitlines())
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    target: Target | None = None
+    run: Phase | None = None
+    warmup: Phase | None = None
+    shared: Shared | None = None
+    ceiling: Ceiling | None = None
+    gateway_cpu: CpuMeter | None = None
+    rss_before: float | None = None
+    rss_after: float | None = None
+    gateway_exit: int | None = None
+    gateway_log_lines: list[str] = field(default_factory=list)
+    gateway_log_count: int = 0
+    problems: list[str] = field(default_factory=list)
+    timed_out: bool = False
+
+
+def tokens_for(args: argparse.Namespace, secret: str | None) -> tuple[str, str]:
+    if args.user_token and args.service_token:
+        return args.user_token, args.service_token
+    if not secret:
+        raise ValueError("no --jwt-secret to mint tokens with")
+    authority = TokenAuthority(secret, issuer="stox", audience="stox", expiry=3600)
+    user = f"bench-{uuid.uuid4().hex[:8]}"  # a fresh user: the subscription sees only ours
+    return (
+        args.user_token or authority.issue(user, user, USER),
+        args.service_token or authority.issue("service:bench", "bench", SERVICE),
+    )
+
+
+async def open_ws(target: Target, token: str) -> Any:
+    import tornado.httpclient
+    import tornado.websocket
+
+    ws_url = target.base_url.replace("http://", "ws://", 1) + "/ws"
+    request = tornado.httpclient.HTTPRequest(
+        ws_url, headers={"Origin": target.origin}, connect_timeout=10, request_timeout=10
+    )
+    return await tornado.websocket.websocket_connect(
+        request, subprotocols=["bearer", token], max_message_size=64 * 1024 * 1024
+    )
+
+
+async def gateway_part(run: Run, tmpdir: Path) -> None:
+    args = run.args
+    secret = args.jwt_secret
+    if args.url:
+        target = loopback_target(args.url, args.origin)
+    else:
+        secret = secret or "bench-" + uuid.uuid4().hex + uuid.uuid4().hex
+        port = args.port or free_port()
+        target = Target(f"http://127.0.0.1:{port}", "127.0.0.1", port, "")
+        target.origin = args.origin or target.base_url
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STOX_")}
+        env.update(STOX_JWT_SECRET=secret, STOX_LOG_LEVEL="warning")
+        profile: list[str] = []
+        if args.profile_server and args.profile_clock == "wall":
+            profile = ["-m", "cProfile", "-o", args.profile_server]
+        elif args.profile_server:
+            profile = ["-c", THREAD_CPU_PROFILER, args.profile_server]
+        cmd = [sys.executable, *profile, "server.py", "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--storage-url", f"sqlite:///{tmpdir}/bench.db", *args.gateway_arg]
+        target.log_path = tmpdir / "gateway.log"
+        target.process = spawn(cmd, env, target.log_path)
+    run.target = target
+    user_token, service_token = tokens_for(args, secret)
+    try:
+        await wait_ready(target, "/readyz", args.startup_timeout)
+    except RuntimeError as exc:
+        run.problems.append(f"gateway at {target.base_url} not ready: {exc}")
+        return
+
+    shared = run.shared = Shared()
+    try:
+        conn = await open_ws(target, user_token)
+    except Exception as exc:  # any handshake failure ends the gateway part
+        run.problems.append(f"WebSocket /ws refused: {exc!r}")
+        return
+    reader = asyncio.ensure_future(ws_reader(conn, shared))
+    service_headers = auth_headers(service_token)
+    service_clients = [
+        HttpClient(target.host, target.port, args.request_timeout) for _ in range(args.services)
+    ]
+    services = [asyncio.ensure_future(service(c, shared, service_headers)) for c in service_clients]
+    pid = target.process.pid if target.process else None
+    try:
+        if args.warmup:
+            run.warmup = Phase("warm-up", args.warmup)
+            await run_phase(run.warmup, target, shared, args, user_token)
+            if run.warmup.stalled or shared.ws_closed:
+                run.problems.append("the warm-up did not finish; no measured run")
+                return
+        if pid:
+            run.rss_before = rss_mib(pid)
+        run.gateway_cpu = CpuMeter(pid)
+        run.gateway_cpu.start()
+        run.run = Phase("run", args.workflows)
+        try:
+            await run_phase(run.run, target, shared, args, user_token)
+        finally:
+            run.gateway_cpu.stop()
+            if pid:
+                run.rss_after = rss_mib(pid)
+    finally:
+        reader.cancel()
+        for task in services:
+            task.cancel()
+        await asyncio.gather(reader, *services, return_exceptions=True)
+        for c in service_clients:
+            c.close()
+        conn.close()
+
+
+async def ceiling_part(run: Run, tmpdir: Path) -> None:
+    args = run.args
+    port = free_port()
+    target = Target(f"http://127.0.0.1:{port}", "127.0.0.1", port, "")
+    target.log_path = tmpdir / "bare_tornado.log"
+    cmd = [sys.executable, "bench/bare_tornado.py", "--host", "127.0.0.1", "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOX_")}
+    target.process = spawn(cmd, env, target.log_path)
+    try:
+        try:
+            await wait_ready(target, "/readyz", args.startup_timeout)
+        except RuntimeError as exc:
+            run.problems.append(f"bare_tornado.py not ready: {exc}; {tail(target.log_path)}")
+            return
+        served = 0
+        if run.run is not None:
+            served = run.run.upload_requests + run.run.step_requests
+        total = args.ceiling_requests or max(served, args.workflows * 4)
+        run.ceiling = Ceiling(args.uploaders + args.services, total)
+        run.ceiling.cpu = CpuMeter(target.process.pid)
+        await drive_ceiling(target.host, target.port, run.ceiling, args.request_timeout)
+    finally:
+        stop(target.process)
+
+
+async def main_async(run: Run) -> None:
+    tmpdir = Path(tempfile.mkdtemp(prefix="stox-bench-"))
+    try:
+        try:
+            await gateway_part(run, tmpdir)
+        finally:
+            if run.target is not None and run.target.process is not None:
+                run.gateway_exit = await asyncio.to_thread(stop, run.target.process)
+                run.gateway_log_count = count_lines(run.target.log_path)
+                run.gateway_log_lines = tail(run.target.log_path)
+        if not run.args.no_ceiling:
+            await ceiling_part(run, tmpdir)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# -- the report -------------------------------------------------------------------------
+
+
+def report(run: Run) -> None:
+    args = run.args
+    p = print
+    target = run.target
+    p("Stox end-to-end benchmark")
+    if target is not None:
+        how = "started here, SQLite in a temp dir" if target.process else "already running"
+        p(f"  gateway                 {target.base_url} ({how})")
+    p(
+        f"  load                    {args.workflows} workflows, {args.uploaders} uploaders, "
+        f"{args.services} services, warm-up {args.warmup}, ramp {args.ramp:g}s"
+    )
+    phase = run.run
+    if phase is not None:
+        served = phase.upload_requests + phase.step_requests
+        p("gateway")
+        p(
+            f"  workflows completed     {phase.completed} / {phase.total}"
+            f"  (failed {phase.failed}, uploads accepted {phase.uploaded})"
+        )
+        p(f"  wall time               {phase.wall:.2f} s")
+        p(f"  completed workflows/s   {phase.completed / phase.wall:.1f}")
+        p(
+            f"  HTTP requests/s         {served / phase.wall:.1f}"
+            f"  ({phase.upload_requests} uploads + {phase.step_requests} step-completed)"
+        )
+        p(f"  upload latency          {ms(phase.upload_latency)}")
+        p(f"  step-completed latency  {ms(phase.step_latency)}")
+        p(f"  workflow latency        {ms(phase.workflow_latency)}  (upload sent -> completed)")
+        p(f"  errors                  {format_errors(phase.errors)}")
+        if run.shared is not None:
+            closed = run.shared.ws_closed or "open to the end"
+            p(f"  websocket               {run.shared.ws_messages} messages, {closed}")
+        gw_cpu = run.gateway_cpu
+        if gw_cpu is not None:
+            p(f"  cpu (% of one core)     {gw_cpu.describe('gateway')}")
+            if gw_cpu.server is not None and phase.completed and served:
+                p(
+                    f"  gateway cpu per unit    {1000 * gw_cpu.server / phase.completed:.2f} ms "
+                    f"per workflow, {1e6 * gw_cpu.server / served:.0f} us per HTTP request"
+                    f"  (one free core: ~{phase.completed / gw_cpu.server:.0f} workflows/s)"
+                )
+        if run.rss_before is not None and run.rss_after is not None:
+            p(f"  gateway RSS             {run.rss_before:.0f} MiB -> {run.rss_after:.0f} MiB")
+    if target is not None and target.process is not None:
+        p(
+            f"  gateway exit status     {run.gateway_exit}; "
+            f"{run.gateway_log_count} log lines at level warning and above"
+        )
+        for line in run.gateway_log_lines if run.gateway_log_count else []:
+            p(f"    | {line[:200]}")
+    ceiling = run.ceiling
+    if ceiling is not None:
+        p(f"ceiling (bare Tornado, {ceiling.concurrency} connections)")
+        p(f"  requests                {ceiling.requests} in {ceiling.wall:.2f} s")
+        p(f"  requests/s              {ceiling.rate:.1f}")
+        p(f"  latency                 {ms(ceiling.latency)}")
+        p(f"  errors                  {format_errors(ceiling.errors)}")
+        if ceiling.cpu is not None:
+            p(f"  cpu (% of one core)     {ceiling.cpu.describe('bare Tornado')}")
+            used = ceiling.cpu.server
+            if used and ceiling.requests:
+                p(
+                    f"  cpu per request         {1e6 * used / ceiling.requests:.0f} us"
+                    f"  (one free core: ~{ceiling.requests / used:.0f} requests/s)"
+                )
+        if phase is not None and ceiling.requests:
+            served = phase.upload_requests + phase.step_requests
+            wf_rate = phase.completed / phase.wall
+            p("comparison")
+            http_ratio = served / phase.wall / ceiling.rate
+            p(f"  gateway HTTP req/s / ceiling req/s         {http_ratio:.3f}")
+            p(f"  completed workflows/s / ceiling req/s      {wf_rate / ceiling.rate:.3f}")
+            per_workflow = 1 + (run.shared.steps_per_workflow if run.shared else 3)
+            goal_http = GOAL_WORKFLOWS_PER_S * per_workflow
+            p(
+                f"  goal {GOAL_WORKFLOWS_PER_S} workflows/s = {goal_http} HTTP req/s    "
+                f"{goal_http / ceiling.rate:.3f} of the ceiling; "
+                f"now at {wf_rate / GOAL_WORKFLOWS_PER_S:.1%} of the goal"
+            )
+    for stalled in (run.warmup, run.run):
+        if stalled is not None and stalled.stalled:
+            missing = stalled.uploaded - len(stalled.finished)
+            p(
+                f"STALLED in the {stalled.name}: {missing} workflows never finished and nothing "
+                f"moved for {args.idle_timeout:g}s"
+            )
+    busy = [
+        meter.others / meter.wall
+        for meter in (run.gateway_cpu, ceiling.cpu if ceiling else None)
+        if meter is not None and meter.others is not None and meter.pid
+    ]
+    if busy and max(busy) > 0.25:
+        p(
+            f"NOTE: other processes used up to {max(busy):.0%} of a core meanwhile; the rates "
+            "are skewed, the CPU-per-unit figures less so"
+        )
+    if run.timed_out:
+        p(f"TIMED OUT after {args.timeout:g}s: the figures above are partial")
+    for problem in run.problems:
+        p(f"PROBLEM: {problem}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/e2e.py", description="End-to-end throughput benchmark of the Stox gateway."
+    )
+    parser.add_argument("--workflows", type=int, default=None, help="workflows (default 2000)")
+    parser.add_argument("--uploaders", type=int, default=8, help="concurrent uploaders (8)")
+    parser.add_argument("--services", type=int, default=24, help="concurrent services (24)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up workflows (100)")
+    parser.add_argument("--ramp", type=float, default=0.0, help="seconds to start uploaders")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 300 workflows")
+    parser.add_argument("--timeout", type=float, default=120.0, help="overall limit (120 s)")
+    parser.add_argument("--request-timeout", type=float, default=30.0, help="per request (30 s)")
+    parser.add_argument(
+        "--idle-timeout", type=float, default=10.0, help="give up when nothing moves (10 s)"
+    )
+    parser.add_argument("--startup-timeout", type=float, default=30.0, help="readiness (30 s)")
+    parser.add_argument("--url", help="a running gateway (loopback only) instead of starting one")
+    parser.add_argument("--origin", help="Origin header for /ws (default: the gateway's URL)")
+    parser.add_argument("--jwt-secret", help="the gateway's STOX_JWT_SECRET, to mint tokens")
+    parser.add_argument("--user-token", help="a user token (instead of --jwt-secret)")
+    parser.add_argument("--service-token", help="a service token (instead of --jwt-secret)")
+    parser.add_argument("--port", type=int, default=0, help="port of the started gateway")
+    parser.add_argument(
+        "--gateway-arg",
+        action="append",
+        default=[],
+        help="extra server.py argument for the started gateway (repeatable)",
+    )
+    parser.add_argument("--profile-server", metavar="PATH", help="run the gateway under cProfile")
+    parser.add_argument(
+        "--profile-clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: python -m cProfile; cpu: the IOLoop thread's CPU time only, which other "
+        "processes on a busy host do not inflate (and the SQLite thread does not enter)",
+    )
+    parser.add_argument("--ceiling-requests", type=int, default=0, help="default: as many")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the bare-Tornado ceiling")
+    args = parser.parse_args(argv)
+    if args.workflows is None:
+        args.workflows = 300 if args.quick else 2000
+    if args.warmup is None:
+        args.warmup = 30 if args.quick else 100
+    if args.profile_server:
+        args.profile_server = str(Path(args.profile_server).resolve())
+    for name in ("workflows", "uploaders", "services"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.warmup < 0 or args.ramp < 0 or args.timeout <= 0:
+        parser.error("--warmup and --ramp must not be negative, --timeout must be positive")
+    if args.url:
+        if args.profile_server:
+            parser.error("--profile-server only applies to a gateway started here")
+        if not args.jwt_secret and not (args.user_token and args.service_token):
+            parser.error("with --url give --jwt-secret, or --user-token and --service-token")
+        try:
+            loopback_target(args.url, args.origin)
+        except ValueError as exc:
+            parser.error(str(exc))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    run = Run(parse_args(argv))
+
+    async def bounded() -> None:
+        try:
+            async with asyncio.timeout(run.args.timeout):
+                await main_async(run)
+        except TimeoutError:
+            run.timed_out = True
+
+    interrupted = False
+    try:
+        asyncio.run(bounded())
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if run.target is not None and run.target.process is not None:
+            stop(run.target.process)  # when the timeout struck during start-up or shutdown
+    report(run)
+    phase = run.run
+    complete = phase is not None and phase.completed == phase.total
+    ok = complete and not run.timed_out and not run.problems and not interrupted
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +104,11 @@ class Gateway:
         store: WorkflowStore | None = None,
         bus: EventBus | None = None,
         clock: Callable[[], float] = time.time,
+        demo_worker_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
+        # keyword arguments for DemoWorkers (min_delay, max_delay, failure_rate, rng)
+        self.demo_worker_options = dict(demo_worker_options or {})
         self.instance_id = settings.server.instance_id or uuid.uuid4().hex[:12]
         self.store = store or make_store(settings.storage.url)
         self.bus = bus or make_bus(settings)
@@ -123,7 +126,9 @@ class Gateway:
         if self.settings.demo_workers:
             from stox.demo_workers import DemoWorkers
 
-            workers = DemoWorkers(self.bus, self.pipeline, self.topology.step_queue)
+            workers = DemoWorkers(
+                self.bus, self.pipeline, self.topology.step_queue, **self.demo_worker_options
+            )
             await workers.start()
         await self.orchestrator.relay(min_age=0)
         server = self.settings.server
@@ -168,7 +173,7 @@ class Gateway:
             max_body_size=settings.server.max_body_size,
             allowed_origins=settings.allowed_origins,
             websocket_ping_interval=20,
-            websocket_ping_timeout=30,
+            websocket_ping_timeout=20,  # Tornado caps it at the ping interval
         )
 
     def _every(self, interval: float, job: Callable[[], Awaitable[Any]]) -> None:

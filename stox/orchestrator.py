@@ -112,13 +112,19 @@ class Orchestrator:
         now = self.clock()
         changed = 0
         for doc in await self.store.due(wf_rules.isoformat(now), limit):
+            fired: list[bool] = []  # the last decision is the one that was written
+
+            def wake(wf: Workflow, fired: list[bool] = fired) -> list[Change]:
+                changes = wf_rules.wake(wf, self.pipeline, self.clock())
+                fired.append(bool(changes))
+                return changes
+
             try:
-                await self._apply(
-                    doc["id"], lambda wf: wf_rules.wake(wf, self.pipeline, self.clock())
-                )
-                changed += 1
+                await self._apply(doc["id"], wake)
             except (NotFound, Contention):
                 continue
+            # not when another instance fired the timer first (the reload found nothing due)
+            changed += fired[-1]
         return changed
 
     async def relay(self, min_age: float = 5.0, limit: int = 500) -> int:

@@ -1,0 +1,194 @@
+"""Credentials never reach a log line; the JSON log format is one object per line."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.httpclient
+import tornado.websocket
+from support import RunningGateway, running_gateway
+
+from stox.logs import JSONFormatter, configure
+
+TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+FULL = logging.Formatter("%(levelname)s %(name)s %(message)s")
+
+
+def rendered(record: logging.LogRecord) -> str:
+    """Everything a handler could write for the record: message, traceback, stack."""
+    text = FULL.format(record)
+    return text + JSONFormatter().format(record) + repr(record.args)
+
+
+def leaks(records: list[logging.LogRecord], secrets: list[str]) -> list[str]:
+    return [
+        f"{record.name}: {record.getMessage()}"
+        for record in records
+        if any(secret in rendered(record) for secret in secrets)
+    ]
+
+
+@pytest.fixture
+def capture(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG)  # every logger
+    caplog.set_level(logging.DEBUG, logger="stox.access")
+    return caplog
+
+
+async def ws_status(gw: RunningGateway, query: str, **kwargs: Any) -> int:
+    """Open /ws?query; 101 when it upgrades (then read the snapshot and close)."""
+    request = tornado.httpclient.HTTPRequest(
+        f"{gw.ws_url}?{query}", headers={"Origin": gw.base_url}, request_timeout=10
+    )
+    try:
+        conn = await tornado.websocket.websocket_connect(request, **kwargs)
+    except tornado.httpclient.HTTPClientError as exc:
+        return exc.code
+    message = await conn.read_message()
+    assert message is not None
+    conn.close()
+    return 101
+
+
+async def test_tokens_never_reach_a_log_line(
+    tmp_path: Path, capture: pytest.LogCaptureFixture
+) -> None:
+    async with running_gateway(tmp_path) as gw:
+        user = gw.token("alice")
+        service = gw.service_token("imaging")
+        forged = user[:-6] + "AAAAAA"  # a token that fails verification
+        secrets = [user, service, forged, gw.gateway.settings.jwt.secret]
+
+        # bearer tokens in the Authorization header: accepted, refused, on several paths
+        workflow_id = await gw.upload(user, images=["https://img.example/a.jpg"])
+        assert (await gw.fetch("GET", "/api/v1/workflow/list", token=user)).status == 200
+        assert (await gw.fetch("GET", "/api/v1/workflow/list", token=forged)).status == 401
+        assert (await gw.fetch("GET", "/api/v1/workflow/list", token=service)).status == 403
+        status = f"/api/v1/workflow/status?workflow_id={workflow_id}"
+        assert (await gw.fetch("GET", status, token=user)).status == 200
+        bad_report = {"workflow_id": workflow_id, "step_id": "0" * 32, "success": True}
+        response = await gw.fetch(
+            "POST", "/api/v1/workflow/step-completed", bad_report, token=service
+        )
+        assert response.status == 409
+
+        # ?token= on an API path (not accepted there) and on /ws (accepted there)
+        for token in (user, forged):
+            assert (await gw.fetch("GET", f"{status}&token={token}")).status == 401
+            assert (await gw.fetch("GET", f"/nowhere?token={token}", token=token)).status == 404
+        assert await ws_status(gw, f"token={user}") == 101
+        assert await ws_status(gw, f"token={user}&workflow_id={workflow_id}") == 101
+        assert await ws_status(gw, f"token={forged}") == 401
+        assert await ws_status(gw, f"token={service}") == 403
+        assert await ws_status(gw, f"token={user}&workflow_id=nothex") == 400
+        assert await ws_status(gw, "workflow_id=x", subprotocols=["bearer", user]) == 400
+
+        # a query Tornado cannot decode, next to the token: its error names the request
+        assert await ws_status(gw, f"token={user}&workflow_id=%ff") == 400
+        assert (await gw.fetch("GET", f"{status}&token={user}&x=%ff", token=user)).status == 400
+
+        # an unexpected failure: its error log names the request, too
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("the store fell over")
+
+        gw.gateway.orchestrator.list = broken  # type: ignore[method-assign]
+        response = await gw.fetch("GET", f"/api/v1/workflow/list?token={user}", token=user)
+        assert response.status == 500
+
+    records = capture.records
+    access = [r.getMessage() for r in records if r.name == "stox.access"]
+    assert any("/api/v1/workflow/list" in line for line in access)  # the request log ran
+    assert any(" /ws " in line for line in access)
+    assert any(r.levelno >= logging.ERROR for r in records)  # so did the error log
+    assert leaks(records, secrets) == []
+
+
+def test_json_formatter_writes_one_object_per_line() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JSONFormatter())
+    logger = logging.getLogger("stox.test_logging.json")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        logger.debug("plain")
+        logger.info("with %s and %d", "args", 42)
+        logger.warning('two\nlines, "quotes" and ünïcödé')
+        try:
+            raise ValueError("bad\nvalue")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4
+    entries = [json.loads(line) for line in lines]
+    for entry in entries:
+        assert isinstance(entry, dict)
+        assert {"ts", "level", "logger", "message"} <= entry.keys()
+        assert TS.match(entry["ts"]), entry["ts"]
+        assert entry["logger"] == "stox.test_logging.json"
+    assert [e["level"] for e in entries] == ["debug", "info", "warning", "error"]
+    assert [e["message"] for e in entries] == [
+        "plain",
+        "with args and 42",
+        'two\nlines, "quotes" and ünïcödé',
+        "failed",
+    ]
+    assert "exc" not in entries[0]
+    assert "ValueError: bad\nvalue" in entries[3]["exc"]
+
+
+def test_json_formatter_timestamp_is_utc_with_milliseconds() -> None:
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+    record.created = 1_767_225_600.25  # 2026-01-01T00:00:00.250Z
+    record.msecs = 250.0
+    entry = json.loads(JSONFormatter().format(record))
+    assert entry == {
+        "ts": "2026-01-01T00:00:00.250Z",
+        "level": "info",
+        "logger": "x",
+        "message": "m",
+    }
+
+
+@pytest.fixture
+def restore_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_configure_json_writes_json_lines_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    configure("debug", "json")
+    logging.getLogger("stox.test_logging.configure").debug("hello %s", "there")
+    assert logging.getLogger().level == logging.DEBUG
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line]
+    entry = json.loads(line)
+    assert entry["message"] == "hello there"
+    assert entry["level"] == "debug"
+    assert entry["logger"] == "stox.test_logging.configure"
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_configure_text_and_level(capsys: pytest.CaptureFixture[str]) -> None:
+    configure("warning", "text")
+    log = logging.getLogger("stox.test_logging.text")
+    log.info("hidden")
+    log.warning("shown")
+    err = capsys.readouterr().err
+    assert "hidden" not in err
+    assert re.search(r" WARNING stox\.test_logging\.text shown$", err.strip())

@@ -1,0 +1,288 @@
+"""Crash safety with real gateways: left-behind outboxes, restarts, deadlines passed while down."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from support import RunningGateway, free_port, gateway_settings, running_gateway
+
+import settings as settings_module
+from stox import workflow as w
+from stox.app import Gateway, make_http_server, make_pipeline
+from stox.bus.base import Event
+from stox.bus.local import LocalBus
+from stox.store import make_store
+
+PRODUCT = {
+    "name": "Desk lamp",
+    "description": "A brass desk lamp",
+    "images": ["https://img.example/lamp.jpg"],
+    "category": "home",
+    "price": 19.5,
+    "metadata": {},
+}
+STEPS = ("image_processing", "ai_enhancement", "seo_generation")
+TIMEOUT = 5.0
+
+
+class Probe:
+    """A consumer on a gateway's bus that records every event it is given."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._changed = asyncio.Event()
+
+    @classmethod
+    async def attach(cls, bus: LocalBus | Any, *bindings: str) -> Probe:
+        probe = cls()
+        queue = f"probe.{id(probe)}"
+        await bus.declare(queue, list(bindings), exclusive=True)
+        await bus.consume(queue, probe.handle)
+        return probe
+
+    async def handle(self, event: Event) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def matching(self, routing_key: str, workflow_id: str | None = None) -> list[Event]:
+        """Distinct events (by message id) with this routing key, of one workflow if given."""
+        found: dict[str, Event] = {}
+        for e in self.events:
+            if e.routing_key == routing_key and workflow_id in (None, e.payload["workflow_id"]):
+                found.setdefault(e.message_id, e)
+        return list(found.values())
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Wait (at most TIMEOUT seconds) until `predicate()` holds."""
+        async with asyncio.timeout(TIMEOUT):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@asynccontextmanager
+async def serve(
+    tmp_path: Path,
+    configure: Callable[[settings_module.Settings], None] | None = None,
+    **gateway_kwargs: Any,
+) -> AsyncIterator[RunningGateway]:
+    """Like support.running_gateway, but the Gateway gets `gateway_kwargs` (bus, clock, ...)."""
+    settings = gateway_settings(tmp_path)
+    port = free_port()
+    settings.server.port = port
+    settings.cors.allowed_origins = [f"http://127.0.0.1:{port}"]
+    if configure is not None:
+        configure(settings)
+    gateway = Gateway(settings, **gateway_kwargs)
+    app = await gateway.start()
+    server = make_http_server(app, settings)
+    server.listen(port, "127.0.0.1")
+    try:
+        yield RunningGateway(gateway, port)
+    finally:
+        server.stop()
+        await server.close_all_connections()
+        await gateway.stop()
+
+
+async def started_bus() -> LocalBus:
+    bus = LocalBus()
+    await bus.start()
+    return bus
+
+
+async def status(gw: RunningGateway, workflow_id: str) -> dict[str, Any]:
+    response = await gw.fetch(
+        "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=gw.token()
+    )
+    assert response.status == 200, response.body
+    return dict(response.body)
+
+
+async def report(
+    gw: RunningGateway, workflow_id: str, step_id: str, step_type: str, success: bool = True
+) -> Any:
+    body: dict[str, Any] = {
+        "workflow_id": workflow_id,
+        "step_id": step_id,
+        "step_type": step_type,
+        "success": success,
+    }
+    if success:
+        body["result"] = {"done": step_type}
+    else:
+        body["error"] = "boom"
+    return await gw.fetch("POST", "/api/v1/workflow/step-completed", body, token=gw.service_token())
+
+
+async def complete_current_step(gw: RunningGateway, workflow_id: str) -> dict[str, Any]:
+    doc = await status(gw, workflow_id)
+    step = doc["steps"][doc["current_step"]]
+    assert step["status"] == w.DISPATCHED, doc
+    response = await report(gw, workflow_id, step["step_id"], step["name"])
+    assert response.status == 200, response.body
+    assert response.body["result"] == "applied"
+    return await status(gw, workflow_id)
+
+
+# -- a crash between the state write and the publish ---------------------------------------
+
+
+async def test_startup_relay_publishes_what_a_crashed_gateway_left_in_the_outbox(
+    tmp_path: Path, store_url: str
+) -> None:
+    def configure(settings: settings_module.Settings) -> None:
+        settings.storage.url = store_url
+
+    settings = gateway_settings(tmp_path)
+    configure(settings)
+    pipeline = make_pipeline(settings)
+    now = time.time() - 1
+    # what a gateway that crashed right after its store write leaves behind:
+    # an upload whose events never went out ...
+    fresh, _ = w.start(pipeline, "alice", copy.deepcopy(PRODUCT), now)
+    # ... and a completion whose next dispatch never went out
+    advanced, _ = w.start(pipeline, "alice", copy.deepcopy(PRODUCT), now)
+    w.confirm_published(advanced, {e["message_id"] for e in advanced.outbox}, now)
+    first_step_id = str(advanced.step.step_id)
+    w.complete(advanced, pipeline, w.Report(advanced.id, first_step_id, True, result={}), now)
+    store = make_store(store_url)
+    await store.open()
+    try:
+        await store.insert(fresh.to_doc())
+        await store.insert(advanced.to_doc())
+    finally:
+        await store.close()
+
+    bus = await started_bus()
+    probe = await Probe.attach(bus, "step.#", "workflow.#")
+    async with serve(tmp_path, configure, bus=bus) as gw:
+        # the start-up relay ran before start() returned: nothing is left in the outboxes
+        for workflow_id in (fresh.id, advanced.id):
+            doc = await gw.gateway.store.get(workflow_id)
+            assert doc is not None
+            assert doc["outbox"] == []
+            assert doc["outbox_at"] is None
+        await probe.wait_for(lambda: len(probe.matching("step.ai_enhancement")) == 1)
+        await probe.wait_for(lambda: len(probe.matching("step.image_processing")) == 1)
+        (image,) = probe.matching("step.image_processing")
+        assert image.payload["workflow_id"] == fresh.id
+        assert image.payload["step_id"] == fresh.steps[0].step_id
+        assert [e.payload["workflow_id"] for e in probe.matching("workflow.start")] == [fresh.id]
+        (ai,) = probe.matching("step.ai_enhancement")
+        assert ai.payload["workflow_id"] == advanced.id
+        assert ai.payload["step_id"] == advanced.step.step_id
+        assert ai.payload["results"] == {"image_processing": {}}
+
+        # the relayed dispatches are live: services can finish both workflows
+        for workflow_id in (fresh.id, advanced.id):
+            doc = await status(gw, workflow_id)
+            while doc["status"] == w.RUNNING:
+                doc = await complete_current_step(gw, workflow_id)
+            assert doc["status"] == w.COMPLETED
+
+
+# -- a restart mid-flow --------------------------------------------------------------------
+
+
+async def test_a_restarted_gateway_finishes_every_workflow_once(tmp_path: Path) -> None:
+    bus_a = await started_bus()
+    probe_a = await Probe.attach(bus_a, "workflow.#")
+    async with serve(tmp_path, bus=bus_a) as gw:
+        token = gw.token()
+        ids = [await gw.upload(token, name=f"Lamp {i}") for i in range(4)]
+        for steps_done, workflow_id in enumerate(ids):  # 0, 1, 2 and 3 steps done
+            for _ in range(steps_done):
+                await complete_current_step(gw, workflow_id)
+        finished = await status(gw, ids[3])
+        assert finished["status"] == w.COMPLETED
+    before = {i: (await status_after_stop(tmp_path, i)) for i in ids}
+    assert [doc["status"] for doc in before.values()] == [w.RUNNING] * 3 + [w.COMPLETED]
+
+    bus_b = await started_bus()
+    probe_b = await Probe.attach(bus_b, "workflow.#")
+    async with serve(tmp_path, bus=bus_b) as gw:
+        for workflow_id in ids:
+            doc = await status(gw, workflow_id)
+            while doc["status"] == w.RUNNING:
+                doc = await complete_current_step(gw, workflow_id)
+            assert doc["status"] == w.COMPLETED
+            for step in doc["steps"]:
+                assert step["status"] == w.COMPLETED
+                assert [a["outcome"] for a in step["attempts"]] == [w.COMPLETED]
+                assert step["result"] == {"done": step["name"]}
+
+        # the workflow finished before the restart was left alone ...
+        assert (await status(gw, ids[3]))["version"] == before[ids[3]]["version"]
+        # ... and reporting its last step again changes nothing
+        last = before[ids[3]]["steps"][-1]
+        again = await report(gw, ids[3], last["step_id"], last["name"])
+        assert again.status == 200
+        assert again.body["result"] == "duplicate"
+        await gw.gateway.orchestrator.drain()
+        await probe_b.wait_for(lambda: len(probe_b.matching("workflow.completed")) == 3)
+
+    completions = probe_a.matching("workflow.completed") + probe_b.matching("workflow.completed")
+    assert sorted(e.payload["workflow_id"] for e in completions) == sorted(ids)
+
+
+async def status_after_stop(tmp_path: Path, workflow_id: str) -> dict[str, Any]:
+    store = make_store(gateway_settings(tmp_path).storage.url)
+    await store.open()
+    try:
+        doc = await store.get(workflow_id)
+    finally:
+        await store.close()
+    assert doc is not None
+    return doc
+
+
+# -- a deadline that passed while the gateway was down -------------------------------------
+
+
+async def test_a_deadline_passed_while_down_is_retried_after_restart(tmp_path: Path) -> None:
+    def configure(settings: settings_module.Settings) -> None:
+        settings.pipeline.steps[0].timeout = settings_module.Duration(60)
+        settings.pipeline.steps[0].backoff = settings_module.Duration(0.2)
+
+    async with running_gateway(tmp_path, configure) as gw:
+        workflow_id = await gw.upload(gw.token())
+        first = (await status(gw, workflow_id))["steps"][0]
+    assert first["status"] == w.DISPATCHED
+    assert first["attempt"] == 1
+
+    # two minutes later, well past the 60 s deadline
+    bus = await started_bus()
+    probe = await Probe.attach(bus, "step.image_processing")
+    later = lambda: time.time() + 120  # noqa: E731
+    async with serve(tmp_path, configure, bus=bus, clock=later) as gw:
+        await probe.wait_for(lambda: bool(probe.matching("step.image_processing", workflow_id)))
+        (dispatch,) = probe.matching("step.image_processing", workflow_id)
+        assert dispatch.payload["attempt"] == 2
+        assert dispatch.payload["step_id"] != first["step_id"]
+
+        doc = await status(gw, workflow_id)
+        step = doc["steps"][0]
+        assert step["status"] == w.DISPATCHED
+        assert step["attempt"] == 2
+        assert step["step_id"] == dispatch.payload["step_id"]
+        assert step["attempts"] == [
+            {
+                "step_id": first["step_id"],
+                "attempt": 1,
+                "outcome": w.TIMED_OUT,
+                "error": "no report within 60s",
+            }
+        ]
+        # the timed-out attempt's late report is refused; the new attempt's is applied
+        late = await report(gw, workflow_id, first["step_id"], "image_processing")
+        assert late.status == 409
+        doc = await complete_current_step(gw, workflow_id)
+        assert doc["steps"][0]["status"] == w.COMPLETED
+        assert doc["steps"][1]["status"] == w.DISPATCHED

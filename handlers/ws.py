@@ -7,6 +7,7 @@ Origin checked against `cors.allowed_origins`. A client whose unsent backlog pas
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -16,6 +17,7 @@ from marshmallow import ValidationError
 
 from stox.auth.tokens import SERVICE, InvalidToken, Principal, TokenAuthority
 from stox.hub import Hub, Subscription
+from stox.logs import log_exception
 from stox.orchestrator import NotFound
 from stox.schemas import HEX_ID
 
@@ -71,8 +73,17 @@ class WorkflowSocket(tornado.websocket.WebSocketHandler):
         self.workflow_id = workflow_id
         await super().get(*args, **kwargs)
 
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        log_exception(self, typ, value, tb)  # Tornado's names the URI, ?token= and all
+
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        return "bearer" if subprotocols and subprotocols[0].lower() == "bearer" else None
+        # echo the client's own spelling: tornado insists the answer is one it offered
+        return subprotocols[0] if subprotocols and subprotocols[0].lower() == "bearer" else None
 
     async def open(self, *args: Any, **kwargs: Any) -> None:
         assert self.principal is not None

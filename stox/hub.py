@@ -89,13 +89,22 @@ class Hub:
         `workflow_id` another owner's workflow raises NotFound, as the HTTP API answers 404.
         """
         sub = Subscription(connection, owner, workflow_id)
+        # Registered before the snapshot loads, so changes made meanwhile are held in
+        # `pending` rather than missed; they are released once the snapshot has gone out.
         if workflow_id is not None:
-            workflow = await self.orchestrator.get(workflow_id, owner)
             self._by_workflow.setdefault(workflow_id, set()).add(sub)
-            snapshots = [workflow]
         else:
             self._by_owner.setdefault(owner, set()).add(sub)
-            snapshots = await self.orchestrator.list(owner, None, self.snapshot_limit)
+        try:
+            if workflow_id is not None:
+                snapshots = [await self.orchestrator.get(workflow_id, owner)]
+            else:
+                snapshots = await self.orchestrator.list(owner, None, self.snapshot_limit)
+        except BaseException:
+            self.unsubscribe(sub)
+            raise
+        if not self._registered(sub):  # closed or dropped while the snapshot loaded
+            return sub
         for workflow in reversed(snapshots):
             sub.seen[workflow.id] = workflow.version
             data = encode("snapshot", workflow.id, workflow.version, workflow.public())
@@ -109,6 +118,11 @@ class Hub:
                 break
         sub.pending.clear()
         return sub
+
+    def _registered(self, sub: Subscription) -> bool:
+        if sub.workflow_id is not None:
+            return sub in self._by_workflow.get(sub.workflow_id, ())
+        return sub in self._by_owner.get(sub.owner, ())
 
     def unsubscribe(self, sub: Subscription) -> None:
         key_sets: Iterable[tuple[dict[Any, set[Subscription]], Any]] = (
@@ -124,16 +138,11 @@ class Hub:
 
     async def on_change(self, event: Event) -> None:
         """Bus handler for `workflow.changed` notifications."""
-        payload = event.payload
-        try:
-            workflow_id = payload["workflow_id"]
-            owner = payload["owner"]
-            version = int(payload["version"])
-            changes = payload["changes"]
-            document = payload["workflow"]
-        except (KeyError, TypeError, ValueError):
+        parsed = _parse_change(event.payload)
+        if parsed is None:
             log.warning("ignoring a malformed change notification %s", event.message_id)
             return
+        workflow_id, owner, version, changes, document = parsed
         targets = [
             *self._by_workflow.get(workflow_id, ()),
             *self._by_owner.get(owner, ()),
@@ -142,13 +151,8 @@ class Hub:
         if not targets:
             return
         messages = [
-            encode(
-                change["type"],
-                workflow_id,
-                version,
-                {"step": change.get("step"), "workflow": document},
-            )
-            for change in changes
+            encode(kind, workflow_id, version, {"step": step, "workflow": document})
+            for kind, step in changes
         ]
         for sub in targets:
             if not sub.offer(workflow_id, version, messages):
@@ -160,3 +164,34 @@ class Hub:
                 for sub in list(members):
                     sub.connection.close(1001, "server shutting down")
             index.clear()
+
+
+def _parse_change(
+    payload: Any,
+) -> tuple[str, str, int, list[tuple[str, str | None]], dict[str, Any]] | None:
+    """The parts of a `workflow.changed` payload the hub uses; None when it is malformed."""
+    if not isinstance(payload, dict):
+        return None
+    workflow_id = payload.get("workflow_id")
+    owner = payload.get("owner")
+    version = payload.get("version")
+    changes = payload.get("changes")
+    document = payload.get("workflow")
+    if (
+        not isinstance(workflow_id, str)
+        or not isinstance(owner, str)
+        or not isinstance(version, int)
+        or isinstance(version, bool)
+        or not isinstance(changes, list)
+        or not isinstance(document, dict)
+    ):
+        return None
+    parsed: list[tuple[str, str | None]] = []
+    for change in changes:
+        if not isinstance(change, dict):
+            return None
+        kind, step = change.get("type"), change.get("step")
+        if not isinstance(kind, str) or not (step is None or isinstance(step, str)):
+            return None
+        parsed.append((kind, step))
+    return workflow_id, owner, version, parsed, document

@@ -1,0 +1,647 @@
+"""Unit tests of the WebSocket hub (stox/hub.py) and the slow-client bound of handlers/ws.py.
+
+The hub runs on a real Orchestrator over an in-memory fake store (whose reads can be held
+open, to put changes in flight while a snapshot loads) and a fake bus that records what is
+published; the `workflow.changed` notifications the orchestrator publishes are handed to
+`Hub.on_change` by the test, in whatever order a test needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+import tornado.httputil
+import tornado.web
+import tornado.websocket
+
+from handlers.ws import CLOSE_TOO_SLOW, MAX_BACKLOG, WorkflowSocket
+from stox.bus.base import Event
+from stox.hub import Hub
+from stox.orchestrator import NotFound, Orchestrator
+from stox.workflow import CHANGE_ROUTING_KEY, Pipeline, Report, Workflow
+
+MESSAGE_KEYS = {"type", "workflow_id", "version", "data", "ts"}
+
+
+# -- fakes ---------------------------------------------------------------------------------
+
+
+class FakeStore:
+    """A dict of documents; `hold_next_read()` makes the next get/list wait for `release()`.
+
+    A held read takes its result when it is called and hands it back only once released,
+    as a query whose answer is still on the wire while the workflow moves on.
+    """
+
+    def __init__(self) -> None:
+        self.docs: dict[str, dict[str, Any]] = {}
+        self._hold: asyncio.Event | None = None
+        self._holding: asyncio.Event | None = None
+        self.read_started = asyncio.Event()
+
+    def hold_next_read(self) -> None:
+        self._hold = asyncio.Event()
+        self.read_started.clear()
+
+    def release(self) -> None:
+        assert self._holding is not None, "no read is being held"
+        self._holding.set()
+
+    async def _held(self, result: Any) -> Any:
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            self._holding = hold
+            self.read_started.set()
+            await hold.wait()
+        return result
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def ping(self) -> None:
+        pass
+
+    async def insert(self, doc: dict[str, Any]) -> None:
+        assert doc["id"] not in self.docs
+        self.docs[doc["id"]] = copy.deepcopy(doc)
+
+    async def get(self, workflow_id: str) -> dict[str, Any] | None:
+        doc = self.docs.get(workflow_id)
+        return await self._held(copy.deepcopy(doc) if doc is not None else None)
+
+    async def replace(self, doc: dict[str, Any], expected_version: int) -> bool:
+        stored = self.docs.get(doc["id"])
+        if stored is None or stored["version"] != expected_version:
+            return False
+        self.docs[doc["id"]] = copy.deepcopy(doc)
+        return True
+
+    async def list(
+        self,
+        *,
+        owner: str | None,
+        status: str | None,
+        limit: int,
+        before: tuple[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        docs = [
+            copy.deepcopy(d)
+            for d in self.docs.values()
+            if (owner is None or d["owner"] == owner) and (status is None or d["status"] == status)
+        ]
+        docs.sort(key=lambda d: (d["created_at"], d["id"]), reverse=True)
+        return await self._held(docs[:limit])
+
+    async def due(self, now: str, limit: int) -> list[dict[str, Any]]:
+        return []
+
+    async def unpublished(self, written_before: str, limit: int) -> list[dict[str, Any]]:
+        return []
+
+
+class FakeBus:
+    """Confirms every publish and keeps the events, as a broker would deliver them (JSON)."""
+
+    def __init__(self) -> None:
+        self.published: list[Event] = []
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def publish(self, event: Event) -> None:
+        payload = json.loads(json.dumps(event.payload))
+        self.published.append(Event(event.routing_key, payload, event.message_id))
+
+    async def declare(self, queue: str, bindings: Any, *, exclusive: bool = False) -> None:
+        pass
+
+    async def consume(self, queue: str, handler: Any) -> None:
+        pass
+
+
+class FakeConnection:
+    """What the hub sees of a socket; `accept=False` behaves like a dropped one."""
+
+    def __init__(self, *, accept: bool = True) -> None:
+        self.accept = accept
+        self.sent: list[bytes] = []
+        self.closed: tuple[int | None, str | None] | None = None
+
+    def send(self, message: bytes) -> bool:
+        if not self.accept:
+            return False
+        self.sent.append(message)
+        return True
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        self.closed = (code, reason)
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.sent]
+
+
+# -- fixtures and helpers ------------------------------------------------------------------
+
+
+class World:
+    """A real Orchestrator on the fakes, and the hub under test."""
+
+    def __init__(self) -> None:
+        self.store = FakeStore()
+        self.bus = FakeBus()
+        self.clock_now = 1_700_000_000.0
+        self.orchestrator = Orchestrator(
+            self.store,  # type: ignore[arg-type]
+            self.bus,  # type: ignore[arg-type]
+            Pipeline(),
+            clock=self.clock,
+        )
+        self.hub = Hub(self.orchestrator)
+        self._delivered = 0
+
+    def clock(self) -> float:
+        self.clock_now += 1.0  # distinct created_at for every upload: a stable list order
+        return self.clock_now
+
+    async def upload(self, owner: str = "alice") -> Workflow:
+        workflow = await self.orchestrator.upload(owner, {"name": "Mug"})
+        await self.orchestrator.drain()
+        return workflow
+
+    async def complete_step(self, workflow_id: str) -> Workflow:
+        current = await self.orchestrator.get(workflow_id)
+        outcome = await self.orchestrator.report(
+            Report(workflow_id, current.step.step_id or "", success=True, result={"ok": True})
+        )
+        await self.orchestrator.drain()
+        return outcome.workflow
+
+    def new_notifications(self) -> list[Event]:
+        """`workflow.changed` events published since the last call, in publish order."""
+        fresh = self.bus.published[self._delivered :]
+        self._delivered = len(self.bus.published)
+        return [e for e in fresh if e.routing_key == CHANGE_ROUTING_KEY]
+
+    async def deliver(self, events: Iterable[Event]) -> None:
+        for event in events:
+            await self.hub.on_change(event)
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+def notification(
+    workflow_id: str,
+    version: int,
+    changes: list[dict[str, Any]] | None = None,
+    owner: str = "alice",
+) -> Event:
+    """A hand-made `workflow.changed` event, shaped as stox.workflow seals them."""
+    changes = changes if changes is not None else [{"type": "step_dispatched", "step": "s"}]
+    payload = {
+        "event": CHANGE_ROUTING_KEY,
+        "workflow_id": workflow_id,
+        "occurred_at": "2026-01-01T00:00:00.000000Z",
+        "owner": owner,
+        "version": version,
+        "changes": changes,
+        "workflow": {"id": workflow_id, "owner": owner, "version": version},
+    }
+    return Event(CHANGE_ROUTING_KEY, payload, f"m-{workflow_id}-{version}")
+
+
+def kinds(messages: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    return [(m["type"], m["version"]) for m in messages]
+
+
+# -- snapshots and fan-out -----------------------------------------------------------------
+
+
+async def test_snapshot_first_then_changes(world: World) -> None:
+    wf = await world.upload()
+    stored = await world.orchestrator.get(wf.id)
+    world.new_notifications()
+    conn = FakeConnection()
+    await world.hub.subscribe(conn, owner="alice", workflow_id=wf.id)
+
+    [snapshot] = conn.messages()
+    assert set(snapshot) == MESSAGE_KEYS
+    assert snapshot["type"] == "snapshot"
+    assert snapshot["workflow_id"] == wf.id
+    assert snapshot["version"] == stored.version
+    assert snapshot["data"] == stored.public()
+    assert "outbox" not in snapshot["data"]
+
+    after = await world.complete_step(wf.id)
+    await world.deliver(world.new_notifications())
+    changes = conn.messages()[1:]
+    assert [(m["type"], m["data"]["step"]) for m in changes] == [
+        ("step_completed", "image_processing"),
+        ("step_dispatched", "ai_enhancement"),
+    ]
+    for message in changes:
+        assert set(message) == MESSAGE_KEYS
+        assert set(message["data"]) == {"step", "workflow"}
+        assert message["version"] > snapshot["version"]
+        assert message["data"]["workflow"]["version"] == message["version"]
+        assert message["data"]["workflow"]["steps"][0]["status"] == "completed"
+        assert "outbox" not in message["data"]["workflow"]
+    assert after.version >= changes[-1]["version"]
+
+
+async def test_each_message_is_encoded_once_for_all_subscribers(world: World) -> None:
+    wf = await world.upload()
+    world.new_notifications()
+    by_workflow, by_owner, admin = FakeConnection(), FakeConnection(), FakeConnection()
+    await world.hub.subscribe(by_workflow, owner="alice", workflow_id=wf.id)
+    await world.hub.subscribe(by_owner, owner="alice", workflow_id=None)
+    await world.hub.subscribe(admin, owner=None, workflow_id=None)
+    assert world.hub.subscriber_count == 3
+
+    await world.complete_step(wf.id)
+    await world.deliver(world.new_notifications())
+
+    changes = [conn.sent[1:] for conn in (by_workflow, by_owner, admin)]
+    assert [len(c) for c in changes] == [2, 2, 2]
+    for index in range(2):
+        first = changes[0][index]
+        assert all(c[index] is first for c in changes[1:]), "encoded once, the same bytes"
+        assert isinstance(first, bytes)
+
+
+async def test_a_change_not_newer_than_what_a_subscriber_has_is_skipped(world: World) -> None:
+    wf = await world.upload()
+    upload_change = world.new_notifications()
+    conn = FakeConnection()
+    await world.hub.subscribe(conn, owner="alice", workflow_id=wf.id)
+    snapshot_version = conn.messages()[0]["version"]
+
+    await world.complete_step(wf.id)
+    first = world.new_notifications()
+    await world.complete_step(wf.id)
+    second = world.new_notifications()
+    v3, v4 = first[0].payload["version"], second[0].payload["version"]
+    assert snapshot_version < v3 < v4
+
+    # the later change overtakes the earlier one; then stale and repeated ones arrive
+    await world.deliver([*second, *first, *upload_change, *second])
+    assert kinds(conn.messages()[1:]) == [("step_completed", v4), ("step_dispatched", v4)]
+
+
+async def test_a_change_equal_to_the_snapshot_version_is_skipped(world: World) -> None:
+    conn = FakeConnection()
+    wf = await world.upload()
+    await world.hub.subscribe(conn, owner=None, workflow_id=wf.id)
+    version = conn.messages()[0]["version"]
+    await world.deliver([notification(wf.id, version), notification(wf.id, version - 1)])
+    await world.deliver([notification(wf.id, version + 1)])
+    assert kinds(conn.messages()) == [("snapshot", version), ("step_dispatched", version + 1)]
+
+
+# -- changes in flight while a snapshot loads ----------------------------------------------
+
+
+async def test_changes_during_a_workflow_snapshot_wait_behind_it(world: World) -> None:
+    wf = await world.upload()
+    upload_change = world.new_notifications()
+    conn = FakeConnection()
+
+    world.store.hold_next_read()
+    subscribing = asyncio.ensure_future(world.hub.subscribe(conn, owner="alice", workflow_id=wf.id))
+    await asyncio.wait_for(world.store.read_started.wait(), 5)
+    snapshot_version = (await world.orchestrator.get(wf.id)).version
+
+    # the workflow moves on while the snapshot is on its way; notifications arrive late,
+    # out of order and twice
+    await world.complete_step(wf.id)
+    first = world.new_notifications()
+    await world.complete_step(wf.id)
+    second = world.new_notifications()
+    await world.deliver([*second, *upload_change, *first, *second])
+    assert conn.sent == [], "nothing before the snapshot"
+
+    world.store.release()
+    await asyncio.wait_for(subscribing, 5)
+
+    v3, v4 = first[0].payload["version"], second[0].payload["version"]
+    assert kinds(conn.messages()) == [
+        ("snapshot", snapshot_version),
+        ("step_completed", v3),
+        ("step_dispatched", v3),
+        ("step_completed", v4),
+        ("step_dispatched", v4),
+    ]
+    assert [m["data"]["step"] for m in conn.messages()[1:]] == [
+        "image_processing",
+        "ai_enhancement",
+        "ai_enhancement",
+        "seo_generation",
+    ]
+
+    # and afterwards changes flow straight through
+    await world.complete_step(wf.id)
+    await world.deliver(world.new_notifications())
+    assert [m["type"] for m in conn.messages()[5:]] == ["step_completed", "workflow_completed"]
+
+
+async def test_changes_during_an_owner_snapshot_wait_behind_it(world: World) -> None:
+    older = await world.upload("alice")
+    world.new_notifications()
+    conn = FakeConnection()
+
+    world.store.hold_next_read()
+    subscribing = asyncio.ensure_future(world.hub.subscribe(conn, owner="alice", workflow_id=None))
+    await asyncio.wait_for(world.store.read_started.wait(), 5)
+    snapshot_version = (await world.orchestrator.get(older.id)).version
+
+    newer = await world.upload("alice")  # not in the snapshot being loaded
+    bobs = await world.upload("bob")
+    await world.complete_step(older.id)
+    await world.deliver(reversed(world.new_notifications()))
+    assert conn.sent == []
+
+    world.store.release()
+    await asyncio.wait_for(subscribing, 5)
+
+    messages = conn.messages()
+    assert (messages[0]["type"], messages[0]["workflow_id"]) == ("snapshot", older.id)
+    assert messages[0]["version"] == snapshot_version
+    rest = [(m["workflow_id"], m["type"]) for m in messages[1:]]
+    assert sorted(rest) == sorted(
+        [
+            (newer.id, "step_dispatched"),
+            (older.id, "step_completed"),
+            (older.id, "step_dispatched"),
+        ]
+    )
+    assert bobs.id not in {m["workflow_id"] for m in messages}
+    versions = [m["version"] for m in messages[1:]]
+    assert versions == sorted(versions), "released in version order"
+
+
+async def test_a_snapshot_that_fails_to_load_leaves_no_subscription(world: World) -> None:
+    wf = await world.upload("bob")
+    conn = FakeConnection()
+    world.store.hold_next_read()
+    subscribing = asyncio.ensure_future(world.hub.subscribe(conn, owner="alice", workflow_id=wf.id))
+    await asyncio.wait_for(world.store.read_started.wait(), 5)
+    await world.deliver([notification(wf.id, 99, owner="bob")])
+    world.store.release()
+    with pytest.raises(NotFound):
+        await subscribing
+    assert world.hub.subscriber_count == 0
+    assert conn.sent == []
+    await world.deliver([notification(wf.id, 100, owner="bob")])
+    assert conn.sent == []
+
+
+async def test_a_subscription_closed_while_its_snapshot_loads_gets_nothing(world: World) -> None:
+    wf = await world.upload()
+    conn = FakeConnection()
+    world.store.hold_next_read()
+    subscribing = asyncio.ensure_future(world.hub.subscribe(conn, owner="alice", workflow_id=wf.id))
+    await asyncio.wait_for(world.store.read_started.wait(), 5)
+    await world.hub.close()  # the server shuts down meanwhile
+    assert conn.closed is not None and conn.closed[0] == 1001
+    world.store.release()
+    await asyncio.wait_for(subscribing, 5)
+    assert conn.sent == []
+    assert world.hub.subscriber_count == 0
+
+
+async def test_another_owners_workflow_is_not_found(world: World) -> None:
+    wf = await world.upload("bob")
+    conn = FakeConnection()
+    with pytest.raises(NotFound):
+        await world.hub.subscribe(conn, owner="alice", workflow_id=wf.id)
+    with pytest.raises(NotFound):
+        await world.hub.subscribe(conn, owner="alice", workflow_id="f" * 32)
+    assert world.hub.subscriber_count == 0
+    assert conn.sent == []
+
+
+# -- dropped connections -------------------------------------------------------------------
+
+
+async def test_a_connection_whose_send_fails_is_unsubscribed(world: World) -> None:
+    wf = await world.upload()
+    world.new_notifications()
+    healthy, dropping = FakeConnection(), FakeConnection()
+    await world.hub.subscribe(healthy, owner="alice", workflow_id=wf.id)
+    await world.hub.subscribe(dropping, owner="alice", workflow_id=None)
+    assert world.hub.subscriber_count == 2
+
+    dropping.accept = False
+    await world.complete_step(wf.id)
+    await world.deliver(world.new_notifications())
+    assert world.hub.subscriber_count == 1
+    assert len(healthy.sent) == 3
+
+    await world.complete_step(wf.id)
+    await world.deliver(world.new_notifications())
+    assert len(dropping.sent) == 1  # the snapshot only
+    assert len(healthy.sent) == 5
+
+
+async def test_a_connection_that_fails_its_snapshot_is_unsubscribed(world: World) -> None:
+    await world.upload()
+    conn = FakeConnection(accept=False)
+    await world.hub.subscribe(conn, owner="alice", workflow_id=None)
+    assert world.hub.subscriber_count == 0
+
+
+# -- the slow-client bound of the real handler ---------------------------------------------
+
+
+class _StubHTTPConnection:
+    def set_close_callback(self, callback: Any) -> None:
+        pass
+
+
+class StalledSocket(WorkflowSocket):
+    """The real WorkflowSocket, writing to a client that never reads: no write completes."""
+
+    def __init__(self, hub: Hub) -> None:
+        app = tornado.web.Application([], hub=hub, allowed_origins=[])
+        request = tornado.httputil.HTTPServerRequest(
+            start_line=tornado.httputil.RequestStartLine("GET", "/ws", "HTTP/1.1"),
+            headers=tornado.httputil.HTTPHeaders({"Host": "127.0.0.1"}),
+            connection=_StubHTTPConnection(),
+        )
+        super().__init__(app, request)
+        self.writes: list[asyncio.Future[None]] = []
+        self.closed_with: list[tuple[int | None, str | None]] = []
+        self.refuse_writes = False
+
+    def write_message(self, message: Any, binary: bool = False) -> asyncio.Future[None]:
+        if self.refuse_writes:
+            raise tornado.websocket.WebSocketClosedError()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.writes.append(future)
+        return future
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        self.closed_with.append((code, reason))
+
+
+async def test_a_slow_client_is_dropped_once_its_backlog_passes_the_bound(world: World) -> None:
+    wf = await world.upload()
+    socket = StalledSocket(world.hub)
+    await world.hub.subscribe(socket, owner="alice", workflow_id=wf.id)
+    assert socket.backlog == 1  # the snapshot, never written out
+
+    version = (await world.orchestrator.get(wf.id)).version
+    for step in range(MAX_BACKLOG - 1):
+        await world.hub.on_change(notification(wf.id, version + 1 + step))
+    assert socket.backlog == MAX_BACKLOG
+    assert socket.closed_with == []
+    assert world.hub.subscriber_count == 1
+
+    await world.hub.on_change(notification(wf.id, version + MAX_BACKLOG))
+    assert socket.closed_with and socket.closed_with[0][0] == CLOSE_TOO_SLOW
+    assert world.hub.subscriber_count == 0
+    assert len(socket.writes) == MAX_BACKLOG, "nothing written past the bound"
+
+    # and the handler's own send reports the drop too
+    assert socket.send(b"{}") is False
+
+
+async def test_completed_writes_shrink_the_backlog(world: World) -> None:
+    socket = StalledSocket(world.hub)
+    for _ in range(MAX_BACKLOG):
+        assert socket.send(b"{}") is True
+    for future in socket.writes[:10]:
+        future.set_result(None)
+    socket.writes[10].set_exception(tornado.websocket.WebSocketClosedError())
+    await asyncio.sleep(0)  # done callbacks run on the loop
+    assert socket.backlog == MAX_BACKLOG - 11
+    assert socket.send(b"{}") is True
+    assert socket.closed_with == []
+
+
+async def test_a_write_to_a_closed_socket_is_a_failed_send(world: World) -> None:
+    socket = StalledSocket(world.hub)
+    socket.refuse_writes = True
+    assert socket.send(b"{}") is False
+    assert socket.backlog == 0
+
+
+# -- malformed notifications ---------------------------------------------------------------
+
+
+MALFORMED: list[Any] = [
+    {},
+    None,
+    "workflow.changed",
+    ["a", "list"],
+    {"workflow_id": "a" * 32},
+    {"workflow_id": "a" * 32, "owner": "alice", "version": "three", "changes": [], "workflow": {}},
+    {"workflow_id": "a" * 32, "owner": "alice", "version": None, "changes": [], "workflow": {}},
+    {"workflow_id": "a" * 32, "owner": "alice", "version": 9, "changes": None, "workflow": {}},
+    {"workflow_id": "a" * 32, "owner": "alice", "version": 9, "changes": 5, "workflow": {}},
+    {"workflow_id": "a" * 32, "owner": "alice", "version": 9, "changes": [7], "workflow": {}},
+    {"workflow_id": "a" * 32, "owner": "alice", "version": 9, "changes": [{}], "workflow": {}},
+    {
+        "workflow_id": "a" * 32,
+        "owner": "alice",
+        "version": 9,
+        "changes": [{"type": 5}],
+        "workflow": {},
+    },
+    {"workflow_id": ["a"], "owner": "alice", "version": 9, "changes": [], "workflow": {}},
+    {"workflow_id": "a" * 32, "owner": ["alice"], "version": 9, "changes": [], "workflow": {}},
+    {"workflow_id": "a" * 32, "owner": {"x": 1}, "version": 9, "changes": [], "workflow": {}},
+]
+
+
+@pytest.mark.parametrize("payload", MALFORMED, ids=[f"case{i}" for i in range(len(MALFORMED))])
+async def test_malformed_notifications_are_ignored(world: World, payload: Any) -> None:
+    wf = await world.upload()
+    world.new_notifications()
+    by_workflow, by_owner, admin = FakeConnection(), FakeConnection(), FakeConnection()
+    await world.hub.subscribe(by_workflow, owner="alice", workflow_id=wf.id)
+    await world.hub.subscribe(by_owner, owner="alice", workflow_id=None)
+    await world.hub.subscribe(admin, owner=None, workflow_id=None)
+    if isinstance(payload, dict) and payload.get("workflow_id") == "a" * 32:
+        payload = {**payload, "workflow_id": wf.id}
+
+    await world.hub.on_change(Event(CHANGE_ROUTING_KEY, payload, "malformed"))
+
+    assert [len(c.sent) for c in (by_workflow, by_owner, admin)] == [1, 1, 1]
+    assert world.hub.subscriber_count == 3
+    # the hub still works afterwards
+    await world.complete_step(wf.id)
+    await world.deliver(world.new_notifications())
+    assert [len(c.sent) for c in (by_workflow, by_owner, admin)] == [3, 3, 3]
+
+
+# -- who sees what -------------------------------------------------------------------------
+
+
+async def test_an_admin_subscription_sees_every_owners_changes(world: World) -> None:
+    alices = await world.upload("alice")
+    bobs = await world.upload("bob")
+    world.new_notifications()
+    admin, alice = FakeConnection(), FakeConnection()
+    await world.hub.subscribe(admin, owner=None, workflow_id=None)
+    await world.hub.subscribe(alice, owner="alice", workflow_id=None)
+
+    assert [(m["type"], m["workflow_id"]) for m in admin.messages()] == [
+        ("snapshot", alices.id),
+        ("snapshot", bobs.id),
+    ]
+    assert [(m["type"], m["workflow_id"]) for m in alice.messages()] == [("snapshot", alices.id)]
+
+    carols = await world.upload("carol")
+    await world.complete_step(bobs.id)
+    await world.complete_step(alices.id)
+    await world.deliver(world.new_notifications())
+
+    seen_by_admin = [m["workflow_id"] for m in admin.messages()[2:]]
+    assert seen_by_admin == [carols.id, bobs.id, bobs.id, alices.id, alices.id]
+    seen_by_alice = [m["workflow_id"] for m in alice.messages()[1:]]
+    assert seen_by_alice == [alices.id, alices.id]
+
+
+async def test_an_owner_subscription_sees_only_that_owners_workflows(world: World) -> None:
+    conn = FakeConnection()
+    await world.hub.subscribe(conn, owner="alice", workflow_id=None)
+    assert conn.sent == []  # no workflows yet: no snapshot
+    await world.deliver([notification("b" * 32, 1, owner="bob")])
+    await world.deliver([notification("a" * 32, 1, owner="alice")])
+    assert kinds(conn.messages()) == [("step_dispatched", 1)]
+    assert conn.messages()[0]["workflow_id"] == "a" * 32
+
+
+async def test_unsubscribe_and_close(world: World) -> None:
+    wf = await world.upload()
+    one, two, three = FakeConnection(), FakeConnection(), FakeConnection()
+    sub = await world.hub.subscribe(one, owner="alice", workflow_id=wf.id)
+    await world.hub.subscribe(two, owner="alice", workflow_id=None)
+    await world.hub.subscribe(three, owner=None, workflow_id=None)
+    assert world.hub.subscriber_count == 3
+    world.hub.unsubscribe(sub)
+    world.hub.unsubscribe(sub)  # twice is harmless
+    assert world.hub.subscriber_count == 2
+    await world.hub.close()
+    assert world.hub.subscriber_count == 0
+    assert one.closed is None
+    assert two.closed == three.closed
+    assert two.closed is not None and two.closed[0] == 1001

@@ -1,0 +1,491 @@
+"""GET /ws end to end (DESIGN §6): a real gateway, real WebSocket clients, HTTP to drive it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.httpclient
+import tornado.websocket
+
+import settings as settings_module
+from tests.support import RunningGateway, running_gateway
+
+Connection = tornado.websocket.WebSocketClientConnection
+
+MESSAGE_KEYS = {"type", "workflow_id", "version", "data", "ts"}
+STEPS = ["image_processing", "ai_enhancement", "seo_generation"]
+TIMEOUT = 5.0
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+async def receive_raw(conn: Connection) -> str:
+    raw = await asyncio.wait_for(conn.read_message(), TIMEOUT)
+    assert raw is not None, f"socket closed (code {conn.close_code}, {conn.close_reason!r})"
+    assert isinstance(raw, str), "messages are JSON text frames"
+    return raw
+
+
+async def receive(conn: Connection) -> dict[str, Any]:
+    message = json.loads(await receive_raw(conn))
+    assert set(message) == MESSAGE_KEYS, message
+    return message
+
+
+async def receive_until(conn: Connection, kind: str, limit: int = 20) -> list[dict[str, Any]]:
+    """Messages up to and including the first of type `kind`."""
+    messages: list[dict[str, Any]] = []
+    while len(messages) < limit:
+        messages.append(await receive(conn))
+        if messages[-1]["type"] == kind:
+            return messages
+    raise AssertionError(f"no {kind} within {limit} messages: {[m['type'] for m in messages]}")
+
+
+async def assert_silent(conn: Connection, wait: float = 0.2) -> None:
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(conn.read_message(), wait)
+
+
+async def closed_with(conn: Connection) -> int | None:
+    """Read until the server closes the socket; the close code."""
+    while True:
+        message = await asyncio.wait_for(conn.read_message(), TIMEOUT)
+        if message is None:
+            return conn.close_code
+
+
+async def poll(condition: Callable[[], bool], within: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def assert_change(message: dict[str, Any], kind: str, workflow_id: str, step: str | None) -> None:
+    assert message["type"] == kind, message["type"]
+    assert message["workflow_id"] == workflow_id
+    assert set(message["data"]) == {"step", "workflow"}
+    assert message["data"]["step"] == step
+    workflow = message["data"]["workflow"]
+    assert workflow["id"] == workflow_id
+    assert workflow["version"] == message["version"]
+    assert "outbox" not in workflow
+    assert isinstance(message["ts"], str) and message["ts"].endswith("Z")
+
+
+def assert_ordered(messages: list[dict[str, Any]]) -> None:
+    versions = [m["version"] for m in messages]
+    assert versions == sorted(versions), f"versions out of order: {versions}"
+
+
+class Client:
+    """Open sockets for one test; every one is closed at the end."""
+
+    def __init__(self, gw: RunningGateway) -> None:
+        self.gw = gw
+        self.sockets: list[Connection] = []
+
+    async def connect(self, token: str | None, workflow_id: str | None = None, **kw: Any) -> Any:
+        conn = await self.gw.ws_connect(token, workflow_id, **kw)
+        self.sockets.append(conn)
+        return conn
+
+    def close(self) -> None:
+        for conn in self.sockets:
+            conn.close()
+
+
+@asynccontextmanager
+async def gateway(
+    tmp_path: Path, configure: Callable[[settings_module.Settings], None] | None = None
+) -> AsyncIterator[tuple[RunningGateway, Client]]:
+    async with running_gateway(tmp_path, configure) as gw:
+        client = Client(gw)
+        try:
+            yield gw, client
+        finally:
+            client.close()
+            # let the close handshakes finish before the server goes away
+            await poll(lambda: gw.gateway.hub.subscriber_count == 0)
+
+
+async def settled_upload(gw: RunningGateway, token: str, **product: Any) -> dict[str, Any]:
+    """Upload, wait for its events to be confirmed, return the stored (public) document."""
+    workflow_id = await gw.upload(token, **product)
+    await gw.gateway.orchestrator.drain()
+    return await status(gw, token, workflow_id)
+
+
+async def status(gw: RunningGateway, token: str, workflow_id: str) -> dict[str, Any]:
+    response = await gw.fetch(
+        "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=token
+    )
+    assert response.status == 200, response.body
+    return dict(response.body)
+
+
+async def report(
+    gw: RunningGateway, workflow: dict[str, Any], *, success: bool = True, **extra: Any
+) -> None:
+    """Report on the current attempt of `workflow` (as seen in a message or a status)."""
+    step = workflow["steps"][workflow["current_step"]]
+    body: dict[str, Any] = {
+        "workflow_id": workflow["id"],
+        "step_id": step["step_id"],
+        "step_type": step["name"],
+        "success": success,
+    }
+    if success:
+        body["result"] = {"done": step["name"]}
+    else:
+        body["error"] = "the service broke"
+    body.update(extra)
+    response = await gw.fetch(
+        "POST", "/api/v1/workflow/step-completed", body, token=gw.service_token()
+    )
+    assert response.status == 200, response.body
+
+
+def fast_retries(settings: settings_module.Settings) -> None:
+    for step in settings.pipeline.steps:
+        step.max_attempts = 2
+        step.backoff = settings_module.Duration(0.05)
+
+
+# -- the handshake: who may subscribe ------------------------------------------------------
+
+
+@pytest.mark.parametrize("via", ["protocol", "query"])
+async def test_a_user_token_opens_the_socket(tmp_path: Path, via: str) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        token = gw.token("alice")
+        wf = await settled_upload(gw, token)
+        conn = await client.connect(token, wf["id"], via=via)
+        if via == "protocol":
+            assert conn.selected_subprotocol == "bearer"
+        snapshot = await receive(conn)
+        assert (snapshot["type"], snapshot["workflow_id"]) == ("snapshot", wf["id"])
+
+
+async def test_the_bearer_subprotocol_is_matched_case_insensitively(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        token = gw.token("alice")
+        wf = await settled_upload(gw, token)
+        request = tornado.httpclient.HTTPRequest(
+            f"{gw.ws_url}?workflow_id={wf['id']}", headers={"Origin": gw.base_url}
+        )
+        conn = await tornado.websocket.websocket_connect(request, subprotocols=["Bearer", token])
+        client.sockets.append(conn)
+        assert conn.selected_subprotocol == "Bearer"  # one the client offered, as RFC 6455 asks
+        assert (await receive(conn))["type"] == "snapshot"
+
+
+async def handshake_error(gw: RunningGateway, token: str | None, **kw: Any) -> int:
+    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+        conn = await gw.ws_connect(token, **kw)
+        conn.close()
+    return refused.value.code
+
+
+@pytest.mark.parametrize("via", ["protocol", "query"])
+async def test_missing_bad_or_expired_tokens_are_refused_with_401(tmp_path: Path, via: str) -> None:
+    async with gateway(tmp_path) as (gw, _):
+        assert await handshake_error(gw, None) == 401
+        assert await handshake_error(gw, "not-a-jwt", via=via) == 401
+        expired = gw.token("alice", expires_in=-60)
+        assert await handshake_error(gw, expired, via=via) == 401
+        forged = gw.token("alice")[:-4] + "AAAA"
+        assert await handshake_error(gw, forged, via=via) == 401
+        assert gw.gateway.hub.subscriber_count == 0
+
+
+async def test_a_service_token_is_refused_with_403(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, _):
+        assert await handshake_error(gw, gw.service_token()) == 403
+        assert await handshake_error(gw, gw.service_token(), via="query") == 403
+
+
+async def test_a_foreign_origin_is_refused_with_403(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        token = gw.token("alice")
+        assert await handshake_error(gw, token, origin="http://evil.example") == 403
+        other_port = f"http://127.0.0.1:{gw.port + 1}"
+        assert await handshake_error(gw, token, origin=other_port) == 403
+        # the server's own origin is allowed
+        conn = await client.connect(token, origin=gw.base_url)
+        await assert_silent(conn, 0.05)  # no workflows: no snapshot
+
+
+@pytest.mark.parametrize("workflow_id", ["not-hex", "ABCDEF" + "0" * 26, "a" * 31, "a" * 33])
+async def test_a_malformed_workflow_id_is_refused_with_400(
+    tmp_path: Path, workflow_id: str
+) -> None:
+    async with gateway(tmp_path) as (gw, _):
+        assert await handshake_error(gw, gw.token("alice"), workflow_id=workflow_id) == 400
+
+
+async def test_another_users_workflow_is_closed_with_4404(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        bobs = await settled_upload(gw, gw.token("bob"))
+        conn = await client.connect(gw.token("alice"), bobs["id"])
+        # closed before anything, in particular before any snapshot, is sent
+        assert await asyncio.wait_for(conn.read_message(), TIMEOUT) is None
+        assert conn.close_code == 4404
+
+        missing = await client.connect(gw.token("alice"), "0" * 32)
+        assert await closed_with(missing) == 4404
+
+        # bob's workflow keeps changing; alice's closed socket saw none of it
+        await report(gw, bobs)
+        await poll(lambda: gw.gateway.hub.subscriber_count == 0)
+
+
+async def test_an_admin_may_subscribe_to_anyones_workflow(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        bobs = await settled_upload(gw, gw.token("bob"))
+        conn = await client.connect(gw.token("root", role="admin"), bobs["id"])
+        snapshot = await receive(conn)
+        assert snapshot["type"] == "snapshot"
+        assert snapshot["data"] == bobs
+
+
+# -- one workflow --------------------------------------------------------------------------
+
+
+async def test_one_workflow_snapshot_then_every_change_to_completion(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        token = gw.token("alice")
+        stored = await settled_upload(gw, token, description="a blue mug")
+        conn = await client.connect(token, stored["id"])
+
+        snapshot = await receive(conn)
+        assert snapshot["type"] == "snapshot"
+        assert snapshot["workflow_id"] == stored["id"]
+        assert snapshot["version"] == stored["version"]
+        assert snapshot["data"] == stored
+        assert "outbox" not in snapshot["data"]
+
+        changes: list[dict[str, Any]] = []
+        current = snapshot["data"]
+        for index in range(len(STEPS)):
+            await report(gw, current)
+            last = "workflow_completed" if index == len(STEPS) - 1 else "step_dispatched"
+            batch = await receive_until(conn, last)
+            changes += batch
+            current = batch[-1]["data"]["workflow"]
+
+        assert [(m["type"], m["data"]["step"]) for m in changes] == [
+            ("step_completed", "image_processing"),
+            ("step_dispatched", "ai_enhancement"),
+            ("step_completed", "ai_enhancement"),
+            ("step_dispatched", "seo_generation"),
+            ("step_completed", "seo_generation"),
+            ("workflow_completed", None),
+        ]
+        for message in changes:
+            assert_change(message, message["type"], stored["id"], message["data"]["step"])
+            assert message["version"] > snapshot["version"]
+        assert_ordered([snapshot, *changes])
+        # the changes of one transition share its version; transitions are strictly newer
+        versions = [m["version"] for m in changes]
+        assert versions[0] == versions[1] < versions[2] == versions[3] < versions[4] == versions[5]
+
+        final = changes[-1]["data"]["workflow"]
+        assert final["status"] == "completed"
+        assert [s["status"] for s in final["steps"]] == ["completed"] * 3
+        assert final["steps"][0]["result"] == {"done": "image_processing"}
+        await assert_silent(conn)  # confirming the outbox is no change a client sees
+
+
+async def test_two_sockets_on_one_workflow_receive_identical_bytes(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        token = gw.token("alice")
+        wf = await settled_upload(gw, token)
+        one = await client.connect(token, wf["id"])
+        two = await client.connect(token, wf["id"], via="query")
+        assert (await receive(one))["type"] == (await receive(two))["type"] == "snapshot"
+
+        await report(gw, wf)
+        first = [await receive_raw(one), await receive_raw(one)]
+        second = [await receive_raw(two), await receive_raw(two)]
+        assert first == second
+        assert [json.loads(m)["type"] for m in first] == ["step_completed", "step_dispatched"]
+
+
+async def test_a_failure_is_retried_and_then_fails_the_workflow(tmp_path: Path) -> None:
+    async with gateway(tmp_path, fast_retries) as (gw, client):
+        token = gw.token("alice")
+        wf = await settled_upload(gw, token)
+        conn = await client.connect(token, wf["id"])
+        snapshot = await receive(conn)
+
+        await report(gw, snapshot["data"], success=False)
+        retrying, dispatched = await receive(conn), await receive(conn)
+        assert_change(retrying, "step_retrying", wf["id"], "image_processing")
+        assert retrying["data"]["workflow"]["steps"][0]["error"] == "the service broke"
+        assert_change(dispatched, "step_dispatched", wf["id"], "image_processing")
+        second_attempt = dispatched["data"]["workflow"]["steps"][0]
+        assert second_attempt["attempt"] == 2
+        assert second_attempt["step_id"] != wf["steps"][0]["step_id"]
+
+        await report(gw, dispatched["data"]["workflow"], success=False)
+        step_failed, workflow_failed = await receive(conn), await receive(conn)
+        assert_change(step_failed, "step_failed", wf["id"], "image_processing")
+        assert_change(workflow_failed, "workflow_failed", wf["id"], None)
+        assert step_failed["version"] == workflow_failed["version"]
+        assert workflow_failed["data"]["workflow"]["status"] == "failed"
+        assert_ordered([snapshot, retrying, dispatched, step_failed, workflow_failed])
+        assert snapshot["version"] < retrying["version"] < dispatched["version"]
+
+        # a retry restarts the failed step
+        response = await gw.fetch(
+            "POST", "/api/v1/workflow/retry", {"workflow_id": wf["id"]}, token=token
+        )
+        assert response.status == 200, response.body
+        restarted = await receive(conn)
+        assert_change(restarted, "step_dispatched", wf["id"], "image_processing")
+        assert restarted["data"]["workflow"]["status"] == "running"
+        assert restarted["version"] > workflow_failed["version"]
+
+
+async def test_cancel_is_pushed(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        token = gw.token("alice")
+        wf = await settled_upload(gw, token)
+        conn = await client.connect(token, wf["id"])
+        snapshot = await receive(conn)
+        response = await gw.fetch(
+            "POST", "/api/v1/workflow/cancel", {"workflow_id": wf["id"]}, token=token
+        )
+        assert response.status == 200, response.body
+        cancelled = await receive(conn)
+        assert_change(cancelled, "workflow_cancelled", wf["id"], None)
+        assert cancelled["version"] > snapshot["version"]
+        workflow = cancelled["data"]["workflow"]
+        assert workflow["status"] == "cancelled"
+        assert [s["status"] for s in workflow["steps"]] == ["cancelled"] * 3
+
+
+# -- all of a user's workflows -------------------------------------------------------------
+
+
+async def test_all_my_workflows_snapshots_then_only_my_changes(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        alice, bob = gw.token("alice"), gw.token("bob")
+        first = await settled_upload(gw, alice, name="first")
+        bobs = await settled_upload(gw, bob, name="bob's")
+        second = await settled_upload(gw, alice, name="second")
+        conn = await client.connect(alice)
+
+        snapshots = [await receive(conn), await receive(conn)]
+        assert {m["type"] for m in snapshots} == {"snapshot"}
+        assert {m["workflow_id"]: m["data"] for m in snapshots} == {
+            first["id"]: first,
+            second["id"]: second,
+        }
+        for message in snapshots:
+            assert message["version"] == message["data"]["version"]
+
+        # bob's changes never arrive: the next message is alice's new upload
+        await report(gw, bobs)
+        await settled_upload(gw, bob, name="bob's second")
+        third_id = await gw.upload(alice, name="third")
+        new = await receive(conn)
+        assert_change(new, "step_dispatched", third_id, "image_processing")
+        assert new["data"]["workflow"]["product"]["name"] == "third"
+        assert new["data"]["workflow"]["owner"] == "alice"
+
+        await report(gw, first)
+        completed, dispatched = await receive(conn), await receive(conn)
+        assert_change(completed, "step_completed", first["id"], "image_processing")
+        assert_change(dispatched, "step_dispatched", first["id"], "ai_enhancement")
+        await assert_silent(conn)
+
+
+async def test_all_my_workflows_with_none_yet_starts_empty(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        token = gw.token("carol")
+        conn = await client.connect(token, via="query")
+        await assert_silent(conn, 0.1)
+        workflow_id = await gw.upload(token)
+        assert_change(await receive(conn), "step_dispatched", workflow_id, "image_processing")
+
+
+# -- unsubscribing -------------------------------------------------------------------------
+
+
+async def test_closing_the_client_unsubscribes(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        hub = gw.gateway.hub
+        token = gw.token("alice")
+        wf = await settled_upload(gw, token)
+        one = await client.connect(token, wf["id"])
+        two = await client.connect(token)
+        await receive(one)
+        await receive(two)
+        assert hub.subscriber_count == 2
+
+        one.close()
+        await poll(lambda: hub.subscriber_count == 1, within=2)
+        two.close(1000, "bye")
+        await poll(lambda: hub.subscriber_count == 0, within=2)
+
+        # changes after that go nowhere and break nothing
+        await report(gw, wf)
+        assert (await status(gw, token, wf["id"]))["steps"][0]["status"] == "completed"
+
+
+async def test_a_client_gone_while_its_snapshot_loads_is_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        orchestrator = gw.gateway.orchestrator
+        loading, release = asyncio.Event(), asyncio.Event()
+        real_list = orchestrator.list
+
+        async def slow_list(*args: Any, **kwargs: Any) -> Any:
+            loading.set()
+            await release.wait()
+            return await real_list(*args, **kwargs)
+
+        monkeypatch.setattr(orchestrator, "list", slow_list)
+        conn = await client.connect(gw.token("alice"))
+        await asyncio.wait_for(loading.wait(), TIMEOUT)
+        assert conn.protocol is not None
+        conn.protocol._abort()  # the client vanishes without a close handshake
+        await asyncio.sleep(0.05)
+        release.set()
+        await poll(lambda: gw.gateway.hub.subscriber_count == 0, within=2)
+
+
+async def test_server_shutdown_closes_sockets(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path) as gw:
+        token = gw.token("alice")
+        wf = await settled_upload(gw, token)
+        one = await gw.ws_connect(token, wf["id"])
+        two = await gw.ws_connect(token)
+        try:
+            await receive(one)
+            await receive(two)
+            hub = gw.gateway.hub
+            assert hub.subscriber_count == 2
+        except BaseException:
+            one.close()
+            two.close()
+            raise
+    try:
+        assert await closed_with(one) == 1001
+        assert await closed_with(two) == 1001
+        assert hub.subscriber_count == 0
+    finally:
+        one.close()
+        two.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,12 @@ class Contention(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Applied:
+    workflow: Workflow
+    written: bool  # False when the decision was to do nothing
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     workflow: Workflow
     applied: bool  # False for an acknowledged duplicate
@@ -47,53 +54,65 @@ class Orchestrator:
         *,
         clock: Callable[[], float] = time.time,
         max_races: int = 50,
+        cache_size: int = 10_000,
     ) -> None:
         self.store = store
         self.bus = bus
         self.pipeline = pipeline
         self.clock = clock
         self.max_races = max_races
+        self.cache_size = cache_size
+        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # last written docs
         self._publishing: set[asyncio.Task[None]] = set()
 
     # -- commands -------------------------------------------------------------------------
 
     async def upload(self, owner: str, product: dict[str, Any]) -> Workflow:
         workflow, _ = wf_rules.start(self.pipeline, owner, product, self.clock())
-        await self.store.insert(workflow.to_doc())
+        doc = workflow.to_doc()
+        await self.store.insert(doc)
+        self._remember(doc)
         self._publish_soon(workflow)
         return workflow
 
     async def report(self, report: Report) -> Outcome:
         """Apply a completion; DuplicateReport is answered as applied=False."""
         try:
-            workflow = await self._apply(
+            result = await self._apply(
                 report.workflow_id,
                 lambda wf: wf_rules.complete(wf, self.pipeline, report, self.clock()),
             )
         except wf_rules.DuplicateReport:
             return Outcome(await self.get(report.workflow_id), applied=False)
-        return Outcome(workflow, applied=True)
+        return Outcome(result.workflow, applied=True)
 
     async def cancel(self, workflow_id: str, owner: str | None) -> Workflow:
-        await self.get(workflow_id, owner)
-        return await self._apply(
-            workflow_id, lambda wf: wf_rules.cancel(wf, self.pipeline, self.clock())
+        result = await self._apply(
+            workflow_id,
+            lambda wf: wf_rules.cancel(wf, self.pipeline, self.clock()),
+            doc=await self._load(workflow_id, owner),
         )
+        return result.workflow
 
     async def retry(self, workflow_id: str, owner: str | None) -> Workflow:
-        await self.get(workflow_id, owner)
-        return await self._apply(
-            workflow_id, lambda wf: wf_rules.retry(wf, self.pipeline, self.clock())
+        result = await self._apply(
+            workflow_id,
+            lambda wf: wf_rules.retry(wf, self.pipeline, self.clock()),
+            doc=await self._load(workflow_id, owner),
         )
+        return result.workflow
 
     # -- queries --------------------------------------------------------------------------
 
     async def get(self, workflow_id: str, owner: str | None = None) -> Workflow:
         """The workflow; NotFound also when `owner` is given and is not its owner."""
+        return Workflow.from_doc(await self._load(workflow_id, owner))
+
+    async def _load(self, workflow_id: str, owner: str | None) -> dict[str, Any]:
         doc = await self.store.get(workflow_id)
         if doc is None or (owner is not None and doc["owner"] != owner):
             raise NotFound(workflow_id)
-        return Workflow.from_doc(doc)
+        return doc
 
     async def list(
         self,
@@ -108,24 +127,18 @@ class Orchestrator:
     # -- background work ------------------------------------------------------------------
 
     async def sweep(self, limit: int = 500) -> int:
-        """Fire due deadlines and retries; returns how many workflows changed."""
+        """Fire due deadlines and retries; returns how many timers this instance fired."""
         now = self.clock()
-        changed = 0
+        fired = 0
         for doc in await self.store.due(wf_rules.isoformat(now), limit):
-            fired: list[bool] = []  # the last decision is the one that was written
-
-            def wake(wf: Workflow, fired: list[bool] = fired) -> list[Change]:
-                changes = wf_rules.wake(wf, self.pipeline, self.clock())
-                fired.append(bool(changes))
-                return changes
-
             try:
-                await self._apply(doc["id"], wake)
+                result = await self._apply(
+                    doc["id"], lambda wf: wf_rules.wake(wf, self.pipeline, self.clock()), doc=doc
+                )
             except (NotFound, Contention):
                 continue
-            # not when another instance fired the timer first (the reload found nothing due)
-            changed += fired[-1]
-        return changed
+            fired += result.written  # not when another instance fired it first
+        return fired
 
     async def relay(self, min_age: float = 5.0, limit: int = 500) -> int:
         """Re-publish outbox entries left behind (a crash, a broker outage)."""
@@ -142,21 +155,57 @@ class Orchestrator:
 
     # -- internals ------------------------------------------------------------------------
 
-    async def _apply(self, workflow_id: str, decide: Decide, *, publish: bool = True) -> Workflow:
-        """Load, decide, compare-and-swap; on a lost race reload and decide again."""
+    async def _apply(
+        self,
+        workflow_id: str,
+        decide: Decide,
+        *,
+        publish: bool = True,
+        doc: dict[str, Any] | None = None,
+    ) -> Applied:
+        """Decide on the workflow, then compare-and-swap; a lost race reloads and decides again.
+
+        The last document this instance wrote is tried first, saving a read on the hot path.
+        It is only a hint: a successful compare-and-swap proves it was current, and anything
+        else decided on it (a rejection, nothing to do) is decided again on a fresh read.
+        """
+        fresh = doc is not None
+        doc = doc or self._recent.get(workflow_id)
         for _ in range(self.max_races):
-            doc = await self.store.get(workflow_id)
             if doc is None:
-                raise NotFound(workflow_id)
+                doc = await self.store.get(workflow_id)
+                fresh = True
+                if doc is None:
+                    raise NotFound(workflow_id)
             workflow = Workflow.from_doc(doc)
             expected = workflow.version
-            if not decide(workflow):
-                return workflow  # nothing to do (a timer another instance already fired)
-            if await self.store.replace(workflow.to_doc(), expected):
+            try:
+                changes = decide(workflow)
+            except wf_rules.WorkflowError:
+                if fresh:
+                    raise
+                doc = None
+                continue
+            if not changes:
+                if fresh:
+                    return Applied(workflow, written=False)
+                doc = None
+                continue
+            written = workflow.to_doc()
+            if await self.store.replace(written, expected):
+                self._remember(written)
                 if publish:
                     self._publish_soon(workflow)
-                return workflow
+                return Applied(workflow, written=True)
+            doc = None
+        self._recent.pop(workflow_id, None)
         raise Contention(workflow_id)
+
+    def _remember(self, doc: dict[str, Any]) -> None:
+        self._recent[doc["id"]] = doc
+        self._recent.move_to_end(doc["id"])
+        if len(self._recent) > self.cache_size:
+            self._recent.popitem(last=False)
 
     def _publish_soon(self, workflow: Workflow) -> None:
         task = asyncio.ensure_future(self._publish(workflow))

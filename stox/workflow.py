@@ -136,12 +136,14 @@ class Step:
             "result": self.result,
             "error": self.error,
             "retry_at": self.retry_at,
-            "attempts": self.attempts,
+            "attempts": list(self.attempts),
         }
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Step:
-        return cls(**doc)
+        step = cls(**doc)
+        step.attempts = list(step.attempts)  # appended to; the source document stays as it was
+        return step
 
 
 @dataclass(slots=True)
@@ -170,7 +172,7 @@ class Workflow:
             "version": self.version,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
-            "outbox": self.outbox,
+            "outbox": list(self.outbox),
             "wake_at": self.wake_at,
             "outbox_at": self.outbox_at,
         }
@@ -179,6 +181,7 @@ class Workflow:
     def from_doc(cls, doc: dict[str, Any]) -> Workflow:
         fields = dict(doc)
         fields["steps"] = [Step.from_doc(step) for step in doc["steps"]]
+        fields["outbox"] = list(doc["outbox"])  # appended to, as above
         return cls(**fields)
 
     def public(self) -> dict[str, Any]:
@@ -219,8 +222,9 @@ class _Transition:
 
     def emit(self, routing_key: str, payload: dict[str, Any]) -> None:
         body = {"event": routing_key, "workflow_id": self.wf.id, "occurred_at": self.now_iso}
-        # A snapshot: later transitions of this workflow must not rewrite an emitted event.
-        body.update(copy.deepcopy(payload))
+        # Payloads share only what no transition mutates in place (the product, step
+        # results, attempt records); the containers that grow are copied by to_doc/from_doc.
+        body.update(payload)
         self.wf.outbox.append(
             {
                 "message_id": self.ids(),

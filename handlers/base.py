@@ -63,8 +63,20 @@ def requires(role: str) -> Callable[[F], F]:
     return decorate
 
 
+class PathOnlyErrorLog(tornado.web.RequestHandler):
+    """Logs handler errors by path: Tornado's own log names the URI, ?token= and all."""
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        log_exception(self, typ, value, tb)
+
+
 @tornado.web.stream_request_body
-class BaseHandler(tornado.web.RequestHandler):
+class BaseHandler(PathOnlyErrorLog):
     """Reads the body itself so an oversized one gets a 413 before it is buffered."""
 
     def initialize(self) -> None:
@@ -171,14 +183,6 @@ class BaseHandler(tornado.web.RequestHandler):
             ) from None
 
     # -- responses ------------------------------------------------------------------------
-
-    def log_exception(
-        self,
-        typ: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        log_exception(self, typ, value, tb)  # Tornado's names the URI, ?token= and all
 
     def allowed_methods(self) -> list[str]:
         base = tornado.web.RequestHandler

@@ -7,7 +7,6 @@ Origin checked against `cors.allowed_origins`. A client whose unsent backlog pas
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -15,9 +14,9 @@ import tornado.web
 import tornado.websocket
 from marshmallow import ValidationError
 
+from handlers.base import PathOnlyErrorLog
 from stox.auth.tokens import SERVICE, InvalidToken, Principal, TokenAuthority
 from stox.hub import Hub, Subscription
-from stox.logs import log_exception
 from stox.orchestrator import NotFound
 from stox.schemas import HEX_ID
 
@@ -26,7 +25,7 @@ CLOSE_TOO_SLOW = 4008
 CLOSE_NOT_FOUND = 4404
 
 
-class WorkflowSocket(tornado.websocket.WebSocketHandler):
+class WorkflowSocket(PathOnlyErrorLog, tornado.websocket.WebSocketHandler):
     def initialize(self) -> None:
         self.principal: Principal | None = None
         self.subscription: Subscription | None = None
@@ -72,14 +71,6 @@ class WorkflowSocket(tornado.websocket.WebSocketHandler):
                 raise tornado.web.HTTPError(400, reason="workflow_id: expected a hex id") from None
         self.workflow_id = workflow_id
         await super().get(*args, **kwargs)
-
-    def log_exception(
-        self,
-        typ: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        log_exception(self, typ, value, tb)  # Tornado's names the URI, ?token= and all
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         # echo the client's own spelling: tornado insists the answer is one it offered

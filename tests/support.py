@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,16 +132,20 @@ def gateway_settings(tmp_path: Path, **overrides: Any) -> settings_module.Settin
 async def running_gateway(
     tmp_path: Path,
     configure: Callable[[settings_module.Settings], None] | None = None,
+    gateway_options: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[RunningGateway]:
-    """Start a gateway on a free port; `overrides` use `section__field=value`."""
+    """Start a gateway on a free port; `overrides` use `section__field=value`.
+
+    `gateway_options` go to `Gateway(...)` (a bus, a clock, demo-worker options).
+    """
     settings = gateway_settings(tmp_path, **overrides)
     port = free_port()
     settings.server.port = port
     settings.cors.allowed_origins = [f"http://127.0.0.1:{port}"]
     if configure is not None:
         configure(settings)
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, **(gateway_options or {}))
     app = await gateway.start()
     server = make_http_server(app, settings)
     server.listen(port, "127.0.0.1")

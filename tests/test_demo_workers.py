@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import RunningGateway, free_port, gateway_settings
+from support import RunningGateway, running_gateway
 
 import settings as settings_module
 from stox import workflow as w
-from stox.app import Gateway, make_http_server
 from stox.bus.base import Event, PublishError
 from stox.demo_workers import DemoWorkers, enhance, process_images, seo
 from stox.workflow import Pipeline, StepSpec
@@ -24,30 +23,21 @@ FAST = {"min_delay": 0.0, "max_delay": 0.01}
 WORKFLOW_ID = "0123456789abcdef0123456789abcdef"
 
 
-@asynccontextmanager
-async def demo_gateway(
+def demo_gateway(
     tmp_path: Path,
     configure: Callable[[settings_module.Settings], None] | None = None,
     **demo_worker_options: Any,
-) -> AsyncIterator[RunningGateway]:
+) -> AbstractAsyncContextManager[RunningGateway]:
     """A gateway on a free port running demo workers with the given options."""
-    settings = gateway_settings(tmp_path)
-    settings.demo_workers = True
-    port = free_port()
-    settings.server.port = port
-    settings.cors.allowed_origins = [f"http://127.0.0.1:{port}"]
-    if configure is not None:
-        configure(settings)
-    gateway = Gateway(settings, demo_worker_options=demo_worker_options)
-    app = await gateway.start()
-    server = make_http_server(app, settings)
-    server.listen(port, "127.0.0.1")
-    try:
-        yield RunningGateway(gateway, port)
-    finally:
-        server.stop()
-        await server.close_all_connections()
-        await gateway.stop()
+
+    def with_demo_workers(settings: settings_module.Settings) -> None:
+        settings.demo_workers = True
+        if configure is not None:
+            configure(settings)
+
+    return running_gateway(
+        tmp_path, with_demo_workers, {"demo_worker_options": demo_worker_options}
+    )
 
 
 async def wait_until_finished(gw: RunningGateway, ids: list[str]) -> dict[str, dict[str, Any]]:

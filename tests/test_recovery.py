@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-from support import RunningGateway, free_port, gateway_settings, running_gateway
+from support import RunningGateway, gateway_settings, running_gateway
 
 import settings as settings_module
 from stox import workflow as w
-from stox.app import Gateway, make_http_server, make_pipeline
+from stox.app import make_pipeline
 from stox.bus.base import Event
 from stox.bus.local import LocalBus
 from stox.store import make_store
@@ -66,29 +66,13 @@ class Probe:
                 await self._changed.wait()
 
 
-@asynccontextmanager
-async def serve(
+def serve(
     tmp_path: Path,
     configure: Callable[[settings_module.Settings], None] | None = None,
     **gateway_kwargs: Any,
-) -> AsyncIterator[RunningGateway]:
+) -> AbstractAsyncContextManager[RunningGateway]:
     """Like support.running_gateway, but the Gateway gets `gateway_kwargs` (bus, clock, ...)."""
-    settings = gateway_settings(tmp_path)
-    port = free_port()
-    settings.server.port = port
-    settings.cors.allowed_origins = [f"http://127.0.0.1:{port}"]
-    if configure is not None:
-        configure(settings)
-    gateway = Gateway(settings, **gateway_kwargs)
-    app = await gateway.start()
-    server = make_http_server(app, settings)
-    server.listen(port, "127.0.0.1")
-    try:
-        yield RunningGateway(gateway, port)
-    finally:
-        server.stop()
-        await server.close_all_connections()
-        await gateway.stop()
+    return running_gateway(tmp_path, configure, gateway_kwargs)
 
 
 async def started_bus() -> LocalBus:

@@ -39,13 +39,32 @@ _SCHEMA = (
 )
 
 _INSERT = (
-    "INSERT INTO workflows (id, owner, status, created_at, version, wake_at, outbox_at, doc)"
+    "INSERT INTO workflows (owner, status, created_at, version, wake_at, outbox_at, doc, id)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _REPLACE = (
     "UPDATE workflows SET owner = ?, status = ?, created_at = ?, version = ?, wake_at = ?,"
     " outbox_at = ?, doc = ? WHERE id = ? AND version = ?"
 )
+
+
+def _row(doc: dict[str, Any]) -> tuple[Any, ...]:
+    """The indexed columns, the document as JSON, and the id, in the order both SQLs use.
+
+    Encoded on the caller's thread, so the row is a snapshot of `doc` as it is now.
+    """
+    return (
+        doc["owner"],
+        doc["status"],
+        doc["created_at"],
+        doc["version"],
+        doc.get("wake_at"),
+        doc.get("outbox_at"),
+        _encode(doc),
+        doc["id"],
+    )
+
+
 _GET = "SELECT doc FROM workflows WHERE id = ?"
 _DUE = "SELECT doc FROM workflows WHERE wake_at <= ? ORDER BY wake_at LIMIT ?"
 _UNPUBLISHED = "SELECT doc FROM workflows WHERE outbox_at <= ? ORDER BY outbox_at LIMIT ?"
@@ -161,24 +180,13 @@ class SQLiteStore:
     # -- documents -----------------------------------------------------------------------
 
     async def insert(self, doc: dict[str, Any]) -> None:
-        # Encode here, on the caller's thread: the row is a snapshot of `doc` as it is now.
-        row = (
-            doc["id"],
-            doc["owner"],
-            doc["status"],
-            doc["created_at"],
-            doc["version"],
-            doc.get("wake_at"),
-            doc.get("outbox_at"),
-            _encode(doc),
-        )
-        await self._run(self._insert_sync, row)
+        await self._run(self._insert_sync, _row(doc))
 
     def _insert_sync(self, row: tuple[Any, ...]) -> None:
         try:
             self._connection().execute(_INSERT, row)
         except sqlite3.IntegrityError as exc:
-            raise AlreadyExists(f"workflow {row[0]} already exists") from exc
+            raise AlreadyExists(f"workflow {row[-1]} already exists") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite: {exc}") from exc
 
@@ -193,18 +201,7 @@ class SQLiteStore:
         return None if row is None else _decode(row[0])
 
     async def replace(self, doc: dict[str, Any], expected_version: int) -> bool:
-        row = (
-            doc["owner"],
-            doc["status"],
-            doc["created_at"],
-            doc["version"],
-            doc.get("wake_at"),
-            doc.get("outbox_at"),
-            _encode(doc),
-            doc["id"],
-            expected_version,
-        )
-        return await self._run(self._replace_sync, row)
+        return await self._run(self._replace_sync, (*_row(doc), expected_version))
 
     def _replace_sync(self, row: tuple[Any, ...]) -> bool:
         try:

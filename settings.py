@@ -103,6 +103,36 @@ class JWTSettings:
     expiry: Duration = _help("lifetime of issued tokens", default=Duration(3600))
     issuer: str = _help("the iss claim", default="stox")
     audience: str = _help("the aud claim", default="stox")
+    algorithm: str = _help(
+        "HS256 (the shared secret), or EdDSA or RS256 (a key pair)", default="HS256"
+    )
+    private_key_file: str = _help(
+        "PEM private key that signs tokens (EdDSA/RS256; where the AuthService runs)", default=""
+    )
+    public_key_file: str = _help(
+        "PEM public key that verifies tokens (EdDSA/RS256; default: the private key's)",
+        default="",
+    )
+
+
+@dataclass
+class AuthSettings:
+    timeout: Duration = _help("deadline of each call to the AuthService", default=Duration(5))
+    retries: int = _help("retries of a call the AuthService was unavailable for", default=3)
+    retry_backoff: Duration = _help(
+        "pause before the first retry, doubling after", default=Duration(0.1)
+    )
+    max_login_failures: int = _help(
+        "failed logins per user name, and per client address, before 429 (0: no limit)",
+        default=10,
+    )
+    login_failure_window: Duration = _help(
+        "how long a failed login counts against that limit", default=Duration(300)
+    )
+    # argon2id's recommended parameters (RFC 9106, second choice): 64 MiB, 3 passes, 4 lanes
+    hash_time_cost: int = _help("argon2id passes over the memory", default=3)
+    hash_memory_cost: int = _help("argon2id memory, in KiB", default=65536)
+    hash_parallelism: int = _help("argon2id lanes", default=4)
 
 
 @dataclass
@@ -143,6 +173,7 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     rabbitmq: RabbitMQSettings = field(default_factory=RabbitMQSettings)
     jwt: JWTSettings = field(default_factory=JWTSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     cors: CorsSettings = field(default_factory=CorsSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
@@ -167,6 +198,9 @@ _ENV_AND_FLAGS: list[tuple[str, str | None, str | None]] = [
     ("rabbitmq.url", "STOX_RABBITMQ_URL", "--rabbitmq-url"),
     ("services.auth", "STOX_AUTH_ADDR", "--auth-addr"),
     ("jwt.secret", "STOX_JWT_SECRET", None),
+    ("jwt.algorithm", "STOX_JWT_ALGORITHM", None),
+    ("jwt.private_key_file", "STOX_JWT_PRIVATE_KEY_FILE", None),
+    ("jwt.public_key_file", "STOX_JWT_PUBLIC_KEY_FILE", None),
     ("cors.allowed_origins", "STOX_ALLOWED_ORIGINS", None),
     ("logging.level", "STOX_LOG_LEVEL", "--log-level"),
 ]
@@ -297,6 +331,7 @@ def _validate(settings: Settings) -> Settings:
     for name in ("sweep_interval", "relay_interval"):
         if getattr(settings.server, name) < 0.01:
             raise SettingsError(f"server.{name}: expected at least 10ms")
+    _validate_auth(settings)
     steps = settings.pipeline.steps
     if not steps:
         raise SettingsError("pipeline.steps: expected at least one step")
@@ -314,6 +349,30 @@ def _validate(settings: Settings) -> Settings:
         if step.timeout <= 0:
             raise SettingsError(f"pipeline.steps[{i}].timeout: expected a positive duration")
     return settings
+
+
+def _validate_auth(settings: Settings) -> None:
+    jwt, auth, remote = settings.jwt, settings.auth, settings.services.auth
+    if jwt.algorithm not in ("HS256", "EdDSA", "RS256"):
+        raise SettingsError(f"jwt.algorithm: expected HS256, EdDSA or RS256, got {jwt.algorithm!r}")
+    if jwt.algorithm != "HS256" and not (jwt.private_key_file or jwt.public_key_file):
+        raise SettingsError(
+            f"jwt.public_key_file: {jwt.algorithm} needs a key file "
+            "(jwt.private_key_file to issue tokens, jwt.public_key_file to verify them)"
+        )
+    if remote.host and not 0 < remote.port <= 65535:
+        raise SettingsError(f"services.auth.port: expected 1-65535, got {remote.port}")
+    if auth.timeout <= 0:
+        raise SettingsError("auth.timeout: expected a positive duration")
+    for name in ("retries", "max_login_failures"):
+        if getattr(auth, name) < 0:
+            raise SettingsError(f"auth.{name}: expected 0 or more")
+    if auth.login_failure_window <= 0:
+        raise SettingsError("auth.login_failure_window: expected a positive duration")
+    if auth.hash_time_cost < 1 or auth.hash_parallelism < 1:
+        raise SettingsError("auth.hash_time_cost, auth.hash_parallelism: expected at least 1")
+    if auth.hash_memory_cost < 8 * auth.hash_parallelism:
+        raise SettingsError("auth.hash_memory_cost: expected at least 8 KiB per lane")
 
 
 def parser() -> argparse.ArgumentParser:

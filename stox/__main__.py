@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config_args = ["--config", args.config] if args.config else []
     try:
-        tokens = make_tokens(settings_module.load(config_args))
+        tokens = make_tokens(settings_module.load(config_args), issuing=True)
     except settings_module.SettingsError as exc:
         print(f"stox: configuration error: {exc}", file=sys.stderr)
         return 2

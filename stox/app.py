@@ -24,7 +24,7 @@ import handlers.ws
 from handlers.base import NotFoundHandler
 from settings import Settings, SettingsError
 from stox.auth import secret
-from stox.auth.tokens import TokenAuthority
+from stox.auth.tokens import HS256, BadKey, TokenAuthority
 from stox.bus.base import EventBus
 from stox.completions import completion_handler
 from stox.hub import Hub
@@ -59,18 +59,25 @@ def make_bus(settings: Settings) -> EventBus:
     return LocalBus()
 
 
-def make_tokens(settings: Settings) -> TokenAuthority:
+def make_tokens(settings: Settings, *, issuing: bool = False) -> TokenAuthority:
+    """The token authority; `issuing`: it must sign tokens, not only verify them."""
+    options = {
+        "issuer": settings.jwt.issuer,
+        "audience": settings.jwt.audience,
+        "expiry": settings.jwt.expiry,
+    }
+    if settings.jwt.algorithm != HS256:
+        try:
+            keys = secret.key_pair(settings.jwt, issuing=issuing)
+            return TokenAuthority(algorithm=settings.jwt.algorithm, **keys, **options)
+        except BadKey as exc:  # a private and a public key that do not belong together
+            raise SettingsError(f"jwt.public_key_file: {exc}") from None
     key = settings.jwt.secret
     if not key:
         if settings.server.environment == "production":
             raise SettingsError("jwt.secret: required in production (set STOX_JWT_SECRET)")
         key = secret.load_or_create(secret.data_dir(settings.storage.url))
-    return TokenAuthority(
-        key,
-        issuer=settings.jwt.issuer,
-        audience=settings.jwt.audience,
-        expiry=settings.jwt.expiry,
-    )
+    return TokenAuthority(key, **options)
 
 
 def make_http_server(

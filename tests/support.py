@@ -155,3 +155,28 @@ async def running_gateway(
         server.stop()
         await server.close_all_connections()
         await gateway.stop()
+
+
+def write_key_pair(folder: Path, algorithm: str, name: str = "jwt") -> tuple[Path, Path]:
+    """A new EdDSA (Ed25519) or RS256 (RSA 2048) key pair as PEM files: (private, public)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    if algorithm == "EdDSA":
+        key: Any = ed25519.Ed25519PrivateKey.generate()
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private, public

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import re
 import time
 import warnings
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from support import Response, RunningGateway, running_gateway
+from support import Response, RunningGateway, running_gateway, write_key_pair
 
-from stox.auth.tokens import TokenAuthority
+from stox.auth.tokens import CannotIssue, TokenAuthority, load_private_key
 
 SECRET = "test-secret-" + "x" * 32  # the harness's jwt.secret
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -308,3 +311,113 @@ def test_the_authority_issues_only_known_roles() -> None:
     assert principal.is_admin and principal.id == "alice"
     with pytest.raises(ValueError):
         authority.issue("alice", "alice", "root")
+
+
+# -- key pairs: a gateway that holds only the public key (EdDSA, RS256) ----------------------
+
+
+@dataclass
+class KeyPair:
+    algorithm: str
+    private_file: Path
+    public_file: Path
+
+    @property
+    def private_key(self) -> Any:
+        return load_private_key(self.private_file.read_bytes(), self.algorithm)
+
+    @property
+    def signer(self) -> TokenAuthority:
+        return TokenAuthority(algorithm=self.algorithm, private_key=self.private_key)
+
+    def sign(self, payload: dict[str, Any]) -> str:
+        return jwt.encode(payload, self.private_key, algorithm=self.algorithm)
+
+
+@pytest.fixture(scope="module")
+def key_pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyPair]:
+    """The gateway's pair and a stranger's, of each algorithm (RSA keys are slow to make)."""
+    folder = tmp_path_factory.mktemp("keys")
+    pairs = {}
+    for algorithm in ("EdDSA", "RS256"):
+        for owner in ("gateway", "stranger"):
+            files = write_key_pair(folder, algorithm, f"{owner}-{algorithm}")
+            pairs[f"{owner} {algorithm}"] = KeyPair(algorithm, *files)
+    return pairs
+
+
+@pytest.fixture(params=["EdDSA", "RS256"])
+async def keyed(
+    request: pytest.FixtureRequest, tmp_path: Path, key_pairs: dict[str, KeyPair]
+) -> AsyncIterator[tuple[RunningGateway, KeyPair]]:
+    """A gateway configured with the public key of `key_pairs["gateway ALG"]` only."""
+    pair = key_pairs[f"gateway {request.param}"]
+
+    def public_key_only(settings: Any) -> None:
+        settings.jwt.secret = ""
+        settings.jwt.algorithm = pair.algorithm
+        settings.jwt.public_key_file = str(pair.public_file)
+
+    async with running_gateway(tmp_path, public_key_only) as gateway:
+        yield gateway, pair
+
+
+def hs256_by_hand(payload: dict[str, Any], key: bytes) -> str:
+    """An HS256 token whose HMAC key is `key` (pyjwt refuses PEM keys as HMAC secrets)."""
+    signing_input = f"{b64(json.dumps({'alg': 'HS256', 'typ': 'JWT'}).encode())}."
+    signing_input += b64(json.dumps(payload).encode())
+    mac = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(mac)}"
+
+
+async def test_a_public_key_gateway_accepts_tokens_signed_with_the_private_key(
+    keyed: tuple[RunningGateway, KeyPair],
+) -> None:
+    gw, pair = keyed
+    token = pair.signer.issue("alice", "alice", "user")
+    assert jwt.get_unverified_header(token)["alg"] == pair.algorithm
+    assert (await gw.fetch("GET", LIST, token=token)).status == 200
+    workflow_id = await gw.upload(token)
+    status = await gw.fetch("GET", f"{STATUS}?workflow_id={workflow_id}", token=token)
+    assert status.status == 200 and status.body["owner"] == "alice"
+
+
+async def test_a_public_key_gateway_cannot_issue_tokens(
+    keyed: tuple[RunningGateway, KeyPair],
+) -> None:
+    gw, _ = keyed
+    assert not gw.gateway.tokens.can_issue
+    with pytest.raises(CannotIssue):
+        gw.gateway.tokens.issue("alice", "alice", "user")
+
+
+async def test_a_bad_token_is_401_with_a_key_pair(
+    keyed: tuple[RunningGateway, KeyPair], key_pairs: dict[str, KeyPair]
+) -> None:
+    gw, pair = keyed
+    other_algorithm = "RS256" if pair.algorithm == "EdDSA" else "EdDSA"
+    good = pair.sign(claims())
+    head, body, signature = good.split(".")
+    attacks = {
+        "garbage": "garbage",
+        "alg none": unsigned(claims()),
+        "HS256 keyed with the public key (algorithm confusion)": hs256_by_hand(
+            claims(), pair.public_file.read_bytes()
+        ),
+        "HS256 with the test secret": jwt.encode(claims(), SECRET, algorithm="HS256"),
+        "a stranger's key": key_pairs[f"stranger {pair.algorithm}"].sign(claims()),
+        f"{other_algorithm}": key_pairs[f"gateway {other_algorithm}"].sign(claims()),
+        "tampered payload": f"{head}.{b64(json.dumps(claims(role='admin')).encode())}.{signature}",
+        "truncated signature": f"{head}.{body}.{signature[:-4]}",
+        "expired": pair.sign(claims(exp=int(time.time()) - 10)),
+        "wrong iss": pair.sign(claims(iss="someone-else")),
+        "wrong aud": pair.sign(claims(aud="another-app")),
+        "missing exp": pair.sign(claims(exp=None)),
+    }
+    accepted = {}
+    for name, token in attacks.items():
+        response = await gw.fetch("GET", LIST, token=token)
+        if response.status != 401 or response.body["error"]["code"] != "invalid_token":
+            accepted[name] = response.status
+    assert accepted == {}
+    assert (await gw.fetch("GET", LIST, token=good)).status == 200

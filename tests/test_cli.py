@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+from support import write_key_pair
 
 from settings import load
 from stox.app import make_tokens
@@ -124,6 +125,30 @@ def test_production_without_a_secret_prints_no_token(tmp_path: Path) -> None:
     assert "jwt.secret" in result.stderr
     assert result.stdout == ""
     assert not (tmp_path / secret.SECRET_FILE).exists()
+
+
+def test_a_public_key_alone_prints_no_token(tmp_path: Path) -> None:
+    _, public = write_key_pair(tmp_path, "EdDSA")
+    result = run_cli(
+        tmp_path,
+        "token",
+        "--user",
+        "alice",
+        STOX_JWT_ALGORITHM="EdDSA",
+        STOX_JWT_PUBLIC_KEY_FILE=str(public),
+    )
+    assert result.returncode == 2
+    assert "jwt.private_key_file" in result.stderr
+    assert result.stdout == ""
+
+
+def test_a_private_key_signs_the_token(tmp_path: Path) -> None:
+    private, public = write_key_pair(tmp_path, "RS256")
+    env = {"STOX_JWT_ALGORITHM": "RS256", "STOX_JWT_PRIVATE_KEY_FILE": str(private)}
+    token = printed_token(run_cli(tmp_path, "token", "--service", "seo", **env))
+    verifier = authority(STOX_JWT_ALGORITHM="RS256", STOX_JWT_PUBLIC_KEY_FILE=str(public))
+    assert jwt.get_unverified_header(token)["alg"] == "RS256"
+    assert verifier.verify(token).role == "service"
 
 
 @pytest.mark.parametrize(

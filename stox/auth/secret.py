@@ -1,12 +1,44 @@
-"""The signing secret: configured, or generated once and kept beside the data (mode 0600)."""
+"""Signing keys: the HS256 secret (configured, or generated once and kept beside the data,
+mode 0600), or an EdDSA/RS256 key pair read from PEM files."""
 
 from __future__ import annotations
 
 import os
 import secrets
 from pathlib import Path
+from typing import Any
+
+from settings import JWTSettings, SettingsError
+from stox.auth.tokens import BadKey, load_private_key, load_public_key
 
 SECRET_FILE = "stox.secret"
+
+
+def key_pair(jwt: JWTSettings, *, issuing: bool) -> dict[str, Any]:
+    """`private_key` and `public_key` from the configured files (either may be None).
+
+    `issuing`: the caller signs tokens (the AuthService, the token command), so the private
+    key is required, in every environment.
+    """
+    if issuing and not jwt.private_key_file:
+        raise SettingsError(
+            f"jwt.private_key_file: required to issue {jwt.algorithm} tokens "
+            "(set STOX_JWT_PRIVATE_KEY_FILE where the AuthService runs)"
+        )
+    keys: dict[str, Any] = {"private_key": None, "public_key": None}
+    for name, path, loader in (
+        ("private_key", jwt.private_key_file, load_private_key),
+        ("public_key", jwt.public_key_file, load_public_key),
+    ):
+        if not path:
+            continue
+        try:
+            keys[name] = loader(Path(path).expanduser().read_bytes(), jwt.algorithm)
+        except OSError as exc:
+            raise SettingsError(f"jwt.{name}_file: cannot read {path}: {exc.strerror}") from None
+        except BadKey as exc:
+            raise SettingsError(f"jwt.{name}_file: {path}: {exc}") from None
+    return keys
 
 
 def data_dir(storage_url: str) -> Path:

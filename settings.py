@@ -92,9 +92,19 @@ class RabbitMQSettings:
     url: str = _help("amqp://… ; empty: the in-process bus", default="")
     exchange: str = _help("the durable topic exchange", default="workflow_exchange")
     routing_key: str = _help("routing key of service completion reports", default="step.completed")
-    max_retries: int = _help("publish attempts before an event waits for the relay", default=3)
+    max_retries: int = _help("publish retries before an event waits for the relay", default=3)
     retry_delay: Duration = _help("pause between publish attempts", default=Duration(5))
     prefix: str = _help("prefix of the queue names this gateway declares", default="stox")
+    confirm_timeout: Duration = _help(
+        "how long a publish waits for the broker's confirm", default=Duration(10)
+    )
+    prefetch: int = _help("unacknowledged messages per consumer", default=100)
+    heartbeat: Duration = _help(
+        "AMQP heartbeat (a dead peer is noticed within 2x)", default=Duration(30)
+    )
+    blocked_timeout: Duration = _help(
+        "reconnect when the broker blocks publishing longer than this", default=Duration(60)
+    )
 
 
 @dataclass
@@ -331,6 +341,7 @@ def _validate(settings: Settings) -> Settings:
     for name in ("sweep_interval", "relay_interval"):
         if getattr(settings.server, name) < 0.01:
             raise SettingsError(f"server.{name}: expected at least 10ms")
+    _validate_rabbitmq(settings.rabbitmq)
     _validate_auth(settings)
     steps = settings.pipeline.steps
     if not steps:
@@ -373,6 +384,25 @@ def _validate_auth(settings: Settings) -> None:
         raise SettingsError("auth.hash_time_cost, auth.hash_parallelism: expected at least 1")
     if auth.hash_memory_cost < 8 * auth.hash_parallelism:
         raise SettingsError("auth.hash_memory_cost: expected at least 8 KiB per lane")
+
+
+def _validate_rabbitmq(mq: RabbitMQSettings) -> None:
+    if not mq.exchange:
+        raise SettingsError("rabbitmq.exchange: expected a name")
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", mq.prefix):
+        raise SettingsError(
+            f"rabbitmq.prefix: expected letters, digits, _ . : -, got {mq.prefix!r}"
+        )
+    if mq.max_retries < 0:
+        raise SettingsError("rabbitmq.max_retries: expected 0 or more")
+    if not 1 <= mq.prefetch <= 65535:
+        raise SettingsError(f"rabbitmq.prefetch: expected 1-65535, got {mq.prefetch}")
+    if mq.confirm_timeout <= 0:
+        raise SettingsError("rabbitmq.confirm_timeout: expected a positive duration")
+    if not 1 <= mq.heartbeat <= 3600:
+        raise SettingsError("rabbitmq.heartbeat: expected 1s to 1h")
+    if mq.blocked_timeout <= 0:
+        raise SettingsError("rabbitmq.blocked_timeout: expected a positive duration")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    import rabbit
+
     from stox.store import WorkflowStore
 
 # ======================================================================================
@@ -162,4 +164,46 @@ async def store(store_url: str) -> AsyncIterator[WorkflowStore]:
 
 # ======================================================================================
 # End of stores
+# ======================================================================================
+
+
+# ======================================================================================
+# RabbitMQ: tests marked `rabbitmq` use a real broker
+# ======================================================================================
+#
+# STOX_TEST_RABBITMQ_URL, or guest@127.0.0.1:5672. With CI=true an unreachable broker fails
+# those tests; elsewhere they are skipped, with the reason. Each test gets its own exchange
+# and queue-name prefix (`rabbit`), deleted afterwards.
+
+RABBITMQ_URL_ENV = "STOX_TEST_RABBITMQ_URL"
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    import rabbit
+
+    url = os.environ.get(RABBITMQ_URL_ENV) or rabbit.DEFAULT_URL
+    problem = rabbit.unreachable(url)
+    if problem is not None:
+        message = (
+            f"RabbitMQ at {rabbit.where(url)} is unreachable ({problem}); start it with "
+            f"`rabbitmq-server -detached` or set {RABBITMQ_URL_ENV}"
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture
+def rabbit_ns(rabbitmq_url: str) -> Iterator[rabbit.Namespace]:
+    import rabbit
+
+    namespace = rabbit.Namespace(rabbitmq_url)
+    yield namespace
+    namespace.delete()
+
+
+# ======================================================================================
+# End of RabbitMQ
 # ======================================================================================

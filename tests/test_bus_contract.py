@@ -29,7 +29,7 @@ BusFactory = Callable[..., Awaitable[EventBus]]
 # -- fixtures and helpers ----------------------------------------------------------------
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 async def bus_factory(request: pytest.FixtureRequest) -> AsyncIterator[BusFactory]:
     """Makes buses of one implementation (not started), and closes them after the test."""
     made: list[EventBus] = []
@@ -37,6 +37,8 @@ async def bus_factory(request: pytest.FixtureRequest) -> AsyncIterator[BusFactor
     async def make(*, start: bool = True) -> EventBus:
         if request.param == "local":
             bus: EventBus = LocalBus(redelivery_delay=0.01)
+        elif request.param == "rabbitmq":  # in the test's own exchange and queue names
+            bus = request.getfixturevalue("rabbit_ns").bus(redelivery_delay=0.01)
         else:  # pragma: no cover - a new param without a branch here
             raise AssertionError(f"unknown bus {request.param}")
         made.append(bus)

@@ -1,0 +1,686 @@
+"""The RabbitMQ bus: pika's `TornadoConnection` on the server's own IOLoop (DESIGN §4).
+
+It keeps the promises of `LocalBus`, so the same contract suite runs on both:
+
+* topology: a durable topic exchange (`rabbitmq.exchange`); every queue declared through
+  `declare()` is dead-lettered to `<prefix>.dead` (a fanout exchange and a durable queue of
+  that name); an `exclusive` queue belongs to this connection and goes with it;
+* publishing: persistent JSON with `message_id`, `correlation_id`, `timestamp` (AMQP carries
+  whole seconds, so the exact float travels in the `x-stox-timestamp` header too) and
+  `content_type`. `publish()` returns once the broker confirms; a nack, a timeout, a lost
+  connection, or the return of an event meant for a durable queue declared here (`mandatory`)
+  is retried `rabbitmq.max_retries` times `rabbitmq.retry_delay` apart, then raises
+  `PublishError`, and the event waits in the outbox for the relay. A return first redeclares
+  the topology: someone deleted a queue. Other events nobody is bound to are dropped, as by
+  an exchange without `mandatory` (and by `LocalBus`);
+* consuming: manual acks after the handler returns, a prefetch per consumer; `Rejected` is
+  nacked without requeue (it dead-letters once); another exception requeues the message after
+  `redelivery_delay`, at most `max_redeliveries` times, then it is dead-lettered. That count
+  is kept per process: a message that fails on several instances may be tried a few more
+  times. A body that is not a JSON object never reaches a handler; it is dead-lettered;
+* recovery, which pika leaves to us: heartbeats, a blocked-connection timeout, and after a
+  lost connection or a broker restart a reconnect with backoff that redeclares everything
+  declared so far and resumes every consumer. Publishes in flight when the connection drops
+  are retried, then fail; none hangs. `connected` says whether the broker is connected now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pika
+import pika.exceptions
+from pika.adapters.tornado_connection import TornadoConnection
+from pika.channel import Channel
+from tornado.ioloop import IOLoop
+
+from settings import RabbitMQSettings
+from stox.bus.base import Event, Handler, PublishError, Rejected, topic_matches
+from stox.bus.local import REDELIVERED
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+TIMESTAMP_HEADER = "x-stox-timestamp"  # the exact float; AMQP timestamps are whole seconds
+PERSISTENT = 2
+_FAILURES_KEPT = 10_000  # messages whose failed deliveries are being counted
+
+
+class _Lost(Exception):
+    """A channel or the connection closed under an operation."""
+
+
+@dataclass(eq=False)
+class _Declared:
+    name: str
+    exclusive: bool
+    bindings: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Consumer:
+    queue: str
+    handler: Handler
+
+
+@dataclass(eq=False)
+class _Channel:
+    channel: Channel
+    closed: asyncio.Future[Any]  # resolves to the reason when the channel closes
+
+
+@dataclass(eq=False)
+class _Publish:
+    message_id: str | None
+    future: asyncio.Future[str | None]  # None: confirmed; else why not
+    returned: bool = False
+
+
+class _Link:
+    """One connection and its two channels; a reconnect replaces it whole."""
+
+    def __init__(self, connection: TornadoConnection, lost: asyncio.Future[Any]) -> None:
+        self.connection = connection
+        self.lost = lost  # resolves to the reason when the connection closes
+        self.closing = False  # we are closing it
+        self.publisher: _Channel | None = None
+        self.consumer: _Channel | None = None
+        self.unconfirmed: OrderedDict[int, _Publish] = OrderedDict()
+        self.next_tag = 0
+
+    @property
+    def open(self) -> bool:
+        return not self.closing and not self.lost.done()
+
+    def close(self, reason: str) -> None:
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            if self.connection.is_open:
+                self.connection.close(reply_text=reason)
+
+    def settle_all(self, why: str) -> None:
+        for pending in self.unconfirmed.values():
+            if not pending.future.done():
+                pending.future.set_result(why)
+        self.unconfirmed.clear()
+
+
+class RabbitMQBus:
+    """An `EventBus` on RabbitMQ; one connection, named `connection_name` in the broker."""
+
+    def __init__(
+        self,
+        settings: RabbitMQSettings,
+        *,
+        connection_name: str = "stox",
+        prefetch: int | None = None,
+        redelivery_delay: float = 0.5,
+        max_redeliveries: int = 5,
+        reconnect_delay: float = 0.2,
+        max_reconnect_delay: float = 30.0,
+    ) -> None:
+        if not settings.url:
+            raise ValueError("rabbitmq.url is required")
+        self.settings = settings
+        self.connection_name = connection_name
+        self.exchange = settings.exchange
+        self.dead_letters = f"{settings.prefix}.dead"  # the exchange and the queue
+        self.prefetch = prefetch or settings.prefetch
+        self.redelivery_delay = redelivery_delay
+        self.max_redeliveries = max_redeliveries
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self._declared: dict[str, _Declared] = {}
+        self._consumers: list[_Consumer] = []
+        self._must_route: dict[str, bool] = {}
+        self._failures: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._link: _Link | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+        self._started = False
+        self._closed = False
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None and self._link.open and not self._closed
+
+    @property
+    def where(self) -> str:
+        """The broker's address without credentials, for messages."""
+        parts = urlsplit(self.settings.url)
+        return f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}"
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._closed:
+            raise RuntimeError("RabbitMQBus cannot be restarted after close()")
+        if self._started:
+            return
+        try:
+            link = await self._connect()
+        except (OSError, _Lost, pika.exceptions.AMQPError) as exc:
+            raise ConnectionError(f"cannot use RabbitMQ at {self.where}: {exc}") from None
+        self._started = True
+        self._link = link
+        self._supervisor = asyncio.get_running_loop().create_task(
+            self._supervise(link), name="RabbitMQBus reconnect"
+        )
+        log.info("connected to RabbitMQ at %s as %r", self.where, self.connection_name)
+
+    async def close(self) -> None:
+        """Stop consuming and disconnect; unacknowledged messages go back to their queues."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        current = asyncio.current_task()
+        tasks = [t for t in (self._supervisor, *self._handlers) if t and t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._handlers.clear()
+        link, self._link = self._link, None
+        if link is not None:
+            link.closing = True
+            link.close("stox bus closed")
+            await asyncio.wait({link.lost}, timeout=5)
+            link.settle_all("the bus was closed")
+
+    # -- the EventBus protocol ------------------------------------------------------------
+
+    async def publish(self, event: Event) -> None:
+        if not self._started or self._closed:
+            raise PublishError(f"bus is not connected; {event.routing_key} not published")
+        body = json.dumps(event.payload).encode()
+        properties = pika.BasicProperties(
+            content_type=JSON,
+            delivery_mode=PERSISTENT,
+            message_id=event.message_id,
+            correlation_id=event.correlation_id,
+            timestamp=int(event.timestamp),
+            headers={**event.headers, TIMESTAMP_HEADER: repr(float(event.timestamp))},
+        )
+        mandatory = self._routes_to_a_durable_queue(event.routing_key)
+        attempts = 1 + max(0, self.settings.max_retries)
+        problem = "not attempted"
+        for attempt in range(1, attempts + 1):
+            problem = await self._publish_once(event.routing_key, body, properties, mandatory)
+            if problem is None:
+                return
+            if self._closed or attempt == attempts:
+                break
+            log.warning(
+                "publish of %s (message_id=%s) failed: %s; attempt %d of %d in %.2gs",
+                event.routing_key,
+                event.message_id,
+                problem,
+                attempt + 1,
+                attempts,
+                self.settings.retry_delay,
+            )
+            if problem == "returned unroutable":
+                await self._redeclare()
+            await self._pause(self.settings.retry_delay)
+        raise PublishError(
+            f"{event.routing_key} (message_id={event.message_id}) not confirmed: {problem}"
+        )
+
+    async def declare(
+        self, queue: str, bindings: Sequence[str], *, exclusive: bool = False
+    ) -> None:
+        link = self._require_connected()
+        if isinstance(bindings, str):
+            raise TypeError("bindings must be a sequence of binding keys, not one string")
+        known = self._declared.get(queue)
+        if known is not None and known.exclusive != exclusive:
+            raise ValueError(f"queue {queue!r} already declared with exclusive={known.exclusive}")
+        wanted = _Declared(
+            queue, exclusive, list(dict.fromkeys([*(known.bindings if known else []), *bindings]))
+        )
+        async with self._temporary_channel(link) as chan:
+            await self._declare_queue(chan, wanted)
+        self._declared[queue] = wanted
+        self._must_route.clear()
+
+    async def consume(self, queue: str, handler: Handler) -> None:
+        link = self._require_connected()
+        if queue not in self._declared:
+            raise LookupError(f"queue {queue!r} is not declared")
+        consumer = _Consumer(queue, handler)
+        self._consumers.append(consumer)  # a reconnect resumes it from here on
+        with contextlib.suppress(_Lost):  # the reconnect will start it
+            await self._start_consumer(link, consumer)
+
+    # -- connecting -----------------------------------------------------------------------
+
+    def _parameters(self) -> pika.URLParameters:
+        params = pika.URLParameters(self.settings.url)
+        query = parse_qs(urlsplit(self.settings.url).query)
+        if "heartbeat" not in query:
+            params.heartbeat = max(1, round(self.settings.heartbeat))
+        if "blocked_connection_timeout" not in query:
+            params.blocked_connection_timeout = float(self.settings.blocked_timeout)
+        params.client_properties = {"connection_name": self.connection_name}
+        return params
+
+    async def _connect(self) -> _Link:
+        """Open a connection and its channels, declare everything, start every consumer."""
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        lost: asyncio.Future[Any] = loop.create_future()
+
+        def on_open(_: Any) -> None:
+            if not opened.done():
+                opened.set_result(None)
+
+        def on_open_error(_: Any, exc: BaseException | str) -> None:
+            if not opened.done():
+                opened.set_exception(_Lost(f"connection failed: {exc!r}"))
+
+        def on_close(_: Any, reason: BaseException) -> None:
+            if not lost.done():
+                lost.set_result(reason)
+
+        connection = TornadoConnection(
+            self._parameters(),
+            on_open_callback=on_open,
+            on_open_error_callback=on_open_error,
+            on_close_callback=on_close,
+            custom_ioloop=IOLoop.current(),
+        )
+        link = _Link(connection, lost)
+        lost.add_done_callback(lambda _: self._on_link_lost(link))
+        try:
+            await opened
+            connection.add_on_connection_blocked_callback(
+                lambda *_: log.warning("RabbitMQ is blocking publishes (resource alarm)")
+            )
+            connection.add_on_connection_unblocked_callback(
+                lambda *_: log.info("RabbitMQ accepts publishes again")
+            )
+            link.publisher = pub = await self._open_channel(link)
+            await self._rpc(
+                pub, pub.channel.confirm_delivery, ack_nack_callback=partial(self._on_confirm, link)
+            )
+            pub.channel.add_on_return_callback(partial(self._on_return, link))
+            link.consumer = sub = await self._open_channel(link)
+            await self._rpc(sub, sub.channel.basic_qos, prefetch_count=self.prefetch)
+            sub.channel.add_on_cancel_callback(
+                lambda _: self._restart(link, "the broker cancelled a consumer")
+            )
+            async with self._temporary_channel(link) as chan:
+                await self._declare_base(chan)
+                for declared in list(self._declared.values()):
+                    await self._declare_queue(chan, declared)
+            for consumer in list(self._consumers):
+                await self._start_consumer(link, consumer)
+        except BaseException:
+            link.closing = True
+            link.close("stox bus could not set up")
+            raise
+        for chan in (pub, sub):
+            chan.closed.add_done_callback(
+                lambda f: self._restart(link, f"a channel closed: {f.result()!r}")
+            )
+        return link
+
+    async def _supervise(self, link: _Link) -> None:
+        """Wait for the connection to drop, then reconnect with backoff; until close()."""
+        while True:
+            await asyncio.wait({link.lost})
+            log.warning("RabbitMQ connection lost (%s); reconnecting", link.lost.result())
+            delay = self.reconnect_delay
+            while True:
+                await self._pause(delay)
+                if self._closed:
+                    return
+                try:
+                    link = await self._connect()
+                except (OSError, _Lost, pika.exceptions.AMQPError) as exc:
+                    log.warning(
+                        "RabbitMQ at %s unavailable (%s); next attempt in %.1fs",
+                        self.where,
+                        exc,
+                        min(delay * 2, self.max_reconnect_delay),
+                    )
+                    delay = min(delay * 2, self.max_reconnect_delay)
+                    continue
+                self._link = link
+                log.info("reconnected to RabbitMQ at %s", self.where)
+                break
+
+    def _on_link_lost(self, link: _Link) -> None:
+        link.settle_all("the connection was lost")
+        if self._link is link:
+            self._link = None
+
+    def _restart(self, link: _Link, why: str) -> None:
+        """A channel of `link` is gone or a consumer cancelled: reconnect from scratch."""
+        if link.open:
+            log.warning("RabbitMQ: %s; reconnecting", why)
+            link.close(why[:200])
+
+    def _require_connected(self) -> _Link:
+        link = self._link
+        if not self._started or self._closed or link is None or not link.open:
+            raise RuntimeError("bus is not connected; call start() first")
+        return link
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the bus closes."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+
+    # -- channels and their operations ----------------------------------------------------
+
+    async def _open_channel(self, link: _Link) -> _Channel:
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[Channel] = loop.create_future()
+        closed: asyncio.Future[Any] = loop.create_future()
+
+        def on_open(channel: Channel) -> None:
+            if not opened.done():
+                opened.set_result(channel)
+
+        def on_close(_: Channel, reason: BaseException) -> None:
+            if not closed.done():
+                closed.set_result(reason)
+
+        try:
+            channel = link.connection.channel(on_open_callback=on_open)
+        except pika.exceptions.AMQPError as exc:
+            raise _Lost(repr(exc)) from None
+        channel.add_on_close_callback(on_close)
+        chan = _Channel(channel, closed)
+        await self._first(opened, closed, link.lost)
+        return chan
+
+    @contextlib.asynccontextmanager
+    async def _temporary_channel(self, link: _Link) -> AsyncIterator[_Channel]:
+        """A channel for declarations: a refusal closes it, and nothing else."""
+        chan = await self._open_channel(link)
+        try:
+            yield chan
+        finally:
+            if chan.channel.is_open:
+                chan.channel.close()
+                await asyncio.wait({chan.closed}, timeout=5)
+
+    async def _rpc(
+        self, chan: _Channel, method: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """Call a pika method that answers through `callback`; _Lost if the channel closes."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def answer(frame: Any) -> None:
+            if not done.done():
+                done.set_result(frame)
+
+        try:
+            method(*args, callback=answer, **kwargs)
+        except pika.exceptions.AMQPError as exc:
+            raise _Lost(repr(exc)) from None
+        return await self._first(done, chan.closed)
+
+    @staticmethod
+    async def _first(wanted: asyncio.Future[Any], *closed: asyncio.Future[Any]) -> Any:
+        await asyncio.wait({wanted, *closed}, return_when=asyncio.FIRST_COMPLETED)
+        if wanted.done():
+            return wanted.result()
+        reason = next(f.result() for f in closed if f.done())
+        raise _Lost(f"closed: {reason!r}")
+
+    async def _declare_base(self, chan: _Channel) -> None:
+        ch = chan.channel
+        await self._rpc(chan, ch.exchange_declare, self.exchange, "topic", durable=True)
+        await self._rpc(chan, ch.exchange_declare, self.dead_letters, "fanout", durable=True)
+        await self._rpc(chan, ch.queue_declare, self.dead_letters, durable=True)
+        await self._rpc(chan, ch.queue_bind, self.dead_letters, self.dead_letters, routing_key="")
+
+    async def _declare_queue(self, chan: _Channel, queue: _Declared) -> None:
+        ch = chan.channel
+        await self._rpc(
+            chan,
+            ch.queue_declare,
+            queue.name,
+            durable=not queue.exclusive,
+            exclusive=queue.exclusive,
+            auto_delete=queue.exclusive,
+            arguments={"x-dead-letter-exchange": self.dead_letters},
+        )
+        for binding in queue.bindings:
+            await self._rpc(chan, ch.queue_bind, queue.name, self.exchange, routing_key=binding)
+
+    async def _redeclare(self) -> None:
+        """Declare everything again (after a return: a queue was deleted under us)."""
+        link = self._link
+        if link is None or not link.open:
+            return
+        try:
+            async with self._temporary_channel(link) as chan:
+                await self._declare_base(chan)
+                for declared in list(self._declared.values()):
+                    await self._declare_queue(chan, declared)
+        except _Lost as exc:
+            log.warning("redeclaring the RabbitMQ topology failed: %s", exc)
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def _routes_to_a_durable_queue(self, routing_key: str) -> bool:
+        """Whether a durable queue declared here is bound to it: then it must not be lost."""
+        must = self._must_route.get(routing_key)
+        if must is None:
+            must = any(
+                topic_matches(binding, routing_key)
+                for queue in self._declared.values()
+                if not queue.exclusive
+                for binding in queue.bindings
+            )
+            if len(self._must_route) > 4096:
+                self._must_route.clear()
+            self._must_route[routing_key] = must
+        return must
+
+    async def _publish_once(
+        self, routing_key: str, body: bytes, properties: pika.BasicProperties, mandatory: bool
+    ) -> str | None:
+        """None once the broker confirms; otherwise what went wrong."""
+        link = self._link
+        if link is None or not link.open or link.publisher is None:
+            return "not connected"
+        pending = _Publish(properties.message_id, asyncio.get_running_loop().create_future())
+        link.next_tag += 1
+        tag = link.next_tag
+        link.unconfirmed[tag] = pending
+        try:
+            link.publisher.channel.basic_publish(
+                self.exchange, routing_key, body, properties, mandatory
+            )
+        except pika.exceptions.AMQPError as exc:
+            link.unconfirmed.pop(tag, None)
+            link.next_tag -= 1
+            return f"cannot publish: {exc!r}"
+        try:
+            return await asyncio.wait_for(pending.future, self.settings.confirm_timeout)
+        except TimeoutError:
+            return f"no confirm within {self.settings.confirm_timeout:g}s"
+
+    @staticmethod
+    def _on_confirm(link: _Link, frame: Any) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        tags = [method.delivery_tag]
+        if method.multiple:
+            tags = [t for t in link.unconfirmed if t <= method.delivery_tag]
+        for tag in tags:
+            pending = link.unconfirmed.pop(tag, None)
+            if pending is None or pending.future.done():
+                continue
+            if pending.returned:
+                pending.future.set_result("returned unroutable")
+            else:
+                pending.future.set_result(None if acked else "nacked by the broker")
+
+    @staticmethod
+    def _on_return(link: _Link, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
+        # the broker returns a message before it confirms it: mark the oldest such publish
+        for pending in link.unconfirmed.values():
+            if pending.message_id == properties.message_id and not pending.returned:
+                pending.returned = True
+                break
+        log.debug("returned %s: %s", method.routing_key, method.reply_text)
+
+    # -- consuming ------------------------------------------------------------------------
+
+    async def _start_consumer(self, link: _Link, consumer: _Consumer) -> None:
+        sub = link.consumer
+        assert sub is not None
+        await self._rpc(
+            sub,
+            sub.channel.basic_consume,
+            consumer.queue,
+            partial(self._on_message, link, consumer),
+        )
+
+    def _on_message(
+        self,
+        link: _Link,
+        consumer: _Consumer,
+        channel: Channel,
+        method: Any,
+        properties: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        if self._closed or not link.open:
+            return  # the broker requeues it when the channel goes
+        key = (consumer.queue, properties.message_id or hashlib.sha1(body).hexdigest())
+        event = _decode(method, properties, body)
+        if event is None:
+            log.warning(
+                "dead-lettered %s from %s (message_id=%s): the body is not a JSON object",
+                method.routing_key,
+                consumer.queue,
+                properties.message_id,
+            )
+            _settle(channel, method.delivery_tag, "dead-letter")
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._handle(channel, method.delivery_tag, consumer, key, event)
+        )
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _handle(
+        self,
+        channel: Channel,
+        tag: int,
+        consumer: _Consumer,
+        key: tuple[str, str],
+        event: Event,
+    ) -> None:
+        try:
+            await consumer.handler(event)
+        except Rejected as exc:
+            reason = f"rejected: {exc}" if str(exc) else "rejected"
+            _log_dead_letter(consumer.queue, event, reason)
+            _settle(channel, tag, "dead-letter")
+            return
+        except Exception as exc:
+            await self._redeliver_later(channel, tag, consumer.queue, key, event, exc)
+            return
+        self._failures.pop(key, None)
+        _settle(channel, tag, "ack")
+
+    async def _redeliver_later(
+        self,
+        channel: Channel,
+        tag: int,
+        queue: str,
+        key: tuple[str, str],
+        event: Event,
+        exc: Exception,
+    ) -> None:
+        failures = self._failures.pop(key, 0)
+        if failures >= self.max_redeliveries:
+            log.error(
+                "handler for %s on %s failed %d times (message_id=%s)",
+                event.routing_key,
+                queue,
+                failures + 1,
+                event.message_id,
+                exc_info=exc,
+            )
+            _log_dead_letter(queue, event, f"failed after {failures} redeliveries: {exc!r}")
+            _settle(channel, tag, "dead-letter")
+            return
+        self._failures[key] = failures + 1
+        while len(self._failures) > _FAILURES_KEPT:
+            self._failures.popitem(last=False)
+        log.warning(
+            "handler for %s on %s failed (message_id=%s); redelivering in %.2fs",
+            event.routing_key,
+            queue,
+            event.message_id,
+            self.redelivery_delay,
+            exc_info=exc,
+        )
+        await self._pause(self.redelivery_delay)
+        _settle(channel, tag, "requeue")
+
+
+def _decode(method: Any, properties: pika.BasicProperties, body: bytes) -> Event | None:
+    """The delivery as an Event; None when the body is not a JSON object."""
+    try:
+        payload = json.loads(body)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    if not isinstance(payload, dict):
+        return None
+    headers = dict(properties.headers or {})
+    exact = headers.pop(TIMESTAMP_HEADER, None)
+    try:
+        timestamp = float(exact) if exact is not None else float(properties.timestamp or 0)
+    except (TypeError, ValueError):
+        timestamp = float(properties.timestamp or 0)
+    if method.redelivered:
+        headers[REDELIVERED] = True
+    return Event(
+        routing_key=method.routing_key,
+        payload=payload,
+        message_id=properties.message_id or "",
+        correlation_id=properties.correlation_id,
+        timestamp=timestamp,
+        headers=headers,
+    )
+
+
+def _settle(channel: Channel, tag: int, how: str) -> None:
+    """Ack, requeue or dead-letter a delivery; on a closed channel the broker requeued it."""
+    if not channel.is_open:
+        return
+    with contextlib.suppress(pika.exceptions.AMQPError):
+        if how == "ack":
+            channel.basic_ack(tag)
+        else:
+            channel.basic_nack(tag, requeue=how == "requeue")
+
+
+def _log_dead_letter(queue: str, event: Event, reason: str) -> None:
+    log.warning(
+        "dead-lettered %s from %s (message_id=%s): %s",
+        event.routing_key,
+        queue,
+        event.message_id,
+        reason,
+    )

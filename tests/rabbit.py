@@ -1,0 +1,203 @@
+"""Helpers for tests against a real RabbitMQ: a namespace of names per test, and admin calls.
+
+The admin calls use a blocking pika connection; from async tests run them in a thread
+(`await asyncio.to_thread(ns.dead_letters)`) so the gateway under test keeps running.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import pika
+import pika.exceptions
+
+if TYPE_CHECKING:
+    from stox.bus.rabbitmq import RabbitMQBus
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+STEPS = ("image_processing", "ai_enhancement", "seo_generation")
+
+
+def unreachable(url: str) -> str | None:
+    """Why the broker at `url` cannot be used, or None when it can."""
+    params = pika.URLParameters(url)
+    params.socket_timeout = params.stack_timeout = 3
+    params.connection_attempts = 1
+    try:
+        pika.BlockingConnection(params).close()
+    except pika.exceptions.AMQPError as exc:
+        return repr(exc)
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
+def where(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 5672}"
+
+
+@dataclass
+class Message:
+    routing_key: str
+    properties: pika.BasicProperties
+    body: bytes
+
+    @property
+    def payload(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Namespace:
+    """The exchange and queue-name prefix of one test; `delete()` removes what it made."""
+
+    url: str
+    prefix: str = field(default_factory=lambda: f"stoxtest.{uuid.uuid4().hex[:10]}")
+    extra_queues: list[str] = field(default_factory=list)
+
+    @property
+    def exchange(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def completions(self) -> str:
+        return f"{self.prefix}.step.completed"
+
+    def step_queue(self, step: str) -> str:
+        return f"{self.prefix}.step.{step}"
+
+    def settings(self) -> dict[str, Any]:
+        """`running_gateway` overrides: this namespace, fast publish retries."""
+        from settings import Duration
+
+        return {
+            "rabbitmq__url": self.url,
+            "rabbitmq__exchange": self.exchange,
+            "rabbitmq__prefix": self.prefix,
+            "rabbitmq__retry_delay": Duration(0.05),
+            "rabbitmq__max_retries": 3,
+        }
+
+    def bus(self, *, connection_name: str | None = None, **options: Any) -> RabbitMQBus:
+        """A RabbitMQBus (not started) in this namespace, with fast publish retries."""
+        from settings import Duration, RabbitMQSettings
+        from stox.bus.rabbitmq import RabbitMQBus
+
+        settings = RabbitMQSettings(
+            url=self.url,
+            exchange=self.exchange,
+            prefix=self.prefix,
+            max_retries=2,
+            retry_delay=Duration(0.05),
+            confirm_timeout=Duration(2),
+        )
+        name = connection_name or f"stox test {self.prefix}"
+        return RabbitMQBus(settings, connection_name=name, **options)
+
+    def config_yaml(self) -> str:
+        """The same for a `server.py --config` file."""
+        return (
+            f"rabbitmq:\n  url: {self.url}\n  exchange: {self.exchange}\n"
+            f"  prefix: {self.prefix}\n  retry_delay: 50ms\n"
+        )
+
+    def _channel_do(self, work: Any) -> Any:
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            return work(connection.channel())
+        finally:
+            connection.close()
+
+    def delete(self) -> None:
+        queues = [self.dead, self.completions, *map(self.step_queue, STEPS), *self.extra_queues]
+        exchanges = [self.exchange, self.dead]
+
+        def work(channel: Any) -> None:
+            for queue in queues:
+                channel.queue_delete(queue)
+            for exchange in exchanges:
+                channel.exchange_delete(exchange)
+
+        self._channel_do(work)
+
+    def publish(
+        self, routing_key: str, body: bytes, headers: dict[str, Any] | None = None, **props: Any
+    ) -> None:
+        """Publish raw bytes to the test exchange, as an outside service would."""
+        properties = pika.BasicProperties(
+            delivery_mode=2, headers=headers, message_id=uuid.uuid4().hex, **props
+        )
+        self._channel_do(lambda ch: ch.basic_publish(self.exchange, routing_key, body, properties))
+
+    def drain(self, queue: str) -> list[Message]:
+        """Every message in `queue` now, acknowledged (removed)."""
+
+        def work(channel: Any) -> list[Message]:
+            got = []
+            while True:
+                method, properties, body = channel.basic_get(queue, auto_ack=True)
+                if method is None:
+                    return got
+                got.append(Message(method.routing_key, properties, body))
+
+        return list(self._channel_do(work))
+
+    def count(self, queue: str) -> int:
+        return int(
+            self._channel_do(lambda ch: ch.queue_declare(queue, passive=True).method.message_count)
+        )
+
+    def bind_probe(self, *bindings: str) -> str:
+        """A durable queue of this namespace bound to `bindings`; read it with drain()."""
+        name = f"{self.prefix}.probe.{uuid.uuid4().hex[:6]}"
+        self.extra_queues.append(name)
+
+        def work(channel: Any) -> None:
+            channel.exchange_declare(self.exchange, "topic", durable=True)
+            channel.queue_declare(name, durable=True)
+            for binding in bindings:
+                channel.queue_bind(name, self.exchange, binding)
+
+        self._channel_do(work)
+        return name
+
+
+def connections_named(name: str) -> list[str]:
+    """The broker's names of the connections whose client-provided name is `name`."""
+    command = ["rabbitmqctl", "-q", "list_connections", "name", "client_properties"]
+    out = subprocess.run(
+        [*command, "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    found = []
+    for row in json.loads(out or "[]"):
+        props = {key: value for key, _kind, value in row["client_properties"]}
+        if props.get("connection_name") == name:
+            found.append(row["name"])
+    return found
+
+
+def close_connections(name: str, reason: str = "closed by a test") -> int:
+    """Have the broker close every connection named `name`; how many it closed."""
+    names = connections_named(name)
+    for broker_name in names:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "close_connection", broker_name, reason],
+            capture_output=True,
+            check=True,
+            timeout=30,
+        )
+    return len(names)

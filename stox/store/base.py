@@ -1,4 +1,5 @@
-"""The WorkflowStore protocol every store implements (SQLite, MongoDB)."""
+"""The protocols every store implements (SQLite, MongoDB): workflows, and the users of the
+built-in AuthService."""
 
 from __future__ import annotations
 
@@ -51,3 +52,28 @@ class WorkflowStore(Protocol):
 
     async def unpublished(self, written_before: str, limit: int) -> list[dict[str, Any]]:
         """Workflows with an outbox entry written at or before `written_before`."""
+
+
+class UserStore(Protocol):
+    """Keeps user accounts: `{id, username, password_hash, role, created_at}`.
+
+    User names are unique (an index, so concurrent registrations cannot both win).
+    """
+
+    async def open(self) -> None:
+        """Connect and create tables or indexes; idempotent."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreError when the store cannot serve."""
+
+    async def insert_user(self, user: dict[str, Any]) -> None:
+        """Add a user; AlreadyExists if its user name (or id) is taken."""
+
+    async def user_by_id(self, user_id: str) -> dict[str, Any] | None: ...
+
+    async def user_by_name(self, username: str) -> dict[str, Any] | None: ...
+
+    async def set_password_hash(self, user_id: str, password_hash: str) -> None:
+        """Replace a user's password hash (a rehash with stronger parameters)."""

@@ -17,11 +17,14 @@ and the `ping` command. Two nx-27017 quirks shape the queries:
   queried inclusively, which gives a superset on both servers, and the extra documents
   (which sort at one end of the result) are filtered out here. On MongoDB that filter
   drops at most the page cursor's own document and its exact-timestamp ties.
+
+`MongoUserStore` keeps the AuthService's users in the collection `users` (`_id` the user id,
+a unique index on `username`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
@@ -31,7 +34,9 @@ from stox.store.base import AlreadyExists, StoreError
 
 DEFAULT_DATABASE = "stox"
 COLLECTION = "workflows"
+USERS = "users"
 SERVER_SELECTION_TIMEOUT_MS = 5000
+M = TypeVar("M", bound="MongoCollection")
 
 _NEWEST_FIRST = [("created_at", DESCENDING), ("id", DESCENDING)]
 _INDEXES = (
@@ -56,8 +61,12 @@ def _from_mongo(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-class MongoStore:
-    """WorkflowStore on a MongoDB collection. The client is made in `open()`, on the loop."""
+class MongoCollection:
+    """One collection and its indexes (`INDEXES`: keys, options). The client is made in
+    `open()`, on the loop it will run on."""
+
+    COLLECTION = COLLECTION
+    INDEXES: tuple[tuple[list[tuple[str, int]], dict[str, Any]], ...] = ()
 
     def __init__(self, url: str, database: str | None = None) -> None:
         self.url = url
@@ -66,11 +75,11 @@ class MongoStore:
         self._collection: Any = None
 
     @classmethod
-    def from_url(cls, url: str) -> MongoStore:
+    def from_url(cls: type[M], url: str) -> M:
         return cls(url)
 
     def __repr__(self) -> str:
-        return f"MongoStore(database={self.database!r})"
+        return f"{type(self).__name__}(database={self.database!r})"
 
     def _col(self) -> Any:
         col = self._collection
@@ -90,10 +99,10 @@ class MongoStore:
             client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(self.url, **options)
         except PyMongoError as exc:  # a malformed URL or option
             raise StoreError(f"MongoDB: {exc}") from exc
-        collection = client[self.database][COLLECTION]
+        collection = client[self.database][self.COLLECTION]
         try:
-            for keys in _INDEXES:
-                await collection.create_index(keys)
+            for keys, options in self.INDEXES:
+                await collection.create_index(keys, **options)
         except PyMongoError as exc:
             await client.close()
             raise StoreError(f"MongoDB: cannot create indexes: {exc}") from exc
@@ -116,24 +125,36 @@ class MongoStore:
         except PyMongoError as exc:
             raise StoreError(f"MongoDB: {exc}") from exc
 
-    # -- documents -----------------------------------------------------------------------
-
-    async def insert(self, doc: dict[str, Any]) -> None:
+    async def _insert(self, doc: dict[str, Any], what: str) -> None:
         col = self._col()
         try:
             await col.insert_one({"_id": doc["id"], **doc})
         except DuplicateKeyError as exc:
-            raise AlreadyExists(f"workflow {doc['id']} already exists") from exc
+            raise AlreadyExists(f"{what} already exists") from exc
         except PyMongoError as exc:
             raise StoreError(f"MongoDB: {exc}") from exc
 
-    async def get(self, workflow_id: str) -> dict[str, Any] | None:
+    async def _find_one(self, query: dict[str, Any]) -> dict[str, Any] | None:
         col = self._col()
         try:
-            doc = await col.find_one({"_id": workflow_id})
+            doc = await col.find_one(query)
         except PyMongoError as exc:
             raise StoreError(f"MongoDB: {exc}") from exc
         return None if doc is None else _from_mongo(doc)
+
+
+class MongoStore(MongoCollection):
+    """WorkflowStore on the MongoDB collection `workflows`."""
+
+    INDEXES = tuple((keys, {}) for keys in _INDEXES)
+
+    # -- documents -----------------------------------------------------------------------
+
+    async def insert(self, doc: dict[str, Any]) -> None:
+        await self._insert(doc, f"workflow {doc['id']}")
+
+    async def get(self, workflow_id: str) -> dict[str, Any] | None:
+        return await self._find_one({"_id": workflow_id})
 
     async def replace(self, doc: dict[str, Any], expected_version: int) -> bool:
         col = self._col()
@@ -198,3 +219,27 @@ class MongoStore:
         except PyMongoError as exc:
             raise StoreError(f"MongoDB: {exc}") from exc
         return [_from_mongo(doc) for doc in docs]
+
+
+class MongoUserStore(MongoCollection):
+    """UserStore on the MongoDB collection `users`, its user names unique."""
+
+    COLLECTION = USERS
+    INDEXES = (([("username", ASCENDING)], {"unique": True}),)
+
+    async def insert_user(self, user: dict[str, Any]) -> None:
+        await self._insert(user, f"user {user['username']}")
+
+    async def user_by_id(self, user_id: str) -> dict[str, Any] | None:
+        return await self._find_one({"_id": user_id})
+
+    async def user_by_name(self, username: str) -> dict[str, Any] | None:
+        return await self._find_one({"username": username})
+
+    async def set_password_hash(self, user_id: str, password_hash: str) -> None:
+        try:
+            await self._col().update_one(
+                {"_id": user_id}, {"$set": {"password_hash": password_hash}}
+            )
+        except PyMongoError as exc:
+            raise StoreError(f"MongoDB: {exc}") from exc

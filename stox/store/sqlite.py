@@ -4,6 +4,9 @@ All SQLite work runs on one dedicated worker thread that owns the connection, so
 never waits on disk and the connection is never used from two threads at once (which also
 keeps a `:memory:` database alive: there is only ever one connection). Every statement runs
 in autocommit mode; each write is a single statement, so each is atomic on its own.
+
+`SQLiteStore` keeps workflows; `SQLiteUserStore` keeps the AuthService's users in the same
+file (a table of its own, the user name unique), on a connection of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, TypeVar
 from stox.store.base import AlreadyExists, StoreError
 
 T = TypeVar("T")
+D = TypeVar("D", bound="SQLiteDatabase")
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS workflows (
@@ -76,6 +80,10 @@ _decode = json.loads
 MEMORY = ":memory:"
 
 
+def _rowcount(cursor: sqlite3.Cursor) -> int:
+    return cursor.rowcount
+
+
 def path_from_url(url: str) -> str:
     """`sqlite:///relative.db`, `sqlite:////abs/path.db` or `sqlite://:memory:` -> a path."""
     if not url.startswith("sqlite://"):
@@ -91,8 +99,10 @@ def path_from_url(url: str) -> str:
     return rest[1:]
 
 
-class SQLiteStore:
-    """WorkflowStore on a SQLite file; see the module docstring for the threading model."""
+class SQLiteDatabase:
+    """One connection on its own worker thread, its tables made by `SCHEMA` on open."""
+
+    SCHEMA: tuple[str, ...] = ()
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -100,11 +110,11 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
 
     @classmethod
-    def from_url(cls, url: str) -> SQLiteStore:
+    def from_url(cls: type[D], url: str) -> D:
         return cls(path_from_url(url))
 
     def __repr__(self) -> str:
-        return f"SQLiteStore({self.path!r})"
+        return f"{type(self).__name__}({self.path!r})"
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -146,7 +156,7 @@ class SQLiteStore:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            for statement in _SCHEMA:
+            for statement in self.SCHEMA:
                 conn.execute(statement)
         except sqlite3.Error as exc:
             conn.close()
@@ -169,45 +179,46 @@ class SQLiteStore:
             conn.close()
 
     async def ping(self) -> None:
-        await self._run(self._ping_sync)
+        await self._run(self._query, "SELECT 1", (), sqlite3.Cursor.fetchone)
 
-    def _ping_sync(self) -> None:
+    def _insert_sync(self, sql: str, row: tuple[Any, ...], what: str) -> None:
         try:
-            self._connection().execute("SELECT 1").fetchone()
+            self._connection().execute(sql, row)
+        except sqlite3.IntegrityError as exc:  # a unique key is taken
+            raise AlreadyExists(f"{what} already exists") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite: {exc}") from exc
+
+    def _query(self, sql: str, params: tuple[Any, ...], read: Callable[[sqlite3.Cursor], T]) -> T:
+        """Run one statement and `read` its result; StoreError for any SQLite failure."""
+        try:
+            return read(self._connection().execute(sql, params))
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from exc
+
+
+class SQLiteStore(SQLiteDatabase):
+    """WorkflowStore on a SQLite file; see the module docstring for the threading model."""
+
+    SCHEMA = _SCHEMA
 
     # -- documents -----------------------------------------------------------------------
 
     async def insert(self, doc: dict[str, Any]) -> None:
-        await self._run(self._insert_sync, _row(doc))
-
-    def _insert_sync(self, row: tuple[Any, ...]) -> None:
-        try:
-            self._connection().execute(_INSERT, row)
-        except sqlite3.IntegrityError as exc:
-            raise AlreadyExists(f"workflow {row[-1]} already exists") from exc
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite: {exc}") from exc
+        await self._run(self._insert_sync, _INSERT, _row(doc), f"workflow {doc['id']}")
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None:
         return await self._run(self._get_sync, workflow_id)
 
     def _get_sync(self, workflow_id: str) -> dict[str, Any] | None:
-        try:
-            row = self._connection().execute(_GET, (workflow_id,)).fetchone()
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite: {exc}") from exc
+        row = self._query(_GET, (workflow_id,), sqlite3.Cursor.fetchone)
         return None if row is None else _decode(row[0])
 
     async def replace(self, doc: dict[str, Any], expected_version: int) -> bool:
         return await self._run(self._replace_sync, (*_row(doc), expected_version))
 
     def _replace_sync(self, row: tuple[Any, ...]) -> bool:
-        try:
-            return self._connection().execute(_REPLACE, row).rowcount == 1
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite: {exc}") from exc
+        return self._query(_REPLACE, row, _rowcount) == 1
 
     async def list(
         self,
@@ -249,8 +260,42 @@ class SQLiteStore:
         return await self._run(self._select_sync, _UNPUBLISHED, (written_before, limit))
 
     def _select_sync(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-        try:
-            rows = self._connection().execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite: {exc}") from exc
-        return [_decode(row[0]) for row in rows]
+        return [_decode(row[0]) for row in self._query(sql, params, sqlite3.Cursor.fetchall)]
+
+
+_USER_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS users (
+        id TEXT PRIMARY KEY,
+        username TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        role TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""",
+)
+_USER_COLUMNS = ("id", "username", "password_hash", "role", "created_at")
+_SELECT_USER = f"SELECT {', '.join(_USER_COLUMNS)} FROM users WHERE "
+_INSERT_USER = f"INSERT INTO users ({', '.join(_USER_COLUMNS)}) VALUES (?, ?, ?, ?, ?)"
+
+
+class SQLiteUserStore(SQLiteDatabase):
+    """UserStore on a SQLite file: the `users` table, its user names unique."""
+
+    SCHEMA = _USER_SCHEMA
+
+    async def insert_user(self, user: dict[str, Any]) -> None:
+        row = tuple(user[c] for c in _USER_COLUMNS)
+        await self._run(self._insert_sync, _INSERT_USER, row, f"user {user['username']}")
+
+    async def user_by_id(self, user_id: str) -> dict[str, Any] | None:
+        return await self._run(self._user_sync, "id", user_id)
+
+    async def user_by_name(self, username: str) -> dict[str, Any] | None:
+        return await self._run(self._user_sync, "username", username)
+
+    def _user_sync(self, column: str, value: str) -> dict[str, Any] | None:
+        row = self._query(_SELECT_USER + f"{column} = ?", (value,), sqlite3.Cursor.fetchone)
+        return None if row is None else dict(zip(_USER_COLUMNS, row, strict=True))
+
+    async def set_password_hash(self, user_id: str, password_hash: str) -> None:
+        sql = "UPDATE users SET password_hash = ? WHERE id = ?"
+        await self._run(self._query, sql, (password_hash, user_id), _rowcount)

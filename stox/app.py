@@ -49,11 +49,12 @@ def make_pipeline(settings: Settings) -> Pipeline:
     )
 
 
-def make_bus(settings: Settings) -> EventBus:
+def make_bus(settings: Settings, connection_name: str = "stox") -> EventBus:
+    """The in-process bus, or RabbitMQ (`connection_name` shows in the broker's tools)."""
     if settings.rabbitmq.url:
         from stox.bus.rabbitmq import RabbitMQBus
 
-        return RabbitMQBus(settings.rabbitmq)
+        return RabbitMQBus(settings.rabbitmq, connection_name=connection_name)
     from stox.bus.local import LocalBus
 
     return LocalBus()
@@ -118,7 +119,7 @@ class Gateway:
         self.demo_worker_options = dict(demo_worker_options or {})
         self.instance_id = settings.server.instance_id or uuid.uuid4().hex[:12]
         self.store = store or make_store(settings.storage.url)
-        self.bus = bus or make_bus(settings)
+        self.bus = bus or make_bus(settings, f"stox gateway {self.instance_id}")
         self.tokens = make_tokens(settings)
         self.pipeline = make_pipeline(settings)
         self.orchestrator = Orchestrator(self.store, self.bus, self.pipeline, clock=clock)
@@ -131,10 +132,14 @@ class Gateway:
         await self.bus.start()
         await self._declare_and_consume()
         if self.settings.demo_workers:
-            from stox.demo_workers import DemoWorkers
+            from stox.demo_workers import DemoWorkers, ServiceToken
 
             workers = DemoWorkers(
-                self.bus, self.pipeline, self.topology.step_queue, **self.demo_worker_options
+                self.bus,
+                self.pipeline,
+                self.topology.step_queue,
+                service_token=ServiceToken(self.tokens, "demo-workers"),
+                **self.demo_worker_options,
             )
             await workers.start()
         await self.orchestrator.relay(min_age=0)
@@ -151,8 +156,10 @@ class Gateway:
             for spec in self.pipeline.steps:
                 await self.bus.declare(topo.step_queue(spec.name), [spec.routing_key])
         await self.bus.declare(topo.completions, [self.pipeline.completion_routing_key])
+        # DESIGN §4 binds the hub's queue to workflow.# and step.#; it reads only the change
+        # notifications, so only those are routed to it (less traffic on every instance)
         await self.bus.declare(topo.hub, [CHANGE_ROUTING_KEY], exclusive=True)
-        await self.bus.consume(topo.completions, completion_handler(self.orchestrator))
+        await self.bus.consume(topo.completions, completion_handler(self.orchestrator, self.tokens))
         await self.bus.consume(topo.hub, self.hub.on_change)
 
     def make_app(self) -> tornado.web.Application:

@@ -1,8 +1,10 @@
 """Service completion reports arriving over the bus (`step.completed`).
 
-They obey the same rules as the HTTP endpoint. A message that can never be applied
-(malformed) is rejected to the dead-letter queue; a stale or unknown one is acknowledged and
-logged, since redelivering it would never change the answer.
+They obey the same rules as the HTTP endpoint, including its credentials: a message must
+carry a service token in the header `authorization: Bearer <jwt>`. A message that can never
+be applied (malformed, or without a valid service token) is rejected to the dead-letter
+queue, once; a stale or unknown one is acknowledged and logged, since redelivering it would
+never change the answer.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 
 from marshmallow import ValidationError
 
+from stox.auth.tokens import SERVICE, InvalidToken, TokenAuthority
 from stox.bus.base import Event, Handler, Rejected
 from stox.orchestrator import NotFound, Orchestrator
 from stox.schemas import completion_event_schema
@@ -18,9 +21,12 @@ from stox.workflow import Report, StaleReport
 
 log = logging.getLogger(__name__)
 
+AUTHORIZATION = "authorization"  # the AMQP header; its name is matched in any case
 
-def completion_handler(orchestrator: Orchestrator) -> Handler:
+
+def completion_handler(orchestrator: Orchestrator, tokens: TokenAuthority) -> Handler:
     async def handle(event: Event) -> None:
+        authorize(tokens, event)
         try:
             report = Report(**completion_event_schema.load(event.payload))
         except ValidationError as exc:
@@ -31,3 +37,17 @@ def completion_handler(orchestrator: Orchestrator) -> Handler:
             log.info("completion %s ignored: %s %s", event.message_id, type(exc).__name__, exc)
 
     return handle
+
+
+def authorize(tokens: TokenAuthority, event: Event) -> None:
+    """Rejected unless the event carries a valid service token (the reason names no token)."""
+    header = next((v for k, v in event.headers.items() if k.lower() == AUTHORIZATION), None)
+    scheme, _, token = header.partition(" ") if isinstance(header, str) else ("", "", "")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Rejected(f"completion {event.message_id} has no authorization: Bearer header")
+    try:
+        principal = tokens.verify(token.strip())
+    except InvalidToken as exc:
+        raise Rejected(f"completion {event.message_id}: invalid service token ({exc})") from None
+    if principal.role != SERVICE:
+        raise Rejected(f"completion {event.message_id}: a {principal.role} token, not a service's")

@@ -1,8 +1,9 @@
 """Simulated image, AI and SEO services for `--demo-workers`.
 
 They take dispatch events from the step queues, work a short random while, and report over
-the bus (`step.completed`) exactly as a real service does, so the demo exercises the same
-completion path. A small share of attempts fail, so retries show on the dashboard.
+the bus (`step.completed`) exactly as a real service does, with a service token the gateway
+issues them, so the demo exercises the same completion path. A small share of attempts
+fail, so retries show on the dashboard.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
+from stox.auth.tokens import SERVICE, TokenAuthority
 from stox.bus.base import Event, EventBus
 from stox.workflow import Pipeline, isoformat
 
@@ -93,13 +95,33 @@ WORKERS: dict[str, Callable[[str, dict[str, Any], dict[str, Any]], dict[str, Any
 }
 
 
+class ServiceToken:
+    """A service token issued by the gateway itself, renewed at half its lifetime."""
+
+    def __init__(self, tokens: TokenAuthority, name: str) -> None:
+        self.tokens = tokens
+        self.name = name
+        self._token = ""
+        self._renew_at = 0.0
+
+    def __call__(self) -> str:
+        now = time.time()
+        if now >= self._renew_at:
+            self._token = self.tokens.issue(f"service:{self.name}", self.name, SERVICE)
+            self._renew_at = now + self.tokens.expiry / 2
+        return self._token
+
+
 class DemoWorkers:
+    """Consume every step queue; `service_token()` gives the token each report carries."""
+
     def __init__(
         self,
         bus: EventBus,
         pipeline: Pipeline,
         step_queue: Callable[[str], str],
         *,
+        service_token: Callable[[], str],
         min_delay: float = 0.3,
         max_delay: float = 1.5,
         failure_rate: float = 0.08,
@@ -108,11 +130,13 @@ class DemoWorkers:
         self.bus = bus
         self.pipeline = pipeline
         self.step_queue = step_queue
+        self.service_token = service_token
         self.min_delay, self.max_delay = min_delay, max_delay
         self.failure_rate = failure_rate
         self.rng = rng or random.Random()
 
     async def start(self) -> None:
+        self.service_token()  # a gateway that cannot issue tokens cannot run them: say so now
         for spec in self.pipeline.steps:
             await self.bus.consume(self.step_queue(spec.name), self.handle)
 
@@ -144,6 +168,7 @@ class DemoWorkers:
                 message_id=uuid.uuid4().hex,
                 correlation_id=payload["workflow_id"],
                 timestamp=time.time(),
+                headers={"authorization": f"Bearer {self.service_token()}"},
             )
         )
         log.debug("demo %s reported %s for %s", step, report["success"], payload["workflow_id"])

@@ -223,6 +223,7 @@ def workers(bus: RecordingBus, failure_rate: float = 0.0) -> DemoWorkers:
         bus,  # type: ignore[arg-type]
         Pipeline(),
         lambda name: f"q.{name}",
+        service_token=lambda: "service-token",
         min_delay=0,
         max_delay=0,
         failure_rate=failure_rate,
@@ -244,6 +245,7 @@ async def test_handle_reports_a_result_to_the_reply_routing_key() -> None:
     assert report["step_type"] == "image_processing"
     assert report["success"] is True
     assert report["result"]["count"] == 1
+    assert event.headers == {"authorization": "Bearer service-token"}
 
 
 async def test_handle_reports_failures_and_unknown_steps() -> None:
@@ -267,7 +269,8 @@ async def test_start_consumes_every_step_queue() -> None:
             consumed.append(queue)
 
     pipeline = Pipeline(steps=(StepSpec("a"), StepSpec("b")))
-    await DemoWorkers(Bus(), pipeline, lambda name: f"q.{name}").start()  # type: ignore[arg-type]
+    workers = DemoWorkers(Bus(), pipeline, "q.{}".format, service_token=str)  # type: ignore[arg-type]
+    await workers.start()
     assert consumed == ["q.a", "q.b"]
 
 

@@ -1,0 +1,244 @@
+"""`step.completed` over the bus: the HTTP endpoint's rules, a service token, dead letters.
+
+Run on the in-process bus and on RabbitMQ. A report without a valid service token, or one
+that can never be applied, goes to the dead letters once and is logged; the gateway keeps
+serving. A stale report is acknowledged, not dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rabbit
+from support import RunningGateway, running_gateway
+
+from stox import workflow as w
+from stox.auth.tokens import ADMIN, SERVICE
+from stox.bus.base import Event
+from stox.bus.local import LocalBus
+
+TIMEOUT = 10.0
+
+
+@dataclass
+class Harness:
+    """A running gateway and how to reach its `step.completed` queue from outside."""
+
+    gw: RunningGateway
+    send_raw: Callable[[bytes, dict[str, Any]], Awaitable[None]]
+    dead: Callable[[], Awaitable[list[bytes]]]  # bodies of the dead letters so far
+
+    async def send(self, payload: dict[str, Any], headers: dict[str, Any]) -> None:
+        await self.send_raw(json.dumps(payload).encode(), headers)
+
+    def service_headers(self, name: str = "image-service") -> dict[str, Any]:
+        return {"authorization": f"Bearer {self.gw.service_token(name)}"}
+
+    async def current_step(self, workflow_id: str) -> dict[str, Any]:
+        doc = await self.status(workflow_id)
+        return dict(doc["steps"][doc["current_step"]])
+
+    async def status(self, workflow_id: str) -> dict[str, Any]:
+        response = await self.gw.fetch(
+            "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=self.gw.token()
+        )
+        assert response.status == 200, response.body
+        return dict(response.body)
+
+    async def wait_for(self, check: Callable[[], Awaitable[bool]]) -> None:
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                if await check():
+                    return
+                await asyncio.sleep(0.02)
+
+
+@pytest.fixture(params=["local", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    if request.param == "local":
+        bus = LocalBus()
+
+        async def send_local(body: bytes, headers: dict[str, Any]) -> None:
+            await bus.publish(
+                Event("step.completed", json.loads(body), uuid.uuid4().hex, None, 0, headers)
+            )
+
+        async def dead_local() -> list[bytes]:
+            return [json.dumps(event.payload).encode() for _, event, _ in bus.dead_letters]
+
+        async with running_gateway(tmp_path, gateway_options={"bus": bus}) as gw:
+            yield Harness(gw, send_local, dead_local)
+        return
+
+    ns: rabbit.Namespace = request.getfixturevalue("rabbit_ns")
+
+    async def send_amqp(body: bytes, headers: dict[str, Any]) -> None:
+        await asyncio.to_thread(
+            ns.publish, "step.completed", body, headers, content_type="application/json"
+        )
+
+    async def dead_amqp() -> list[bytes]:
+        dead.extend(m.body for m in await asyncio.to_thread(ns.drain, ns.dead))
+        return list(dead)
+
+    dead: list[bytes] = []
+    async with running_gateway(tmp_path, **ns.settings()) as gw:
+        yield Harness(gw, send_amqp, dead_amqp)
+
+
+def report(step: dict[str, Any], workflow_id: str, /, **changes: Any) -> dict[str, Any]:
+    body = {
+        "event": "step.completed",
+        "workflow_id": workflow_id,
+        "occurred_at": w.isoformat(0),
+        "step_id": step["step_id"],
+        "step_type": step["name"],
+        "success": True,
+        "result": {"ok": True},
+    }
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+async def test_a_service_report_applies_like_the_http_endpoint(harness: Harness) -> None:
+    workflow_id = await harness.gw.upload(harness.gw.token())
+    first = await harness.current_step(workflow_id)
+
+    # the header name is matched in any case, as HTTP's is
+    headers = {"Authorization": f"Bearer {harness.gw.service_token()}"}
+    await harness.send(report(first, workflow_id), headers)
+
+    async def moved_on() -> bool:
+        return (await harness.current_step(workflow_id))["name"] == "ai_enhancement"
+
+    await harness.wait_for(moved_on)
+    doc = await harness.status(workflow_id)
+    assert doc["steps"][0]["status"] == w.COMPLETED
+    assert doc["steps"][0]["result"] == {"ok": True}
+    assert await harness.dead() == []
+
+
+async def test_reports_without_a_service_token_are_dead_lettered_once(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = harness.gw
+    workflow_id = await gw.upload(gw.token())
+    step = await harness.current_step(workflow_id)
+    expired = gw.gateway.tokens.issue("service:old", "old", SERVICE, expires_in=-60)
+    refused = {
+        "no header": {},
+        "not bearer": {"authorization": f"Basic {gw.service_token()}"},
+        "empty bearer": {"authorization": "Bearer "},
+        "not a string": {"authorization": 42},
+        "garbage": {"authorization": "Bearer not-a-jwt"},
+        "expired": {"authorization": f"Bearer {expired}"},
+        "user token": {"authorization": f"Bearer {gw.token('mallory')}"},
+        "admin token": {"authorization": f"Bearer {gw.token('root', ADMIN)}"},
+    }
+    with caplog.at_level(logging.INFO):
+        for n, headers in enumerate(refused.values()):
+            await harness.send(report(step, workflow_id, result={"n": n}), headers)
+
+        async def all_dead() -> bool:
+            return len(await harness.dead()) >= len(refused)
+
+        await harness.wait_for(all_dead)
+        await asyncio.sleep(0.2)  # time for a (wrong) redelivery
+        dead = await harness.dead()
+
+    assert sorted(json.loads(body)["result"]["n"] for body in dead) == list(range(len(refused)))
+    unchanged = await harness.status(workflow_id)
+    assert unchanged["version"] == 2 and unchanged["steps"][0]["status"] == w.DISPATCHED
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("dead-lettered step.completed" in m for m in messages) == len(refused)
+    assert not any("redelivering" in m for m in messages)
+    assert not any(gw.service_token() in m or expired in m for m in messages)  # no token logged
+
+    # the gateway keeps serving: a good report still applies
+    await harness.send(report(step, workflow_id), harness.service_headers())
+
+    async def applied() -> bool:
+        return (await harness.status(workflow_id))["steps"][0]["status"] == w.COMPLETED
+
+    await harness.wait_for(applied)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"step_id": None},
+        {"workflow_id": "not-hex"},
+        {"success": "yes"},
+        {"result": ["not", "an", "object"]},
+        {"error": "x" * 5000},
+    ],
+    ids=["no step_id", "bad workflow_id", "success not a boolean", "result a list", "long error"],
+)
+async def test_malformed_reports_are_dead_lettered_once(
+    harness: Harness, change: dict[str, Any]
+) -> None:
+    workflow_id = await harness.gw.upload(harness.gw.token())
+    step = await harness.current_step(workflow_id)
+    await harness.send(report(step, workflow_id, **change), harness.service_headers())
+
+    async def dead() -> bool:
+        return len(await harness.dead()) == 1
+
+    await harness.wait_for(dead)
+    await asyncio.sleep(0.1)
+    assert len(await harness.dead()) == 1
+    assert (await harness.status(workflow_id))["version"] == 2
+
+
+async def test_stale_and_unknown_reports_are_acknowledged_not_dead_lettered(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = harness.gw
+    workflow_id = await gw.upload(gw.token())
+    step = await harness.current_step(workflow_id)
+    with caplog.at_level(logging.INFO, logger="stox.completions"):
+        await harness.send(report(step, workflow_id, step_id="ab" * 16), harness.service_headers())
+        await harness.send(report(step, "cd" * 16), harness.service_headers())
+
+        async def both_logged() -> bool:
+            return sum("ignored" in r.getMessage() for r in caplog.records) == 2
+
+        await harness.wait_for(both_logged)
+    assert await harness.dead() == []
+    assert (await harness.status(workflow_id))["version"] == 2
+
+
+@pytest.mark.rabbitmq
+async def test_a_body_that_is_not_json_is_dead_lettered_and_the_gateway_serves_on(
+    tmp_path: Path, rabbit_ns: rabbit.Namespace
+) -> None:
+    ns = rabbit_ns
+    async with running_gateway(tmp_path, **ns.settings()) as gw:
+        workflow_id = await gw.upload(gw.token())
+        for body in (b"\xff\xfe not json", b"[1, 2, 3]", b""):
+            await asyncio.to_thread(ns.publish, "step.completed", body, {})
+
+        async def three_dead() -> list[bytes]:
+            async with asyncio.timeout(TIMEOUT):
+                got: list[bytes] = []
+                while len(got) < 3:
+                    got += [m.body for m in await asyncio.to_thread(ns.drain, ns.dead)]
+                    await asyncio.sleep(0.02)
+                return got
+
+        assert sorted(await three_dead()) == sorted([b"\xff\xfe not json", b"[1, 2, 3]", b""])
+        ready = await gw.fetch("GET", "/readyz")
+        assert ready.status == 200, ready.body
+        assert (
+            await gw.fetch(
+                "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=gw.token()
+            )
+        ).status == 200

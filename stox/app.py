@@ -19,6 +19,7 @@ import tornado.httpserver
 import tornado.web
 
 import handlers.health
+import handlers.static
 import handlers.workflow
 import handlers.ws
 from handlers.base import NotFoundHandler
@@ -168,17 +169,13 @@ class Gateway:
             *handlers.health.routes,
             *handlers.workflow.routes,
             *handlers.ws.routes,
-            (
-                r"/()",
-                tornado.web.StaticFileHandler,
-                {"path": str(STATIC_DIR), "default_filename": "index.html"},
-            ),
-            (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": str(STATIC_DIR)}),
+            *handlers.static.routes,  # `/`; `/static/…` comes from its app_settings
         ]
         return tornado.web.Application(
             routes,
             default_handler_class=NotFoundHandler,
             log_function=log_request,
+            **handlers.static.app_settings(STATIC_DIR),
             orchestrator=self.orchestrator,
             tokens=self.tokens,
             store=self.store,

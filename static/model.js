@@ -1,0 +1,268 @@
+// The dashboard's pure parts: the workflow store (applied by version), the input checks
+// the server makes (stox/schemas.py ProductSchema; the auth service's rules), and formatting.
+// No DOM here, so a test can import this module on its own.
+
+export const STATUSES = ["running", "completed", "failed", "cancelled"];
+export const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+export const SNAPSHOT_LIMIT = 100; // the newest workflows the WebSocket snapshot covers
+
+// -- the workflows this page knows ---------------------------------------------------------
+
+export class WorkflowStore {
+  constructor() {
+    this.byId = new Map();
+  }
+
+  get size() {
+    return this.byId.size;
+  }
+
+  get(id) {
+    return this.byId.get(id);
+  }
+
+  /** Keep `doc` if it is newer than what is shown; the version it replaced, or null. */
+  apply(doc, version = doc.version) {
+    const current = this.byId.get(doc.id);
+    if (current !== undefined && current.version >= version) return null;
+    this.byId.set(doc.id, { ...doc, version });
+    return { previous: current ?? null };
+  }
+
+  /** Newest first, as the server lists them; only `status` when given. */
+  list(status = null) {
+    const docs = [...this.byId.values()].filter((w) => !status || w.status === status);
+    return docs.sort(newestFirst);
+  }
+
+  counts() {
+    const counts = { all: this.byId.size };
+    for (const status of STATUSES) counts[status] = 0;
+    for (const w of this.byId.values()) counts[w.status] = (counts[w.status] ?? 0) + 1;
+    return counts;
+  }
+
+  clear() {
+    this.byId.clear();
+  }
+}
+
+function newestFirst(a, b) {
+  if (a.created_at !== b.created_at) return a.created_at < b.created_at ? 1 : -1;
+  return a.id < b.id ? 1 : a.id > b.id ? -1 : 0;
+}
+
+// -- input checks, mirroring the server ------------------------------------------------------
+
+export const PRODUCT_LIMITS = {
+  name: 200,
+  description: 10_000,
+  category: 100,
+  images: 50,
+  image: 2048,
+  price: 1e12,
+};
+
+const wellFormed = (text) =>
+  typeof text.isWellFormed === "function" ? text.isWellFormed() : !/[\uD800-\uDFFF]/.test(text);
+
+function textProblem(text, max, label) {
+  if (text.length > max) return `${label} must be at most ${max} characters (now ${text.length}).`;
+  if (!wellFormed(text)) return `${label} contains characters that are not valid text.`;
+  return null;
+}
+
+/** The upload body from the form's raw strings: `{product, errors}` (errors by field). */
+export function parseProduct({ name = "", description = "", category = "", price = "", images = "" }) {
+  const errors = {};
+  const product = {};
+
+  const trimmedName = name.trim();
+  if (!trimmedName) errors.name = "Enter the product's name.";
+  else errors.name = textProblem(trimmedName, PRODUCT_LIMITS.name, "The name");
+  product.name = trimmedName;
+
+  const trimmedDescription = description.trim();
+  errors.description = textProblem(trimmedDescription, PRODUCT_LIMITS.description, "The description");
+  product.description = trimmedDescription;
+
+  const trimmedCategory = category.trim();
+  errors.category = textProblem(trimmedCategory, PRODUCT_LIMITS.category, "The category");
+  product.category = trimmedCategory;
+
+  const priceText = price.trim();
+  if (priceText) {
+    const value = /^[+]?(\d+([.,]\d*)?|[.,]\d+)([eE][+-]?\d+)?$/.test(priceText)
+      ? Number(priceText.replace(",", "."))
+      : Number.NaN;
+    if (priceText.startsWith("-")) errors.price = "The price cannot be negative.";
+    else if (!Number.isFinite(value)) errors.price = "Enter a price as a number, like 12.50.";
+    else if (value > PRODUCT_LIMITS.price) errors.price = "The price is too large.";
+    else product.price = value;
+  }
+
+  const list = images
+    .split(",")
+    .map((s) => s.trim())
+    .filter(Boolean);
+  if (list.length > PRODUCT_LIMITS.images) {
+    errors.images = `At most ${PRODUCT_LIMITS.images} images (now ${list.length}).`;
+  } else {
+    const bad = list.findIndex((s) => textProblem(s, PRODUCT_LIMITS.image, "x"));
+    if (bad >= 0) {
+      errors.images = textProblem(list[bad], PRODUCT_LIMITS.image, `Image ${bad + 1}`);
+    }
+  }
+  product.images = list;
+
+  return { product, errors: compact(errors) };
+}
+
+export const USERNAME_RULE = /^[a-z0-9_.-]{3,64}$/;
+export const MIN_PASSWORD = 12;
+
+/** Sign-in needs both fields; registering also needs the account rules met. */
+export function checkCredentials({ username, password }, registering) {
+  const errors = {};
+  if (!username) errors.username = "Enter your username.";
+  else if (registering && !USERNAME_RULE.test(username)) {
+    errors.username = "Use 3–64 characters: lowercase letters, digits, _ . or -.";
+  }
+  if (!password) errors.password = "Enter your password.";
+  else if (registering && password.length < MIN_PASSWORD) {
+    errors.password = `Use at least ${MIN_PASSWORD} characters.`;
+  }
+  return errors;
+}
+
+function compact(errors) {
+  return Object.fromEntries(Object.entries(errors).filter(([, message]) => message));
+}
+
+/** `error.fields` of a 400 as one message per field ("images": {"3": [...]} and the like). */
+export function fieldMessages(fields) {
+  const out = {};
+  for (const [field, value] of Object.entries(fields ?? {})) out[field] = describe(value);
+  return out;
+}
+
+function describe(value) {
+  if (typeof value === "string") return value;
+  if (Array.isArray(value)) return value.map(describe).join(" ");
+  if (value && typeof value === "object") {
+    return Object.entries(value)
+      .map(([key, inner]) => (/^\d+$/.test(key) ? `Item ${Number(key) + 1}: ` : `${key}: `) + describe(inner))
+      .join(" ");
+  }
+  return String(value);
+}
+
+// -- tokens -----------------------------------------------------------------------------------
+
+/** The claims of a JWT, unverified (the server verifies); null if it is not one. */
+export function tokenClaims(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), "=")));
+  } catch {
+    return null;
+  }
+}
+
+// -- time -------------------------------------------------------------------------------------
+
+/** Milliseconds since the epoch of a server timestamp ("2026-11-26T08:45:47.120000Z"). */
+export function parseTime(text) {
+  if (!text) return null;
+  const m = /^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d+))?Z$/.exec(text);
+  if (!m) {
+    const parsed = Date.parse(text);
+    return Number.isNaN(parsed) ? null : parsed;
+  }
+  const ms = m[7] ? Number(m[7].slice(0, 3).padEnd(3, "0")) : 0;
+  return Date.UTC(+m[1], +m[2] - 1, +m[3], +m[4], +m[5], +m[6], ms);
+}
+
+/** When the workflow stopped running (null while it runs). */
+export function finishedAt(w) {
+  if (!TERMINAL.has(w.status)) return null;
+  const ends = w.steps.map((s) => parseTime(s.completed_at)).filter((t) => t !== null);
+  return ends.length && w.status !== "cancelled" ? Math.max(...ends) : parseTime(w.updated_at);
+}
+
+/** Milliseconds the workflow has been (or was) running, at `now` in server time. */
+export function elapsedMs(w, now) {
+  const start = parseTime(w.created_at);
+  if (start === null) return 0;
+  return Math.max(0, (finishedAt(w) ?? now) - start);
+}
+
+export function formatDuration(ms) {
+  const s = Math.floor(ms / 1000);
+  if (s < 60) return ms < 10_000 ? `${(ms / 1000).toFixed(1)}s` : `${s}s`;
+  const pad = (n) => String(n).padStart(2, "0");
+  if (s < 3600) return `${Math.floor(s / 60)}m ${pad(s % 60)}s`;
+  if (s < 86_400) return `${Math.floor(s / 3600)}h ${pad(Math.floor(s / 60) % 60)}m`;
+  return `${Math.floor(s / 86_400)}d ${Math.floor(s / 3600) % 24}h`;
+}
+
+export function spokenDuration(ms) {
+  const s = Math.round(ms / 1000);
+  if (s < 60) return `${s} second${s === 1 ? "" : "s"}`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m} minute${m === 1 ? "" : "s"} ${s % 60} seconds`;
+  const h = Math.floor(m / 60);
+  return `${h} hour${h === 1 ? "" : "s"} ${m % 60} minutes`;
+}
+
+// -- steps --------------------------------------------------------------------------------------
+
+const STEP_NAMES = {
+  image_processing: ["Images", "Image processing"],
+  ai_enhancement: ["AI copy", "AI enhancement"],
+  seo_generation: ["SEO", "SEO generation"],
+};
+
+const humanize = (name) => name.replace(/[_.-]+/g, " ").replace(/^./, (c) => c.toUpperCase());
+
+export const stepShortName = (name) => STEP_NAMES[name]?.[0] ?? humanize(name);
+export const stepLongName = (name) => STEP_NAMES[name]?.[1] ?? humanize(name);
+
+/** What a step is doing, as the dashboard shows it: a pending step that failed before waits to retry. */
+export function stepState(step) {
+  if (step.status === "dispatched") return "running";
+  if (step.status === "pending" && step.attempt > 0) return "retrying";
+  return step.status;
+}
+
+export const STATE_LABELS = {
+  pending: "waiting",
+  running: "running",
+  retrying: "retry pending",
+  completed: "done",
+  failed: "failed",
+  cancelled: "cancelled",
+};
+
+export function describeStep(step) {
+  const state = stepState(step);
+  const attempt = step.attempt > 0 ? `, attempt ${step.attempt}` : "";
+  return `${stepLongName(step.name)}: ${STATE_LABELS[state] ?? state}${attempt}`;
+}
+
+export function progress(w) {
+  const done = w.steps.filter((s) => s.status === "completed").length;
+  return { done, total: w.steps.length };
+}
+
+export const STATUS_LABELS = {
+  running: "Running",
+  completed: "Completed",
+  failed: "Failed",
+  cancelled: "Cancelled",
+};
+
+export function formatPrice(price) {
+  if (price === null || price === undefined) return "—";
+  return new Intl.NumberFormat(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 }).format(price);
+}

@@ -133,14 +133,15 @@ async def running_gateway(
     tmp_path: Path,
     configure: Callable[[settings_module.Settings], None] | None = None,
     gateway_options: Mapping[str, Any] | None = None,
+    port: int | None = None,
     **overrides: Any,
 ) -> AsyncIterator[RunningGateway]:
-    """Start a gateway on a free port; `overrides` use `section__field=value`.
+    """Start a gateway on `port` (default: a free one); `overrides` use `section__field=value`.
 
     `gateway_options` go to `Gateway(...)` (a bus, a clock, demo-worker options).
     """
     settings = gateway_settings(tmp_path, **overrides)
-    port = free_port()
+    port = port or free_port()
     settings.server.port = port
     settings.cors.allowed_origins = [f"http://127.0.0.1:{port}"]
     if configure is not None:

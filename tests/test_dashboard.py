@@ -1,0 +1,566 @@
+"""The live dashboard in a real browser: Playwright driving Debian's Chromium.
+
+Each test starts a real gateway in this process (the page talks to it over HTTP and the
+WebSocket exactly as a person's browser does) and opens the page in a fresh browser context.
+Set STOX_UPDATE_SCREENSHOT=1 to write the README's docs/dashboard.png from the last test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from support import RunningGateway, free_port, running_gateway
+
+import settings as settings_module
+from stox.auth.tokens import TokenAuthority
+from stox.demo_workers import enhance, process_images, seo
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser, BrowserContext, Locator, Page
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path(os.environ.get("STOX_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "docs" / "dashboard.png"
+WAIT = 10_000  # ms, for anything that happens live
+DURATION = re.compile(r"^\d+(\.\d)?s$")
+STEPS = ["image_processing", "ai_enhancement", "seo_generation"]
+
+
+def require(reason: str) -> None:
+    """Browser tests are required in CI (CI=true): a missing browser fails them there."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (required when CI=true)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def chromium() -> Path:
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        require("playwright is not installed (pip install -r requirements-dev.txt)")
+    if not CHROMIUM.exists():
+        require(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser(chromium: Path) -> AsyncIterator[Browser]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=str(chromium), args=CHROMIUM_ARGS
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+class Dashboard:
+    """One browser tab on the dashboard, with the problems it reported."""
+
+    def __init__(self, page: Page, gw: RunningGateway) -> None:
+        self.page = page
+        self.gw = gw
+        self.problems: list[str] = []
+        page.on("pageerror", lambda error: self.problems.append(f"uncaught: {error}"))
+        page.on("console", self._console)
+
+    def _console(self, message: Any) -> None:
+        text = message.text
+        if "Content Security Policy" in text or "TrustedHTML" in text or "Trusted Type" in text:
+            self.problems.append(f"policy violation: {text}")
+
+    def row(self, workflow_id: str) -> Locator:
+        return self.page.locator(f'li.wf[data-workflow-id="{workflow_id}"]')
+
+    @property
+    def rows(self) -> Locator:
+        return self.page.locator("li.wf")
+
+    async def open_detail(self, workflow_id: str) -> Locator:
+        await self.row(workflow_id).locator(".wf-open").click()
+        detail = self.page.locator(f'#detail[data-workflow-id="{workflow_id}"]')
+        await expect(detail).to_be_visible()
+        return detail
+
+    async def record_statuses(self) -> None:
+        """From now on, note every (id, status, version) a row shows, in order."""
+        await self.page.evaluate(
+            """() => {
+              window.rowLog = [];
+              const note = (row) => row.matches && row.matches("li.wf") &&
+                window.rowLog.push([row.dataset.workflowId, row.dataset.status,
+                                    Number(row.dataset.version)]);
+              new MutationObserver((records) => {
+                for (const r of records) {
+                  if (r.type === "attributes") note(r.target);
+                  for (const node of r.addedNodes) note(node);
+                }
+              }).observe(document.getElementById("workflow-list"),
+                         {subtree: true, childList: true, attributes: true,
+                          attributeFilter: ["data-version"]});
+            }"""
+        )
+
+    async def shown(self, workflow_id: str) -> list[tuple[str, int]]:
+        """What the row showed, each (status, version) once: a re-render repeats them."""
+        log = await self.page.evaluate("() => window.rowLog")
+        shown: list[tuple[str, int]] = []
+        for wid, status, version in log:
+            if wid == workflow_id and (not shown or shown[-1] != (status, version)):
+                shown.append((status, version))
+        return shown
+
+
+def expect(target: Any) -> Any:
+    from playwright.async_api import expect as playwright_expect
+
+    playwright_expect.set_options(timeout=WAIT)
+    return playwright_expect(target)
+
+
+@asynccontextmanager
+async def dashboard(
+    browser: Browser,
+    gw: RunningGateway,
+    *,
+    user: str | None = "alice",
+    token: str | None = None,
+    width: int = 1280,
+    height: int = 860,
+) -> AsyncIterator[Dashboard]:
+    """The page in a fresh context; signed in as `user` (a session in sessionStorage)."""
+    context: BrowserContext = await browser.new_context(
+        base_url=gw.base_url, viewport={"width": width, "height": height}
+    )
+    if user is not None or token is not None:
+        session = {"token": token or gw.token(user or "alice"), "username": user or "alice"}
+        await context.add_init_script(
+            f"sessionStorage.setItem('stox.session', {json.dumps(json.dumps(session))})"
+        )
+    page = await context.new_page()
+    page.set_default_timeout(WAIT)
+    board = Dashboard(page, gw)
+    try:
+        await page.goto("/")
+        yield board
+        assert board.problems == []
+    finally:
+        await context.close()
+
+
+async def live(board: Dashboard) -> None:
+    await expect(board.page.locator("#connection")).to_have_attribute("data-state", "live")
+
+
+def demo_workers(
+    *, configure: Callable[[settings_module.Settings], None] | None = None, **options: Any
+) -> dict[str, Any]:
+    """running_gateway arguments for a gateway with demo workers."""
+
+    def with_workers(settings: settings_module.Settings) -> None:
+        settings.demo_workers = True
+        if configure is not None:
+            configure(settings)
+
+    return {"configure": with_workers, "gateway_options": {"demo_worker_options": options}}
+
+
+async def upload_via_form(page: Page, **fields: str) -> None:
+    for label, value in fields.items():
+        await page.get_by_label(label.capitalize(), exact=True).fill(value)
+    await page.get_by_role("button", name="Upload").click()
+
+
+# -- the upload form -------------------------------------------------------------------------------
+
+
+async def test_the_form_checks_what_the_server_checks(browser: Browser, tmp_path: Path) -> None:
+    async with running_gateway(tmp_path) as gw, dashboard(browser, gw) as board:
+        page = board.page
+        await live(board)
+        uploads: list[str] = []
+        page.on("request", lambda r: uploads.append(r.url) if "upload" in r.url else None)
+
+        await page.get_by_label("Price", exact=True).fill("-3")
+        await page.get_by_label("Images", exact=True).fill(",".join(f"i{n}.jpg" for n in range(51)))
+        await page.get_by_role("button", name="Upload").click()
+        name = page.get_by_label("Name", exact=True)
+        await expect(name).to_have_attribute("aria-invalid", "true")
+        await expect(name).to_be_focused()
+        await expect(page.locator("#product-name-error")).to_have_text("Enter the product's name.")
+        await expect(page.locator("#product-price-error")).to_contain_text("negative")
+        await expect(page.locator("#product-images-error")).to_contain_text("At most 50 images")
+        # the message is the field's description, so a screen reader reads it with the field
+        described = await page.get_by_label("Price", exact=True).get_attribute("aria-describedby")
+        assert "product-price-error" in (described or "").split()
+        assert uploads == []
+
+        # what the server refuses (here, a body altered on its way) shows beside its field
+        async def too_long_name(route: Any) -> None:
+            body = json.loads(route.request.post_data)
+            await route.continue_(post_data=json.dumps({**body, "name": "x" * 201}))
+
+        await page.route("**/api/v1/workflow/upload", too_long_name)
+        await name.fill("Walnut Board")
+        await page.get_by_label("Price", exact=True).fill("45")
+        await page.get_by_label("Images", exact=True).fill("board.jpeg")
+        await expect(page.locator("#product-price-error")).to_be_hidden()
+        await page.get_by_role("button", name="Upload").click()
+        await expect(page.locator("#product-name-error")).to_contain_text("between 1 and 200")
+        await expect(name).to_have_attribute("aria-invalid", "true")
+        await expect(page.locator("#upload-message")).to_contain_text("Check the highlighted")
+        assert len(uploads) == 1
+        assert await board.rows.count() == 0
+
+        await page.unroute("**/api/v1/workflow/upload")
+        await page.get_by_role("button", name="Upload").click()
+        await expect(board.rows).to_have_count(1)
+        await expect(page.locator("#product-name-error")).to_be_hidden()
+        assert await name.input_value() == ""  # the form is ready for the next product
+
+
+# -- cancel and retry ------------------------------------------------------------------------------
+
+
+async def test_cancel_a_running_workflow(browser: Browser, tmp_path: Path) -> None:
+    async with running_gateway(tmp_path) as gw, dashboard(browser, gw) as board:  # no workers
+        page = board.page
+        workflow_id = await gw.upload(gw.token("alice"), name="Oak Shelf")
+        row = board.row(workflow_id)
+        await expect(row).to_have_attribute("data-status", "running")
+        await expect(row.locator('li.step[data-step="image_processing"]')).to_have_attribute(
+            "data-state", "running"
+        )
+
+        detail = await board.open_detail(workflow_id)
+        await expect(detail.get_by_role("button", name="Retry", exact=True)).to_be_hidden()
+        await detail.get_by_role("button", name="Cancel", exact=True).click()
+        dialog = page.get_by_role("dialog")
+        await expect(dialog).to_contain_text("Cancel “Oak Shelf”?")
+        await expect(dialog.get_by_role("button", name="Keep running")).to_be_focused()
+        await dialog.get_by_role("button", name="Keep running").click()
+        await expect(row).to_have_attribute("data-status", "running")
+
+        await detail.get_by_role("button", name="Cancel", exact=True).click()
+        await dialog.get_by_role("button", name="Cancel workflow").click()
+        await expect(row).to_have_attribute("data-status", "cancelled")
+        await expect(page.locator("#detail-message")).to_have_text("Workflow cancelled.")
+        await expect(detail.get_by_role("button", name="Cancel", exact=True)).to_be_hidden()
+        await expect(detail.get_by_role("button", name="Retry", exact=True)).to_be_hidden()
+        for step in STEPS:
+            chip = row.locator(f'li.step[data-step="{step}"]')
+            await expect(chip).to_have_attribute("data-state", "cancelled")
+
+        status = await gw.fetch(
+            "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=gw.token("alice")
+        )
+        assert status.body["status"] == "cancelled"
+
+
+async def test_retry_a_failed_workflow(browser: Browser, tmp_path: Path) -> None:
+    def one_attempt(settings: settings_module.Settings) -> None:
+        for step in settings.pipeline.steps:
+            step.max_attempts = 1
+
+    options = demo_workers(configure=one_attempt, failure_rate=1.0, min_delay=0.4, max_delay=0.5)
+    async with running_gateway(tmp_path, **options) as gw, dashboard(browser, gw) as board:
+        page = board.page
+        await live(board)
+        await board.record_statuses()
+        workflow_id = await gw.upload(gw.token("alice"), name="Doomed Mug")
+        row = board.row(workflow_id)
+        await expect(row).to_have_attribute("data-status", "failed")
+        chip = row.locator('li.step[data-step="image_processing"]')
+        await expect(chip).to_have_attribute("data-state", "failed")
+
+        detail = await board.open_detail(workflow_id)
+        await expect(detail.locator(".callout")).to_contain_text(
+            "Failed at Image processing after 1 attempt: simulated outage"
+        )
+        await expect(detail.get_by_role("button", name="Cancel", exact=True)).to_be_hidden()
+        await detail.get_by_role("button", name="Retry", exact=True).click()
+        await expect(page.locator("#detail-message")).to_have_text(
+            "Retrying from Image processing."
+        )
+        await expect(row).to_have_attribute("data-status", "failed")  # the workers fail again
+        await expect(detail.locator("details summary")).to_have_text("Earlier attempts (2)")
+
+        shown = await board.shown(workflow_id)
+        assert [status for status, _ in shown] == ["running", "failed", "running", "failed"], shown
+
+
+# -- connection: expiry, refusal, restart ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["expired", "refused"])
+async def test_a_token_that_no_longer_works_returns_to_sign_in(
+    browser: Browser, tmp_path: Path, kind: str
+) -> None:
+    async with running_gateway(tmp_path) as gw:
+        if kind == "expired":
+            token = gw.token("alice", expires_in=-5)
+        else:  # well formed and unexpired, but not signed by this gateway: the socket is refused
+            token = TokenAuthority("another-secret-" + "y" * 32).issue("alice", "alice", "user")
+        async with dashboard(browser, gw, token=token) as board:
+            page = board.page
+            await expect(page.get_by_role("heading", name="Sign in to Stox")).to_be_visible()
+            await expect(page.locator("#signin-message")).to_contain_text("session has expired")
+            await expect(page.locator("#dashboard")).to_be_hidden()
+            assert await page.evaluate("() => sessionStorage.getItem('stox.session')") is None
+
+
+async def test_the_page_survives_a_server_restart(browser: Browser, tmp_path: Path) -> None:
+    port = free_port()
+    first_run = AsyncExitStack()
+    gw = await first_run.enter_async_context(running_gateway(tmp_path, port=port))
+    try:
+        token = gw.token("alice")
+        async with dashboard(browser, gw, token=token) as board:
+            page = board.page
+            first = await gw.upload(token, name="Linen Apron")
+            second = await gw.upload(token, name="Copper Kettle")
+            await expect(board.row(second)).to_have_attribute("data-status", "running")
+            await live(board)
+
+            await first_run.aclose()  # the server goes away under the page
+            await expect(page.locator("#connection")).to_contain_text("Reconnecting")
+
+            # meanwhile the workflows move on (another instance on the same data)
+            async with running_gateway(tmp_path) as other:
+                await other.fetch(
+                    "POST", "/api/v1/workflow/cancel", {"workflow_id": first}, token=token
+                )
+                third = await other.upload(token, name="Cedar Box")
+
+            async with running_gateway(tmp_path, port=port):
+                await live(board)
+                await expect(board.row(first)).to_have_attribute("data-status", "cancelled")
+                await expect(board.row(third)).to_have_attribute("data-status", "running")
+                await expect(board.row(second)).to_have_attribute("data-status", "running")
+                await expect(board.rows).to_have_count(3)  # nothing shown twice
+                ids = await board.rows.evaluate_all("rows => rows.map(r => r.dataset.workflowId)")
+                assert ids == [third, second, first]  # newest first
+                await expect(page.locator("#signin-view")).to_be_hidden()
+    finally:
+        await first_run.aclose()
+
+
+# -- many workflows: paging and the filter ---------------------------------------------------------
+
+
+async def test_older_workflows_page_in_and_the_filter_narrows_the_list(
+    browser: Browser, tmp_path: Path
+) -> None:
+    async with running_gateway(tmp_path) as gw:
+        token = gw.token("alice")
+        ids = [await gw.upload(token, name=f"Item {n:03d}") for n in range(105)]
+        for workflow_id in ids[:2] + ids[-1:]:  # two of the oldest and the newest
+            await gw.fetch(
+                "POST", "/api/v1/workflow/cancel", {"workflow_id": workflow_id}, token=token
+            )
+        await gw.upload(gw.token("bob"), name="Someone else's")
+
+        async with dashboard(browser, gw) as board:
+            page = board.page
+            await expect(board.rows).to_have_count(100)
+            await expect(board.rows.first).to_have_attribute("data-workflow-id", ids[-1])
+            await expect(page.locator('[data-count="cancelled"]')).to_have_text("1")
+
+            await page.get_by_role("button", name="Load older").click()
+            await expect(board.rows).to_have_count(105)
+            await expect(board.rows.last).to_have_attribute("data-workflow-id", ids[0])
+            await expect(page.get_by_role("button", name="Load older")).to_be_hidden()
+            shown = await board.rows.evaluate_all("rows => rows.map(r => r.dataset.workflowId)")
+            assert shown == ids[::-1]
+
+            await page.get_by_role("radio", name="Cancelled").check()
+            await expect(board.rows).to_have_count(3)
+            await expect(page.locator('[data-count="cancelled"]')).to_have_text("3")
+            await page.get_by_role("radio", name="Running").check()
+            await expect(board.rows).to_have_count(102)
+            await page.get_by_role("radio", name="Failed").check()
+            await expect(board.rows).to_have_count(0)
+            await expect(page.locator("#list-empty")).to_contain_text("No failed workflows")
+            await page.get_by_role("radio", name="All").check()
+            await expect(board.rows).to_have_count(105)
+
+
+# -- small screens and the keyboard ----------------------------------------------------------------
+
+
+async def test_keyboard_only_at_360_pixels(browser: Browser, tmp_path: Path) -> None:
+    async with (
+        running_gateway(tmp_path) as gw,
+        dashboard(browser, gw, width=360, height=740) as board,
+    ):
+        page = board.page
+        await live(board)
+        await page.keyboard.press("Tab")
+        await expect(page.get_by_role("link", name="Skip to workflows")).to_be_focused()
+        await page.get_by_label("Name", exact=True).focus()
+        await page.keyboard.type("Pocket Notebook")
+        await page.keyboard.press("Tab")
+        await page.keyboard.type("Dot grid, 120 pages.")
+        await page.keyboard.press("Tab")
+        await page.keyboard.type("Stationery")
+        await page.keyboard.press("Tab")
+        await page.keyboard.type("9.90")
+        await page.keyboard.press("Enter")  # submits the form
+        await expect(board.rows).to_have_count(1)
+
+        wide = await page.evaluate("() => document.documentElement.scrollWidth")
+        assert wide <= 360, f"the page is {wide}px wide at a 360px window"
+
+        opener = board.rows.first.locator(".wf-open")
+        await opener.focus()
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#detail-title")).to_be_focused()
+        await expect(page.locator("#detail-title")).to_have_text("Pocket Notebook")
+        box = await page.locator("#detail").bounding_box()
+        assert box is not None and box["width"] <= 360
+        await page.keyboard.press("Tab")
+        await expect(page.get_by_role("button", name="Close details")).to_be_focused()
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#detail")).to_be_hidden()
+        await expect(opener).to_be_focused()
+
+
+# -- the README's picture --------------------------------------------------------------------------
+
+
+def _reports(gw: RunningGateway) -> Callable[..., Any]:
+    service = gw.service_token("demo")
+    user = gw.token("alice")
+
+    async def report(workflow_id: str, *, fail: str | None = None) -> None:
+        status = await gw.fetch(
+            "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=user
+        )
+        doc = status.body
+        step = doc["steps"][doc["current_step"]]
+        body: dict[str, Any] = {
+            "workflow_id": workflow_id,
+            "step_id": step["step_id"],
+            "step_type": step["name"],
+            "success": fail is None,
+        }
+        if fail is None:
+            results = {s["name"]: s["result"] for s in doc["steps"] if s["result"]}
+            work = {
+                "image_processing": process_images,
+                "ai_enhancement": enhance,
+                "seo_generation": seo,
+            }
+            body["result"] = work[step["name"]](workflow_id, doc["product"], results)
+        else:
+            body["error"] = fail
+        answer = await gw.fetch("POST", "/api/v1/workflow/step-completed", body, token=service)
+        assert answer.status == 200, answer.body
+
+    return report
+
+
+PRODUCTS = [
+    (
+        "Brass Desk Lamp",
+        "Lighting",
+        89.5,
+        "A warm, dimmable light for the study.",
+        ["lamp-front.jpg", "lamp-side.jpg"],
+    ),
+    ("Walnut Cutting Board", "Kitchen", 45.0, "End-grain walnut, oiled by hand.", ["board.jpeg"]),
+    (
+        "Merino Wool Throw",
+        "Home",
+        129.0,
+        "Soft merino wool, woven in Wales.",
+        ["throw.jpg", "throw-detail.jpg"],
+    ),
+    ("Stoneware Mug", "Kitchen", 14.0, "", ["mug.jpg"]),
+    ("Linen Apron", "Kitchen", 32.0, "Washed linen with deep pockets.", ["apron.jpg"]),
+    ("Oak Wall Shelf", "Home", 74.0, "", ["shelf.jpg"]),
+]
+
+
+async def test_a_dashboard_with_every_kind_of_workflow(browser: Browser, tmp_path: Path) -> None:
+    """Every state on one page; the picture in the README is taken from it."""
+
+    def pipeline(settings: settings_module.Settings) -> None:
+        for step in settings.pipeline.steps:
+            step.backoff = settings_module.Duration(120)
+        settings.pipeline.steps[2].max_attempts = 1
+
+    async with running_gateway(tmp_path, configure=pipeline) as gw:
+        report = _reports(gw)
+        token = gw.token("alice")
+        ids = []
+        for name, category, price, description, images in PRODUCTS:
+            ids.append(
+                await gw.upload(
+                    token,
+                    name=name,
+                    category=category,
+                    price=price,
+                    description=description,
+                    images=images,
+                )
+            )
+            await asyncio.sleep(0.01)
+        lamp, board_, throw, mug, apron, shelf = ids
+        for _ in STEPS:
+            await report(lamp)
+            await report(board_)
+        await report(throw)  # images done, AI copy running
+        await report(mug, fail="image service timed out")  # waiting to retry
+        await report(apron)
+        await report(apron)
+        await report(apron, fail="SEO service answered 503")  # one attempt only: failed
+        await gw.fetch("POST", "/api/v1/workflow/cancel", {"workflow_id": shelf}, token=token)
+
+        async with dashboard(browser, gw, width=1440, height=900) as board:
+            page = board.page
+            await live(board)
+            await expect(board.rows).to_have_count(6)
+            expected = {
+                lamp: ("completed", ["completed", "completed", "completed"]),
+                board_: ("completed", ["completed", "completed", "completed"]),
+                throw: ("running", ["completed", "running", "pending"]),
+                mug: ("running", ["retrying", "pending", "pending"]),
+                apron: ("failed", ["completed", "completed", "failed"]),
+                shelf: ("cancelled", ["cancelled", "cancelled", "cancelled"]),
+            }
+            for workflow_id, (status, states) in expected.items():
+                row = board.row(workflow_id)
+                await expect(row).to_have_attribute("data-status", status)
+                chips = row.locator("li.step")
+                assert await chips.evaluate_all("cs => cs.map(c => c.dataset.state)") == states
+            await expect(board.row(mug).locator("li.step").first).to_contain_text(
+                "Image processing: retry pending, attempt 1"
+            )
+            await expect(page.locator('[data-count="running"]')).to_have_text("2")
+            await expect(page).to_have_title("(2 running, 1 failed) Stox")
+
+            await board.open_detail(lamp)
+            await page.locator("#product-name").fill("Ceramic Planter")
+            await page.locator("#product-category").fill("Garden")
+            await page.mouse.move(0, 0)
+            path = tmp_path / "dashboard.png"
+            await page.screenshot(path=str(path))
+            assert path.stat().st_size > 10_000
+            if os.environ.get("STOX_UPDATE_SCREENSHOT") == "1":
+                SCREENSHOT.write_bytes(path.read_bytes())

@@ -173,31 +173,28 @@ class Namespace:
 
 
 def connections_named(name: str) -> list[str]:
-    """The broker's names of the connections whose client-provided name is `name`."""
-    command = ["rabbitmqctl", "-q", "list_connections", "name", "client_properties"]
+    """The Erlang pids of the connections whose client-provided name is `name`."""
     out = subprocess.run(
-        [*command, "--formatter", "json"],
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
         capture_output=True,
         text=True,
         check=True,
         timeout=30,
     ).stdout
-    found = []
-    for row in json.loads(out or "[]"):
-        props = {key: value for key, _kind, value in row["client_properties"]}
-        if props.get("connection_name") == name:
-            found.append(row["name"])
-    return found
+    # rows are `<pid>\t[{"product","Pika…"},…,{"connection_name","NAME"}]` (Erlang terms; the
+    # JSON formatter prints pids in a form close_connection does not take)
+    wanted = '{"connection_name",' + json.dumps(name) + "}"
+    return [line.split("\t", 1)[0] for line in out.splitlines()[1:] if wanted in line]
 
 
 def close_connections(name: str, reason: str = "closed by a test") -> int:
     """Have the broker close every connection named `name`; how many it closed."""
-    names = connections_named(name)
-    for broker_name in names:
+    pids = connections_named(name)
+    for pid in pids:
         subprocess.run(
-            ["rabbitmqctl", "-q", "close_connection", broker_name, reason],
+            ["rabbitmqctl", "-q", "close_connection", pid, reason],
             capture_output=True,
             check=True,
             timeout=30,
         )
-    return len(names)
+    return len(pids)

@@ -1,0 +1,389 @@
+"""What the RabbitMQ bus does beyond the shared contract: the AMQP properties and topology,
+publisher confirms (nack, return, timeout), bounded redelivery, and recovery from a lost
+connection. Against a real broker; every test has its own exchange and names (`rabbit_ns`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import rabbit
+
+from settings import Duration, RabbitMQSettings
+from stox.bus.base import Event, PublishError
+from stox.bus.rabbitmq import TIMESTAMP_HEADER, RabbitMQBus
+
+TIMEOUT = 10.0
+
+pytestmark = pytest.mark.rabbitmq
+
+
+@pytest.fixture
+async def buses(rabbit_ns: rabbit.Namespace) -> AsyncIterator[Callable[..., RabbitMQBus]]:
+    """Makes started-later buses in the test's namespace; closes them afterwards."""
+    made: list[RabbitMQBus] = []
+
+    def make(**options: object) -> RabbitMQBus:
+        bus = rabbit_ns.bus(**options)  # type: ignore[arg-type]
+        made.append(bus)
+        return bus
+
+    yield make
+    for bus in made:
+        await bus.close()
+
+
+def event(routing_key: str, **payload: object) -> Event:
+    return Event(routing_key, dict(payload), uuid.uuid4().hex, uuid.uuid4().hex, 1_714_564_800.5)
+
+
+async def until(check: Callable[[], bool], within: float = TIMEOUT) -> None:
+    async with asyncio.timeout(within):
+        while True:
+            if check():
+                return
+            await asyncio.sleep(0.01)
+
+
+def queue_arguments(name: str) -> dict[str, object]:
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name", "durable", "arguments", "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    for row in json.loads(out):
+        if row["name"] == name:
+            args = {key: value for key, _kind, value in row["arguments"]}
+            return {"durable": row["durable"], **args}
+    raise LookupError(name)
+
+
+# -- what goes over the wire -------------------------------------------------------------
+
+
+async def test_events_are_persistent_json_with_amqp_properties(
+    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
+) -> None:
+    ns = rabbit_ns
+    bus = buses()
+    await bus.start()
+    queue = f"{ns.prefix}.step.image_processing"
+    await bus.declare(queue, ["step.image_processing"])
+    sent = Event(
+        "step.image_processing",
+        {"event": "step.image_processing", "name": "Ünïcødé"},
+        "m-" + uuid.uuid4().hex,
+        "0f" * 16,
+        1_714_564_800.123456,
+        {"x-trace": "abc"},
+    )
+    await bus.publish(sent)
+
+    [message] = await asyncio.to_thread(ns.drain, queue)
+    props = message.properties
+    assert message.routing_key == "step.image_processing"
+    assert json.loads(message.body) == sent.payload
+    assert props.delivery_mode == 2
+    assert props.content_type == "application/json"
+    assert props.message_id == sent.message_id
+    assert props.correlation_id == "0f" * 16
+    assert props.timestamp == 1_714_564_800  # AMQP: whole seconds
+    assert props.headers == {"x-trace": "abc", TIMESTAMP_HEADER: repr(sent.timestamp)}
+
+    arguments = await asyncio.to_thread(queue_arguments, queue)
+    assert arguments == {"durable": True, "x-dead-letter-exchange": ns.dead}
+    assert (await asyncio.to_thread(queue_arguments, ns.dead))["durable"] is True
+    assert await asyncio.to_thread(rabbit.connections_named, f"stox test {ns.prefix}")
+
+
+def test_parameters_turn_heartbeats_on_and_name_the_connection() -> None:
+    settings = RabbitMQSettings(url="amqp://u:p@mq.example:5673/shop", heartbeat=Duration(15))
+    params = RabbitMQBus(settings, connection_name="stox gateway a1")._parameters()
+    assert (params.host, params.port, params.virtual_host) == ("mq.example", 5673, "shop")
+    assert params.heartbeat == 15
+    assert params.blocked_connection_timeout == 60
+    assert params.client_properties == {"connection_name": "stox gateway a1"}
+
+    settings.url = "amqp://mq.example/?heartbeat=5&blocked_connection_timeout=7"
+    params = RabbitMQBus(settings)._parameters()
+    assert (params.heartbeat, params.blocked_connection_timeout) == (5, 7)  # the URL wins
+
+
+async def test_an_unreachable_broker_fails_start_quickly() -> None:
+    with socket_closed_port() as port:
+        bus = RabbitMQBus(RabbitMQSettings(url=f"amqp://guest:guest@127.0.0.1:{port}/"))
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
+            await bus.start()
+        assert time.monotonic() - started < 5
+        assert not bus.connected
+        await bus.close()
+
+
+class socket_closed_port:
+    """A local port nothing listens on (bound, then released)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+
+# -- publisher confirms ------------------------------------------------------------------
+
+
+async def test_a_nacked_event_is_retried_then_raises(
+    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
+) -> None:
+    ns = rabbit_ns
+    full = f"{ns.prefix}.full"
+    ns.extra_queues.append(full)
+
+    def make_full_queue(channel: object) -> None:
+        # a queue that holds nothing and refuses more: the broker nacks what it routes there
+        args = {"x-max-length": 0, "x-overflow": "reject-publish"}
+        channel.queue_declare(full, durable=True, arguments=args)  # type: ignore[attr-defined]
+        channel.queue_bind(full, ns.exchange, "refused")  # type: ignore[attr-defined]
+
+    bus = buses()
+    await bus.start()
+    await asyncio.to_thread(ns._channel_do, make_full_queue)
+    started = time.monotonic()
+    with pytest.raises(PublishError, match="nacked"):
+        await bus.publish(event("refused"))
+    assert time.monotonic() - started >= 2 * 0.05  # max_retries=2, retry_delay=50ms
+    assert bus.connected
+    await bus.publish(event("anything.else"))  # the bus itself is fine
+
+
+async def test_a_returned_event_redeclares_the_topology_and_gets_through(
+    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
+) -> None:
+    ns = rabbit_ns
+    bus = buses()
+    await bus.start()
+    queue = f"{ns.prefix}.step.seo_generation"
+    await bus.declare(queue, ["step.seo_generation"])
+    await asyncio.to_thread(ns._channel_do, lambda ch: ch.queue_delete(queue))
+
+    sent = event("step.seo_generation", n=1)
+    await bus.publish(sent)  # returned (no queue), redeclared, published again
+
+    [message] = await asyncio.to_thread(ns.drain, queue)
+    assert message.properties.message_id == sent.message_id
+
+
+async def test_an_event_nobody_is_bound_to_is_dropped_like_local_bus(
+    buses: Callable[..., RabbitMQBus],
+) -> None:
+    bus = buses()
+    await bus.start()
+    await bus.publish(event("workflow.started.nobody.listens"))  # no error, no retries
+
+
+async def test_an_unconfirmed_event_times_out_then_raises(
+    buses: Callable[..., RabbitMQBus],
+) -> None:
+    bus = buses()
+    await bus.start()
+    bus.settings.confirm_timeout = Duration(0.1)
+    link = bus._link
+    assert link is not None and link.publisher is not None
+    link.publisher.channel.basic_publish = lambda *a, **k: None  # type: ignore[method-assign]
+    started = time.monotonic()
+    with pytest.raises(PublishError, match=r"no confirm within 0\.1s"):
+        await bus.publish(event("k"))
+    assert 0.3 <= time.monotonic() - started < 3  # three attempts of 0.1s, 50ms apart
+
+
+async def test_a_publish_in_flight_when_the_connection_drops_is_retried_after_reconnect(
+    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
+) -> None:
+    ns = rabbit_ns
+    bus = buses(reconnect_delay=0.05)
+    bus.settings.max_retries = 20
+    await bus.start()
+    queue = f"{ns.prefix}.step.ai_enhancement"
+    await bus.declare(queue, ["step.ai_enhancement"])
+    link = bus._link
+    assert link is not None and link.publisher is not None
+    link.publisher.channel.basic_publish = lambda *a, **k: None  # never confirmed
+    sent = event("step.ai_enhancement")
+    publishing = asyncio.ensure_future(bus.publish(sent))
+    await asyncio.sleep(0.05)
+    assert not publishing.done()
+
+    await asyncio.to_thread(rabbit.close_connections, f"stox test {ns.prefix}")
+    await asyncio.wait_for(publishing, TIMEOUT)  # settled by the drop, retried on the new link
+
+    [message] = await asyncio.to_thread(ns.drain, queue)
+    assert message.properties.message_id == sent.message_id
+
+
+async def test_publish_while_disconnected_raises_within_its_retries(
+    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
+) -> None:
+    bus = buses(reconnect_delay=5.0)  # stays down for the test
+    await bus.start()
+    await asyncio.to_thread(rabbit.close_connections, f"stox test {rabbit_ns.prefix}")
+    await until(lambda: not bus.connected)
+    started = time.monotonic()
+    with pytest.raises(PublishError, match="not connected"):
+        await bus.publish(event("k"))
+    assert time.monotonic() - started < 1
+
+
+# -- consuming -------------------------------------------------------------------------
+
+
+async def test_a_handler_that_keeps_failing_is_dead_lettered_after_its_redeliveries(
+    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
+) -> None:
+    ns = rabbit_ns
+    bus = buses(redelivery_delay=0.01, max_redeliveries=2)
+    await bus.start()
+    attempts: list[Event] = []
+
+    async def always_fails(e: Event) -> None:
+        attempts.append(e)
+        raise ValueError("bug")
+
+    await bus.declare(f"{ns.prefix}.q", ["k"], exclusive=True)
+    await bus.consume(f"{ns.prefix}.q", always_fails)
+    sent = event("k", n=1)
+    await bus.publish(sent)
+
+    async def dead_letters() -> list[rabbit.Message]:
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                got = await asyncio.to_thread(ns.drain, ns.dead)
+                if got:
+                    return got
+                await asyncio.sleep(0.02)
+
+    [dead] = await dead_letters()
+    await asyncio.sleep(0.1)
+    assert len(attempts) == 3
+    assert "x-redelivered" not in attempts[0].headers
+    assert all(a.headers["x-redelivered"] is True for a in attempts[1:])
+    assert {a.message_id for a in attempts} == {sent.message_id}
+    assert dead.properties.message_id == sent.message_id
+    assert json.loads(dead.body) == {"n": 1}
+
+
+async def test_prefetch_bounds_the_handlers_in_flight(
+    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
+) -> None:
+    bus = buses(prefetch=3)
+    await bus.start()
+    gate = asyncio.Event()
+    active: list[int] = []
+    done: list[int] = []
+
+    async def handle(e: Event) -> None:
+        active.append(e.payload["i"])
+        await gate.wait()
+        done.append(e.payload["i"])
+
+    queue = f"{rabbit_ns.prefix}.q"
+    await bus.declare(queue, ["k"], exclusive=True)
+    await bus.consume(queue, handle)
+    for i in range(10):
+        await bus.publish(event("k", i=i))
+    await until(lambda: len(active) == 3)
+    await asyncio.sleep(0.1)
+    assert active == [0, 1, 2]
+    gate.set()
+    await until(lambda: len(done) == 10)
+    assert sorted(active) == list(range(10))
+
+
+async def test_close_does_not_wait_for_a_pending_redelivery(
+    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
+) -> None:
+    bus = buses(redelivery_delay=60)
+    await bus.start()
+    failed = asyncio.Event()
+
+    async def fail(e: Event) -> None:
+        failed.set()
+        raise RuntimeError("later")
+
+    queue = f"{rabbit_ns.prefix}.q"
+    await bus.declare(queue, ["k"])
+    rabbit_ns.extra_queues.append(queue)
+    await bus.consume(queue, fail)
+    await bus.publish(event("k"))
+    await asyncio.wait_for(failed.wait(), TIMEOUT)
+    started = time.monotonic()
+    await bus.close()
+    assert time.monotonic() - started < 2
+    assert await asyncio.to_thread(rabbit_ns.count, queue) == 1  # back in its queue
+
+
+# -- recovery ----------------------------------------------------------------------------
+
+
+async def test_after_the_broker_closes_the_connection_everything_resumes(
+    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
+) -> None:
+    ns = rabbit_ns
+    bus = buses(reconnect_delay=0.05)
+    await bus.start()
+    durable, mine = f"{ns.prefix}.step.image_processing", f"{ns.prefix}.hub.me"
+    seen: dict[str, list[int]] = {durable: [], mine: []}
+    for queue, binding in ((durable, "step.image_processing"), (mine, "workflow.changed")):
+        await bus.declare(queue, [binding], exclusive=queue == mine)
+
+        async def handle(e: Event, queue: str = queue) -> None:
+            seen[queue].append(e.payload["i"])
+
+        await bus.consume(queue, handle)
+
+    confirmed: list[int] = []
+    refused: list[int] = []
+    was_down = asyncio.Event()
+
+    async def keep_publishing() -> None:
+        """Publish until 50 more are confirmed after the connection came back."""
+        i = after = 0
+        while after < 50:
+            try:
+                await bus.publish(event("step.image_processing", i=i))
+                confirmed.append(i)
+                after += was_down.is_set()
+            except PublishError:
+                refused.append(i)
+            i += 1
+            await asyncio.sleep(0.002)
+
+    publishing = asyncio.ensure_future(keep_publishing())
+    await until(lambda: len(confirmed) > 20)
+    closing = asyncio.ensure_future(
+        asyncio.to_thread(rabbit.close_connections, f"stox test {ns.prefix}")
+    )
+    await until(lambda: not bus.connected)
+    was_down.set()
+    assert await closing == 1
+    await asyncio.wait_for(publishing, 30)
+
+    assert bus.connected
+    # every confirmed event reached the durable queue's consumer (some maybe twice: at least once)
+    await until(lambda: set(confirmed) <= set(seen[durable]))
+    assert len(confirmed) > 70
+    # the exclusive queue came back with its binding, and its consumer with it
+    await bus.publish(event("workflow.changed", i=-1))
+    await until(lambda: seen[mine] == [-1])

@@ -104,6 +104,7 @@ export class LiveSocket {
       this.onState({ state: "live" });
     };
     socket.onmessage = (event) => {
+      if (this.socket !== socket) return; // closing: it no longer speaks for this page
       let message;
       try {
         message = JSON.parse(event.data);

@@ -66,6 +66,7 @@ const state = {
   snapshotFull: false, // the newest SNAPSHOT_LIMIT are not all there is
   chains: new Map(), // filter -> {cursor, done}: pages of older workflows
   loadingOlder: false,
+  listNote: null, // what went wrong loading older workflows
   filter: "all",
   rows: new Map(), // workflow id -> <li>
   dirty: new Set(),
@@ -96,28 +97,45 @@ function saveSession(session) {
   sessionStorage.setItem(SESSION_KEY, JSON.stringify(session));
 }
 
-function sessionExpired(session) {
+/** When the token stops working (ms since the epoch), from its `exp` or the login's `expires_in`. */
+function expiresAt(session) {
   const exp = tokenClaims(session.token)?.exp;
-  const expiresAt = typeof exp === "number" ? exp * 1000 : session.expiresAt;
-  return typeof expiresAt === "number" && expiresAt <= Date.now();
+  const at = typeof exp === "number" ? exp * 1000 : session.expiresAt;
+  return typeof at === "number" ? at : null;
+}
+
+function sessionExpired(session) {
+  const at = expiresAt(session);
+  return at !== null && at <= Date.now();
 }
 
 function scheduleExpiry(session) {
   clearTimeout(state.expiryTimer);
-  const exp = tokenClaims(session.token)?.exp;
-  const expiresAt = typeof exp === "number" ? exp * 1000 : session.expiresAt;
-  if (typeof expiresAt !== "number") return;
-  const wait = Math.min(Math.max(expiresAt - Date.now(), 0), 2 ** 31 - 1);
+  const at = expiresAt(session);
+  if (at === null) return;
+  const wait = Math.min(Math.max(at - Date.now(), 0), 2 ** 31 - 1);
   state.expiryTimer = setTimeout(() => signOut(EXPIRED, "warning"), wait);
 }
 
-/** A 401 from the API means the token is no longer good: back to sign-in. */
-function handleUnauthorized(error) {
-  if (error instanceof ApiError && error.status === 401 && state.session) {
-    signOut(EXPIRED, "warning");
-    return true;
+/**
+ * An API call as the signed-in person. Resolves to null when there is nothing left to do
+ * with the answer: they signed out meanwhile, or the token no longer works (a 401 returns
+ * them to sign-in). Other errors reject with an ApiError.
+ */
+async function call(method, path, body) {
+  const session = state.session;
+  if (!session) return null;
+  try {
+    const answer = await request(method, path, { body, token: session.token });
+    return state.session === session ? answer : null;
+  } catch (error) {
+    if (state.session !== session) return null;
+    if (error instanceof ApiError && error.status === 401) {
+      signOut(EXPIRED, "warning");
+      return null;
+    }
+    throw error;
   }
-  return false;
 }
 
 // -- views --------------------------------------------------------------------------------------
@@ -170,9 +188,14 @@ function signOut(message = null, tone = "info") {
   state.rows.clear();
   state.chains.clear();
   state.snapshotFull = false;
+  state.snapshotIds = new Set();
   state.connections = 0;
   state.detailId = null;
+  state.fresh.clear();
   $("workflow-list").replaceChildren();
+  $("upload-form").reset();
+  for (const field of PRODUCT_FIELDS) setFieldError("product", field, null);
+  setMessage($("upload-message"), null);
   $("detail").hidden = true;
   document.body.classList.remove("has-detail");
   if (location.hash) history.replaceState(null, "", location.pathname + location.search);
@@ -310,18 +333,15 @@ function snapshotWindowComplete() {
 
 async function refreshWorkflow(id) {
   try {
-    const doc = await request("GET", `${API}/workflow/status?workflow_id=${encodeURIComponent(id)}`, {
-      token: state.session?.token,
-    });
-    const applied = state.store.apply(doc);
+    const doc = await call("GET", `${API}/workflow/status?workflow_id=${encodeURIComponent(id)}`);
+    const applied = doc && state.store.apply(doc);
     if (applied) {
       announceChange("refresh", null, applied.previous, state.store.get(id));
       markDirty(id);
     }
     return true;
   } catch (error) {
-    if (!handleUnauthorized(error) && error.status === 404) return false;
-    return true;
+    return error.status !== 404;
   }
 }
 
@@ -334,9 +354,8 @@ async function checkAfterRefusal() {
     return false;
   }
   try {
-    await request("GET", `${API}/workflow/list?limit=1`, { token: session.token });
+    await call("GET", `${API}/workflow/list?limit=1`);
   } catch (error) {
-    if (handleUnauthorized(error)) return false;
     if (error.status === 403) {
       signOut("This account cannot watch workflows. Sign in as a user.", "warning");
       return false;
@@ -455,11 +474,11 @@ function renderListFooter(shown) {
   } else {
     setMessage(empty, null);
   }
-  $("list-summary").textContent = total
-    ? `Showing ${shown} of ${total} loaded, newest first.`
-    : "";
+  $("list-summary").textContent =
+    state.listNote ?? (total ? `Showing ${shown} of ${total} loaded, newest first.` : "");
   const chain = state.chains.get(state.filter);
-  const more = chain ? !chain.done : state.snapshotFull;
+  const everything = state.chains.get("all")?.done;
+  const more = !everything && (chain ? !chain.done : state.snapshotFull);
   const button = $("load-older");
   button.hidden = !more;
   button.disabled = state.loadingOlder;
@@ -495,7 +514,7 @@ function updateRow(row, w) {
     meta ? `${meta} · ` : "",
     h("span", { class: "mono", title: w.id }, w.id.slice(0, 8)),
     " · ",
-    h("time", { datetime: w.created_at }, formatClock(w.created_at)),
+    timeOf(w.created_at, formatDateTime(w.created_at)),
   );
   renderBadge(row.querySelector(".badge"), w.status);
   const { done, total } = progress(w);
@@ -569,6 +588,7 @@ async function loadOlder() {
   const chain = state.chains.get(filter) ?? { cursor: null, done: false };
   state.chains.set(filter, chain);
   state.loadingOlder = true;
+  state.listNote = null;
   renderSoon(true);
   try {
     // The first page repeats what the snapshot holds; go on until something new shows.
@@ -577,7 +597,8 @@ async function loadOlder() {
       const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
       if (filter !== "all") query.set("status", filter);
       if (chain.cursor) query.set("cursor", chain.cursor);
-      const page = await request("GET", `${API}/workflow/list?${query}`, { token: state.session.token });
+      const page = await call("GET", `${API}/workflow/list?${query}`);
+      if (!page) return;
       for (const doc of page.workflows) {
         const applied = state.store.apply(doc);
         if (applied) {
@@ -590,7 +611,8 @@ async function loadOlder() {
     }
     announce(added ? `Loaded ${added} older workflows.` : "No older workflows.");
   } catch (error) {
-    if (!handleUnauthorized(error)) announce(`Could not load older workflows: ${error.message}`);
+    state.listNote = `Could not load older workflows: ${error.message}`;
+    announce(state.listNote);
   } finally {
     state.loadingOlder = false;
     renderSoon(true);
@@ -614,7 +636,8 @@ async function upload(event) {
   button.disabled = true;
   form.setAttribute("aria-busy", "true");
   try {
-    const answer = await request("POST", `${API}/workflow/upload`, { body: product, token: state.session.token });
+    const answer = await call("POST", `${API}/workflow/upload`, product);
+    if (!answer) return;
     state.fresh.add(answer.workflow_id);
     form.reset();
     setMessage(message, `Uploaded “${product.name}”. Its workflow has started.`, "success");
@@ -622,7 +645,6 @@ async function upload(event) {
     // the socket brings it too; this makes it show even while the socket reconnects
     refreshWorkflow(answer.workflow_id);
   } catch (error) {
-    if (handleUnauthorized(error)) return;
     if (error.status === 400 && error.fields) {
       const unplaced = showFieldErrors("product", PRODUCT_FIELDS, fieldMessages(error.fields));
       setMessage(message, unplaced.length ? unplaced.join(" ") : "Check the highlighted fields.", "error");
@@ -683,6 +705,7 @@ function closeDetail(restoreFocus = true) {
 
 function renderDetail(missing = false) {
   const w = state.store.get(state.detailId);
+  $("detail").dataset.workflowId = state.detailId;
   const body = $("detail-body");
   const cancel = $("detail-cancel");
   const retry = $("detail-retry");
@@ -695,7 +718,6 @@ function renderDetail(missing = false) {
     );
     return;
   }
-  $("detail").dataset.workflowId = w.id;
   $("detail").dataset.status = w.status;
   $("detail-title").textContent = w.product?.name ?? w.id;
   const badge = $("detail-status");
@@ -710,12 +732,12 @@ function renderDetail(missing = false) {
       "div",
       { class: "detail-summary" },
       failureNote(w),
-    factsList([
-      ["Workflow id", h("span", { class: "mono break" }, w.id)],
-      ["Started", h("time", { datetime: w.created_at, title: formatDateTime(w.created_at) }, formatClock(w.created_at))],
-      ["Elapsed", h("time", { class: "elapsed" })],
-      ["Last change", h("time", { datetime: w.updated_at, title: `version ${w.version}` }, formatClock(w.updated_at))],
-    ]),
+      factsList([
+        ["Workflow id", h("span", { class: "mono break" }, w.id)],
+        ["Started", timeOf(w.created_at, formatDateTime(w.created_at))],
+        ["Elapsed", h("time", { class: "elapsed" })],
+        ["Last change", timeOf(w.updated_at, `version ${w.version}`)],
+      ]),
     ),
     productSection(w.product ?? {}),
     h(
@@ -727,6 +749,10 @@ function renderDetail(missing = false) {
   );
   updateElapsed(body.querySelector(".elapsed"), w);
   for (const details of body.querySelectorAll("details")) details.open = open.has(details.dataset.key);
+}
+
+function timeOf(iso, title) {
+  return h("time", { datetime: iso, title }, formatClock(iso));
 }
 
 function failureNote(w) {
@@ -886,18 +912,17 @@ async function change(action) {
   const message = $("detail-message");
   button.disabled = true;
   try {
-    const doc = await request("POST", `${API}/workflow/${action}`, {
-      body: { workflow_id: id },
-      token: state.session.token,
-    });
+    const doc = await call("POST", `${API}/workflow/${action}`, { workflow_id: id });
+    if (!doc) return;
     if (state.store.apply(doc)) markDirty(id);
+    if (state.detailId === id) renderDetail();
+    if (button.hidden) $("detail-title").focus(); // the button is gone: keep focus in the panel
     setMessage(
       message,
       action === "cancel" ? "Workflow cancelled." : `Retrying from ${stepLongName(doc.steps[doc.current_step].name)}.`,
       "success",
     );
   } catch (error) {
-    if (handleUnauthorized(error)) return;
     const text = error.status === 409 ? `Not possible now: ${error.message}` : error.message;
     setMessage(message, text, "error");
     if (error.status === 409) refreshWorkflow(id);

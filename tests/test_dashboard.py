@@ -7,12 +7,12 @@ Set STOX_UPDATE_SCREENSHOT=1 to write the README's docs/dashboard.png from the l
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "dashboard.png"
 WAIT = 10_000  # ms, for anything that happens live
-DURATION = re.compile(r"^\d+(\.\d)?s$")
 STEPS = ["image_processing", "ai_enhancement", "seo_generation"]
 
 
@@ -234,6 +233,88 @@ async def test_the_form_checks_what_the_server_checks(browser: Browser, tmp_path
         assert await name.input_value() == ""  # the form is ready for the next product
 
 
+# What the form sends, field by field, at and past each limit the server sets (ProductSchema).
+FORM_CASES: list[dict[str, str]] = [
+    {"name": ""},
+    {"name": "   "},
+    {"name": "x" * 200},
+    {"name": "x" * 201},
+    {"description": "d" * 10_000},
+    {"description": "d" * 10_001},
+    {"category": "c" * 100},
+    {"category": "c" * 101},
+    {"price": "0"},
+    {"price": "12.50"},
+    {"price": "-0.01"},
+    {"price": "1e12"},
+    {"price": "1.1e12"},
+    {"price": "twelve"},
+    {"images": ", ".join(f"i{n}.jpg" for n in range(50))},
+    {"images": ", ".join(f"i{n}.jpg" for n in range(51))},
+    {"images": "a.jpg, " + "x" * 2048},
+    {"images": "a.jpg, " + "x" * 2049},
+]
+
+
+def naive_body(raw: dict[str, str]) -> dict[str, Any]:
+    """The body a careless client would send for the form's raw strings."""
+    body: dict[str, Any] = {"name": "Mug", **raw}
+    if "price" in raw:
+        with suppress(ValueError):
+            body["price"] = float(raw["price"])
+    if "images" in raw:
+        body["images"] = [s.strip() for s in raw["images"].split(",")]
+    return body
+
+
+async def test_the_browser_refuses_exactly_what_the_server_refuses(
+    browser: Browser, tmp_path: Path
+) -> None:
+    async with running_gateway(tmp_path) as gw, dashboard(browser, gw) as board:
+        token = gw.token("alice")
+        for raw in FORM_CASES:
+            checked = await board.page.evaluate(
+                "async (raw) => (await import('/static/model.js')).parseProduct(raw)",
+                {"name": "Mug", **raw},
+            )
+            if checked["errors"]:
+                (field,) = checked["errors"]
+                assert field in raw or field == "name", (raw, checked["errors"])
+                if field == "name" and not raw.get("name", "x").strip():
+                    continue  # blank names: the browser is stricter than the server
+                answer = await gw.fetch(
+                    "POST", "/api/v1/workflow/upload", naive_body(raw), token=token
+                )
+                assert answer.status == 400, (raw, answer.body)
+                assert field in answer.body["error"]["fields"], (raw, answer.body)
+            else:
+                answer = await gw.fetch(
+                    "POST", "/api/v1/workflow/upload", checked["product"], token=token
+                )
+                assert answer.status == 202, (raw, answer.body)
+
+
+async def test_changes_apply_by_version(browser: Browser, tmp_path: Path) -> None:
+    async with running_gateway(tmp_path) as gw, dashboard(browser, gw, user=None) as board:
+        applied = await board.page.evaluate(
+            """async () => {
+              const { WorkflowStore } = await import("/static/model.js");
+              const store = new WorkflowStore();
+              const doc = (version, status) => ({ id: "a", version, status, created_at: "" });
+              return [
+                store.apply(doc(3, "running")) !== null,
+                store.apply(doc(2, "failed")) !== null,  // older: ignored
+                store.apply(doc(3, "failed")) !== null,  // the same version: ignored
+                store.get("a").status,
+                store.apply(doc(5, "completed")).previous.version,
+                store.get("a").status,
+                store.size,
+              ];
+            }"""
+        )
+        assert applied == [True, False, False, "running", 3, "completed", 1]
+
+
 # -- cancel and retry ------------------------------------------------------------------------------
 
 
@@ -324,11 +405,32 @@ async def test_a_token_that_no_longer_works_returns_to_sign_in(
             assert await page.evaluate("() => sessionStorage.getItem('stox.session')") is None
 
 
+class Server:
+    """A gateway on a port of its own that a test can stop and start again on the same data."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.port = free_port()
+        self.running = AsyncExitStack()
+
+    async def start(self) -> RunningGateway:
+        return await self.running.enter_async_context(
+            running_gateway(self.tmp_path, port=self.port)
+        )
+
+    async def stop(self) -> None:
+        await self.running.aclose()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
 async def test_the_page_survives_a_server_restart(browser: Browser, tmp_path: Path) -> None:
-    port = free_port()
-    first_run = AsyncExitStack()
-    gw = await first_run.enter_async_context(running_gateway(tmp_path, port=port))
-    try:
+    async with Server(tmp_path) as server:
+        gw = await server.start()
         token = gw.token("alice")
         async with dashboard(browser, gw, token=token) as board:
             page = board.page
@@ -337,7 +439,7 @@ async def test_the_page_survives_a_server_restart(browser: Browser, tmp_path: Pa
             await expect(board.row(second)).to_have_attribute("data-status", "running")
             await live(board)
 
-            await first_run.aclose()  # the server goes away under the page
+            await server.stop()  # the server goes away under the page
             await expect(page.locator("#connection")).to_contain_text("Reconnecting")
 
             # meanwhile the workflows move on (another instance on the same data)
@@ -347,17 +449,15 @@ async def test_the_page_survives_a_server_restart(browser: Browser, tmp_path: Pa
                 )
                 third = await other.upload(token, name="Cedar Box")
 
-            async with running_gateway(tmp_path, port=port):
-                await live(board)
-                await expect(board.row(first)).to_have_attribute("data-status", "cancelled")
-                await expect(board.row(third)).to_have_attribute("data-status", "running")
-                await expect(board.row(second)).to_have_attribute("data-status", "running")
-                await expect(board.rows).to_have_count(3)  # nothing shown twice
-                ids = await board.rows.evaluate_all("rows => rows.map(r => r.dataset.workflowId)")
-                assert ids == [third, second, first]  # newest first
-                await expect(page.locator("#signin-view")).to_be_hidden()
-    finally:
-        await first_run.aclose()
+            await server.start()
+            await live(board)
+            await expect(board.row(first)).to_have_attribute("data-status", "cancelled")
+            await expect(board.row(third)).to_have_attribute("data-status", "running")
+            await expect(board.row(second)).to_have_attribute("data-status", "running")
+            await expect(board.rows).to_have_count(3)  # nothing shown twice
+            ids = await board.rows.evaluate_all("rows => rows.map(r => r.dataset.workflowId)")
+            assert ids == [third, second, first]  # newest first
+            await expect(page.locator("#signin-view")).to_be_hidden()
 
 
 # -- many workflows: paging and the filter ---------------------------------------------------------
@@ -366,13 +466,19 @@ async def test_the_page_survives_a_server_restart(browser: Browser, tmp_path: Pa
 async def test_older_workflows_page_in_and_the_filter_narrows_the_list(
     browser: Browser, tmp_path: Path
 ) -> None:
-    async with running_gateway(tmp_path) as gw:
+    async with Server(tmp_path) as server:
+        gw = await server.start()
         token = gw.token("alice")
         ids = [await gw.upload(token, name=f"Item {n:03d}") for n in range(105)]
+
+        async def cancel(workflow_id: str, via: RunningGateway = gw) -> None:
+            body = {"workflow_id": workflow_id}
+            assert (
+                await via.fetch("POST", "/api/v1/workflow/cancel", body, token=token)
+            ).status == 200
+
         for workflow_id in ids[:2] + ids[-1:]:  # two of the oldest and the newest
-            await gw.fetch(
-                "POST", "/api/v1/workflow/cancel", {"workflow_id": workflow_id}, token=token
-            )
+            await cancel(workflow_id)
         await gw.upload(gw.token("bob"), name="Someone else's")
 
         async with dashboard(browser, gw) as board:
@@ -397,6 +503,18 @@ async def test_older_workflows_page_in_and_the_filter_narrows_the_list(
             await expect(board.rows).to_have_count(0)
             await expect(page.locator("#list-empty")).to_contain_text("No failed workflows")
             await page.get_by_role("radio", name="All").check()
+            await expect(board.rows).to_have_count(105)
+
+            # older than the snapshot's 100, still live: changed now, and changed while away
+            await cancel(ids[2])
+            await expect(board.row(ids[2])).to_have_attribute("data-status", "cancelled")
+            await server.stop()
+            async with running_gateway(tmp_path) as other:
+                await cancel(ids[3], via=other)
+            await server.start()
+            await live(board)
+            await expect(board.row(ids[3])).to_have_attribute("data-status", "cancelled")
+            await expect(page.locator('[data-count="cancelled"]')).to_have_text("5")
             await expect(board.rows).to_have_count(105)
 
 
@@ -475,26 +593,42 @@ def _reports(gw: RunningGateway) -> Callable[..., Any]:
     return report
 
 
-PRODUCTS = [
-    (
+PRODUCTS = {
+    "lamp": (
         "Brass Desk Lamp",
         "Lighting",
         89.5,
-        "A warm, dimmable light for the study.",
-        ["lamp-front.jpg", "lamp-side.jpg"],
+        "A warm, dimmable light.",
+        ["lamp.jpg", "lamp-side.jpg"],
     ),
-    ("Walnut Cutting Board", "Kitchen", 45.0, "End-grain walnut, oiled by hand.", ["board.jpeg"]),
-    (
+    "board": (
+        "Walnut Cutting Board",
+        "Kitchen",
+        45.0,
+        "End-grain walnut, oiled by hand.",
+        ["board.jpeg"],
+    ),
+    "shelf": ("Oak Wall Shelf", "Home", 74.0, "", ["shelf.jpg"]),
+    "apron": ("Linen Apron", "Kitchen", 32.0, "Washed linen with deep pockets.", ["apron.jpg"]),
+    "throw": (
         "Merino Wool Throw",
         "Home",
         129.0,
         "Soft merino wool, woven in Wales.",
-        ["throw.jpg", "throw-detail.jpg"],
+        ["throw.jpg"],
     ),
-    ("Stoneware Mug", "Kitchen", 14.0, "", ["mug.jpg"]),
-    ("Linen Apron", "Kitchen", 32.0, "Washed linen with deep pockets.", ["apron.jpg"]),
-    ("Oak Wall Shelf", "Home", 74.0, "", ["shelf.jpg"]),
-]
+    "mug": ("Stoneware Mug", "Kitchen", 14.0, "", ["mug.jpg"]),
+}
+
+
+class Clock:
+    """The orchestrator's clock, set back so that the picture shows a plausible morning."""
+
+    def __init__(self) -> None:
+        self.behind = 0.0
+
+    def __call__(self) -> float:
+        return time.time() - self.behind
 
 
 async def test_a_dashboard_with_every_kind_of_workflow(browser: Browser, tmp_path: Path) -> None:
@@ -502,16 +636,32 @@ async def test_a_dashboard_with_every_kind_of_workflow(browser: Browser, tmp_pat
 
     def pipeline(settings: settings_module.Settings) -> None:
         for step in settings.pipeline.steps:
-            step.backoff = settings_module.Duration(120)
+            step.timeout = settings_module.Duration(3600)
+            step.backoff = settings_module.Duration(600)
         settings.pipeline.steps[2].max_attempts = 1
 
-    async with running_gateway(tmp_path, configure=pipeline) as gw:
+    clock = Clock()
+    async with running_gateway(tmp_path, pipeline, {"clock": clock}) as gw:
         report = _reports(gw)
         token = gw.token("alice")
-        ids = []
-        for name, category, price, description, images in PRODUCTS:
-            ids.append(
-                await gw.upload(
+        ids: dict[str, str] = {}
+        # seconds ago, what happened to which product
+        timeline: list[tuple[float, str, str]] = [
+            (840, "upload", "lamp"), (828, "done", "lamp"), (806, "done", "lamp"),
+            (801, "done", "lamp"),
+            (660, "upload", "board"), (651, "done", "board"), (626, "done", "board"),
+            (620, "done", "board"),
+            (540, "upload", "shelf"), (512, "cancel", "shelf"),
+            (360, "upload", "apron"), (349, "done", "apron"), (333, "done", "apron"),
+            (327, "SEO service answered 503", "apron"),  # one attempt only: failed
+            (130, "upload", "throw"), (118, "done", "throw"),  # AI copy running
+            (65, "upload", "mug"), (50, "image service timed out", "mug"),  # to be retried
+        ]  # fmt: skip
+        for ago, what, key in timeline:
+            clock.behind = ago
+            if what == "upload":
+                name, category, price, description, images = PRODUCTS[key]
+                ids[key] = await gw.upload(
                     token,
                     name=name,
                     category=category,
@@ -519,18 +669,13 @@ async def test_a_dashboard_with_every_kind_of_workflow(browser: Browser, tmp_pat
                     description=description,
                     images=images,
                 )
-            )
-            await asyncio.sleep(0.01)
-        lamp, board_, throw, mug, apron, shelf = ids
-        for _ in STEPS:
-            await report(lamp)
-            await report(board_)
-        await report(throw)  # images done, AI copy running
-        await report(mug, fail="image service timed out")  # waiting to retry
-        await report(apron)
-        await report(apron)
-        await report(apron, fail="SEO service answered 503")  # one attempt only: failed
-        await gw.fetch("POST", "/api/v1/workflow/cancel", {"workflow_id": shelf}, token=token)
+            elif what == "cancel":
+                body = {"workflow_id": ids[key]}
+                await gw.fetch("POST", "/api/v1/workflow/cancel", body, token=token)
+            else:
+                await report(ids[key], fail=None if what == "done" else what)
+        clock.behind = 0
+        lamp, board_, shelf, apron, throw, mug = (ids[key] for key in PRODUCTS)
 
         async with dashboard(browser, gw, width=1440, height=900) as board:
             page = board.page
@@ -555,9 +700,16 @@ async def test_a_dashboard_with_every_kind_of_workflow(browser: Browser, tmp_pat
             await expect(page.locator('[data-count="running"]')).to_have_text("2")
             await expect(page).to_have_title("(2 running, 1 failed) Stox")
 
+            await expect(board.row(throw).locator(".elapsed")).to_have_text(
+                re.compile(r"^2m 1\ds$")
+            )
+            await expect(board.row(lamp).locator(".elapsed")).to_have_text("39s")
+
             await board.open_detail(lamp)
             await page.locator("#product-name").fill("Ceramic Planter")
+            await page.locator("#product-description").fill("Glazed terracotta, 20 cm across.")
             await page.locator("#product-category").fill("Garden")
+            await page.locator("#product-category").blur()
             await page.mouse.move(0, 0)
             path = tmp_path / "dashboard.png"
             await page.screenshot(path=str(path))

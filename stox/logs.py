@@ -38,6 +38,8 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # pika narrates every channel it opens and closes at info; keep its warnings and errors
+    logging.getLogger("pika").setLevel(max(root.level, logging.WARNING))
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:

@@ -1,0 +1,378 @@
+"""Whole gateways on RabbitMQ: reference workers, several instances, a broker that drops the
+connection, and a gateway killed mid-flow. Real broker, real processes; every test has its
+own exchange and queue names (`rabbit_ns`), deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rabbit
+from procs import Proc, gateway_config, remote, start_gateway, start_worker, wait_ready
+from support import RunningGateway, free_port, running_gateway
+
+from stox import workflow as w
+
+pytestmark = pytest.mark.rabbitmq
+
+STEPS = rabbit.STEPS
+TIMEOUT = 30.0
+
+
+async def finished(gw: RunningGateway, ids: list[str], within: float = TIMEOUT) -> dict[str, Any]:
+    """Poll until no workflow is running; their documents by id."""
+    token = gw.token()
+
+    async def poll() -> dict[str, Any]:
+        while True:
+            docs = {}
+            for workflow_id in ids:
+                response = await gw.fetch(
+                    "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=token
+                )
+                assert response.status == 200, response.body
+                docs[workflow_id] = response.body
+            if all(doc["status"] != w.RUNNING for doc in docs.values()):
+                return docs
+            await asyncio.sleep(0.1)
+
+    return await asyncio.wait_for(poll(), within)
+
+
+def assert_completed_once(docs: dict[str, Any]) -> None:
+    """Every workflow completed, every step in one attempt: nothing retried or lost."""
+    for doc in docs.values():
+        assert doc["status"] == w.COMPLETED, doc
+        for step in doc["steps"]:
+            assert step["status"] == w.COMPLETED, doc
+            assert [a["outcome"] for a in step["attempts"]] == [w.COMPLETED], doc
+
+
+def assert_dispatched_once(probe: list[rabbit.Message], ids: list[str]) -> None:
+    """Each step of each workflow went out with one step_id (at-least-once may repeat the
+    same message); each workflow.completed once (by message id)."""
+    step_ids: dict[tuple[str, str], set[str]] = defaultdict(set)
+    completed: dict[str, set[str]] = defaultdict(set)
+    for message in probe:
+        payload = message.payload
+        if message.routing_key == "workflow.completed":
+            completed[payload["workflow_id"]].add(message.properties.message_id)
+        elif message.routing_key != "step.completed":
+            step_ids[payload["workflow_id"], payload["step_type"]].add(payload["step_id"])
+    for workflow_id in ids:
+        for step in STEPS:
+            assert len(step_ids[workflow_id, step]) == 1, (workflow_id, step)
+        assert len(completed[workflow_id]) == 1, workflow_id
+
+
+@contextmanager
+def stopped_at_exit(*procs: Proc) -> Iterator[list[Proc]]:
+    running = list(procs)
+    try:
+        yield running
+    finally:
+        for proc in running:
+            proc.kill()
+
+
+def workers(
+    ns: rabbit.Namespace, log_dir: Path, token: str, http: Collection[str] = ()
+) -> list[Proc]:
+    """One reference worker per step; those in `http` report over HTTP."""
+    return [
+        start_worker(
+            log_dir,
+            ns.url,
+            ns.exchange,
+            ns.prefix,
+            step,
+            token,
+            *(["--http"] if step in http else []),
+        )
+        for step in STEPS
+    ]
+
+
+async def until_logged(proc: Proc, text: str, within: float = 10.0) -> None:
+    async with asyncio.timeout(within):
+        while True:
+            if text in proc.log():
+                return
+            await asyncio.sleep(0.05)
+
+
+# -- the reference worker ------------------------------------------------------------------
+
+
+async def test_reference_workers_run_the_whole_flow(
+    tmp_path: Path, rabbit_ns: rabbit.Namespace
+) -> None:
+    ns = rabbit_ns
+    async with running_gateway(tmp_path, **ns.settings()) as gw:
+        token = gw.service_token("reference-worker")
+        with stopped_at_exit(*workers(ns, tmp_path, token, http={"ai_enhancement"})) as procs:
+            image, ai, _ = procs
+            socket = await gw.ws_connect(gw.token())
+            ids = [await gw.upload(gw.token(), name=f"Blue Mug {i}") for i in range(8)]
+            docs = await finished(gw, ids)
+            assert_completed_once(docs)
+            first = docs[ids[0]]
+            assert first["steps"][0]["result"] == {
+                "images": [f"processed/{ids[0][:8]}/Blue Mug 0_1200.webp"]
+            }
+            assert first["steps"][2]["result"]["slug"] == "blue-mug-0"
+
+            seen: dict[str, int] = defaultdict(int)
+            while sum(seen.values()) < len(ids):
+                message = json.loads(await asyncio.wait_for(socket.read_message(), 10))  # type: ignore[arg-type]
+                if message["type"] == "workflow_completed":
+                    seen[message["workflow_id"]] += 1
+            assert set(seen) == set(ids)
+            socket.close()
+
+            # a dispatch delivered again is reported again; the gateway's duplicate / 409 is
+            # acknowledged and the worker moves on
+            done = first["steps"][1]
+            again = dispatch(gw, first, 1, step_id=done["step_id"])
+            stale = dispatch(gw, first, 1, step_id=uuid.uuid4().hex)
+            await asyncio.to_thread(ns.publish, "step.ai_enhancement", again)
+            await asyncio.to_thread(ns.publish, "step.ai_enhancement", stale)
+            await until_logged(ai, "same report")
+            await until_logged(ai, "report not needed (HTTP 409)")
+            await until_logged(ai, "over HTTP: duplicate")
+            await asyncio.to_thread(
+                ns.publish,
+                "step.image_processing",
+                dispatch(gw, first, 0, step_id=first["steps"][0]["step_id"]),
+            )
+            await until_logged(image, "same report")
+            assert (await finished(gw, [ids[0]]))[ids[0]]["version"] == first["version"]
+            assert await asyncio.to_thread(ns.count, ns.step_queue("ai_enhancement")) == 0
+
+            # SIGTERM: each finishes cleanly
+            assert [proc.stop() for proc in procs] == [0, 0, 0]
+            assert all("stopped" in proc.log() for proc in procs)
+            assert "Traceback" not in "".join(proc.log() for proc in procs)
+
+
+def dispatch(gw: RunningGateway, doc: dict[str, Any], index: int, step_id: str) -> bytes:
+    step = doc["steps"][index]
+    return json.dumps(
+        {
+            "event": f"step.{step['name']}",
+            "workflow_id": doc["id"],
+            "occurred_at": w.isoformat(0),
+            "step_id": step_id,
+            "step_type": step["name"],
+            "attempt": 1,
+            "deadline": w.isoformat(0),
+            "product": doc["product"],
+            "results": {},
+            "reply_to": {
+                "http": f"{gw.base_url}/api/v1/workflow/step-completed",
+                "routing_key": "step.completed",
+            },
+        }
+    ).encode()
+
+
+# -- several instances ---------------------------------------------------------------------
+
+
+@pytest.mark.mongo
+async def test_two_gateways_share_the_broker_and_the_store(
+    tmp_path: Path, rabbit_ns: rabbit.Namespace, mongo_url: str
+) -> None:
+    ns = rabbit_ns
+    probe = await asyncio.to_thread(ns.bind_probe, "step.#", "workflow.completed")
+    ports = free_port(), free_port()
+    procs = [
+        start_gateway(
+            tmp_path,
+            name,
+            gateway_config(port, f"{name}-{ns.prefix[-6:]}", mongo_url, ns.config_yaml()),
+        )
+        for name, port in zip(("gw-a", "gw-b"), ports, strict=True)
+    ]
+    with stopped_at_exit(*procs):
+        await asyncio.gather(
+            *(wait_ready(proc, port) for proc, port in zip(procs, ports, strict=True))
+        )
+        a, b = (remote(port) for port in ports)
+        service = a.service_token("shared")
+        socket = await a.ws_connect(a.token())  # a browser on instance A
+        ids = [await a.upload(a.token(), name=f"Shared mug {i}") for i in range(6)]
+
+        for index, step in enumerate(STEPS):
+            current = {i: (await status(a, i))["steps"][index] for i in ids}
+            for workflow_id in ids:
+                assert current[workflow_id]["status"] == w.DISPATCHED
+            if step == "ai_enhancement":  # two copies over AMQP: the gateways compete for them
+                for workflow_id in ids:
+                    body = report(workflow_id, current[workflow_id])
+                    for _ in range(2):
+                        await asyncio.to_thread(
+                            ns.publish,
+                            "step.completed",
+                            json.dumps(body).encode(),
+                            {"authorization": f"Bearer {service}"},
+                        )
+            else:  # the same report to both instances at once
+                answers = await asyncio.gather(
+                    *(
+                        gw.fetch(
+                            "POST",
+                            "/api/v1/workflow/step-completed",
+                            report(i, current[i]),
+                            token=service,
+                        )
+                        for i in ids
+                        for gw in (a, b)
+                    )
+                )
+                for first, second in zip(answers[::2], answers[1::2], strict=True):
+                    assert (first.status, second.status) == (200, 200)
+                    assert sorted([first.body["result"], second.body["result"]]) == [
+                        "applied",
+                        "duplicate",
+                    ]
+            await wait_until(
+                a, ids, lambda doc, index=index: doc["steps"][index]["status"] == w.COMPLETED
+            )
+
+        docs = await finished(a, ids)
+        assert_completed_once(docs)
+        # the browser on A saw every change, including those applied by B
+        kinds: dict[str, list[str]] = defaultdict(list)
+        while sum(k.count("workflow_completed") for k in kinds.values()) < len(ids):
+            message = json.loads(await asyncio.wait_for(socket.read_message(), 10))  # type: ignore[arg-type]
+            kinds[message["workflow_id"]].append(message["type"])
+        for workflow_id in ids:
+            assert kinds[workflow_id].count("step_completed") == 3
+            assert kinds[workflow_id][-1] == "workflow_completed"
+        socket.close()
+        assert_dispatched_once(await asyncio.to_thread(ns.drain, probe), ids)
+        assert [proc.stop() for proc in procs] == [0, 0]
+
+
+async def status(gw: RunningGateway, workflow_id: str) -> dict[str, Any]:
+    response = await gw.fetch(
+        "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=gw.token()
+    )
+    assert response.status == 200, response.body
+    return dict(response.body)
+
+
+async def wait_until(
+    gw: RunningGateway,
+    ids: list[str],
+    check: Callable[[dict[str, Any]], bool],
+    within: float = 10.0,
+) -> None:
+    async with asyncio.timeout(within):
+        while True:
+            docs = [await status(gw, i) for i in ids]
+            if all(check(doc) for doc in docs):
+                return
+            await asyncio.sleep(0.05)
+
+
+def report(workflow_id: str, step: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "workflow_id": workflow_id,
+        "step_id": step["step_id"],
+        "step_type": step["name"],
+        "success": True,
+        "result": {"by": "test"},
+    }
+
+
+# -- outages ---------------------------------------------------------------------------------
+
+
+async def test_the_gateway_reconnects_when_the_broker_closes_its_connection(
+    tmp_path: Path, rabbit_ns: rabbit.Namespace
+) -> None:
+    ns = rabbit_ns
+    instance = f"reconnect-{uuid.uuid4().hex[:8]}"
+    options = {"demo_worker_options": {"min_delay": 0.0, "max_delay": 0.02, "failure_rate": 0.0}}
+
+    def configure(settings: Any) -> None:
+        settings.demo_workers = True
+        settings.server.instance_id = instance
+
+    async with running_gateway(tmp_path, configure, options, **ns.settings()) as gw:
+        bus = gw.gateway.bus
+        token = gw.token()
+        ids: list[str] = []
+        went_down = asyncio.Event()
+
+        async def watch() -> None:
+            while True:
+                if not bus.connected:
+                    went_down.set()
+                    return
+                await asyncio.sleep(0.001)
+
+        async def upload_steadily() -> None:
+            """Upload until 15 more went in after the connection came back."""
+            after = 0
+            while after < 15:
+                ids.append(await gw.upload(token, name=f"Steady mug {len(ids)}"))
+                after += went_down.is_set() and bus.connected
+                await asyncio.sleep(0.01)
+
+        watching = asyncio.ensure_future(watch())
+        uploading = asyncio.ensure_future(upload_steadily())
+        await asyncio.sleep(0.2)
+        closed = await asyncio.to_thread(
+            rabbit.close_connections, f"stox gateway {instance}", "test: broker closes"
+        )
+        assert closed == 1
+        await asyncio.wait_for(watching, 5)
+        await asyncio.wait_for(uploading, 20)
+        docs = await finished(gw, ids)
+        assert_completed_once(docs)
+        assert bus.connected
+        ready = await gw.fetch("GET", "/readyz")
+        assert ready.status == 200
+
+
+async def test_a_gateway_killed_mid_flow_finishes_every_workflow_after_restart(
+    tmp_path: Path, rabbit_ns: rabbit.Namespace
+) -> None:
+    ns = rabbit_ns
+    probe = await asyncio.to_thread(ns.bind_probe, "step.#", "workflow.completed")
+    port = free_port()
+    config = gateway_config(port, "crashy", f"sqlite:///{tmp_path}/stox.db", ns.config_yaml())
+    gateway = start_gateway(tmp_path, "gw", config)
+    client = remote(port)
+    with stopped_at_exit(gateway, *workers(ns, tmp_path, client.service_token("worker"))) as procs:
+        await wait_ready(gateway, port)
+        token = client.token()
+        ids = [await client.upload(token, name=f"Crash mug {i}") for i in range(25)]
+        await wait_until(client, ids[:3], lambda doc: doc["steps"][0]["status"] == w.COMPLETED)
+        running = await client.fetch(
+            "GET", "/api/v1/workflow/list?status=running&limit=100", token=token
+        )
+        gateway.popen.send_signal(signal.SIGKILL)
+        gateway.popen.wait(10)
+        assert running.status == 200 and running.body["workflows"], "killed mid-flow"
+        await asyncio.sleep(0.3)  # the workers go on reporting into the durable queue
+
+        restarted = start_gateway(tmp_path, "gw-restarted", config)
+        procs.append(restarted)
+        await wait_ready(restarted, port)
+        docs = await finished(client, ids)
+        assert_completed_once(docs)
+        assert_dispatched_once(await asyncio.to_thread(ns.drain, probe), ids)
+        assert restarted.stop() == 0

@@ -162,7 +162,9 @@ class BaseHandler(PathOnlyErrorLog):
             self._principal = self._authenticate()
         return self._principal
 
-    def _authenticate(self) -> Principal:
+    @property
+    def bearer_token(self) -> str:
+        """The token of the Authorization header; 401 when there is none."""
         header = self.request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -172,8 +174,12 @@ class BaseHandler(PathOnlyErrorLog):
                 "send Authorization: Bearer <token>",
                 headers={"WWW-Authenticate": 'Bearer realm="stox"'},
             )
+        return token.strip()
+
+    def _authenticate(self) -> Principal:
+        token = self.bearer_token
         try:
-            return self.tokens.verify(token.strip())
+            return self.tokens.verify(token)
         except InvalidToken:
             raise ApiError(
                 401,

@@ -1,10 +1,11 @@
-"""Liveness and readiness."""
+"""Liveness and readiness (store, bus and the AuthService)."""
 
 from __future__ import annotations
 
 from typing import cast
 
 from handlers.base import BaseHandler
+from stox.auth.client import AuthClient
 from stox.bus.base import EventBus
 from stox.store.base import WorkflowStore
 
@@ -15,7 +16,7 @@ class HealthHandler(BaseHandler):
 
 
 class ReadyHandler(BaseHandler):
-    """Ready when the store answers and the bus is connected."""
+    """Ready when the store answers, the bus is connected and the AuthService is serving."""
 
     async def get(self) -> None:
         store = cast(WorkflowStore, self.settings["store"])
@@ -27,6 +28,8 @@ class ReadyHandler(BaseHandler):
         except Exception as exc:  # any failure means "not ready", whatever its kind
             checks["store"] = f"unavailable: {type(exc).__name__}"
         checks["bus"] = "ok" if bus.connected else "disconnected"
+        auth = cast(AuthClient, self.settings["auth"])
+        checks["auth"] = "ok" if await auth.check() else "unavailable"
         ready = all(value == "ok" for value in checks.values())
         self.render(200 if ready else 503, {"status": "ready" if ready else "unready", **checks})
 

@@ -18,6 +18,7 @@ from typing import Any
 import tornado.httpserver
 import tornado.web
 
+import handlers.auth
 import handlers.health
 import handlers.static
 import handlers.workflow
@@ -25,6 +26,8 @@ import handlers.ws
 from handlers.base import NotFoundHandler
 from settings import Settings, SettingsError
 from stox.auth import secret
+from stox.auth.client import AuthClient
+from stox.auth.service import AuthServer
 from stox.auth.tokens import HS256, BadKey, TokenAuthority
 from stox.bus.base import EventBus
 from stox.completions import completion_handler
@@ -121,7 +124,13 @@ class Gateway:
         self.instance_id = settings.server.instance_id or uuid.uuid4().hex[:12]
         self.store = store or make_store(settings.storage.url)
         self.bus = bus or make_bus(settings, f"stox gateway {self.instance_id}")
-        self.tokens = make_tokens(settings)
+        remote = settings.services.auth
+        # the built-in AuthService signs tokens; with a remote one this gateway only verifies
+        self.tokens = make_tokens(settings, issuing=not remote.host)
+        self.auth_server = None if remote.host else AuthServer.from_settings(settings, self.tokens)
+        self.auth = AuthClient.from_settings(
+            settings.auth, f"{remote.host}:{remote.port}" if remote.host else ""
+        )
         self.pipeline = make_pipeline(settings)
         self.orchestrator = Orchestrator(self.store, self.bus, self.pipeline, clock=clock)
         self.hub = Hub(self.orchestrator)
@@ -130,6 +139,10 @@ class Gateway:
 
     async def start(self) -> tornado.web.Application:
         await self.store.open()
+        if self.auth_server is not None:  # on a free port of 127.0.0.1
+            port = await self.auth_server.start("127.0.0.1", 0)
+            self.auth.target = f"127.0.0.1:{port}"
+        await self.auth.connect()
         await self.bus.start()
         await self._declare_and_consume()
         if self.settings.demo_workers:
@@ -166,6 +179,7 @@ class Gateway:
     def make_app(self) -> tornado.web.Application:
         settings = self.settings
         routes: list[Any] = [
+            *handlers.auth.routes,
             *handlers.health.routes,
             *handlers.workflow.routes,
             *handlers.ws.routes,
@@ -178,6 +192,7 @@ class Gateway:
             **handlers.static.app_settings(STATIC_DIR),
             orchestrator=self.orchestrator,
             tokens=self.tokens,
+            auth=self.auth,
             store=self.store,
             bus=self.bus,
             hub=self.hub,
@@ -205,5 +220,8 @@ class Gateway:
         self._tasks.clear()
         await self.hub.close()
         await self.orchestrator.drain()
+        await self.auth.close()
+        if self.auth_server is not None:
+            await self.auth_server.stop()
         await self.bus.close()
         await self.store.close()

@@ -144,6 +144,37 @@ class ListQuerySchema(Schema):
             decode_cursor(data["cursor"])
 
 
+USERNAME = validate.Regexp(
+    r"^[a-z0-9_.-]{3,64}\Z",  # \Z: `$` would let a trailing newline through
+    error="3 to 64 characters: lowercase letters, digits, _ . and -",
+)
+MIN_PASSWORD = 12
+MAX_PASSWORD = 1024  # every login hashes what it is sent: bound the work
+
+
+class RegisterSchema(StrictSchema):
+    username = fields.String(required=True, validate=USERNAME)
+    password = fields.String(
+        required=True,
+        validate=validate.Length(
+            min=MIN_PASSWORD,
+            max=MAX_PASSWORD,
+            error=f"{MIN_PASSWORD} to {MAX_PASSWORD} characters",
+        ),
+    )
+
+
+class LoginSchema(StrictSchema):
+    """Only lengths: a name that could never be registered fails like a wrong password."""
+
+    username = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    password = fields.String(required=True, validate=validate.Length(min=1, max=MAX_PASSWORD))
+
+
+class TokenSchema(StrictSchema):
+    token = fields.String(required=True, validate=validate.Length(min=1, max=8192))
+
+
 def encode_cursor(created_at: str, workflow_id: str) -> str:
     raw = json.dumps([created_at, workflow_id], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -166,3 +197,6 @@ completion_schema = CompletionSchema()
 completion_event_schema = CompletionEventSchema()
 workflow_id_schema = WorkflowIdSchema()
 list_query_schema = ListQuerySchema()
+register_schema = RegisterSchema()
+login_schema = LoginSchema()
+token_schema = TokenSchema()

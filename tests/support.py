@@ -119,6 +119,10 @@ def gateway_settings(tmp_path: Path, **overrides: Any) -> settings_module.Settin
     settings.server.sweep_interval = settings_module.Duration(0.05)
     settings.server.relay_interval = settings_module.Duration(0.5)
     settings.logging.format = "text"
+    # cheap password hashes for tests; the defaults (argon2id's recommended) take ~50 ms
+    settings.auth.hash_time_cost = 1
+    settings.auth.hash_memory_cost = 1024
+    settings.auth.hash_parallelism = 1
     for dotted, value in overrides.items():
         target: Any = settings
         *parents, leaf = dotted.split("__")

@@ -18,8 +18,17 @@ from typing import Any
 
 import jwt
 import pytest
-from support import Response, RunningGateway, running_gateway, write_key_pair
+from support import (
+    Response,
+    RunningGateway,
+    free_port,
+    gateway_settings,
+    running_gateway,
+    write_key_pair,
+)
 
+from settings import Endpoint, SettingsError
+from stox.app import Gateway
 from stox.auth.tokens import CannotIssue, TokenAuthority, load_private_key
 
 SECRET = "test-secret-" + "x" * 32  # the harness's jwt.secret
@@ -350,13 +359,17 @@ def key_pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyPair]:
 async def keyed(
     request: pytest.FixtureRequest, tmp_path: Path, key_pairs: dict[str, KeyPair]
 ) -> AsyncIterator[tuple[RunningGateway, KeyPair]]:
-    """A gateway configured with the public key of `key_pairs["gateway ALG"]` only."""
+    """A gateway configured with the public key of `key_pairs["gateway ALG"]` only.
+
+    Its AuthService is remote, and nothing listens there: verification is local.
+    """
     pair = key_pairs[f"gateway {request.param}"]
 
     def public_key_only(settings: Any) -> None:
         settings.jwt.secret = ""
         settings.jwt.algorithm = pair.algorithm
         settings.jwt.public_key_file = str(pair.public_file)
+        settings.services.auth = Endpoint("127.0.0.1", free_port())
 
     async with running_gateway(tmp_path, public_key_only) as gateway:
         yield gateway, pair
@@ -389,6 +402,16 @@ async def test_a_public_key_gateway_cannot_issue_tokens(
     assert not gw.gateway.tokens.can_issue
     with pytest.raises(CannotIssue):
         gw.gateway.tokens.issue("alice", "alice", "user")
+
+
+def test_a_gateway_running_the_auth_service_needs_the_private_key(
+    tmp_path: Path, key_pairs: dict[str, KeyPair]
+) -> None:
+    pair = key_pairs["gateway EdDSA"]
+    settings = gateway_settings(tmp_path, jwt__secret="", jwt__algorithm="EdDSA")
+    settings.jwt.public_key_file = str(pair.public_file)
+    with pytest.raises(SettingsError, match=r"jwt\.private_key_file"):
+        Gateway(settings)  # the built-in AuthService would have to sign tokens
 
 
 async def test_a_bad_token_is_401_with_a_key_pair(

@@ -110,6 +110,50 @@ async def test_tokens_never_reach_a_log_line(
     assert leaks(records, secrets) == []
 
 
+async def test_passwords_and_login_tokens_never_reach_a_log_line(
+    tmp_path: Path, capture: pytest.LogCaptureFixture
+) -> None:
+    password, wrong, short = "correct horse battery", "wrong horse battery", "tiny-secret"
+    register, login = "/api/v1/auth/register", "/api/v1/auth/login"
+    async with running_gateway(tmp_path, auth__retry_backoff=0.01) as gw:
+        server = gw.gateway.auth_server
+        assert server is not None
+        credentials = {"username": "alice", "password": password}
+        assert (await gw.fetch("POST", register, credentials)).status == 201
+        assert (await gw.fetch("POST", register, credentials)).status == 409
+        short_body = {"username": "bob", "password": short}
+        assert (await gw.fetch("POST", register, short_body)).status == 400
+        response = await gw.fetch("POST", login, credentials)
+        token = response.body["access_token"]
+        for name in ("alice", "nobody"):
+            body = {"username": name, "password": wrong}
+            assert (await gw.fetch("POST", login, body)).status == 401
+        for body in ({"token": token}, {"token": token[:-4] + "AAAA"}):
+            assert (await gw.fetch("POST", "/api/v1/auth/validate", body)).status in (200, 401)
+        assert (await gw.fetch("GET", "/api/v1/auth/profile", token=token)).status == 200
+        for _ in range(10):
+            body = {"username": "carol", "password": wrong}
+            await gw.fetch("POST", login, body, headers={"X-Real-IP": "10.9.9.9"})
+        limited = {"username": "carol", "password": password}
+        assert (
+            await gw.fetch("POST", login, limited, headers={"X-Real-IP": "10.9.9.9"})
+        ).status == 429
+
+        # failures inside the AuthService are logged, by name, without the request
+        def broken(username: str, given: str) -> Any:
+            raise RuntimeError(f"failed for {username} with {given}")
+
+        server.accounts.authenticate = broken  # type: ignore[method-assign]
+        assert (await gw.fetch("POST", login, credentials)).status == 502
+        await server.store.close()  # the user store goes away
+        assert (await gw.fetch("POST", register, {**credentials, "username": "dave"})).status == 503
+
+    records = capture.records
+    assert any(r.levelno >= logging.ERROR and "AuthService" in r.getMessage() for r in records)
+    assert any(" /api/v1/auth/login " in r.getMessage() for r in records if r.name == "stox.access")
+    assert leaks(records, [password, wrong, short, token]) == []
+
+
 def test_json_formatter_writes_one_object_per_line() -> None:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

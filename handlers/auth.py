@@ -1,0 +1,87 @@
+"""Auth endpoints: register, login, validate, profile — each one call to the AuthService."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TypeVar, cast
+
+from handlers.base import ApiError, BaseHandler, requires
+from stox.auth.client import AuthCallError, AuthClient
+from stox.auth.limits import TooManyAttempts
+from stox.schemas import login_schema, register_schema, token_schema
+
+T = TypeVar("T")
+
+# (code, message) of each HTTP status a failed call becomes; the service's own words only
+# for bad input, which names the field
+_ERRORS = {
+    409: ("already_exists", "that user name is taken"),
+    401: ("invalid_token", "the token is invalid or has expired"),
+    404: ("not_found", "no such user"),
+    503: ("auth_unavailable", "the auth service is unavailable; try again shortly"),
+    502: ("auth_failed", "the auth service failed"),
+}
+
+
+class AuthHandler(BaseHandler):
+    @property
+    def auth(self) -> AuthClient:
+        return cast(AuthClient, self.settings["auth"])
+
+    async def call(self, call: Awaitable[T], unauthenticated: tuple[str, str] | None = None) -> T:
+        """The call's result; its failure as the ApiError of the fixed status mapping."""
+        try:
+            return await call
+        except AuthCallError as exc:
+            status = exc.http_status
+            if status == 400:
+                code, message = "invalid_input", exc.details
+            elif status == 401 and unauthenticated:
+                code, message = unauthenticated
+            else:
+                code, message = _ERRORS[status]
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+            raise ApiError(status, code, message, headers=headers) from None
+
+
+class RegisterHandler(AuthHandler):
+    async def post(self) -> None:
+        body = self.load(register_schema, self.json_body())
+        self.render(201, await self.call(self.auth.register(body["username"], body["password"])))
+
+
+class LoginHandler(AuthHandler):
+    async def post(self) -> None:
+        body = self.load(login_schema, self.json_body())
+        login = self.auth.login(body["username"], body["password"], self.request.remote_ip or "")
+        try:
+            reply = await self.call(login, ("invalid_credentials", "wrong user name or password"))
+        except TooManyAttempts as exc:
+            raise ApiError(
+                429,
+                "too_many_attempts",
+                "too many failed logins; try again later",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
+        self.render(200, reply)
+
+
+class ValidateHandler(AuthHandler):
+    async def post(self) -> None:
+        token = self.load(token_schema, self.json_body())["token"]
+        reply = await self.call(self.auth.validate(token))
+        self.render(200, {"valid": True, "user": reply["user"], "expires_at": reply["expires_at"]})
+
+
+class ProfileHandler(AuthHandler):
+    @requires("user")
+    async def get(self) -> None:
+        self.render(200, await self.call(self.auth.profile(self.bearer_token)))
+
+
+routes = [
+    (r"/api/v1/auth/register", RegisterHandler),
+    (r"/api/v1/auth/login", LoginHandler),
+    (r"/api/v1/auth/validate", ValidateHandler),
+    (r"/api/v1/auth/profile", ProfileHandler),
+]

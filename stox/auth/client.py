@@ -1,0 +1,188 @@
+"""The gateway's gRPC client of the AuthService (grpc.aio, on the gateway's loop).
+
+Every call has a deadline (`auth.timeout`, retries included); a call the service was
+UNAVAILABLE for is retried (`auth.retries`, backoff from `auth.retry_backoff`, doubling,
+with jitter). A failed call raises AuthCallError, whose status maps to HTTP by one fixed
+table. Logins go through the LoginLimiter first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import auth_pb2, auth_pb2_grpc
+from settings import AuthSettings
+from stox.auth.limits import LoginLimiter
+
+M = TypeVar("M", bound=Message)
+
+SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+
+# the fixed mapping of gRPC status to HTTP status; any other status is a 502
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 503,
+}
+RETRY_AFTER = 1  # seconds, sent with a 503: the channel reconnects at least this often
+HEALTH_TIMEOUT = 1.0
+
+# reconnect quickly once the service is back (gRPC's default backoff grows to 120 s)
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+class AuthCallError(Exception):
+    """A call that failed with `code`; `http_status` (and `retry_after`) say how to answer."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.code, 502)
+
+    @property
+    def retry_after(self) -> int | None:
+        return RETRY_AFTER if self.http_status == 503 else None
+
+
+class AuthClient:
+    def __init__(
+        self,
+        target: str = "",
+        *,
+        timeout: float = 5.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+        limiter: LoginLimiter | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.limiter = limiter or LoginLimiter()
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: Any = None
+        self._health: Any = None
+
+    @classmethod
+    def from_settings(cls, auth: AuthSettings, target: str = "") -> AuthClient:
+        return cls(
+            target,
+            timeout=auth.timeout,
+            retries=auth.retries,
+            backoff=auth.retry_backoff,
+            limiter=LoginLimiter(auth.max_login_failures, auth.login_failure_window),
+        )
+
+    async def connect(self, target: str | None = None) -> None:
+        """Open the channel on the running loop (it connects on the first call)."""
+        self.target = target or self.target
+        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
+
+    # -- the AuthService ------------------------------------------------------------------
+
+    async def register(self, username: str, password: str) -> dict[str, Any]:
+        request = auth_pb2.RegisterRequest(username=username, password=password)
+        return _profile(await self._call(self._stub.Register, request))
+
+    async def login(self, username: str, password: str, address: str) -> dict[str, Any]:
+        """A token, or TooManyAttempts when the user name or the address is at its limit."""
+        attempt = self.limiter.begin(f"user:{username}", f"address:{address}")
+        failed = False
+        try:
+            reply = await self._call(
+                self._stub.Login, auth_pb2.LoginRequest(username=username, password=password)
+            )
+        except AuthCallError as exc:
+            failed = exc.code == grpc.StatusCode.UNAUTHENTICATED
+            raise
+        finally:
+            attempt.end(failed=failed)
+        return {
+            "access_token": reply.access_token,
+            "token_type": reply.token_type,
+            "expires_in": reply.expires_in,
+        }
+
+    async def validate(self, token: str) -> dict[str, Any]:
+        reply = await self._call(
+            self._stub.ValidateToken, auth_pb2.ValidateTokenRequest(token=token)
+        )
+        user = reply.user
+        return {
+            "user": {"id": user.id, "username": user.username, "role": user.role},
+            "expires_at": reply.expires_at,
+        }
+
+    async def profile(self, access_token: str) -> dict[str, Any]:
+        request = auth_pb2.GetProfileRequest(access_token=access_token)
+        return _profile(await self._call(self._stub.GetProfile, request))
+
+    async def check(self) -> bool:
+        """True when the service answers its health check as SERVING (one try, 1 s)."""
+        if self._health is None:
+            return False
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        try:
+            reply = await self._health.Check(request, timeout=HEALTH_TIMEOUT)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    # -- deadlines and retries ------------------------------------------------------------
+
+    async def _call(self, rpc: Callable[..., Awaitable[M]], request: Message) -> M:
+        if self._stub is None:
+            raise AuthCallError(grpc.StatusCode.UNAVAILABLE, "the client is not connected")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                return await rpc(request, timeout=remaining)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise AuthCallError(code, exc.details() or "") from None
+            pause = min(delay * random.uniform(0.5, 1.5), deadline - loop.time())
+            if pause > 0:
+                await asyncio.sleep(pause)
+            delay *= 2
+        raise AuthCallError(grpc.StatusCode.DEADLINE_EXCEEDED, "the AuthService did not answer")
+
+
+def _profile(reply: auth_pb2.Profile) -> dict[str, Any]:
+    return {
+        "id": reply.id,
+        "username": reply.username,
+        "role": reply.role,
+        "created_at": reply.created_at,
+    }

@@ -64,6 +64,8 @@ class Orchestrator:
         self.cache_size = cache_size
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # last written docs
         self._publishing: set[asyncio.Task[None]] = set()
+        # workflows whose outbox is being published -> a newer state to publish next, if any
+        self._newer: dict[str, Workflow | None] = {}
 
     # -- commands -------------------------------------------------------------------------
 
@@ -145,7 +147,8 @@ class Orchestrator:
         cutoff = wf_rules.isoformat(self.clock() - min_age)
         docs = await self.store.unpublished(cutoff, limit)
         for doc in docs:
-            await self._publish(Workflow.from_doc(doc))
+            if doc["id"] not in self._newer:  # else it is being published right now
+                await self._publish(Workflow.from_doc(doc))
         return len(docs)
 
     async def drain(self) -> None:
@@ -208,14 +211,41 @@ class Orchestrator:
             self._recent.popitem(last=False)
 
     def _publish_soon(self, workflow: Workflow) -> None:
-        task = asyncio.ensure_future(self._publish(workflow))
+        """Publish the outbox in the background, one round at a time per workflow.
+
+        A change written while a round is under way waits for that round (only the newest
+        state is kept), so events confirmed but not yet cleared are not sent a second time.
+        A broker that takes a few milliseconds to confirm makes that window common.
+        """
+        if workflow.id in self._newer:
+            self._newer[workflow.id] = workflow
+            return
+        self._newer[workflow.id] = None
+        task = asyncio.ensure_future(self._publish_rounds(workflow))
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
 
-    async def _publish(self, workflow: Workflow) -> None:
-        """Publish the outbox, then drop what the broker confirmed. Failures wait for the relay."""
+    async def _publish_rounds(self, workflow: Workflow) -> None:
+        confirmed: set[str] = set()
+        try:
+            while True:
+                confirmed |= await self._publish(workflow, confirmed)
+                newer = self._newer.get(workflow.id)
+                if newer is None:
+                    return
+                self._newer[workflow.id] = None
+                workflow = newer
+        finally:
+            self._newer.pop(workflow.id, None)
+
+    async def _publish(self, workflow: Workflow, already: set[str] | None = None) -> set[str]:
+        """Publish the outbox but for `already` confirmed ids, then drop what the broker
+        confirmed; returns those ids. Failures wait for the relay."""
         confirmed: set[str] = set()
         for entry in workflow.outbox:
+            if already and entry["message_id"] in already:
+                confirmed.add(entry["message_id"])
+                continue
             event = Event(
                 routing_key=entry["routing_key"],
                 payload=entry["payload"],
@@ -233,6 +263,7 @@ class Orchestrator:
             confirmed.add(entry["message_id"])
         if confirmed:
             await self._clear_outbox(workflow.id, confirmed)
+        return confirmed
 
     async def _clear_outbox(self, workflow_id: str, confirmed: set[str]) -> None:
         try:

@@ -332,6 +332,37 @@ async def test_events_of_a_later_transition_wait_behind_unconfirmed_ones(
     assert (await orch.get(wf.id)).outbox == []
 
 
+async def test_a_change_written_while_its_outbox_is_published_sends_no_event_twice(
+    store: WorkflowStore, clock: Clock
+) -> None:
+    """A report lands while the upload's events wait for the broker's confirms: the next
+    round publishes the new events only, not the confirmed ones again."""
+    gate = asyncio.Event()
+
+    class SlowBroker(RecordingBus):
+        async def publish(self, event: Event) -> None:
+            await gate.wait()  # confirms take a while
+            await super().publish(event)
+
+    bus = SlowBroker()
+    orch = Orchestrator(store, bus, PIPELINE, clock=clock)
+    wf = await orch.upload("alice", copy.deepcopy(PRODUCT))
+    await asyncio.sleep(0)  # its round has begun: workflow.start awaits its confirm
+    await orch.report(ok(wf))
+    gate.set()
+    await orch.drain()
+
+    assert bus.keys() == [
+        "workflow.start",
+        "step.image_processing",
+        "workflow.changed",
+        "step.ai_enhancement",
+        "workflow.changed",
+    ]
+    assert len({e.message_id for e in bus.events}) == 5
+    assert (await orch.get(wf.id)).outbox == []
+
+
 # -- commands ------------------------------------------------------------------------------
 
 

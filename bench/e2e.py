@@ -26,6 +26,12 @@ which it prints what it has and exits non-zero. Only loopback addresses are used
     .venv/bin/python bench/e2e.py --profile-server /tmp/gw.prof   # gateway under cProfile
     .venv/bin/python -m pstats /tmp/gw.prof      # then: sort cumulative, stats 15
     .venv/bin/python bench/e2e.py --url http://127.0.0.1:8080 --jwt-secret "$STOX_JWT_SECRET"
+    .venv/bin/python bench/e2e.py --rabbitmq-url amqp://guest:guest@127.0.0.1/   # both modes
+
+With `--rabbitmq-url` a second gateway runs on RabbitMQ after the embedded one (the same
+load, its own exchange and queue names, deleted afterwards): the services then consume the
+step queues over AMQP and reply with `step.completed` messages, as `examples/worker.py`
+does, and the two are reported side by side.
 
 Exit status: 0 when every workflow completed, 1 otherwise (timeout, errors that lost
 workflows, a gateway that would not start), 2 for bad arguments.
@@ -49,6 +55,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +71,7 @@ UPLOAD_PATH = "/api/v1/workflow/upload"
 STEP_PATH = "/api/v1/workflow/step-completed"
 CEILING_PATH = "/echo"
 GOAL_WORKFLOWS_PER_S = 750
+DEFAULT_STEPS = ["image_processing", "ai_enhancement", "seo_generation"]  # the AMQP services'
 
 now = time.perf_counter
 
@@ -274,6 +282,7 @@ class Shared:
     ws_messages: int = 0
     ws_closed: str | None = None
     steps_per_workflow: int = 3  # learnt from the first workflow seen
+    http_services: bool = True  # False: the services take their jobs from RabbitMQ instead
 
     def wake_all(self) -> None:
         for phase in self.phases.values():
@@ -309,7 +318,8 @@ async def ws_reader(conn: Any, shared: Shared) -> None:
         if kind == "step_dispatched":
             shared.steps_per_workflow = len(workflow["steps"])
             step = workflow["steps"][workflow["current_step"]]
-            shared.queue.put_nowait((phase, workflow["id"], step["step_id"], step["name"]))
+            if shared.http_services:
+                shared.queue.put_nowait((phase, workflow["id"], step["step_id"], step["name"]))
         else:
             phase.finish(int(meta["n"]), ok=kind == "workflow_completed")
 
@@ -396,6 +406,114 @@ async def service(client: HttpClient, shared: Shared, headers: bytes, attempts: 
 
 def auth_headers(token: str) -> bytes:
     return f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n".encode()
+
+
+class AmqpServices:
+    """The step services over AMQP: consume `<prefix>.step.<name>`, reply `step.completed`.
+
+    One pika AsyncioConnection on the bench's loop, one channel, a prefetch of `prefetch`
+    per queue. A reply is published (persistent, with the service token header) and the
+    dispatch acknowledged at once, without waiting for the broker's confirm: a benchmark
+    shortcut that examples/worker.py does not take. The step latency recorded is from the
+    gateway's publish (the event's exact timestamp) to its arrival here.
+    """
+
+    def __init__(self, shared: Shared, url: str, names: BrokerNames, token: str) -> None:
+        self.shared = shared
+        self.url = url
+        self.names = names
+        self.headers = {"authorization": f"Bearer {token}"}
+        self.connection: Any = None
+
+    async def start(self, steps: list[str], prefetch: int) -> None:
+        import pika
+        from pika.adapters.asyncio_connection import AsyncioConnection
+
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[Any] = loop.create_future()
+        self.connection = AsyncioConnection(
+            pika.URLParameters(self.url),
+            on_open_callback=opened.set_result,
+            on_open_error_callback=lambda _, exc: opened.set_exception(ConnectionError(exc)),
+            custom_ioloop=loop,
+        )
+        await opened
+        ready: asyncio.Future[Any] = loop.create_future()
+        self.connection.channel(on_open_callback=ready.set_result)
+        channel = await ready
+        qos: asyncio.Future[Any] = loop.create_future()
+        channel.basic_qos(prefetch_count=prefetch, callback=qos.set_result)
+        await qos
+        for step in steps:
+            channel.basic_consume(f"{self.names.prefix}.step.{step}", self.on_dispatch)
+
+    def on_dispatch(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        import pika
+
+        job = json.loads(body)
+        sent_at = float((properties.headers or {}).get("x-stox-timestamp", 0) or 0)
+        meta = (job.get("product") or {}).get("metadata") or {}
+        phase = self.shared.phases.get(meta.get("bench"))
+        report = {
+            "event": "step.completed",
+            "workflow_id": job["workflow_id"],
+            "occurred_at": job["occurred_at"],
+            "step_id": job["step_id"],
+            "step_type": job["step_type"],
+            "success": True,
+            "result": step_result(job["step_type"], job["workflow_id"]),
+        }
+        channel.basic_publish(
+            self.names.exchange,
+            job["reply_to"]["routing_key"],
+            json.dumps(report, separators=(",", ":")),
+            pika.BasicProperties(
+                content_type="application/json",
+                delivery_mode=2,
+                message_id=uuid.uuid4().hex,
+                correlation_id=job["workflow_id"],
+                headers=self.headers,
+            ),
+        )
+        channel.basic_ack(method.delivery_tag)
+        if phase is not None:
+            phase.step_requests += 1
+            if sent_at:
+                phase.step_latency.append(max(0.0, time.time() - sent_at))
+
+    async def close(self) -> None:
+        if self.connection is not None and self.connection.is_open:
+            closed = asyncio.get_running_loop().create_future()
+            self.connection.add_on_close_callback(lambda *_: closed.done() or closed.set_result(0))
+            self.connection.close()
+            await asyncio.wait({closed}, timeout=5)
+
+
+@dataclass
+class BrokerNames:
+    """The exchange and queue-name prefix of one RabbitMQ run, deleted when it ends."""
+
+    prefix: str = field(default_factory=lambda: f"bench.{uuid.uuid4().hex[:8]}")
+
+    @property
+    def exchange(self) -> str:
+        return f"{self.prefix}.events"
+
+    def config(self) -> str:
+        return f"rabbitmq:\n  exchange: {self.exchange}\n  prefix: {self.prefix}\n"
+
+    def delete(self, url: str, steps: list[str]) -> None:
+        import pika
+
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            channel = connection.channel()
+            for name in [*(f"step.{s}" for s in steps), "step.completed", "dead"]:
+                channel.queue_delete(f"{self.prefix}.{name}")
+            for exchange in (self.exchange, f"{self.prefix}.dead"):
+                channel.exchange_delete(exchange)
+        finally:
+            connection.close()
 
 
 async def run_phase(
@@ -691,6 +809,13 @@ class Run:
     gateway_log_count: int = 0
     problems: list[str] = field(default_factory=list)
     timed_out: bool = False
+    mode: str = "embedded"  # or "rabbitmq": the same load on a gateway using RabbitMQ
+    rabbitmq: Run | None = None  # with --rabbitmq-url: that second run
+    broker: BrokerNames | None = None
+
+    @property
+    def amqp(self) -> bool:
+        return self.mode == "rabbitmq"
 
 
 def tokens_for(args: argparse.Namespace, secret: str | None) -> tuple[str, str]:
@@ -737,8 +862,12 @@ async def gateway_part(run: Run, tmpdir: Path) -> None:
         elif args.profile_server:
             profile = ["-c", THREAD_CPU_PROFILER, args.profile_server]
         cmd = [sys.executable, *profile, "server.py", "--host", "127.0.0.1", "--port", str(port)]
-        cmd += ["--storage-url", f"sqlite:///{tmpdir}/bench.db", *args.gateway_arg]
-        target.log_path = tmpdir / "gateway.log"
+        cmd += ["--storage-url", f"sqlite:///{tmpdir}/{run.mode}.db", *args.gateway_arg]
+        if run.amqp:
+            run.broker = BrokerNames()
+            (tmpdir / "rabbitmq.yaml").write_text(run.broker.config())
+            cmd += ["--rabbitmq-url", args.rabbitmq_url, "--config", f"{tmpdir}/rabbitmq.yaml"]
+        target.log_path = tmpdir / f"gateway-{run.mode}.log"
         target.process = spawn(cmd, env, target.log_path)
     run.target = target
     user_token, service_token = tokens_for(args, secret)
@@ -748,7 +877,7 @@ async def gateway_part(run: Run, tmpdir: Path) -> None:
         run.problems.append(f"gateway at {target.base_url} not ready: {exc}")
         return
 
-    shared = run.shared = Shared()
+    shared = run.shared = Shared(http_services=not run.amqp)
     try:
         conn = await open_ws(target, user_token)
     except Exception as exc:  # any handshake failure ends the gateway part
@@ -757,8 +886,19 @@ async def gateway_part(run: Run, tmpdir: Path) -> None:
     reader = asyncio.ensure_future(ws_reader(conn, shared))
     service_headers = auth_headers(service_token)
     service_clients = [
-        HttpClient(target.host, target.port, args.request_timeout) for _ in range(args.services)
+        HttpClient(target.host, target.port, args.request_timeout)
+        for _ in range(0 if run.amqp else args.services)
     ]
+    amqp_services = None
+    if run.amqp and run.broker is not None:
+        amqp_services = AmqpServices(shared, args.rabbitmq_url, run.broker, service_token)
+        try:
+            await amqp_services.start(DEFAULT_STEPS, prefetch=args.services)
+        except Exception as exc:  # the broker refused us: nothing to measure
+            run.problems.append(f"cannot consume the step queues: {exc!r}")
+            reader.cancel()
+            conn.close()
+            return
     services = [asyncio.ensure_future(service(c, shared, service_headers)) for c in service_clients]
     pid = target.process.pid if target.process else None
     try:
@@ -787,6 +927,8 @@ async def gateway_part(run: Run, tmpdir: Path) -> None:
         for c in service_clients:
             c.close()
         conn.close()
+        if amqp_services is not None:
+            await amqp_services.close()
 
 
 async def ceiling_part(run: Run, tmpdir: Path) -> None:
@@ -817,17 +959,30 @@ async def ceiling_part(run: Run, tmpdir: Path) -> None:
 async def main_async(run: Run) -> None:
     tmpdir = Path(tempfile.mkdtemp(prefix="stox-bench-"))
     try:
-        try:
-            await gateway_part(run, tmpdir)
-        finally:
-            if run.target is not None and run.target.process is not None:
-                run.gateway_exit = await asyncio.to_thread(stop, run.target.process)
-                run.gateway_log_count = count_lines(run.target.log_path)
-                run.gateway_log_lines = tail(run.target.log_path)
+        await gateway_run(run, tmpdir)
+        if run.args.rabbitmq_url:
+            run.rabbitmq = Run(run.args, mode="rabbitmq")
+            await gateway_run(run.rabbitmq, tmpdir)
         if not run.args.no_ceiling:
             await ceiling_part(run, tmpdir)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+async def gateway_run(run: Run, tmpdir: Path) -> None:
+    """The gateway part, then stop the gateway (and drop what it made in the broker)."""
+    try:
+        await gateway_part(run, tmpdir)
+    finally:
+        if run.target is not None and run.target.process is not None:
+            run.gateway_exit = await asyncio.to_thread(stop, run.target.process)
+            run.gateway_log_count = count_lines(run.target.log_path)
+            run.gateway_log_lines = tail(run.target.log_path)
+        if run.broker is not None:
+            try:
+                await asyncio.to_thread(run.broker.delete, run.args.rabbitmq_url, DEFAULT_STEPS)
+            except Exception as exc:  # reported; the figures stand
+                run.problems.append(f"could not delete {run.broker.prefix}.*: {exc!r}")
 
 
 # -- the report -------------------------------------------------------------------------
@@ -845,22 +1000,41 @@ def report(run: Run) -> None:
         f"  load                    {args.workflows} workflows, {args.uploaders} uploaders, "
         f"{args.services} services, warm-up {args.warmup}, ramp {args.ramp:g}s"
     )
+    report_gateway(run, "gateway")
+    if run.rabbitmq is not None:
+        report_gateway(run.rabbitmq, "gateway on RabbitMQ (AMQP dispatch and replies)")
+        report_comparison(run, run.rabbitmq)
+    report_ceiling(run)
+
+
+def report_gateway(run: Run, title: str) -> None:
+    args, p, target = run.args, print, run.target
     phase = run.run
     if phase is not None:
-        served = phase.upload_requests + phase.step_requests
-        p("gateway")
+        # over AMQP only the uploads are HTTP requests; the steps are messages
+        served = phase.upload_requests + (0 if run.amqp else phase.step_requests)
+        p(title)
         p(
             f"  workflows completed     {phase.completed} / {phase.total}"
             f"  (failed {phase.failed}, uploads accepted {phase.uploaded})"
         )
         p(f"  wall time               {phase.wall:.2f} s")
         p(f"  completed workflows/s   {phase.completed / phase.wall:.1f}")
-        p(
-            f"  HTTP requests/s         {served / phase.wall:.1f}"
-            f"  ({phase.upload_requests} uploads + {phase.step_requests} step-completed)"
-        )
+        if run.amqp:
+            p(
+                f"  HTTP requests/s         {served / phase.wall:.1f}  ({phase.upload_requests} "
+                f"uploads; {phase.step_requests} steps dispatched and reported over AMQP)"
+            )
+        else:
+            p(
+                f"  HTTP requests/s         {served / phase.wall:.1f}"
+                f"  ({phase.upload_requests} uploads + {phase.step_requests} step-completed)"
+            )
         p(f"  upload latency          {ms(phase.upload_latency)}")
-        p(f"  step-completed latency  {ms(phase.step_latency)}")
+        if run.amqp:
+            p(f"  dispatch latency        {ms(phase.step_latency)}  (gateway publish -> service)")
+        else:
+            p(f"  step-completed latency  {ms(phase.step_latency)}")
         p(f"  workflow latency        {ms(phase.workflow_latency)}  (upload sent -> completed)")
         p(f"  errors                  {format_errors(phase.errors)}")
         if run.shared is not None:
@@ -875,6 +1049,8 @@ def report(run: Run) -> None:
                     f"per workflow, {1e6 * gw_cpu.server / served:.0f} us per HTTP request"
                     f"  (one free core: ~{phase.completed / gw_cpu.server:.0f} workflows/s)"
                 )
+            if run.amqp:
+                p("  (the broker's CPU counts among the other processes)")
         if run.rss_before is not None and run.rss_after is not None:
             p(f"  gateway RSS             {run.rss_before:.0f} MiB -> {run.rss_after:.0f} MiB")
     if target is not None and target.process is not None:
@@ -884,6 +1060,52 @@ def report(run: Run) -> None:
         )
         for line in run.gateway_log_lines if run.gateway_log_count else []:
             p(f"    | {line[:200]}")
+    for stalled in (run.warmup, run.run):
+        if stalled is not None and stalled.stalled:
+            missing = stalled.uploaded - len(stalled.finished)
+            p(
+                f"STALLED in the {stalled.name}: {missing} workflows never finished and nothing "
+                f"moved for {args.idle_timeout:g}s"
+            )
+    if run.amqp:
+        for problem in run.problems:
+            p(f"PROBLEM (RabbitMQ run): {problem}")
+
+
+def report_comparison(embedded: Run, amqp: Run) -> None:
+    """The figures that matter, side by side; both runs had the same load."""
+    p = print
+    rows: list[tuple[str, Callable[[Run], str]]] = [
+        ("completed workflows/s", _rate),
+        ("workflow latency p50", lambda r: _ms(r.run.workflow_latency if r.run else [], 50)),
+        ("workflow latency p99", lambda r: _ms(r.run.workflow_latency if r.run else [], 99)),
+        ("upload latency p50", lambda r: _ms(r.run.upload_latency if r.run else [], 50)),
+        ("gateway cpu / workflow", _cpu_per_workflow),
+    ]
+    p("embedded vs RabbitMQ (same load, same machine)")
+    p(f"  {'':24}{'embedded':>14}{'RabbitMQ':>14}")
+    for name, figure in rows:
+        p(f"  {name:24}{figure(embedded):>14}{figure(amqp):>14}")
+
+
+def _rate(run: Run) -> str:
+    return "-" if run.run is None else f"{run.run.completed / run.run.wall:.1f}"
+
+
+def _ms(values: list[float], q: float) -> str:
+    value = percentile(values, q)
+    return "-" if value is None else f"{value * 1000:.1f} ms"
+
+
+def _cpu_per_workflow(run: Run) -> str:
+    cpu = run.gateway_cpu
+    if cpu is None or cpu.server is None or run.run is None or not run.run.completed:
+        return "-"
+    return f"{1000 * cpu.server / run.run.completed:.2f} ms"
+
+
+def report_ceiling(run: Run) -> None:
+    args, p, phase = run.args, print, run.run
     ceiling = run.ceiling
     if ceiling is not None:
         p(f"ceiling (bare Tornado, {ceiling.concurrency} connections)")
@@ -974,6 +1196,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--ceiling-requests", type=int, default=0, help="default: as many")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the bare-Tornado ceiling")
+    parser.add_argument(
+        "--rabbitmq-url",
+        help="also run the load on a gateway using this RabbitMQ, services over AMQP",
+    )
     args = parser.parse_args(argv)
     if args.workflows is None:
         args.workflows = 300 if args.quick else 2000
@@ -986,6 +1212,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1")
     if args.warmup < 0 or args.ramp < 0 or args.timeout <= 0:
         parser.error("--warmup and --ramp must not be negative, --timeout must be positive")
+    if args.rabbitmq_url and args.url:
+        parser.error("--rabbitmq-url starts its own gateway; it does not combine with --url")
+    if args.rabbitmq_url and not args.rabbitmq_url.startswith(("amqp://", "amqps://")):
+        parser.error("--rabbitmq-url must be amqp://… or amqps://…")
     if args.url:
         if args.profile_server:
             parser.error("--profile-server only applies to a gateway started here")
@@ -1014,12 +1244,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        if run.target is not None and run.target.process is not None:
-            stop(run.target.process)  # when the timeout struck during start-up or shutdown
+        for each in (run, run.rabbitmq):
+            if each is not None and each.target is not None and each.target.process is not None:
+                stop(each.target.process)  # when the timeout struck in start-up or shutdown
     report(run)
-    phase = run.run
-    complete = phase is not None and phase.completed == phase.total
-    ok = complete and not run.timed_out and not run.problems and not interrupted
+    runs = [run] if run.rabbitmq is None else [run, run.rabbitmq]
+    complete = all(r.run is not None and r.run.completed == r.run.total for r in runs)
+    problems = any(r.problems for r in runs)
+    ok = complete and not run.timed_out and not problems and not interrupted
     return 0 if ok else 1
 
 

@@ -170,6 +170,7 @@ function showDashboard() {
     onOpen: () => {
       state.snapshotIds = new Set();
       state.connections += 1;
+      renderSoon(); // "Loading…" ends even when there is nothing to load
     },
     onRefused: checkAfterRefusal,
   });

@@ -33,6 +33,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "dashboard.png"
 WAIT = 10_000  # ms, for anything that happens live
+DURATION = re.compile(r"^\d+(\.\d)?s$")
 STEPS = ["image_processing", "ai_enhancement", "seo_generation"]
 
 
@@ -183,6 +184,115 @@ async def upload_via_form(page: Page, **fields: str) -> None:
     for label, value in fields.items():
         await page.get_by_label(label.capitalize(), exact=True).fill(value)
     await page.get_by_role("button", name="Upload").click()
+
+
+# -- sign up, upload, watch it complete ------------------------------------------------------------
+
+
+async def test_register_sign_in_upload_and_watch_it_complete_live(
+    browser: Browser, tmp_path: Path
+) -> None:
+    options = demo_workers(failure_rate=0.0, min_delay=0.15, max_delay=0.3)
+    async with (
+        running_gateway(tmp_path, **options) as gw,
+        dashboard(browser, gw, user=None) as board,
+    ):
+        page = board.page
+        await expect(page.get_by_role("heading", name="Sign in to Stox")).to_be_visible()
+
+        await page.get_by_label("Username", exact=True).fill("dana")
+        await page.get_by_label("Password", exact=True).fill("short")
+        await page.get_by_role("button", name="Register").click()
+        await expect(page.locator("#signin-password-error")).to_contain_text("12 characters")
+
+        await page.get_by_label("Password", exact=True).fill("correct horse battery")
+        await page.get_by_role("button", name="Register").click()
+        await expect(page.locator("#signin-message")).to_contain_text("created")
+        await page.get_by_role("button", name="Sign in").click()
+
+        await live(board)
+        await expect(page.locator("#account-name")).to_have_text("dana")
+        session = await page.evaluate("() => JSON.parse(sessionStorage.getItem('stox.session'))")
+        assert session["username"] == "dana" and session["token"].count(".") == 2
+        await expect(page.locator("#list-empty")).to_contain_text("No workflows yet")
+
+        await board.record_statuses()
+        await upload_via_form(
+            page,
+            name="Brass Desk Lamp",
+            description="A warm light for the study.",
+            category="Lighting",
+            price="89.50",
+            images="lamp-front.jpg, lamp-side.jpg",
+        )
+        await expect(page.locator("#upload-message")).to_contain_text("Uploaded “Brass Desk Lamp”")
+        row = board.rows.first
+        await expect(row).to_have_attribute("data-status", "completed")
+        workflow_id = await row.get_attribute("data-workflow-id")
+        assert workflow_id
+
+        # seen live, in order: running while the steps went by, then completed, once each
+        shown = await board.shown(workflow_id)
+        statuses = [status for status, _ in shown]
+        assert statuses[0] == "running" and statuses[-1] == "completed", shown
+        assert statuses.count("completed") == 1, shown
+        versions = [version for _, version in shown]
+        assert versions == sorted(set(versions)), f"each version once, in order: {shown}"
+        assert await board.rows.count() == 1
+        for step in STEPS:
+            chip = row.locator(f'li.step[data-step="{step}"]')
+            await expect(chip).to_have_attribute("data-state", "completed")
+            await expect(chip).to_have_attribute("data-attempt", "1")
+        await expect(row.locator(".elapsed")).to_have_text(DURATION)
+        await expect(page.locator("#announcer")).to_contain_text("Brass Desk Lamp: Completed")
+
+        detail = await board.open_detail(workflow_id)
+        await expect(page.locator("#detail-title")).to_be_focused()
+        await expect(detail).to_contain_text("Lighting")
+        await expect(detail).to_contain_text(f"processed/{workflow_id[:8]}/lamp-front_1200.webp")
+        await expect(detail).to_contain_text(f"processed/{workflow_id[:8]}/lamp-side_1200.webp")
+        await expect(detail).to_contain_text("Brass Desk Lamp: A warm light for the study.")
+        await expect(detail.get_by_role("list", name="Tags")).to_contain_text("lamp")
+        await expect(detail).to_contain_text("Brass Desk Lamp | Lighting")  # SEO title
+        await expect(detail.get_by_role("list", name="Keywords")).to_contain_text("brass")
+        await expect(detail.get_by_role("button", name="Cancel", exact=True)).to_be_hidden()
+        await expect(detail.get_by_role("button", name="Retry", exact=True)).to_be_hidden()
+
+        await page.keyboard.press("Escape")
+        await expect(detail).to_be_hidden()
+        await expect(row.locator(".wf-open")).to_be_focused()
+
+        await page.get_by_role("button", name="Sign out").click()
+        await expect(page.get_by_role("heading", name="Sign in to Stox")).to_be_visible()
+        assert await page.evaluate("() => sessionStorage.getItem('stox.session')") is None
+
+
+async def test_a_taken_name_and_a_wrong_password_are_refused_beside_the_form(
+    browser: Browser, tmp_path: Path
+) -> None:
+    async with running_gateway(tmp_path) as gw, dashboard(browser, gw, user=None) as board:
+        page = board.page
+        await page.get_by_label("Username", exact=True).fill("erin")
+        await page.get_by_label("Password", exact=True).fill("a long enough password")
+        await page.get_by_role("button", name="Register").click()
+        await expect(page.locator("#signin-message")).to_contain_text("created")
+        await page.get_by_role("button", name="Register").click()  # again: the name is taken
+        await expect(page.locator("#signin-username-error")).to_have_text(
+            "That username is taken. Choose another."
+        )
+        await page.get_by_label("Password", exact=True).fill("not the password at all")
+        await page.get_by_label("Password", exact=True).press("Enter")
+        await expect(page.locator("#signin-message")).to_contain_text("do not match")
+        await expect(page.locator("#dashboard")).to_be_hidden()
+
+        wrong = {"username": "erin", "password": "not the password at all"}
+        for _ in range(50):  # until the service stops listening to this address
+            if (await gw.fetch("POST", "/api/v1/auth/login", wrong)).status == 429:
+                break
+        await page.get_by_role("button", name="Sign in").click()
+        await expect(page.locator("#signin-message")).to_contain_text(
+            re.compile(r"^Too many attempts\. Try again in \d+ minutes? \d+ seconds\.$")
+        )
 
 
 # -- the upload form -------------------------------------------------------------------------------

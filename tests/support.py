@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -103,6 +106,32 @@ class RunningGateway:
         subprotocols = ["bearer", token] if token and via == "protocol" else None
         request = tornado.httpclient.HTTPRequest(url, headers=headers, request_timeout=10)
         return await tornado.websocket.websocket_connect(request, subprotocols=subprotocols)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stox_environ(**env: str) -> dict[str, str]:
+    """This process's environment without STOX_* variables, plus `env`; imports this tree."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("STOX_")}
+    environ["PYTHONPATH"] = str(ROOT)
+    environ.update(env)
+    return environ
+
+
+def run_cli(
+    cwd: Path, *args: str, input: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m stox ARGS` in `cwd`, with no STOX_* variables but those given."""
+    return subprocess.run(
+        [sys.executable, "-m", "stox", *args],
+        cwd=cwd,
+        env=stox_environ(**env),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def free_port() -> int:

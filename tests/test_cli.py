@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import jwt
 import pytest
-from support import write_key_pair
+from support import run_cli, write_key_pair
 
 from settings import load
 from stox.app import make_tokens
 from stox.auth import secret
 from stox.auth.tokens import InvalidToken, TokenAuthority
 
-ROOT = Path(__file__).resolve().parent.parent
 SECRET = "cli-secret-" + "z" * 40
-
-
-def run_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """`python -m stox ARGS` in `cwd`, with no STOX_* variables but those given."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("STOX_")}
-    environ["PYTHONPATH"] = str(ROOT)
-    environ.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "stox", *args],
-        cwd=cwd,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 def printed_token(result: subprocess.CompletedProcess[str]) -> str:

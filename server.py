@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except settings_module.SettingsError as exc:
         print(f"stox: configuration error: {exc}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # a broker that cannot be reached at start-up
+        print(f"stox: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

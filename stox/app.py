@@ -8,6 +8,7 @@ reports and change notifications, and runs the timer sweeper and the outbox rela
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -138,6 +139,15 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> tornado.web.Application:
+        try:
+            return await self._start()
+        except BaseException:
+            # a start that fails half-way (an unreachable broker) leaves nothing running
+            with contextlib.suppress(Exception):
+                await self.stop()
+            raise
+
+    async def _start(self) -> tornado.web.Application:
         await self.store.open()
         if self.auth_server is not None:  # on a free port of 127.0.0.1
             port = await self.auth_server.start("127.0.0.1", 0)

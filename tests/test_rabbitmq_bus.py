@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import rabbit
@@ -115,6 +118,23 @@ def test_parameters_turn_heartbeats_on_and_name_the_connection() -> None:
     settings.url = "amqp://mq.example/?heartbeat=5&blocked_connection_timeout=7"
     params = RabbitMQBus(settings)._parameters()
     assert (params.heartbeat, params.blocked_connection_timeout) == (5, 7)  # the URL wins
+
+
+def test_the_server_says_why_it_cannot_start_without_its_broker(tmp_path: Path) -> None:
+    with socket_closed_port() as port:
+        url = f"amqp://guest:guest@127.0.0.1:{port}/"
+        store = f"sqlite:///{tmp_path}/s.db"
+        done = subprocess.run(
+            [sys.executable, "server.py", "--storage-url", store, "--rabbitmq-url", url],
+            cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, "STOX_JWT_SECRET": "x" * 40},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 1
+    assert f"stox: cannot start: cannot use RabbitMQ at 127.0.0.1:{port}/" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 async def test_an_unreachable_broker_fails_start_quickly() -> None:

@@ -127,7 +127,9 @@ class JWTSettings:
 
 @dataclass
 class AuthSettings:
-    timeout: Duration = _help("deadline of each call to the AuthService", default=Duration(5))
+    timeout: Duration = _help(
+        "deadline of each call to the AuthService, retries included", default=Duration(5)
+    )
     retries: int = _help("retries of a call the AuthService was unavailable for", default=3)
     retry_backoff: Duration = _help(
         "pause before the first retry, doubling after", default=Duration(0.1)

@@ -223,7 +223,12 @@ async def test_a_gateway_holding_only_the_public_key_verifies_the_services_token
     [
         ({"STOX_ENV": "production"}, "jwt.secret"),
         ({"STOX_ENV": "production", "STOX_JWT_ALGORITHM": "EdDSA"}, "jwt.public_key_file"),
-        ({"STOX_JWT_ALGORITHM": "RS256", "STOX_JWT_PUBLIC_KEY_FILE": "x.pub"}, "private_key"),
+        (
+            {"STOX_ENV": "production", "STOX_JWT_ALGORITHM": "RS256"}
+            | {"STOX_JWT_PUBLIC_KEY_FILE": "jwt.pub"},  # verifying is not enough to issue
+            "jwt.private_key_file",
+        ),
+        ({"STOX_JWT_ALGORITHM": "EdDSA", "STOX_JWT_PUBLIC_KEY_FILE": "jwt.pub"}, "private_key"),
     ],
 )
 def test_the_service_refuses_to_start_without_its_signing_key(
@@ -239,20 +244,6 @@ def test_the_service_refuses_to_start_without_its_signing_key(
     )
     assert result.returncode == 2
     assert message in result.stderr and "configuration error" in result.stderr
-
-
-def test_the_service_refuses_production_with_a_public_key_only(tmp_path: Path) -> None:
-    _, public = write_key_pair(tmp_path, "RS256")
-    result = run_cli(
-        tmp_path,
-        "auth-service",
-        "--port",
-        "0",
-        STOX_ENV="production",
-        STOX_JWT_ALGORITHM="RS256",
-        STOX_JWT_PUBLIC_KEY_FILE=str(public),
-    )
-    assert result.returncode == 2 and "jwt.private_key_file" in result.stderr
 
 
 async def test_a_taken_port_stops_the_service_with_an_error(tmp_path: Path) -> None:

@@ -176,3 +176,10 @@ def test_bad_auth_settings_are_refused(tmp_path: Path, yaml_text: str, message: 
     with pytest.raises(SettingsError) as info:
         load(["--config", str(config)], {})
     assert str(info.value).startswith(message), info.value
+
+
+def test_the_example_config_shows_the_auth_defaults() -> None:
+    example = Path(__file__).resolve().parent.parent / "config.example.yaml"
+    shown, defaults = load(["--config", str(example)], {}), load([], {})
+    assert shown.auth == defaults.auth
+    assert shown.jwt == defaults.jwt

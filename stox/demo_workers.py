@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
-from stox.auth.tokens import SERVICE, TokenAuthority
+from settings import SettingsError
+from stox.auth.tokens import SERVICE, CannotIssue, TokenAuthority
 from stox.bus.base import Event, EventBus
 from stox.workflow import Pipeline, isoformat
 
@@ -136,7 +137,13 @@ class DemoWorkers:
         self.rng = rng or random.Random()
 
     async def start(self) -> None:
-        self.service_token()  # a gateway that cannot issue tokens cannot run them: say so now
+        try:
+            self.service_token()  # a gateway that cannot issue tokens cannot run them
+        except CannotIssue as exc:
+            raise SettingsError(
+                f"--demo-workers: they report with a service token this gateway cannot issue "
+                f"({exc}); give it jwt.private_key_file"
+            ) from None
         for spec in self.pipeline.steps:
             await self.bus.consume(self.step_queue(spec.name), self.handle)
 

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import RunningGateway, running_gateway
+from support import RunningGateway, running_gateway, write_key_pair
 
 import settings as settings_module
 from stox import workflow as w
+from stox.auth.tokens import TokenAuthority, load_public_key
 from stox.bus.base import Event, PublishError
-from stox.demo_workers import DemoWorkers, enhance, process_images, seo
+from stox.demo_workers import DemoWorkers, ServiceToken, enhance, process_images, seo
 from stox.workflow import Pipeline, StepSpec
 
 TIMEOUT = 10.0
@@ -272,6 +273,32 @@ async def test_start_consumes_every_step_queue() -> None:
     workers = DemoWorkers(Bus(), pipeline, "q.{}".format, service_token=str)  # type: ignore[arg-type]
     await workers.start()
     assert consumed == ["q.a", "q.b"]
+
+
+async def test_a_gateway_that_cannot_issue_tokens_refuses_demo_workers(tmp_path: Path) -> None:
+    _, public = write_key_pair(tmp_path, "EdDSA")
+    verifier = TokenAuthority(
+        algorithm="EdDSA", public_key=load_public_key(public.read_bytes(), "EdDSA")
+    )
+    workers = DemoWorkers(
+        RecordingBus(),  # type: ignore[arg-type]
+        Pipeline(),
+        "q.{}".format,
+        service_token=ServiceToken(verifier, "demo-workers"),
+    )
+    with pytest.raises(settings_module.SettingsError, match=r"jwt\.private_key_file"):
+        await workers.start()
+
+
+def test_the_service_token_is_a_service_s_and_renewed_at_half_its_life() -> None:
+    tokens = TokenAuthority("s" * 40, expiry=3600)
+    token = ServiceToken(tokens, "demo-workers")
+    first = token()
+    assert token() == first  # cached
+    principal = tokens.verify(first)
+    assert (principal.role, principal.username) == ("service", "demo-workers")
+    token._renew_at = 0.0  # half its life has passed
+    assert token() != first
 
 
 # -- the pure result functions -------------------------------------------------------------

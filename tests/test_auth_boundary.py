@@ -414,19 +414,6 @@ def test_a_gateway_running_the_auth_service_needs_the_private_key(
         Gateway(settings)  # the built-in AuthService would have to sign tokens
 
 
-def test_demo_workers_need_a_gateway_that_can_sign_their_tokens(
-    tmp_path: Path, key_pairs: dict[str, KeyPair]
-) -> None:
-    pair = key_pairs["gateway RS256"]
-    settings = gateway_settings(tmp_path, jwt__secret="", jwt__algorithm="RS256")
-    settings.jwt.public_key_file = str(pair.public_file)
-    settings.services.auth = Endpoint("127.0.0.1", free_port())
-    Gateway(settings)  # verifying alone is fine
-    settings.demo_workers = True
-    with pytest.raises(SettingsError, match=r"jwt\.private_key_file: --demo-workers"):
-        Gateway(settings)
-
-
 async def test_a_bad_token_is_401_with_a_key_pair(
     keyed: tuple[RunningGateway, KeyPair], key_pairs: dict[str, KeyPair]
 ) -> None:

@@ -22,7 +22,7 @@ from marshmallow import (
 
 from stox.workflow import WORKFLOW_STATUSES, Report
 
-HEX_ID = validate.Regexp(r"^[0-9a-f]{32}$", error="expected a 32-character hex id")
+HEX_ID = validate.Regexp(r"^[0-9a-f]{32}\Z", error="expected a 32-character hex id")
 MAX_METADATA_BYTES = 16 * 1024
 MAX_DEPTH = 32  # nesting of free-form values (metadata, result)
 

@@ -724,6 +724,7 @@ COMPLETION_FIELD_ERRORS = [
     ({"step_id": "a" * 32, "success": True}, "workflow_id"),
     ({"workflow_id": "not-hex", "step_id": "a" * 32, "success": True}, "workflow_id"),
     ({"workflow_id": "a" * 31, "step_id": "a" * 32, "success": True}, "workflow_id"),
+    ({"workflow_id": "a" * 32 + "\n", "step_id": "a" * 32, "success": True}, "workflow_id"),
     ({"workflow_id": 7, "step_id": "a" * 32, "success": True}, "workflow_id"),
     ({"workflow_id": "a" * 32, "success": True}, "step_id"),
     ({"workflow_id": "a" * 32, "step_id": "zz", "success": True}, "step_id"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 import socket
@@ -46,6 +48,23 @@ class RunningGateway:
 
     def service_token(self, name: str = "worker") -> str:
         return self.gateway.tokens.issue(f"service:{name}", name, SERVICE)
+
+    async def status(self, workflow_id: str) -> dict[str, Any]:
+        """The workflow as its owner (alice) gets it; asserts a 200."""
+        response = await self.fetch(
+            "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=self.token()
+        )
+        assert response.status == 200, response.body
+        return dict(response.body)
+
+    async def wait_finished(self, ids: list[str], within: float = 10.0) -> dict[str, Any]:
+        """Poll until none of `ids` is running any more; their documents by id."""
+        async with asyncio.timeout(within):
+            while True:
+                docs = {workflow_id: await self.status(workflow_id) for workflow_id in ids}
+                if all(doc["status"] != "running" for doc in docs.values()):
+                    return docs
+                await asyncio.sleep(0.02)
 
     async def fetch(
         self,
@@ -132,6 +151,35 @@ def run_cli(
         text=True,
         timeout=30,
     )
+
+
+def completion(
+    workflow_id: str, step_id: str, step_type: str, success: bool = True
+) -> dict[str, Any]:
+    """A step-completed body: a small result, or the error "boom"."""
+    body: dict[str, Any] = {
+        "workflow_id": workflow_id,
+        "step_id": step_id,
+        "step_type": step_type,
+        "success": success,
+    }
+    if success:
+        body["result"] = {"done": step_type}
+    else:
+        body["error"] = "boom"
+    return body
+
+
+async def eventually(check: Callable[[], Any], within: float = 10.0) -> None:
+    """Poll `check` (a function, or a coroutine function) until it returns true."""
+    async with asyncio.timeout(within):
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.02)
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import rabbit
-from support import RunningGateway, running_gateway
+from support import RunningGateway, eventually, running_gateway
 
 from stox import workflow as w
 from stox.auth.tokens import ADMIN, SERVICE
@@ -43,22 +43,13 @@ class Harness:
         return {"authorization": f"Bearer {self.gw.service_token(name)}"}
 
     async def current_step(self, workflow_id: str) -> dict[str, Any]:
-        doc = await self.status(workflow_id)
+        doc = await self.gw.status(workflow_id)
         return dict(doc["steps"][doc["current_step"]])
 
-    async def status(self, workflow_id: str) -> dict[str, Any]:
-        response = await self.gw.fetch(
-            "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=self.gw.token()
-        )
-        assert response.status == 200, response.body
-        return dict(response.body)
-
-    async def wait_for(self, check: Callable[[], Awaitable[bool]]) -> None:
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                if await check():
-                    return
-                await asyncio.sleep(0.02)
+    async def started(self) -> tuple[str, dict[str, Any]]:
+        """A new workflow of alice's, and its first step (dispatched)."""
+        workflow_id = await self.gw.upload(self.gw.token())
+        return workflow_id, await self.current_step(workflow_id)
 
 
 @pytest.fixture(params=["local", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
@@ -109,8 +100,7 @@ def report(step: dict[str, Any], workflow_id: str, /, **changes: Any) -> dict[st
 
 
 async def test_a_service_report_applies_like_the_http_endpoint(harness: Harness) -> None:
-    workflow_id = await harness.gw.upload(harness.gw.token())
-    first = await harness.current_step(workflow_id)
+    workflow_id, first = await harness.started()
 
     # the header name is matched in any case, as HTTP's is
     headers = {"Authorization": f"Bearer {harness.gw.service_token()}"}
@@ -119,8 +109,8 @@ async def test_a_service_report_applies_like_the_http_endpoint(harness: Harness)
     async def moved_on() -> bool:
         return (await harness.current_step(workflow_id))["name"] == "ai_enhancement"
 
-    await harness.wait_for(moved_on)
-    doc = await harness.status(workflow_id)
+    await eventually(moved_on)
+    doc = await harness.gw.status(workflow_id)
     assert doc["steps"][0]["status"] == w.COMPLETED
     assert doc["steps"][0]["result"] == {"ok": True}
     assert await harness.dead() == []
@@ -130,8 +120,7 @@ async def test_reports_without_a_service_token_are_dead_lettered_once(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     gw = harness.gw
-    workflow_id = await gw.upload(gw.token())
-    step = await harness.current_step(workflow_id)
+    workflow_id, step = await harness.started()
     expired = gw.gateway.tokens.issue("service:old", "old", SERVICE, expires_in=-60)
     refused = {
         "no header": {},
@@ -150,12 +139,12 @@ async def test_reports_without_a_service_token_are_dead_lettered_once(
         async def all_dead() -> bool:
             return len(await harness.dead()) >= len(refused)
 
-        await harness.wait_for(all_dead)
+        await eventually(all_dead)
         await asyncio.sleep(0.2)  # time for a (wrong) redelivery
         dead = await harness.dead()
 
     assert sorted(json.loads(body)["result"]["n"] for body in dead) == list(range(len(refused)))
-    unchanged = await harness.status(workflow_id)
+    unchanged = await harness.gw.status(workflow_id)
     assert unchanged["version"] == 2 and unchanged["steps"][0]["status"] == w.DISPATCHED
     messages = [r.getMessage() for r in caplog.records]
     assert sum("dead-lettered step.completed" in m for m in messages) == len(refused)
@@ -166,9 +155,9 @@ async def test_reports_without_a_service_token_are_dead_lettered_once(
     await harness.send(report(step, workflow_id), harness.service_headers())
 
     async def applied() -> bool:
-        return (await harness.status(workflow_id))["steps"][0]["status"] == w.COMPLETED
+        return (await harness.gw.status(workflow_id))["steps"][0]["status"] == w.COMPLETED
 
-    await harness.wait_for(applied)
+    await eventually(applied)
 
 
 @pytest.mark.parametrize(
@@ -185,25 +174,22 @@ async def test_reports_without_a_service_token_are_dead_lettered_once(
 async def test_malformed_reports_are_dead_lettered_once(
     harness: Harness, change: dict[str, Any]
 ) -> None:
-    workflow_id = await harness.gw.upload(harness.gw.token())
-    step = await harness.current_step(workflow_id)
+    workflow_id, step = await harness.started()
     await harness.send(report(step, workflow_id, **change), harness.service_headers())
 
     async def dead() -> bool:
         return len(await harness.dead()) == 1
 
-    await harness.wait_for(dead)
+    await eventually(dead)
     await asyncio.sleep(0.1)
     assert len(await harness.dead()) == 1
-    assert (await harness.status(workflow_id))["version"] == 2
+    assert (await harness.gw.status(workflow_id))["version"] == 2
 
 
 async def test_stale_and_unknown_reports_are_acknowledged_not_dead_lettered(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
-    gw = harness.gw
-    workflow_id = await gw.upload(gw.token())
-    step = await harness.current_step(workflow_id)
+    workflow_id, step = await harness.started()
     with caplog.at_level(logging.INFO, logger="stox.completions"):
         await harness.send(report(step, workflow_id, step_id="ab" * 16), harness.service_headers())
         await harness.send(report(step, "cd" * 16), harness.service_headers())
@@ -211,9 +197,9 @@ async def test_stale_and_unknown_reports_are_acknowledged_not_dead_lettered(
         async def both_logged() -> bool:
             return sum("ignored" in r.getMessage() for r in caplog.records) == 2
 
-        await harness.wait_for(both_logged)
+        await eventually(both_logged)
     assert await harness.dead() == []
-    assert (await harness.status(workflow_id))["version"] == 2
+    assert (await harness.gw.status(workflow_id))["version"] == 2
 
 
 @pytest.mark.rabbitmq

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -34,11 +35,13 @@ async def bus_factory(request: pytest.FixtureRequest) -> AsyncIterator[BusFactor
     """Makes buses of one implementation (not started), and closes them after the test."""
     made: list[EventBus] = []
 
-    async def make(*, start: bool = True) -> EventBus:
+    async def make(*, start: bool = True, **options: Any) -> EventBus:
+        """`options` (prefetch, redelivery_delay) go to the bus's constructor."""
+        options = {"redelivery_delay": 0.01, **options}
         if request.param == "local":
-            bus: EventBus = LocalBus(redelivery_delay=0.01)
+            bus: EventBus = LocalBus(**options)
         elif request.param == "rabbitmq":  # in the test's own exchange and queue names
-            bus = request.getfixturevalue("rabbit_ns").bus(redelivery_delay=0.01)
+            bus = request.getfixturevalue("rabbit_ns").bus(**options)
         else:  # pragma: no cover - a new param without a branch here
             raise AssertionError(f"unknown bus {request.param}")
         made.append(bus)
@@ -323,6 +326,34 @@ async def test_a_rejected_message_is_not_delivered_again(bus: EventBus, ns: str)
     assert seen.count("flaky") == 2
 
 
+async def test_prefetch_bounds_the_handlers_in_flight(bus_factory: BusFactory, ns: str) -> None:
+    bus = await bus_factory(prefetch=3)
+    gate = asyncio.Event()
+    active: list[int] = []
+    done: list[int] = []
+    three_active, all_done = asyncio.Event(), asyncio.Event()
+
+    async def handle(event: Event) -> None:
+        active.append(event.payload["i"])
+        if len(active) == 3:
+            three_active.set()
+        await gate.wait()
+        done.append(event.payload["i"])
+        if len(done) == 10:
+            all_done.set()
+
+    await bus.declare(f"{ns}.q", [f"{ns}.k"], exclusive=True)
+    await bus.consume(f"{ns}.q", handle)
+    for i in range(10):
+        await publish(bus, f"{ns}.k", i=i)
+    await asyncio.wait_for(three_active.wait(), TIMEOUT)
+    await asyncio.sleep(0.1)  # time for a (wrong) fourth delivery
+    assert active == [0, 1, 2]
+    gate.set()
+    await asyncio.wait_for(all_done.wait(), TIMEOUT)
+    assert active == list(range(10))
+
+
 # -- lifecycle ---------------------------------------------------------------------------
 
 
@@ -353,6 +384,23 @@ async def test_close_is_idempotent(bus: EventBus) -> None:
     await bus.close()
     await bus.close()
     assert not bus.connected
+
+
+async def test_close_does_not_wait_for_a_pending_redelivery(
+    bus_factory: BusFactory, ns: str
+) -> None:
+    bus = await bus_factory(redelivery_delay=60)
+    failed = asyncio.Event()
+
+    async def fail(event: Event) -> None:
+        failed.set()
+        raise RuntimeError("later")
+
+    await bus.declare(f"{ns}.q", [f"{ns}.k"], exclusive=True)
+    await bus.consume(f"{ns}.q", fail)
+    await publish(bus, f"{ns}.k")
+    await asyncio.wait_for(failed.wait(), TIMEOUT)
+    await asyncio.wait_for(bus.close(), 2)  # not a minute, and no timer left behind
 
 
 async def test_no_delivery_after_close(bus: EventBus, ns: str) -> None:
@@ -472,22 +520,6 @@ async def test_local_redelivery_waits_for_the_delay() -> None:
     assert times[1] - times[0] >= 0.19
 
 
-async def test_local_pending_redelivery_is_dropped_on_close() -> None:
-    bus = LocalBus(redelivery_delay=60)
-    await bus.start()
-    failed = asyncio.Event()
-
-    async def fail(event: Event) -> None:
-        failed.set()
-        raise RuntimeError("later")
-
-    await bus.declare("q", ["k"])
-    await bus.consume("q", fail)
-    await publish(bus, "k")
-    await asyncio.wait_for(failed.wait(), TIMEOUT)
-    await bus.close()  # must not wait a minute, nor leave a timer behind
-
-
 async def test_local_prefetch_one_handles_strictly_one_at_a_time() -> None:
     bus = LocalBus(prefetch=1)
     await bus.start()
@@ -516,39 +548,6 @@ async def test_local_prefetch_one_handles_strictly_one_at_a_time() -> None:
         await bus.close()
     assert max_active == 1
     assert order == list(range(20))
-
-
-async def test_local_prefetch_bounds_handlers_in_flight() -> None:
-    bus = LocalBus(prefetch=3)
-    await bus.start()
-    gate = asyncio.Event()
-    active: list[int] = []
-    done: list[int] = []
-    three_active, all_done = asyncio.Event(), asyncio.Event()
-
-    async def handle(event: Event) -> None:
-        active.append(event.payload["i"])
-        if len(active) == 3:
-            three_active.set()
-        await gate.wait()
-        done.append(event.payload["i"])
-        if len(done) == 10:
-            all_done.set()
-
-    try:
-        await bus.declare("q", ["k"])
-        await bus.consume("q", handle)
-        for i in range(10):
-            await publish(bus, "k", i=i)
-        await wait(three_active)
-        for _ in range(10):
-            await asyncio.sleep(0)
-        assert active == [0, 1, 2]
-        gate.set()
-        await wait(all_done)
-    finally:
-        await bus.close()
-    assert active == list(range(10))
 
 
 async def test_local_slow_handler_does_not_block_the_queue(local_bus: LocalBus) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -43,22 +42,7 @@ def demo_gateway(
 
 async def wait_until_finished(gw: RunningGateway, ids: list[str]) -> dict[str, dict[str, Any]]:
     """Poll the status endpoint until every workflow has left `running`."""
-    token = gw.token()
-
-    async def poll() -> dict[str, dict[str, Any]]:
-        while True:
-            docs = {}
-            for workflow_id in ids:
-                response = await gw.fetch(
-                    "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=token
-                )
-                assert response.status == 200, response.body
-                docs[workflow_id] = response.body
-            if all(doc["status"] != w.RUNNING for doc in docs.values()):
-                return docs
-            await asyncio.sleep(0.02)
-
-    return await asyncio.wait_for(poll(), TIMEOUT)
+    return await gw.wait_finished(ids, TIMEOUT)
 
 
 class Completions:

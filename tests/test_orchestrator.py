@@ -309,6 +309,16 @@ async def test_relay_leaves_fresh_entries_to_their_publisher(
     assert (await orch.get(wf.id)).outbox == []
 
 
+# the events of an upload and of the report that completes its first step
+UPLOAD_AND_FIRST_REPORT = [
+    "workflow.start",
+    "step.image_processing",
+    "workflow.changed",
+    "step.ai_enhancement",
+    "workflow.changed",
+]
+
+
 async def test_events_of_a_later_transition_wait_behind_unconfirmed_ones(
     orch: Orchestrator, bus: RecordingBus, clock: Clock
 ) -> None:
@@ -322,13 +332,7 @@ async def test_events_of_a_later_transition_wait_behind_unconfirmed_ones(
     bus.fail = False
     clock.advance(60)
     await orch.relay()
-    assert bus.keys() == [
-        "workflow.start",
-        "step.image_processing",
-        "workflow.changed",
-        "step.ai_enhancement",
-        "workflow.changed",
-    ]
+    assert bus.keys() == UPLOAD_AND_FIRST_REPORT
     assert (await orch.get(wf.id)).outbox == []
 
 
@@ -352,13 +356,7 @@ async def test_a_change_written_while_its_outbox_is_published_sends_no_event_twi
     gate.set()
     await orch.drain()
 
-    assert bus.keys() == [
-        "workflow.start",
-        "step.image_processing",
-        "workflow.changed",
-        "step.ai_enhancement",
-        "workflow.changed",
-    ]
+    assert bus.keys() == UPLOAD_AND_FIRST_REPORT
     assert len({e.message_id for e in bus.events}) == 5
     assert (await orch.get(wf.id)).outbox == []
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import rabbit
+from support import eventually
 
 from settings import Duration, RabbitMQSettings
 from stox.bus.base import Event, PublishError
@@ -46,12 +47,15 @@ def event(routing_key: str, **payload: object) -> Event:
     return Event(routing_key, dict(payload), uuid.uuid4().hex, uuid.uuid4().hex, 1_714_564_800.5)
 
 
-async def until(check: Callable[[], bool], within: float = TIMEOUT) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            if check():
-                return
-            await asyncio.sleep(0.01)
+async def with_step_queue(
+    buses: Callable[..., RabbitMQBus], ns: rabbit.Namespace, step: str, **options: object
+) -> tuple[RabbitMQBus, str]:
+    """A started bus that has declared `step`'s durable queue, as a gateway does."""
+    bus = buses(**options)
+    await bus.start()
+    queue = ns.step_queue(step)
+    await bus.declare(queue, [f"step.{step}"])
+    return bus, queue
 
 
 def queue_arguments(name: str) -> dict[str, object]:
@@ -76,10 +80,7 @@ async def test_events_are_persistent_json_with_amqp_properties(
     buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
 ) -> None:
     ns = rabbit_ns
-    bus = buses()
-    await bus.start()
-    queue = f"{ns.prefix}.step.image_processing"
-    await bus.declare(queue, ["step.image_processing"])
+    bus, queue = await with_step_queue(buses, ns, "image_processing")
     sent = Event(
         "step.image_processing",
         {"event": "step.image_processing", "name": "Ünïcødé"},
@@ -193,10 +194,7 @@ async def test_a_returned_event_redeclares_the_topology_and_gets_through(
     buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
 ) -> None:
     ns = rabbit_ns
-    bus = buses()
-    await bus.start()
-    queue = f"{ns.prefix}.step.seo_generation"
-    await bus.declare(queue, ["step.seo_generation"])
+    bus, queue = await with_step_queue(buses, ns, "seo_generation")
     await asyncio.to_thread(ns._channel_do, lambda ch: ch.queue_delete(queue))
 
     sent = event("step.seo_generation", n=1)
@@ -233,11 +231,8 @@ async def test_a_publish_in_flight_when_the_connection_drops_is_retried_after_re
     buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
 ) -> None:
     ns = rabbit_ns
-    bus = buses(reconnect_delay=0.05)
+    bus, queue = await with_step_queue(buses, ns, "ai_enhancement", reconnect_delay=0.05)
     bus.settings.max_retries = 20
-    await bus.start()
-    queue = f"{ns.prefix}.step.ai_enhancement"
-    await bus.declare(queue, ["step.ai_enhancement"])
     link = bus._link
     assert link is not None and link.publisher is not None
     link.publisher.channel.basic_publish = lambda *a, **k: None  # never confirmed
@@ -259,7 +254,7 @@ async def test_publish_while_disconnected_raises_within_its_retries(
     bus = buses(reconnect_delay=5.0)  # stays down for the test
     await bus.start()
     await asyncio.to_thread(rabbit.close_connections, f"stox test {rabbit_ns.prefix}")
-    await until(lambda: not bus.connected)
+    await eventually(lambda: not bus.connected)
     started = time.monotonic()
     with pytest.raises(PublishError, match="not connected"):
         await bus.publish(event("k"))
@@ -304,56 +299,6 @@ async def test_a_handler_that_keeps_failing_is_dead_lettered_after_its_redeliver
     assert json.loads(dead.body) == {"n": 1}
 
 
-async def test_prefetch_bounds_the_handlers_in_flight(
-    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
-) -> None:
-    bus = buses(prefetch=3)
-    await bus.start()
-    gate = asyncio.Event()
-    active: list[int] = []
-    done: list[int] = []
-
-    async def handle(e: Event) -> None:
-        active.append(e.payload["i"])
-        await gate.wait()
-        done.append(e.payload["i"])
-
-    queue = f"{rabbit_ns.prefix}.q"
-    await bus.declare(queue, ["k"], exclusive=True)
-    await bus.consume(queue, handle)
-    for i in range(10):
-        await bus.publish(event("k", i=i))
-    await until(lambda: len(active) == 3)
-    await asyncio.sleep(0.1)
-    assert active == [0, 1, 2]
-    gate.set()
-    await until(lambda: len(done) == 10)
-    assert sorted(active) == list(range(10))
-
-
-async def test_close_does_not_wait_for_a_pending_redelivery(
-    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
-) -> None:
-    bus = buses(redelivery_delay=60)
-    await bus.start()
-    failed = asyncio.Event()
-
-    async def fail(e: Event) -> None:
-        failed.set()
-        raise RuntimeError("later")
-
-    queue = f"{rabbit_ns.prefix}.q"
-    await bus.declare(queue, ["k"])
-    rabbit_ns.extra_queues.append(queue)
-    await bus.consume(queue, fail)
-    await bus.publish(event("k"))
-    await asyncio.wait_for(failed.wait(), TIMEOUT)
-    started = time.monotonic()
-    await bus.close()
-    assert time.monotonic() - started < 2
-    assert await asyncio.to_thread(rabbit_ns.count, queue) == 1  # back in its queue
-
-
 # -- recovery ----------------------------------------------------------------------------
 
 
@@ -391,19 +336,19 @@ async def test_after_the_broker_closes_the_connection_everything_resumes(
             await asyncio.sleep(0.002)
 
     publishing = asyncio.ensure_future(keep_publishing())
-    await until(lambda: len(confirmed) > 20)
+    await eventually(lambda: len(confirmed) > 20)
     closing = asyncio.ensure_future(
         asyncio.to_thread(rabbit.close_connections, f"stox test {ns.prefix}")
     )
-    await until(lambda: not bus.connected)
+    await eventually(lambda: not bus.connected)
     was_down.set()
     assert await closing == 1
     await asyncio.wait_for(publishing, 30)
 
     assert bus.connected
     # every confirmed event reached the durable queue's consumer (some maybe twice: at least once)
-    await until(lambda: set(confirmed) <= set(seen[durable]))
+    await eventually(lambda: set(confirmed) <= set(seen[durable]))
     assert len(confirmed) > 70
     # the exclusive queue came back with its binding, and its consumer with it
     await bus.publish(event("workflow.changed", i=-1))
-    await until(lambda: seen[mine] == [-1])
+    await eventually(lambda: seen[mine] == [-1])

@@ -10,15 +10,16 @@ import json
 import signal
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import rabbit
 from procs import Proc, gateway_config, remote, start_gateway, start_worker, wait_ready
-from support import RunningGateway, free_port, running_gateway
+from support import RunningGateway, completion, eventually, free_port, running_gateway
 
 from stox import workflow as w
 
@@ -26,26 +27,6 @@ pytestmark = pytest.mark.rabbitmq
 
 STEPS = rabbit.STEPS
 TIMEOUT = 30.0
-
-
-async def finished(gw: RunningGateway, ids: list[str], within: float = TIMEOUT) -> dict[str, Any]:
-    """Poll until no workflow is running; their documents by id."""
-    token = gw.token()
-
-    async def poll() -> dict[str, Any]:
-        while True:
-            docs = {}
-            for workflow_id in ids:
-                response = await gw.fetch(
-                    "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=token
-                )
-                assert response.status == 200, response.body
-                docs[workflow_id] = response.body
-            if all(doc["status"] != w.RUNNING for doc in docs.values()):
-                return docs
-            await asyncio.sleep(0.1)
-
-    return await asyncio.wait_for(poll(), within)
 
 
 def assert_completed_once(docs: dict[str, Any]) -> None:
@@ -102,14 +83,6 @@ def workers(
     ]
 
 
-async def until_logged(proc: Proc, text: str, within: float = 10.0) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            if text in proc.log():
-                return
-            await asyncio.sleep(0.05)
-
-
 # -- the reference worker ------------------------------------------------------------------
 
 
@@ -123,7 +96,7 @@ async def test_reference_workers_run_the_whole_flow(
             image, ai, _ = procs
             socket = await gw.ws_connect(gw.token())
             ids = [await gw.upload(gw.token(), name=f"Blue Mug {i}") for i in range(8)]
-            docs = await finished(gw, ids)
+            docs = await gw.wait_finished(ids, TIMEOUT)
             assert_completed_once(docs)
             first = docs[ids[0]]
             assert first["steps"][0]["result"] == {
@@ -146,16 +119,16 @@ async def test_reference_workers_run_the_whole_flow(
             stale = dispatch(gw, first, 1, step_id=uuid.uuid4().hex)
             await asyncio.to_thread(ns.publish, "step.ai_enhancement", again)
             await asyncio.to_thread(ns.publish, "step.ai_enhancement", stale)
-            await until_logged(ai, "same report")
-            await until_logged(ai, "report not needed (HTTP 409)")
-            await until_logged(ai, "over HTTP: duplicate")
+            await eventually(lambda: "same report" in ai.log())
+            await eventually(lambda: "report not needed (HTTP 409)" in ai.log())
+            await eventually(lambda: "over HTTP: duplicate" in ai.log())
             await asyncio.to_thread(
                 ns.publish,
                 "step.image_processing",
                 dispatch(gw, first, 0, step_id=first["steps"][0]["step_id"]),
             )
-            await until_logged(image, "same report")
-            assert (await finished(gw, [ids[0]]))[ids[0]]["version"] == first["version"]
+            await eventually(lambda: "same report" in image.log())
+            assert (await gw.status(ids[0]))["version"] == first["version"]
             assert await asyncio.to_thread(ns.count, ns.step_queue("ai_enhancement")) == 0
 
             # SIGTERM: each finishes cleanly
@@ -213,12 +186,13 @@ async def test_two_gateways_share_the_broker_and_the_store(
         ids = [await a.upload(a.token(), name=f"Shared mug {i}") for i in range(6)]
 
         for index, step in enumerate(STEPS):
-            current = {i: (await status(a, i))["steps"][index] for i in ids}
+            current = {i: (await a.status(i))["steps"][index] for i in ids}
             for workflow_id in ids:
                 assert current[workflow_id]["status"] == w.DISPATCHED
             if step == "ai_enhancement":  # two copies over AMQP: the gateways compete for them
                 for workflow_id in ids:
-                    body = report(workflow_id, current[workflow_id])
+                    step_now = current[workflow_id]
+                    body = completion(workflow_id, step_now["step_id"], step)
                     for _ in range(2):
                         await asyncio.to_thread(
                             ns.publish,
@@ -232,7 +206,7 @@ async def test_two_gateways_share_the_broker_and_the_store(
                         gw.fetch(
                             "POST",
                             "/api/v1/workflow/step-completed",
-                            report(i, current[i]),
+                            completion(i, current[i]["step_id"], step),
                             token=service,
                         )
                         for i in ids
@@ -245,11 +219,9 @@ async def test_two_gateways_share_the_broker_and_the_store(
                         "applied",
                         "duplicate",
                     ]
-            await wait_until(
-                a, ids, lambda doc, index=index: doc["steps"][index]["status"] == w.COMPLETED
-            )
+            await eventually(partial(step_completed, a, ids, index))
 
-        docs = await finished(a, ids)
+        docs = await a.wait_finished(ids, TIMEOUT)
         assert_completed_once(docs)
         # the browser on A saw every change, including those applied by B
         kinds: dict[str, list[str]] = defaultdict(list)
@@ -264,36 +236,9 @@ async def test_two_gateways_share_the_broker_and_the_store(
         assert [proc.stop() for proc in procs] == [0, 0]
 
 
-async def status(gw: RunningGateway, workflow_id: str) -> dict[str, Any]:
-    response = await gw.fetch(
-        "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=gw.token()
-    )
-    assert response.status == 200, response.body
-    return dict(response.body)
-
-
-async def wait_until(
-    gw: RunningGateway,
-    ids: list[str],
-    check: Callable[[dict[str, Any]], bool],
-    within: float = 10.0,
-) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            docs = [await status(gw, i) for i in ids]
-            if all(check(doc) for doc in docs):
-                return
-            await asyncio.sleep(0.05)
-
-
-def report(workflow_id: str, step: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "workflow_id": workflow_id,
-        "step_id": step["step_id"],
-        "step_type": step["name"],
-        "success": True,
-        "result": {"by": "test"},
-    }
+async def step_completed(gw: RunningGateway, ids: list[str], index: int) -> bool:
+    """Whether step `index` of every workflow in `ids` has completed."""
+    return all([(await gw.status(i))["steps"][index]["status"] == w.COMPLETED for i in ids])
 
 
 # -- outages ---------------------------------------------------------------------------------
@@ -340,7 +285,7 @@ async def test_the_gateway_reconnects_when_the_broker_closes_its_connection(
         assert closed == 1
         await asyncio.wait_for(watching, 5)
         await asyncio.wait_for(uploading, 20)
-        docs = await finished(gw, ids)
+        docs = await gw.wait_finished(ids, TIMEOUT)
         assert_completed_once(docs)
         assert bus.connected
         ready = await gw.fetch("GET", "/readyz")
@@ -360,7 +305,7 @@ async def test_a_gateway_killed_mid_flow_finishes_every_workflow_after_restart(
         await wait_ready(gateway, port)
         token = client.token()
         ids = [await client.upload(token, name=f"Crash mug {i}") for i in range(25)]
-        await wait_until(client, ids[:3], lambda doc: doc["steps"][0]["status"] == w.COMPLETED)
+        await eventually(partial(step_completed, client, ids[:3], 0))
         running = await client.fetch(
             "GET", "/api/v1/workflow/list?status=running&limit=100", token=token
         )
@@ -372,7 +317,7 @@ async def test_a_gateway_killed_mid_flow_finishes_every_workflow_after_restart(
         restarted = start_gateway(tmp_path, "gw-restarted", config)
         procs.append(restarted)
         await wait_ready(restarted, port)
-        docs = await finished(client, ids)
+        docs = await client.wait_finished(ids, TIMEOUT)
         assert_completed_once(docs)
         assert_dispatched_once(await asyncio.to_thread(ns.drain, probe), ids)
         assert restarted.stop() == 0

@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-from support import RunningGateway, gateway_settings, running_gateway
+from support import RunningGateway, completion, gateway_settings, running_gateway
 
 import settings as settings_module
 from stox import workflow as w
@@ -82,26 +82,13 @@ async def started_bus() -> LocalBus:
 
 
 async def status(gw: RunningGateway, workflow_id: str) -> dict[str, Any]:
-    response = await gw.fetch(
-        "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=gw.token()
-    )
-    assert response.status == 200, response.body
-    return dict(response.body)
+    return await gw.status(workflow_id)
 
 
 async def report(
     gw: RunningGateway, workflow_id: str, step_id: str, step_type: str, success: bool = True
 ) -> Any:
-    body: dict[str, Any] = {
-        "workflow_id": workflow_id,
-        "step_id": step_id,
-        "step_type": step_type,
-        "success": success,
-    }
-    if success:
-        body["result"] = {"done": step_type}
-    else:
-        body["error"] = "boom"
+    body = completion(workflow_id, step_id, step_type, success)
     return await gw.fetch("POST", "/api/v1/workflow/step-completed", body, token=gw.service_token())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,6 +27,17 @@ class Rejected(Exception):
 
 
 Handler = Callable[[Event], Awaitable[None]]
+
+
+def log_dead_letter(log: logging.Logger, queue: str, event: Event, reason: str) -> None:
+    """The warning every bus writes when it dead-letters a message."""
+    log.warning(
+        "dead-lettered %s from %s (message_id=%s): %s",
+        event.routing_key,
+        queue,
+        event.message_id,
+        reason,
+    )
 
 
 class EventBus(Protocol):

@@ -19,7 +19,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 
-from stox.bus.base import Event, Handler, PublishError, Rejected, topic_matches
+from stox.bus.base import Event, Handler, PublishError, Rejected, log_dead_letter, topic_matches
 
 log = logging.getLogger(__name__)
 
@@ -236,13 +236,7 @@ class LocalBus:
                 q.wakeup.set()
 
     def _dead_letter(self, queue: str, event: Event, reason: str) -> None:
-        log.warning(
-            "dead-lettered %s from %s (message_id=%s): %s",
-            event.routing_key,
-            queue,
-            event.message_id,
-            reason,
-        )
+        log_dead_letter(log, queue, event, reason)
         self.dead_letters.append((queue, event, reason))
 
     def _redeliver_later(self, q: _Queue, message: _Message, event: Event, exc: Exception) -> None:

@@ -45,7 +45,7 @@ from pika.channel import Channel
 from tornado.ioloop import IOLoop
 
 from settings import RabbitMQSettings
-from stox.bus.base import Event, Handler, PublishError, Rejected, topic_matches
+from stox.bus.base import Event, Handler, PublishError, Rejected, log_dead_letter, topic_matches
 from stox.bus.local import REDELIVERED
 
 log = logging.getLogger(__name__)
@@ -277,26 +277,18 @@ class RabbitMQBus:
     async def _connect(self) -> _Link:
         """Open a connection and its channels, declare everything, start every consumer."""
         loop = asyncio.get_running_loop()
-        opened: asyncio.Future[None] = loop.create_future()
+        opened: asyncio.Future[Any] = loop.create_future()
         lost: asyncio.Future[Any] = loop.create_future()
-
-        def on_open(_: Any) -> None:
-            if not opened.done():
-                opened.set_result(None)
 
         def on_open_error(_: Any, exc: BaseException | str) -> None:
             if not opened.done():
                 opened.set_exception(_Lost(f"connection failed: {exc!r}"))
 
-        def on_close(_: Any, reason: BaseException) -> None:
-            if not lost.done():
-                lost.set_result(reason)
-
         connection = TornadoConnection(
             self._parameters(),
-            on_open_callback=on_open,
+            on_open_callback=_settle_once(opened),
             on_open_error_callback=on_open_error,
-            on_close_callback=on_close,
+            on_close_callback=_settle_once(lost),
             custom_ioloop=IOLoop.current(),
         )
         link = _Link(connection, lost)
@@ -388,20 +380,11 @@ class RabbitMQBus:
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[Channel] = loop.create_future()
         closed: asyncio.Future[Any] = loop.create_future()
-
-        def on_open(channel: Channel) -> None:
-            if not opened.done():
-                opened.set_result(channel)
-
-        def on_close(_: Channel, reason: BaseException) -> None:
-            if not closed.done():
-                closed.set_result(reason)
-
         try:
-            channel = link.connection.channel(on_open_callback=on_open)
+            channel = link.connection.channel(on_open_callback=_settle_once(opened))
         except pika.exceptions.AMQPError as exc:
             raise _Lost(repr(exc)) from None
-        channel.add_on_close_callback(on_close)
+        channel.add_on_close_callback(_settle_once(closed))
         chan = _Channel(channel, closed)
         await self._first(opened, closed, link.lost)
         return chan
@@ -422,13 +405,8 @@ class RabbitMQBus:
     ) -> Any:
         """Call a pika method that answers through `callback`; _Lost if the channel closes."""
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        def answer(frame: Any) -> None:
-            if not done.done():
-                done.set_result(frame)
-
         try:
-            method(*args, callback=answer, **kwargs)
+            method(*args, callback=_settle_once(done), **kwargs)
         except pika.exceptions.AMQPError as exc:
             raise _Lost(repr(exc)) from None
         return await self._first(done, chan.closed)
@@ -593,7 +571,7 @@ class RabbitMQBus:
             await consumer.handler(event)
         except Rejected as exc:
             reason = f"rejected: {exc}" if str(exc) else "rejected"
-            _log_dead_letter(consumer.queue, event, reason)
+            log_dead_letter(log, consumer.queue, event, reason)
             _settle(channel, tag, "dead-letter")
             return
         except Exception as exc:
@@ -621,7 +599,7 @@ class RabbitMQBus:
                 event.message_id,
                 exc_info=exc,
             )
-            _log_dead_letter(queue, event, f"failed after {failures} redeliveries: {exc!r}")
+            log_dead_letter(log, queue, event, f"failed after {failures} redeliveries: {exc!r}")
             _settle(channel, tag, "dead-letter")
             return
         self._failures[key] = failures + 1
@@ -637,6 +615,17 @@ class RabbitMQBus:
         )
         await self._pause(self.redelivery_delay)
         _settle(channel, tag, "requeue")
+
+
+def _settle_once(future: asyncio.Future[Any]) -> Callable[..., None]:
+    """A pika callback that resolves `future` to its last argument (the channel, the frame,
+    the reason for a close), the first time only."""
+
+    def settle(*args: Any) -> None:
+        if not future.done():
+            future.set_result(args[-1] if args else None)
+
+    return settle
 
 
 def _decode(method: Any, properties: pika.BasicProperties, body: bytes) -> Event | None:
@@ -674,13 +663,3 @@ def _settle(channel: Channel, tag: int, how: str) -> None:
             channel.basic_ack(tag)
         else:
             channel.basic_nack(tag, requeue=how == "requeue")
-
-
-def _log_dead_letter(queue: str, event: Event, reason: str) -> None:
-    log.warning(
-        "dead-lettered %s from %s (message_id=%s): %s",
-        event.routing_key,
-        queue,
-        event.message_id,
-        reason,
-    )

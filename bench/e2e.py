@@ -1044,9 +1044,12 @@ def report_gateway(run: Run, title: str) -> None:
         if gw_cpu is not None:
             p(f"  cpu (% of one core)     {gw_cpu.describe('gateway')}")
             if gw_cpu.server is not None and phase.completed and served:
+                per_request = f", {1e6 * gw_cpu.server / served:.0f} us per HTTP request"
+                if run.amqp:  # the uploads are its only HTTP requests: no figure of its own
+                    per_request = ""
                 p(
                     f"  gateway cpu per unit    {1000 * gw_cpu.server / phase.completed:.2f} ms "
-                    f"per workflow, {1e6 * gw_cpu.server / served:.0f} us per HTTP request"
+                    f"per workflow{per_request}"
                     f"  (one free core: ~{phase.completed / gw_cpu.server:.0f} workflows/s)"
                 )
             if run.amqp:

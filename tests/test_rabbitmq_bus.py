@@ -163,6 +163,20 @@ class socket_closed_port:
         pass
 
 
+async def test_a_queue_declared_before_with_other_arguments_is_refused_clearly(
+    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
+) -> None:
+    ns = rabbit_ns
+    queue = ns.step_queue("image_processing")
+    await asyncio.to_thread(ns._channel_do, lambda ch: ch.queue_declare(queue, durable=True))
+    bus = buses()
+    await bus.start()
+    with pytest.raises(ConnectionError, match="PRECONDITION_FAILED"):
+        await bus.declare(queue, ["step.image_processing"])  # ours dead-letters; that one not
+    assert bus.connected  # only the declaring channel was closed
+    await bus.declare(f"{ns.prefix}.other", ["k"], exclusive=True)
+
+
 # -- publisher confirms ------------------------------------------------------------------
 
 

@@ -248,8 +248,11 @@ class RabbitMQBus:
         wanted = _Declared(
             queue, exclusive, list(dict.fromkeys([*(known.bindings if known else []), *bindings]))
         )
-        async with self._temporary_channel(link) as chan:
-            await self._declare_queue(chan, wanted)
+        try:
+            async with self._temporary_channel(link) as chan:
+                await self._declare_queue(chan, wanted)
+        except _Lost as exc:  # refused (declared before with other arguments), or cut off
+            raise ConnectionError(f"RabbitMQ did not declare queue {queue!r}: {exc}") from None
         self._declared[queue] = wanted
         self._must_route.clear()
 

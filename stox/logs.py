@@ -38,8 +38,11 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pika narrates every channel it opens and closes at info; keep its warnings and errors
-    logging.getLogger("pika").setLevel(max(root.level, logging.WARNING))
+    # pika narrates every channel it opens at info and every failed connection attempt in five
+    # errors; the RabbitMQ bus reports each failure in one line with its cause, so pika speaks
+    # only at debug (then from warning up)
+    quiet = logging.WARNING if root.level <= logging.DEBUG else logging.CRITICAL
+    logging.getLogger("pika").setLevel(quiet)
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:

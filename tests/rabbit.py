@@ -6,6 +6,7 @@ The admin calls use a blocking pika connection; from async tests run them in a t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import uuid
@@ -88,13 +89,15 @@ class Namespace:
             "rabbitmq__max_retries": 3,
         }
 
-    def bus(self, *, connection_name: str | None = None, **options: Any) -> RabbitMQBus:
+    def bus(
+        self, *, connection_name: str | None = None, url: str | None = None, **options: Any
+    ) -> RabbitMQBus:
         """A RabbitMQBus (not started) in this namespace, with fast publish retries."""
         from settings import Duration, RabbitMQSettings
         from stox.bus.rabbitmq import RabbitMQBus
 
         settings = RabbitMQSettings(
-            url=self.url,
+            url=url or self.url,
             exchange=self.exchange,
             prefix=self.prefix,
             max_retries=2,
@@ -198,3 +201,55 @@ def close_connections(name: str, reason: str = "closed by a test") -> int:
             timeout=30,
         )
     return len(pids)
+
+
+class BrokerProxy:
+    """A TCP proxy in front of the broker, on the test's loop: `stop()` looks to a client like
+    the broker going away (connections cut, then refused), `start()` like it coming back."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 5672)
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    def url(self, url: str) -> str:
+        """`url` pointed at the proxy instead."""
+        parts = urlsplit(url)
+        return parts._replace(
+            netloc=f"{parts.username}:{parts.password}@127.0.0.1:{self.port}"
+        ).geturl()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+        for writer in list(self.writers):
+            writer.transport.abort()
+        self.writers.clear()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))

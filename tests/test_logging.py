@@ -208,11 +208,12 @@ def test_json_formatter_timestamp_is_utc_with_milliseconds() -> None:
 
 @pytest.fixture
 def restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    root, pika = logging.getLogger(), logging.getLogger("pika")
+    handlers, level, pika_level = root.handlers[:], root.level, pika.level
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    pika.setLevel(pika_level)
 
 
 @pytest.mark.usefixtures("restore_root_logger")
@@ -225,6 +226,14 @@ def test_configure_json_writes_json_lines_to_stderr(capsys: pytest.CaptureFixtur
     assert entry["message"] == "hello there"
     assert entry["level"] == "debug"
     assert entry["logger"] == "stox.test_logging.configure"
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_configure_leaves_pika_s_narration_to_debug() -> None:
+    configure("info", "json")
+    assert logging.getLogger("pika").level == logging.CRITICAL  # the bus says it in one line
+    configure("debug", "json")
+    assert logging.getLogger("pika").level == logging.WARNING
 
 
 @pytest.mark.usefixtures("restore_root_logger")

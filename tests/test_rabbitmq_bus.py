@@ -366,3 +366,41 @@ async def test_after_the_broker_closes_the_connection_everything_resumes(
     # the exclusive queue came back with its binding, and its consumer with it
     await bus.publish(event("workflow.changed", i=-1))
     await eventually(lambda: seen[mine] == [-1])
+
+
+async def test_a_broker_that_goes_away_and_comes_back_is_reconnected_with_backoff(
+    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    ns = rabbit_ns
+    proxy = rabbit.BrokerProxy(ns.url)  # the "broker" the bus sees
+    await proxy.start()
+    bus = buses(url=proxy.url(ns.url), reconnect_delay=0.05)
+    try:
+        await bus.start()
+        queue = ns.step_queue("image_processing")
+        await bus.declare(queue, ["step.image_processing"])
+        await bus.declare(f"{ns.prefix}.hub.me", ["workflow.changed"], exclusive=True)
+        seen: list[str] = []
+
+        async def handle(e: Event) -> None:
+            seen.append(e.routing_key)
+
+        await bus.consume(queue, handle)
+        await bus.consume(f"{ns.prefix}.hub.me", handle)
+
+        await proxy.stop()  # the broker goes away: connections cut, new ones refused
+        await eventually(lambda: not bus.connected)
+        with pytest.raises(PublishError):
+            await bus.publish(event("step.image_processing"))
+        await asyncio.sleep(1.0)  # reconnect attempts fail meanwhile, further and further apart
+        await proxy.start()  # and it is back, on the same address
+        await eventually(lambda: bus.connected)
+
+        await bus.publish(event("step.image_processing"))
+        await bus.publish(event("workflow.changed"))
+        await eventually(lambda: sorted(seen) == ["step.image_processing", "workflow.changed"])
+    finally:
+        await bus.close()
+        await proxy.stop()
+    failures = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert 2 <= len(failures) <= 6  # a few attempts with a growing pause, not a busy loop

@@ -292,6 +292,34 @@ async def test_the_gateway_reconnects_when_the_broker_closes_its_connection(
         assert ready.status == 200
 
 
+async def test_readyz_follows_the_broker(tmp_path: Path, rabbit_ns: rabbit.Namespace) -> None:
+    ns = rabbit_ns
+    proxy = rabbit.BrokerProxy(ns.url)
+    await proxy.start()
+    overrides = {**ns.settings(), "rabbitmq__url": proxy.url(ns.url)}
+    try:
+        async with running_gateway(tmp_path, **overrides) as gw:
+
+            async def readyz_says(status: int, bus: str) -> bool:
+                response = await gw.fetch("GET", "/readyz")
+                return (response.status, response.body.get("bus")) == (status, bus)
+
+            assert await readyz_says(200, "ok")
+            await proxy.stop()  # the broker goes away
+            await eventually(partial(readyz_says, 503, "disconnected"))
+            workflow_id = await gw.upload(gw.token())  # still taken; its events wait
+            await proxy.start()
+            await eventually(partial(readyz_says, 200, "ok"))
+            await eventually(partial(outbox_empty, gw, workflow_id))  # the relay sent them
+    finally:
+        await proxy.stop()
+
+
+async def outbox_empty(gw: RunningGateway, workflow_id: str) -> bool:
+    doc = await gw.gateway.store.get(workflow_id)
+    return doc is not None and doc["outbox"] == []
+
+
 async def test_a_gateway_killed_mid_flow_finishes_every_workflow_after_restart(
     tmp_path: Path, rabbit_ns: rabbit.Namespace
 ) -> None:

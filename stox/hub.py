@@ -32,15 +32,16 @@ class Connection(Protocol):
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
 
-def encode(kind: str, workflow_id: str, version: int, data: Any) -> bytes:
-    message = {
-        "type": kind,
-        "workflow_id": workflow_id,
-        "version": version,
-        "data": data,
-        "ts": isoformat(time.time()),
-    }
-    return json.dumps(message, separators=(",", ":")).encode()
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def encode(kind: str, workflow_id: str, version: int, data_json: str) -> bytes:
+    """One WebSocket message around `data_json`, already encoded: a change notification
+    sends its workflow document once however many changes it reports."""
+    head = _dumps(
+        {"type": kind, "workflow_id": workflow_id, "version": version, "ts": isoformat(time.time())}
+    )
+    return f'{head[:-1]},"data":{data_json}}}'.encode()
 
 
 class Subscription:
@@ -107,7 +108,7 @@ class Hub:
             return sub
         for workflow in reversed(snapshots):
             sub.seen[workflow.id] = workflow.version
-            data = encode("snapshot", workflow.id, workflow.version, workflow.public())
+            data = encode("snapshot", workflow.id, workflow.version, _dumps(workflow.public()))
             if not connection.send(data):
                 self.unsubscribe(sub)
                 return sub
@@ -150,8 +151,11 @@ class Hub:
         ]
         if not targets:
             return
+        document_json = _dumps(document)
         messages = [
-            encode(kind, workflow_id, version, {"step": step, "workflow": document})
+            encode(
+                kind, workflow_id, version, f'{{"step":{_dumps(step)},"workflow":{document_json}}}'
+            )
             for kind, step in changes
         ]
         for sub in targets:

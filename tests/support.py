@@ -21,6 +21,14 @@ import tornado.websocket
 import settings as settings_module
 from stox.app import Gateway, make_http_server
 from stox.auth.tokens import SERVICE, USER
+from stox.bus.base import Event, PublishError
+
+UPLOAD = "/api/v1/workflow/upload"
+STATUS = "/api/v1/workflow/status"
+COMPLETED = "/api/v1/workflow/step-completed"
+LIST = "/api/v1/workflow/list"
+CANCEL = "/api/v1/workflow/cancel"
+RETRY = "/api/v1/workflow/retry"
 
 
 @dataclass
@@ -262,3 +270,36 @@ def write_key_pair(folder: Path, algorithm: str, name: str = "jwt") -> tuple[Pat
         )
     )
     return private, public
+
+
+class RecordingBus:
+    """An EventBus that confirms into `events`, or raises PublishError when told to."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.fail = False
+        self.allow: int | None = None  # confirm this many more, then fail
+        self.connected = True
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def publish(self, event: Event) -> None:
+        await asyncio.sleep(0)  # the broker round trip
+        if self.fail or self.allow == 0:
+            raise PublishError("broker unavailable")
+        if self.allow is not None:
+            self.allow -= 1
+        self.events.append(event)
+
+    async def declare(self, queue: str, bindings: Any, *, exclusive: bool = False) -> None:
+        pass
+
+    async def consume(self, queue: str, handler: Any) -> None:
+        pass
+
+    def keys(self) -> list[str]:
+        return [e.routing_key for e in self.events]

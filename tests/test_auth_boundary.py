@@ -19,6 +19,12 @@ from typing import Any
 import jwt
 import pytest
 from support import (
+    CANCEL,
+    COMPLETED,
+    LIST,
+    RETRY,
+    STATUS,
+    UPLOAD,
     Response,
     RunningGateway,
     free_port,
@@ -34,12 +40,6 @@ from stox.auth.tokens import CannotIssue, TokenAuthority, load_private_key
 SECRET = "test-secret-" + "x" * 32  # the harness's jwt.secret
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
-UPLOAD = "/api/v1/workflow/upload"
-STATUS = "/api/v1/workflow/status"
-COMPLETED = "/api/v1/workflow/step-completed"
-LIST = "/api/v1/workflow/list"
-CANCEL = "/api/v1/workflow/cancel"
-RETRY = "/api/v1/workflow/retry"
 
 # (method, path, body) of every endpoint that needs a token
 PROTECTED = [

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import RunningGateway, running_gateway, write_key_pair
+from support import RecordingBus, RunningGateway, running_gateway, write_key_pair
 
 import settings as settings_module
 from stox import workflow as w
 from stox.auth.tokens import TokenAuthority, load_public_key
-from stox.bus.base import Event, PublishError
+from stox.bus.base import Event
 from stox.demo_workers import DemoWorkers, ServiceToken, enhance, process_images, seo
 from stox.workflow import Pipeline, StepSpec
 
@@ -162,29 +162,6 @@ async def test_failing_workers_fail_the_workflow_after_max_attempts(tmp_path: Pa
 
 
 # -- DemoWorkers.handle ----------------------------------------------------------------------
-
-
-class RecordingBus:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.connected = True
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def publish(self, event: Event) -> None:
-        if not self.connected:
-            raise PublishError("down")
-        self.events.append(event)
-
-    async def declare(self, queue: str, bindings: Any, *, exclusive: bool = False) -> None:
-        pass
-
-    async def consume(self, queue: str, handler: Any) -> None:
-        pass
 
 
 def dispatch_event(step: str, product: dict[str, Any] | None = None) -> Event:

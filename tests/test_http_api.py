@@ -17,20 +17,23 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from support import Response, RunningGateway, running_gateway
+from support import (
+    CANCEL,
+    COMPLETED,
+    LIST,
+    RETRY,
+    STATUS,
+    UPLOAD,
+    Response,
+    RunningGateway,
+    running_gateway,
+)
 
 import settings as settings_module
 from stox.bus.base import Event
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 STEPS = ["image_processing", "ai_enhancement", "seo_generation"]
-
-UPLOAD = "/api/v1/workflow/upload"
-STATUS = "/api/v1/workflow/status"
-COMPLETED = "/api/v1/workflow/step-completed"
-LIST = "/api/v1/workflow/list"
-CANCEL = "/api/v1/workflow/cancel"
-RETRY = "/api/v1/workflow/retry"
 
 
 # -- fixtures and helpers ------------------------------------------------------------------

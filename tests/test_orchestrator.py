@@ -18,9 +18,10 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any, TypeVar
 
 import pytest
+from support import RecordingBus
 
 from stox import workflow as w
-from stox.bus.base import Event, PublishError
+from stox.bus.base import Event
 from stox.bus.local import LocalBus
 from stox.orchestrator import NotFound, Orchestrator
 from stox.store import WorkflowStore, make_store
@@ -57,39 +58,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-class RecordingBus:
-    """An EventBus that confirms into `events`, or raises PublishError when told to."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.fail = False
-        self.allow: int | None = None  # confirm this many more, then fail
-        self.connected = True
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def publish(self, event: Event) -> None:
-        await asyncio.sleep(0)  # the broker round trip
-        if self.fail or self.allow == 0:
-            raise PublishError("broker unavailable")
-        if self.allow is not None:
-            self.allow -= 1
-        self.events.append(event)
-
-    async def declare(self, queue: str, bindings: Any, *, exclusive: bool = False) -> None:
-        pass
-
-    async def consume(self, queue: str, handler: Any) -> None:
-        pass
-
-    def keys(self) -> list[str]:
-        return [e.routing_key for e in self.events]
 
 
 class CountingStore:

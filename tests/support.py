@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import tornado.httpclient
+import tornado.netutil
 import tornado.websocket
 
 import settings as settings_module
@@ -230,15 +231,23 @@ async def running_gateway(
     `gateway_options` go to `Gateway(...)` (a bus, a clock, demo-worker options).
     """
     settings = gateway_settings(tmp_path, **overrides)
-    port = port or free_port()
+    # The listening socket is bound first and held: a port picked free and bound later can be
+    # taken meanwhile (by the AuthService's own free port, or any outgoing connection).
+    sockets = tornado.netutil.bind_sockets(port or 0, "127.0.0.1")
+    port = int(sockets[0].getsockname()[1])
     settings.server.port = port
     settings.cors.allowed_origins = [f"http://127.0.0.1:{port}"]
-    if configure is not None:
-        configure(settings)
-    gateway = Gateway(settings, **(gateway_options or {}))
-    app = await gateway.start()
+    try:
+        if configure is not None:
+            configure(settings)
+        gateway = Gateway(settings, **(gateway_options or {}))
+        app = await gateway.start()
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     server = make_http_server(app, settings)
-    server.listen(port, "127.0.0.1")
+    server.add_sockets(sockets)
     try:
         yield RunningGateway(gateway, port)
     finally:

@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -180,15 +181,35 @@ def encode_cursor(created_at: str, workflow_id: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+MAX_CURSOR = 128  # an issued cursor is under 100 characters
+_CURSOR_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z", re.ASCII)  # isoformat
+_CURSOR_ID = re.compile(r"[0-9a-f]{32}\Z")
+
+
 def decode_cursor(cursor: str) -> tuple[str, str]:
-    """The (created_at, id) an opaque cursor stands for; ValidationError if it is not one."""
+    """The (created_at, id) an opaque cursor stands for; ValidationError if it is not one.
+
+    Only what `encode_cursor` makes passes: anything else (a lone surrogate no store can
+    take, JSON nested past the decoder's recursion) would otherwise reach the store.
+    """
+    bad = ValidationError("not a cursor this server issued", "cursor")
+    if len(cursor) > MAX_CURSOR:
+        raise bad
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, workflow_id = json.loads(raw)
-    except (binascii.Error, ValueError, TypeError):
-        raise ValidationError("not a cursor this server issued", "cursor") from None
-    if not isinstance(created_at, str) or not isinstance(workflow_id, str):
-        raise ValidationError("not a cursor this server issued", "cursor")
+        value = json.loads(raw)
+    except (binascii.Error, ValueError, RecursionError):
+        raise bad from None
+    if not isinstance(value, list) or len(value) != 2:
+        raise bad
+    created_at, workflow_id = value
+    if not (
+        isinstance(created_at, str)
+        and isinstance(workflow_id, str)
+        and _CURSOR_TIME.match(created_at)
+        and _CURSOR_ID.match(workflow_id)
+    ):
+        raise bad
     return created_at, workflow_id
 
 

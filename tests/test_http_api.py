@@ -7,6 +7,7 @@ the error shape, and what was stored.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import re
@@ -632,6 +633,40 @@ async def test_list_cursor_and_status_are_checked(gw: RunningGateway) -> None:
     for bad in ("done", "RUNNING", ""):
         response = await gw.fetch("GET", f"{LIST}?status={bad}", token=token)
         assert_error(response, 400, "invalid_input", "status")
+
+
+def crafted_cursor(text: str) -> str:
+    """A cursor as the server encodes one (unpadded base64url), around any JSON text."""
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '["\\ud800", "x"]',  # a lone surrogate: neither SQLite nor BSON can take it
+        '["2026-01-01T00:00:00.000000Z", "\\udfff"]',
+        "[" * 3000 + "]" * 3000,  # nested deeper than json.loads recurses
+        '["2026-01-01", "' + "ab" * 16 + '"]',  # not a timestamp this server writes
+        '["2026-01-01T00:00:00.000000Z", "not-a-workflow-id"]',
+        '["2026-01-01T00:00:00.000000Z", "' + "ab" * 16 + '", "extra"]',
+        '{"created_at": "2026-01-01T00:00:00.000000Z"}',
+    ],
+    ids=["surrogate", "surrogate id", "deep", "bad time", "bad id", "three", "object"],
+)
+async def test_a_crafted_cursor_is_a_400_naming_it_on_every_store(
+    store_url: str, tmp_path: Path, text: str
+) -> None:
+    async with running_gateway(tmp_path, storage__url=store_url) as gw:
+        await gw.upload(gw.token())
+        cursor = crafted_cursor(text)
+        response = await gw.fetch("GET", f"{LIST}?cursor={cursor}", token=gw.token())
+        assert_error(response, 400, "invalid_input", "cursor")
+        assert (await gw.fetch("GET", f"{LIST}?limit=1", token=gw.token())).status == 200
+
+
+async def test_an_overlong_cursor_is_a_400(gw: RunningGateway) -> None:
+    response = await gw.fetch("GET", f"{LIST}?cursor={'A' * 5000}", token=gw.token())
+    assert_error(response, 400, "invalid_input", "cursor")
 
 
 # -- bad input -----------------------------------------------------------------------------

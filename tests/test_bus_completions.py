@@ -228,3 +228,46 @@ async def test_a_body_that_is_not_json_is_dead_lettered_and_the_gateway_serves_o
                 "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=gw.token()
             )
         ).status == 200
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize(
+    "poison",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # RecursionError in json.loads
+        b'{"result": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+    ids=["deep array", "deep inside an object"],
+)
+async def test_a_poison_body_is_dead_lettered_and_the_connection_stays(
+    tmp_path: Path, rabbit_ns: rabbit.Namespace, caplog: pytest.LogCaptureFixture, poison: bytes
+) -> None:
+    ns = rabbit_ns
+    async with running_gateway(tmp_path, **ns.settings()) as gw:
+        workflow_id = await gw.upload(gw.token())
+        step = (await gw.status(workflow_id))["steps"][0]
+        headers = {"authorization": f"Bearer {gw.service_token()}"}
+        with caplog.at_level(logging.INFO, logger="stox.bus.rabbitmq"):
+            await asyncio.to_thread(ns.publish, "step.completed", poison, headers)
+
+            async def dead() -> list[bytes]:
+                async with asyncio.timeout(TIMEOUT):
+                    got: list[bytes] = []
+                    while not got:
+                        got += [m.body for m in await asyncio.to_thread(ns.drain, ns.dead)]
+                        await asyncio.sleep(0.02)
+                    return got
+
+            assert await dead() == [poison]
+            # the next report still flows, over the same connection
+            body = json.dumps(report(step, workflow_id)).encode()
+            await asyncio.to_thread(ns.publish, "step.completed", body, headers)
+
+            async def moved_on() -> bool:
+                doc = await gw.status(workflow_id)
+                return bool(doc["steps"][0]["status"] == "completed")
+
+            await eventually(moved_on)
+        assert [r for r in caplog.records if "connection lost" in r.getMessage()] == []
+        assert (await gw.fetch("GET", "/readyz")).status == 200
+        assert await asyncio.to_thread(ns.count, ns.completions) == 0

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import rabbit
@@ -311,6 +312,47 @@ async def test_a_handler_that_keeps_failing_is_dead_lettered_after_its_redeliver
     assert {a.message_id for a in attempts} == {sent.message_id}
     assert dead.properties.message_id == sent.message_id
     assert json.loads(dead.body) == {"n": 1}
+
+
+async def test_a_message_failing_on_several_instances_is_counted_once_across_them(
+    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
+) -> None:
+    """Two gateways compete for one queue: the failure count travels with the message, so a
+    poison message is dead-lettered after the same number of tries, not hopping for ever."""
+    ns = rabbit_ns
+    queue = ns.step_queue("image_processing")
+    attempts: list[tuple[str, Event]] = []
+
+    def failing(name: str) -> Callable[[Event], Any]:
+        async def handler(e: Event) -> None:
+            attempts.append((name, e))
+            raise RecursionError("maximum recursion depth exceeded")
+
+        return handler
+
+    for name in ("a", "b"):
+        bus = buses(redelivery_delay=0.01, max_redeliveries=3, connection_name=f"test {name}")
+        await bus.start()
+        await bus.declare(queue, ["step.image_processing"])
+        await bus.consume(queue, failing(name))
+    sent = event("step.image_processing", n=1)
+    await bus.publish(sent)
+
+    async def dead_letters() -> list[rabbit.Message]:
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                got = await asyncio.to_thread(ns.drain, ns.dead)
+                if got:
+                    return got
+                await asyncio.sleep(0.02)
+
+    [dead] = await dead_letters()
+    await asyncio.sleep(0.3)
+    assert len(attempts) == 4, [name for name, _ in attempts]
+    assert {e.message_id for _, e in attempts} == {sent.message_id}
+    assert dead.properties.message_id == sent.message_id
+    assert json.loads(dead.body) == {"n": 1}
+    assert await asyncio.to_thread(ns.count, queue) == 0
 
 
 # -- recovery ----------------------------------------------------------------------------

@@ -14,10 +14,13 @@ It keeps the promises of `LocalBus`, so the same contract suite runs on both:
   the topology: someone deleted a queue. Other events nobody is bound to are dropped, as by
   an exchange without `mandatory` (and by `LocalBus`);
 * consuming: manual acks after the handler returns, a prefetch per consumer; `Rejected` is
-  nacked without requeue (it dead-letters once); another exception requeues the message after
-  `redelivery_delay`, at most `max_redeliveries` times, then it is dead-lettered. That count
-  is kept per process: a message that fails on several instances may be tried a few more
-  times. A body that is not a JSON object never reaches a handler; it is dead-lettered;
+  nacked without requeue (it dead-letters once); another exception puts the message back after
+  `redelivery_delay`, at most `max_redeliveries` times, then it is dead-lettered. The count
+  travels with the message (a copy carrying `x-stox-failures` replaces it in its queue), so a
+  message that fails on every instance is tried that many times in all, not that many times
+  on each. A body that cannot be decoded into a JSON object (whatever the decoder raises, a
+  RecursionError included) never reaches a handler: it is dead-lettered at once, and nothing
+  a message holds can close the connection;
 * recovery, which pika leaves to us: heartbeats, a blocked-connection timeout, and after a
   lost connection or a broker restart a reconnect with backoff that redeclares everything
   declared so far and resumes every consumer. Publishes in flight when the connection drops
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 from collections import OrderedDict
@@ -52,8 +54,8 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 TIMESTAMP_HEADER = "x-stox-timestamp"  # the exact float; AMQP timestamps are whole seconds
+FAILURES_HEADER = "x-stox-failures"  # how many times handlers failed on this message so far
 PERSISTENT = 2
-_FAILURES_KEPT = 10_000  # messages whose failed deliveries are being counted
 
 
 class _Lost(Exception):
@@ -142,7 +144,6 @@ class RabbitMQBus:
         self._declared: dict[str, _Declared] = {}
         self._consumers: list[_Consumer] = []
         self._must_route: dict[str, bool] = {}
-        self._failures: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._handlers: set[asyncio.Task[None]] = set()
         self._link: _Link | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -215,7 +216,9 @@ class RabbitMQBus:
         attempts = 1 + max(0, self.settings.max_retries)
         problem = "not attempted"
         for attempt in range(1, attempts + 1):
-            problem = await self._publish_once(event.routing_key, body, properties, mandatory)
+            problem = await self._publish_once(
+                self.exchange, event.routing_key, body, properties, mandatory
+            )
             if problem is None:
                 return
             if self._closed or attempt == attempts:
@@ -474,7 +477,12 @@ class RabbitMQBus:
         return must
 
     async def _publish_once(
-        self, routing_key: str, body: bytes, properties: pika.BasicProperties, mandatory: bool
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.BasicProperties,
+        mandatory: bool,
     ) -> str | None:
         """None once the broker confirms; otherwise what went wrong."""
         link = self._link
@@ -485,9 +493,7 @@ class RabbitMQBus:
         tag = link.next_tag
         link.unconfirmed[tag] = pending
         try:
-            link.publisher.channel.basic_publish(
-                self.exchange, routing_key, body, properties, mandatory
-            )
+            link.publisher.channel.basic_publish(exchange, routing_key, body, properties, mandatory)
         except pika.exceptions.AMQPError as exc:
             link.unconfirmed.pop(tag, None)
             link.next_tag -= 1
@@ -545,54 +551,42 @@ class RabbitMQBus:
     ) -> None:
         if self._closed or not link.open:
             return  # the broker requeues it when the channel goes
-        key = (consumer.queue, properties.message_id or hashlib.sha1(body).hexdigest())
-        event = _decode(method, properties, body)
-        if event is None:
+        try:
+            event = _decode(method, properties, body)
+        except Exception as exc:  # whatever a body can make a decoder raise, RecursionError too
+            reason = f"the body is not a JSON object ({type(exc).__name__})"
             log.warning(
-                "dead-lettered %s from %s (message_id=%s): the body is not a JSON object",
+                "dead-lettered %s from %s (message_id=%s): %s",
                 method.routing_key,
                 consumer.queue,
                 properties.message_id,
+                reason,
             )
             _settle(channel, method.delivery_tag, "dead-letter")
             return
-        task = asyncio.get_running_loop().create_task(
-            self._handle(channel, method.delivery_tag, consumer, key, event)
-        )
+        delivery = _Delivery(channel, method.delivery_tag, properties, body)
+        task = asyncio.get_running_loop().create_task(self._handle(delivery, consumer, event))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 
-    async def _handle(
-        self,
-        channel: Channel,
-        tag: int,
-        consumer: _Consumer,
-        key: tuple[str, str],
-        event: Event,
-    ) -> None:
+    async def _handle(self, delivery: _Delivery, consumer: _Consumer, event: Event) -> None:
         try:
             await consumer.handler(event)
         except Rejected as exc:
             reason = f"rejected: {exc}" if str(exc) else "rejected"
             log_dead_letter(log, consumer.queue, event, reason)
-            _settle(channel, tag, "dead-letter")
+            delivery.settle("dead-letter")
             return
         except Exception as exc:
-            await self._redeliver_later(channel, tag, consumer.queue, key, event, exc)
+            await self._redeliver_later(delivery, consumer.queue, event, exc)
             return
-        self._failures.pop(key, None)
-        _settle(channel, tag, "ack")
+        delivery.settle("ack")
 
     async def _redeliver_later(
-        self,
-        channel: Channel,
-        tag: int,
-        queue: str,
-        key: tuple[str, str],
-        event: Event,
-        exc: Exception,
+        self, delivery: _Delivery, queue: str, event: Event, exc: Exception
     ) -> None:
-        failures = self._failures.pop(key, 0)
+        """Put the message back with its failure count raised, or dead-letter it at the bound."""
+        failures = delivery.failures
         if failures >= self.max_redeliveries:
             log.error(
                 "handler for %s on %s failed %d times (message_id=%s)",
@@ -603,11 +597,8 @@ class RabbitMQBus:
                 exc_info=exc,
             )
             log_dead_letter(log, queue, event, f"failed after {failures} redeliveries: {exc!r}")
-            _settle(channel, tag, "dead-letter")
+            delivery.settle("dead-letter")
             return
-        self._failures[key] = failures + 1
-        while len(self._failures) > _FAILURES_KEPT:
-            self._failures.popitem(last=False)
         log.warning(
             "handler for %s on %s failed (message_id=%s); redelivering in %.2fs",
             event.routing_key,
@@ -617,7 +608,37 @@ class RabbitMQBus:
             exc_info=exc,
         )
         await self._pause(self.redelivery_delay)
-        _settle(channel, tag, "requeue")
+        if not delivery.channel.is_open:
+            return  # the broker has put it back already (its count not raised, this once)
+        # A copy with the count raised goes to the queue's tail through the default exchange;
+        # the original is acknowledged only once the broker has confirmed the copy.
+        properties = delivery.properties
+        headers = {**(properties.headers or {}), FAILURES_HEADER: failures + 1}
+        copy = pika.BasicProperties(**{**vars(properties), "headers": headers})
+        problem = await self._publish_once("", queue, delivery.body, copy, True)
+        if problem is None:
+            delivery.settle("ack")
+        else:
+            log.warning("could not requeue %s with its count (%s)", event.message_id, problem)
+            delivery.settle("requeue")
+
+
+@dataclass(eq=False)
+class _Delivery:
+    """A message as it came from the broker, until it is settled."""
+
+    channel: Channel
+    tag: int
+    properties: pika.BasicProperties
+    body: bytes
+
+    @property
+    def failures(self) -> int:
+        count = (self.properties.headers or {}).get(FAILURES_HEADER, 0)
+        return count if isinstance(count, int) and count >= 0 else 0
+
+    def settle(self, how: str) -> None:
+        _settle(self.channel, self.tag, how)
 
 
 def _settle_once(future: asyncio.Future[Any]) -> Callable[..., None]:
@@ -631,21 +652,18 @@ def _settle_once(future: asyncio.Future[Any]) -> Callable[..., None]:
     return settle
 
 
-def _decode(method: Any, properties: pika.BasicProperties, body: bytes) -> Event | None:
-    """The delivery as an Event; None when the body is not a JSON object."""
-    try:
-        payload = json.loads(body)
-    except ValueError:  # UnicodeDecodeError included
-        return None
+def _decode(method: Any, properties: pika.BasicProperties, body: bytes) -> Event:
+    """The delivery as an Event; ValueError (or whatever json raises) unless it is an object."""
+    payload = json.loads(body)
     if not isinstance(payload, dict):
-        return None
+        raise ValueError("not a JSON object")
     headers = dict(properties.headers or {})
     exact = headers.pop(TIMESTAMP_HEADER, None)
     try:
         timestamp = float(exact) if exact is not None else float(properties.timestamp or 0)
     except (TypeError, ValueError):
         timestamp = float(properties.timestamp or 0)
-    if method.redelivered:
+    if method.redelivered or headers.pop(FAILURES_HEADER, None) is not None:
         headers[REDELIVERED] = True
     return Event(
         routing_key=method.routing_key,

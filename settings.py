@@ -85,6 +85,12 @@ class ServicesSettings:
 @dataclass
 class StorageSettings:
     url: str = _help("sqlite:///PATH or mongodb://…", default="sqlite:///stox.db")
+    cache_max_documents: int = _help(
+        "documents kept after writing them, to save a read on the next change", default=10_000
+    )
+    cache_max_bytes: Size = _help(
+        "the most those cached documents may hold, by stored size", default=Size(64 * 1024**2)
+    )
 
 
 @dataclass
@@ -340,6 +346,8 @@ def _validate(settings: Settings) -> Settings:
         raise SettingsError(f"rabbitmq.url: expected amqp://…, got {settings.rabbitmq.url!r}")
     if settings.server.max_body_size <= 0:
         raise SettingsError("server.max_body_size: expected a positive size")
+    if settings.storage.cache_max_documents < 0:
+        raise SettingsError("storage.cache_max_documents: expected 0 or more")
     for name in ("sweep_interval", "relay_interval"):
         if getattr(settings.server, name) < 0.01:
             raise SettingsError(f"server.{name}: expected at least 10ms")

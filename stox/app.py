@@ -133,7 +133,14 @@ class Gateway:
             settings.auth, f"{remote.host}:{remote.port}" if remote.host else ""
         )
         self.pipeline = make_pipeline(settings)
-        self.orchestrator = Orchestrator(self.store, self.bus, self.pipeline, clock=clock)
+        self.orchestrator = Orchestrator(
+            self.store,
+            self.bus,
+            self.pipeline,
+            clock=clock,
+            cache_size=settings.storage.cache_max_documents,
+            cache_bytes=settings.storage.cache_max_bytes,
+        )
         self.hub = Hub(self.orchestrator)
         self.topology = Topology(settings.rabbitmq.prefix, self.instance_id)
         self._tasks: list[asyncio.Task[None]] = []

@@ -55,14 +55,18 @@ class Orchestrator:
         clock: Callable[[], float] = time.time,
         max_races: int = 50,
         cache_size: int = 10_000,
+        cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.store = store
         self.bus = bus
         self.pipeline = pipeline
         self.clock = clock
         self.max_races = max_races
-        self.cache_size = cache_size
-        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # last written docs
+        self.cache_size = cache_size  # documents
+        self.cache_bytes = cache_bytes  # their stored size, all together
+        # the last document written of each workflow, and its stored size
+        self._recent: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
+        self._recent_bytes = 0
         self._publishing: set[asyncio.Task[None]] = set()
         # workflows whose outbox is being published -> a newer state to publish next, if any
         self._newer: dict[str, Workflow | None] = {}
@@ -72,8 +76,7 @@ class Orchestrator:
     async def upload(self, owner: str, product: dict[str, Any]) -> Workflow:
         workflow, _ = wf_rules.start(self.pipeline, owner, product, self.clock())
         doc = workflow.to_doc()
-        await self.store.insert(doc)
-        self._remember(doc)
+        self._remember(doc, await self.store.insert(doc))
         self._publish_soon(workflow)
         return workflow
 
@@ -173,7 +176,8 @@ class Orchestrator:
         else decided on it (a rejection, nothing to do) is decided again on a fresh read.
         """
         fresh = doc is not None
-        doc = doc or self._recent.get(workflow_id)
+        if doc is None and (cached := self._recent.get(workflow_id)) is not None:
+            doc = cached[0]
         for _ in range(self.max_races):
             if doc is None:
                 doc = await self.store.get(workflow_id)
@@ -195,20 +199,36 @@ class Orchestrator:
                 doc = None
                 continue
             written = workflow.to_doc()
-            if await self.store.replace(written, expected):
-                self._remember(written)
+            size = await self.store.replace(written, expected)
+            if size:
+                self._remember(written, size)
                 if publish:
                     self._publish_soon(workflow)
                 return Applied(workflow, written=True)
             doc = None
-        self._recent.pop(workflow_id, None)
+        self._forget(workflow_id)
         raise Contention(workflow_id)
 
-    def _remember(self, doc: dict[str, Any]) -> None:
-        self._recent[doc["id"]] = doc
-        self._recent.move_to_end(doc["id"])
-        if len(self._recent) > self.cache_size:
-            self._recent.popitem(last=False)
+    @property
+    def cached(self) -> tuple[int, int]:
+        """How many documents the write cache holds, and their stored size in bytes."""
+        return len(self._recent), self._recent_bytes
+
+    def _remember(self, doc: dict[str, Any], size: int) -> None:
+        """Keep the document just written, within both bounds, least recently written out."""
+        self._forget(doc["id"])
+        if size > self.cache_bytes:
+            return
+        self._recent[doc["id"]] = (doc, size)
+        self._recent_bytes += size
+        while len(self._recent) > self.cache_size or self._recent_bytes > self.cache_bytes:
+            _, (_, evicted) = self._recent.popitem(last=False)
+            self._recent_bytes -= evicted
+
+    def _forget(self, workflow_id: str) -> None:
+        cached = self._recent.pop(workflow_id, None)
+        if cached is not None:
+            self._recent_bytes -= cached[1]
 
     def _publish_soon(self, workflow: Workflow) -> None:
         """Publish the outbox in the background, one round at a time per workflow.

@@ -69,20 +69,21 @@ class FakeStore:
     async def ping(self) -> None:
         pass
 
-    async def insert(self, doc: dict[str, Any]) -> None:
+    async def insert(self, doc: dict[str, Any]) -> int:
         assert doc["id"] not in self.docs
         self.docs[doc["id"]] = copy.deepcopy(doc)
+        return len(json.dumps(doc))
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None:
         doc = self.docs.get(workflow_id)
         return await self._held(copy.deepcopy(doc) if doc is not None else None)
 
-    async def replace(self, doc: dict[str, Any], expected_version: int) -> bool:
+    async def replace(self, doc: dict[str, Any], expected_version: int) -> int:
         stored = self.docs.get(doc["id"])
         if stored is None or stored["version"] != expected_version:
-            return False
+            return 0
         self.docs[doc["id"]] = copy.deepcopy(doc)
-        return True
+        return len(json.dumps(doc))
 
     async def list(
         self,

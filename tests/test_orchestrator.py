@@ -71,14 +71,15 @@ class CountingStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def insert(self, doc: dict[str, Any]) -> None:
-        await self.inner.insert(doc)
+    async def insert(self, doc: dict[str, Any]) -> int:
+        size = await self.inner.insert(doc)
         self.inserts += 1
+        return size
 
-    async def replace(self, doc: dict[str, Any], expected_version: int) -> bool:
-        ok = await self.inner.replace(doc, expected_version)
-        self.replaced += ok
-        return ok
+    async def replace(self, doc: dict[str, Any], expected_version: int) -> int:
+        size = await self.inner.replace(doc, expected_version)
+        self.replaced += bool(size)
+        return size
 
 
 @pytest.fixture
@@ -711,3 +712,36 @@ async def test_a_completion_racing_a_timeout_makes_one_transition(
         assert swept == 0
         assert stored.step.name == "ai_enhancement"
     assert len(stored.steps[0].attempts) == 1
+
+
+# -- the cache of last-written documents ---------------------------------------------------
+
+
+async def test_the_write_cache_is_bounded_in_bytes_as_well_as_in_count(
+    store: WorkflowStore, bus: RecordingBus, clock: Clock
+) -> None:
+    """Large documents (~130 KB each here) fill the byte bound long before the count bound."""
+    bound = 1024 * 1024
+    orch = Orchestrator(store, bus, PIPELINE, clock=clock, cache_size=1000, cache_bytes=bound)
+    large = {"name": "Mug", "description": "d" * 10_000, "images": ["i" * 2048] * 50}
+    for _ in range(40):
+        wf = await orch.upload("alice", large)
+        await orch.drain()
+        await orch.report(ok(wf))
+        count, size = orch.cached
+        assert size <= bound
+    assert 0 < count < 40
+    assert size > bound // 2  # the bound is used, not left empty
+    # the newest workflow is the one kept: its next report needs no read
+    assert (await orch.report(ok(await orch.get(wf.id)))).applied
+
+
+async def test_a_document_larger_than_the_byte_bound_is_not_cached(
+    store: WorkflowStore, bus: RecordingBus, clock: Clock
+) -> None:
+    orch = Orchestrator(store, bus, PIPELINE, clock=clock, cache_bytes=50_000)
+    await orch.upload("alice", {"name": "Mug", "description": "d" * 10_000})
+    assert orch.cached == (1, orch.cached[1]) and orch.cached[1] < 50_000
+    await orch.upload("alice", {"name": "Mug", "images": ["i" * 2048] * 50})
+    count, size = orch.cached
+    assert count == 1 and size < 50_000  # the big one stayed out; the small one is still there

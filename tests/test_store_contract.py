@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import gc
 import socket
 import sqlite3
@@ -103,30 +104,40 @@ async def test_replace_with_the_expected_version_writes(store: WorkflowStore) ->
     updated = copy.deepcopy(doc)
     updated.update(status=COMPLETED, version=doc["version"] + 1, wake_at=None)
     updated["steps"][0]["status"] = COMPLETED
-    assert await store.replace(updated, doc["version"]) is True
+    assert await store.replace(updated, doc["version"]) > 0
     assert await store.get(doc["id"]) == updated
+
+
+async def test_writes_return_the_stored_size(store: WorkflowStore) -> None:
+    doc = new_doc()
+    small = await store.insert(doc)
+    assert len(json.dumps(doc)) // 2 < small < 2 * len(json.dumps(doc))
+    bigger = dict(doc, version=doc["version"] + 1, product={**doc["product"], "x": "y" * 10_000})
+    size = await store.replace(bigger, doc["version"])
+    assert small + 10_000 <= size < small + 11_000
+    assert await store.replace(bigger, doc["version"]) == 0  # not written: nothing stored
 
 
 async def test_replace_with_a_stale_version_changes_nothing(store: WorkflowStore) -> None:
     doc = new_doc()
     await store.insert(doc)
     first = dict(doc, status=COMPLETED, version=doc["version"] + 1)
-    assert await store.replace(first, doc["version"]) is True
+    assert await store.replace(first, doc["version"]) > 0
 
     stale = dict(doc, status=FAILED, owner="mallory", version=doc["version"] + 1)
-    assert await store.replace(stale, doc["version"]) is False
+    assert await store.replace(stale, doc["version"]) == 0
     assert await store.get(doc["id"]) == first
     newer = dict(doc, status=FAILED, version=first["version"] + 5)
-    assert await store.replace(newer, first["version"] + 1) is False  # a version not yet seen
+    assert await store.replace(newer, first["version"] + 1) == 0  # a version not yet seen
     assert await store.get(doc["id"]) == first
     # the stale write did not leak into the indexed fields either
     assert await store.list(owner="mallory", status=None, limit=10) == []
     assert await store.list(owner=None, status=FAILED, limit=10) == []
 
 
-async def test_replace_of_a_missing_workflow_is_false(store: WorkflowStore) -> None:
+async def test_replace_of_a_missing_workflow_writes_nothing(store: WorkflowStore) -> None:
     doc = new_doc()
-    assert await store.replace(doc, doc["version"]) is False
+    assert await store.replace(doc, doc["version"]) == 0
     assert await store.get(doc["id"]) is None
 
 

@@ -18,7 +18,8 @@ class WorkflowStore(Protocol):
     """Keeps workflow documents (the shape `Workflow.to_doc` produces).
 
     Writes are compare-and-swap on `version`: `replace` succeeds only when the stored
-    document still has `expected_version`.
+    document still has `expected_version`. Both writes return the size of what was stored
+    (the encoded document, in bytes), which the orchestrator's cache is bounded by.
     """
 
     async def open(self) -> None:
@@ -29,13 +30,13 @@ class WorkflowStore(Protocol):
     async def ping(self) -> None:
         """Raise StoreError when the store cannot serve."""
 
-    async def insert(self, doc: dict[str, Any]) -> None:
-        """Add a new workflow; AlreadyExists if its id is taken."""
+    async def insert(self, doc: dict[str, Any]) -> int:
+        """Add a new workflow; its stored size. AlreadyExists if its id is taken."""
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None: ...
 
-    async def replace(self, doc: dict[str, Any], expected_version: int) -> bool:
-        """Write `doc` if the stored version is `expected_version`; False when it is not."""
+    async def replace(self, doc: dict[str, Any], expected_version: int) -> int:
+        """Write `doc` if the stored version is `expected_version`: its stored size, else 0."""
 
     async def list(
         self,

@@ -27,6 +27,9 @@ from __future__ import annotations
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
+import bson
+import bson.errors
+from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
@@ -54,6 +57,14 @@ def database_from_url(url: str) -> str:
     _, slash, path = rest.partition("/")
     name = unquote(path.partition("?")[0]) if slash else ""
     return name or DEFAULT_DATABASE
+
+
+def _bson(doc: dict[str, Any]) -> RawBSONDocument:
+    """`doc` encoded here, once: PyMongo sends the bytes as they are, and we know the size."""
+    try:
+        return RawBSONDocument(bson.encode(doc))
+    except (bson.errors.BSONError, OverflowError) as exc:
+        raise StoreError(f"MongoDB: cannot encode the document: {exc}") from exc
 
 
 def _from_mongo(doc: dict[str, Any]) -> dict[str, Any]:
@@ -125,14 +136,17 @@ class MongoCollection:
         except PyMongoError as exc:
             raise StoreError(f"MongoDB: {exc}") from exc
 
-    async def _insert(self, doc: dict[str, Any], what: str) -> None:
+    async def _insert(self, doc: dict[str, Any], what: str) -> int:
+        """Insert with `_id` set to the document's id; the size of the stored BSON."""
         col = self._col()
+        raw = _bson({"_id": doc["id"], **doc})
         try:
-            await col.insert_one({"_id": doc["id"], **doc})
+            await col.insert_one(raw)
         except DuplicateKeyError as exc:
             raise AlreadyExists(f"{what} already exists") from exc
         except PyMongoError as exc:
             raise StoreError(f"MongoDB: {exc}") from exc
+        return len(raw.raw)
 
     async def _find_one(self, query: dict[str, Any]) -> dict[str, Any] | None:
         col = self._col()
@@ -150,22 +164,21 @@ class MongoStore(MongoCollection):
 
     # -- documents -----------------------------------------------------------------------
 
-    async def insert(self, doc: dict[str, Any]) -> None:
-        await self._insert(doc, f"workflow {doc['id']}")
+    async def insert(self, doc: dict[str, Any]) -> int:
+        return await self._insert(doc, f"workflow {doc['id']}")
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None:
         return await self._find_one({"_id": workflow_id})
 
-    async def replace(self, doc: dict[str, Any], expected_version: int) -> bool:
+    async def replace(self, doc: dict[str, Any], expected_version: int) -> int:
         col = self._col()
         workflow_id = doc["id"]
+        raw = _bson({"_id": workflow_id, **doc})
         try:
-            result = await col.replace_one(
-                {"_id": workflow_id, "version": expected_version}, {"_id": workflow_id, **doc}
-            )
+            result = await col.replace_one({"_id": workflow_id, "version": expected_version}, raw)
         except PyMongoError as exc:
             raise StoreError(f"MongoDB: {exc}") from exc
-        return result.matched_count == 1
+        return len(raw.raw) if result.matched_count == 1 else 0
 
     async def list(
         self,

@@ -52,6 +52,9 @@ _REPLACE = (
 )
 
 
+_DOC = 6  # where _row puts the JSON text (ASCII: its length is its size in bytes)
+
+
 def _row(doc: dict[str, Any]) -> tuple[Any, ...]:
     """The indexed columns, the document as JSON, and the id, in the order both SQLs use.
 
@@ -204,8 +207,10 @@ class SQLiteStore(SQLiteDatabase):
 
     # -- documents -----------------------------------------------------------------------
 
-    async def insert(self, doc: dict[str, Any]) -> None:
-        await self._run(self._insert_sync, _INSERT, _row(doc), f"workflow {doc['id']}")
+    async def insert(self, doc: dict[str, Any]) -> int:
+        row = _row(doc)
+        await self._run(self._insert_sync, _INSERT, row, f"workflow {doc['id']}")
+        return len(row[_DOC])
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None:
         return await self._run(self._get_sync, workflow_id)
@@ -214,11 +219,10 @@ class SQLiteStore(SQLiteDatabase):
         row = self._query(_GET, (workflow_id,), sqlite3.Cursor.fetchone)
         return None if row is None else _decode(row[0])
 
-    async def replace(self, doc: dict[str, Any], expected_version: int) -> bool:
-        return await self._run(self._replace_sync, (*_row(doc), expected_version))
-
-    def _replace_sync(self, row: tuple[Any, ...]) -> bool:
-        return self._query(_REPLACE, row, _rowcount) == 1
+    async def replace(self, doc: dict[str, Any], expected_version: int) -> int:
+        row = _row(doc)
+        written = await self._run(self._query, _REPLACE, (*row, expected_version), _rowcount)
+        return len(row[_DOC]) if written == 1 else 0
 
     async def list(
         self,

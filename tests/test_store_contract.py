@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import gc
+import json
 import socket
 import sqlite3
 import warnings

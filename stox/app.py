@@ -41,6 +41,7 @@ from stox.workflow import CHANGE_ROUTING_KEY, Pipeline, StepSpec
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+RETIRED_IDS_LOGGED = 20  # workflow ids named in the warning about a step no longer configured
 
 
 def make_pipeline(settings: Settings) -> Pipeline:
@@ -161,14 +162,14 @@ class Gateway:
             self.auth.target = f"127.0.0.1:{port}"
         await self.auth.connect()
         await self.bus.start()
-        await self._declare_and_consume()
+        steps = await self._steps_to_serve()
+        await self._declare_and_consume(steps)
         if self.settings.demo_workers:
             from stox.demo_workers import DemoWorkers, ServiceToken
 
             workers = DemoWorkers(
                 self.bus,
-                self.pipeline,
-                self.topology.step_queue,
+                [self.topology.step_queue(name) for name in steps],
                 service_token=ServiceToken(self.tokens, "demo-workers"),
                 **self.demo_worker_options,
             )
@@ -179,13 +180,38 @@ class Gateway:
         self._every(server.relay_interval, lambda: self.orchestrator.relay(server.relay_interval))
         return self.make_app()
 
-    async def _declare_and_consume(self) -> None:
+    async def _steps_to_serve(self) -> list[str]:
+        """The pipeline's steps, then any step that running workflows still need although it
+        is no longer configured (renamed or removed): its queue stays declared, so a service
+        still consuming it can finish them, and each such step is logged with its workflows."""
+        configured = [spec.name for spec in self.pipeline.steps]
+        retired = {
+            name: ids
+            for name, ids in (await self.store.steps_in_use()).items()
+            if name not in configured
+        }
+        for name, ids in sorted(retired.items()):
+            shown = ", ".join(sorted(ids)[:RETIRED_IDS_LOGGED])
+            more = len(ids) - RETIRED_IDS_LOGGED
+            log.warning(
+                "%d running workflows still need step %r, which is no longer configured; its "
+                "queue %s stays declared so that a service can finish them: %s%s",
+                len(ids),
+                name,
+                self.topology.step_queue(name),
+                shown,
+                f" and {more} more" if more > 0 else "",
+            )
+        return [*configured, *sorted(retired)]
+
+    async def _declare_and_consume(self, steps: list[str]) -> None:
         topo = self.topology
         if self.settings.rabbitmq.url or self.settings.demo_workers:
             # only declared where a service will consume them: an in-process queue that
             # nobody reads would grow without bound
-            for spec in self.pipeline.steps:
-                await self.bus.declare(topo.step_queue(spec.name), [spec.routing_key])
+            for name in steps:
+                routing_key = self.pipeline.spec(name).routing_key
+                await self.bus.declare(topo.step_queue(name), [routing_key])
         await self.bus.declare(topo.completions, [self.pipeline.completion_routing_key])
         # DESIGN §4 binds the hub's queue to workflow.# and step.#; it reads only the change
         # notifications, so only those are routed to it (less traffic on every instance)

@@ -14,14 +14,14 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
 from settings import SettingsError
 from stox.auth.tokens import SERVICE, CannotIssue, TokenAuthority
 from stox.bus.base import Event, EventBus
-from stox.workflow import Pipeline, isoformat
+from stox.workflow import isoformat
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,12 @@ class ServiceToken:
 
 
 class DemoWorkers:
-    """Consume every step queue; `service_token()` gives the token each report carries."""
+    """Consume the step `queues`; `service_token()` gives the token each report carries."""
 
     def __init__(
         self,
         bus: EventBus,
-        pipeline: Pipeline,
-        step_queue: Callable[[str], str],
+        queues: Sequence[str],
         *,
         service_token: Callable[[], str],
         min_delay: float = 0.3,
@@ -129,8 +128,7 @@ class DemoWorkers:
         rng: random.Random | None = None,
     ) -> None:
         self.bus = bus
-        self.pipeline = pipeline
-        self.step_queue = step_queue
+        self.queues = list(queues)
         self.service_token = service_token
         self.min_delay, self.max_delay = min_delay, max_delay
         self.failure_rate = failure_rate
@@ -144,8 +142,8 @@ class DemoWorkers:
                 f"--demo-workers: they report with a service token this gateway cannot issue "
                 f"({exc}); give it jwt.private_key_file"
             ) from None
-        for spec in self.pipeline.steps:
-            await self.bus.consume(self.step_queue(spec.name), self.handle)
+        for queue in self.queues:
+            await self.bus.consume(queue, self.handle)
 
     async def handle(self, event: Event) -> None:
         payload = event.payload

@@ -16,7 +16,6 @@ from stox import workflow as w
 from stox.auth.tokens import TokenAuthority, load_public_key
 from stox.bus.base import Event
 from stox.demo_workers import DemoWorkers, ServiceToken, enhance, process_images, seo
-from stox.workflow import Pipeline, StepSpec
 
 TIMEOUT = 10.0
 FAST = {"min_delay": 0.0, "max_delay": 0.01}
@@ -183,8 +182,7 @@ def dispatch_event(step: str, product: dict[str, Any] | None = None) -> Event:
 def workers(bus: RecordingBus, failure_rate: float = 0.0) -> DemoWorkers:
     return DemoWorkers(
         bus,  # type: ignore[arg-type]
-        Pipeline(),
-        lambda name: f"q.{name}",
+        [f"q.{name}" for name in STEP_NAMES],
         service_token=lambda: "service-token",
         min_delay=0,
         max_delay=0,
@@ -230,8 +228,7 @@ async def test_start_consumes_every_step_queue() -> None:
         async def consume(self, queue: str, handler: Any) -> None:
             consumed.append(queue)
 
-    pipeline = Pipeline(steps=(StepSpec("a"), StepSpec("b")))
-    workers = DemoWorkers(Bus(), pipeline, "q.{}".format, service_token=str)  # type: ignore[arg-type]
+    workers = DemoWorkers(Bus(), ["q.a", "q.b"], service_token=str)  # type: ignore[arg-type]
     await workers.start()
     assert consumed == ["q.a", "q.b"]
 
@@ -243,8 +240,7 @@ async def test_a_gateway_that_cannot_issue_tokens_refuses_demo_workers(tmp_path:
     )
     workers = DemoWorkers(
         RecordingBus(),  # type: ignore[arg-type]
-        Pipeline(),
-        "q.{}".format,
+        ["q.a"],
         service_token=ServiceToken(verifier, "demo-workers"),
     )
     with pytest.raises(settings_module.SettingsError, match=r"jwt\.private_key_file"):

@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 import rabbit
 from procs import Proc, gateway_config, remote, start_gateway, start_worker, wait_ready
-from support import RunningGateway, completion, eventually, free_port, running_gateway
+from support import (
+    COMPLETED,
+    RunningGateway,
+    completion,
+    eventually,
+    free_port,
+    running_gateway,
+)
 
 from stox import workflow as w
 
@@ -349,3 +356,58 @@ async def test_a_gateway_killed_mid_flow_finishes_every_workflow_after_restart(
         assert_completed_once(docs)
         assert_dispatched_once(await asyncio.to_thread(ns.drain, probe), ids)
         assert restarted.stop() == 0
+
+
+# -- a step renamed in the settings while workflows still need it --------------------------
+
+
+async def test_a_renamed_step_keeps_the_queue_running_workflows_still_need(
+    tmp_path: Path, rabbit_ns: rabbit.Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    ns = rabbit_ns
+    ns.extra_queues.append(ns.step_queue("seo"))
+    async with running_gateway(tmp_path, **ns.settings()) as gw:
+        ids = [await gw.upload(gw.token()) for _ in range(3)]
+    # the broker lost the old queue meanwhile (a new broker, or someone tidying up)
+    await asyncio.to_thread(
+        ns._channel_do, lambda ch: ch.queue_delete(ns.step_queue("seo_generation"))
+    )
+
+    def renamed(settings: Any) -> None:
+        settings.pipeline.steps[2].name = "seo"
+
+    with caplog.at_level("WARNING", logger="stox.app"):
+        async with running_gateway(tmp_path, renamed, **ns.settings()) as gw:
+            [warning] = [r.getMessage() for r in caplog.records if "no longer" in r.getMessage()]
+            assert "'seo_generation'" in warning and ns.step_queue("seo_generation") in warning
+            assert all(workflow_id in warning for workflow_id in ids)
+            assert "3 running workflows" in warning
+            # declared and bound again: the workflows' dispatches reach it
+            service = gw.service_token()
+            for step in ("image_processing", "ai_enhancement"):
+                for workflow_id in ids:
+                    doc = await gw.status(workflow_id)
+                    current = doc["steps"][doc["current_step"]]
+                    assert current["name"] == step
+                    body = completion(workflow_id, current["step_id"], step)
+                    reply = await gw.fetch("POST", COMPLETED, body, token=service)
+                    assert reply.status == 200, reply.body
+
+            async def dispatched() -> list[rabbit.Message]:
+                got: list[rabbit.Message] = []
+                async with asyncio.timeout(TIMEOUT):
+                    while len(got) < len(ids):
+                        got += await asyncio.to_thread(ns.drain, ns.step_queue("seo_generation"))
+                        await asyncio.sleep(0.05)
+                return got
+
+            messages = await dispatched()
+            assert sorted(m.payload["workflow_id"] for m in messages) == sorted(ids)
+            for message in messages:
+                body = completion(
+                    message.payload["workflow_id"], message.payload["step_id"], "seo_generation"
+                )
+                reply = await gw.fetch("POST", COMPLETED, body, token=service)
+                assert reply.status == 200, reply.body
+            docs = await gw.wait_finished(ids)
+            assert {doc["status"] for doc in docs.values()} == {w.COMPLETED}

@@ -517,3 +517,28 @@ async def test_mongo_unreachable_server_raises_store_error() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
+
+
+# -- steps running workflows still need ------------------------------------------------------
+
+
+async def test_steps_in_use_names_the_unfinished_steps_of_running_workflows(
+    store: WorkflowStore,
+) -> None:
+    assert await store.steps_in_use() == {}
+    fresh = new_doc()  # its first step dispatched, the other two pending
+    halfway = new_doc()
+    halfway["steps"][0]["status"] = COMPLETED
+    done = new_doc(status=COMPLETED)
+    for step in done["steps"]:
+        step["status"] = COMPLETED
+    failed = new_doc(status=FAILED)
+    for doc in (fresh, halfway, done, failed):
+        await store.insert(doc)
+
+    in_use = await store.steps_in_use()
+    assert {name: sorted(ids) for name, ids in in_use.items()} == {
+        "image_processing": [fresh["id"]],
+        "ai_enhancement": sorted([fresh["id"], halfway["id"]]),
+        "seo_generation": sorted([fresh["id"], halfway["id"]]),
+    }

@@ -54,6 +54,10 @@ class WorkflowStore(Protocol):
     async def unpublished(self, written_before: str, limit: int) -> list[dict[str, Any]]:
         """Workflows with an outbox entry written at or before `written_before`."""
 
+    async def steps_in_use(self) -> dict[str, list[str]]:
+        """Each step name a running workflow has not finished (pending or dispatched), with
+        the ids of those workflows."""
+
 
 class UserStore(Protocol):
     """Keeps user accounts: `{id, username, password_hash, role, created_at}`.

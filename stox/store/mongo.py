@@ -5,8 +5,10 @@ the workflow id; reads strip `_id` again, so they return exactly the shape writt
 
 Only operations that behave the same on MongoDB and on nx-27017 (a MongoDB wire-protocol
 server on SQLite, used by the tests) are used: insert_one, find_one, replace_one on
-{_id, version} (no upsert), find with $lte, a sort on one or two keys, limit, create_index
-and the `ping` command. Two nx-27017 quirks shape the queries:
+{_id, version} (no upsert), find with $lte, a sort on one or two keys, limit, create_index,
+an aggregation of $match, $unwind and $group with $push (nx-27017's `distinct`, projections
+and $elemMatch on array elements do not match MongoDB's), and the `ping` command. Two
+nx-27017 quirks shape the queries:
 
 - A secondary index that names `_id` makes every later insert fail ("JSON path error near
   '_id'"). The `id` field is kept in the stored document, and the indexes and sorts use it
@@ -34,6 +36,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from stox.store.base import AlreadyExists, StoreError
+from stox.workflow import DISPATCHED, PENDING, RUNNING
 
 DEFAULT_DATABASE = "stox"
 COLLECTION = "workflows"
@@ -220,6 +223,20 @@ class MongoStore(MongoCollection):
         query = {"outbox_at": {"$lte": written_before}}
         docs = await self._find(query, [("outbox_at", ASCENDING)], limit)
         return [doc for doc in docs if doc["outbox_at"] <= written_before]
+
+    async def steps_in_use(self) -> dict[str, list[str]]:
+        pipeline = [
+            {"$match": {"status": RUNNING}},
+            {"$unwind": "$steps"},
+            {"$match": {"steps.status": {"$in": [PENDING, DISPATCHED]}}},
+            {"$group": {"_id": "$steps.name", "ids": {"$push": "$id"}}},
+        ]
+        try:
+            cursor = await self._col().aggregate(pipeline)
+            groups = await cursor.to_list()
+        except PyMongoError as exc:
+            raise StoreError(f"MongoDB: {exc}") from exc
+        return {group["_id"]: list(group["ids"]) for group in groups}
 
     async def _find(
         self, query: dict[str, Any], sort: list[tuple[str, int]], limit: int

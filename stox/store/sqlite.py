@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from stox.store.base import AlreadyExists, StoreError
+from stox.workflow import DISPATCHED, PENDING, RUNNING
 
 T = TypeVar("T")
 D = TypeVar("D", bound="SQLiteDatabase")
@@ -73,6 +74,11 @@ def _row(doc: dict[str, Any]) -> tuple[Any, ...]:
 
 
 _GET = "SELECT doc FROM workflows WHERE id = ?"
+_STEPS_IN_USE = (
+    "SELECT json_extract(step.value, '$.name'), w.id"
+    " FROM workflows AS w, json_each(w.doc, '$.steps') AS step"
+    " WHERE w.status = ? AND json_extract(step.value, '$.status') IN (?, ?)"
+)
 _DUE = "SELECT doc FROM workflows WHERE wake_at <= ? ORDER BY wake_at LIMIT ?"
 _UNPUBLISHED = "SELECT doc FROM workflows WHERE outbox_at <= ? ORDER BY outbox_at LIMIT ?"
 
@@ -262,6 +268,14 @@ class SQLiteStore(SQLiteDatabase):
         if limit <= 0:
             return []
         return await self._run(self._select_sync, _UNPUBLISHED, (written_before, limit))
+
+    async def steps_in_use(self) -> dict[str, list[str]]:
+        params = (RUNNING, PENDING, DISPATCHED)
+        rows = await self._run(self._query, _STEPS_IN_USE, params, sqlite3.Cursor.fetchall)
+        in_use: dict[str, list[str]] = {}
+        for name, workflow_id in rows:
+            in_use.setdefault(name, []).append(workflow_id)
+        return in_use
 
     def _select_sync(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
         return [_decode(row[0]) for row in self._query(sql, params, sqlite3.Cursor.fetchall)]

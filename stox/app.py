@@ -31,6 +31,7 @@ from stox.auth.client import AuthClient
 from stox.auth.service import AuthServer
 from stox.auth.tokens import HS256, BadKey, TokenAuthority
 from stox.bus.base import EventBus
+from stox.bus.journal import SQLiteJournal
 from stox.completions import completion_handler
 from stox.hub import Hub
 from stox.logs import log_request
@@ -41,6 +42,7 @@ from stox.workflow import CHANGE_ROUTING_KEY, Pipeline, StepSpec
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+JOURNAL_FILE = "stox-bus.db"  # the in-process bus's journal, where the store is not SQLite
 RETIRED_IDS_LOGGED = 20  # workflow ids named in the warning about a step no longer configured
 
 
@@ -55,15 +57,28 @@ def make_pipeline(settings: Settings) -> Pipeline:
     )
 
 
-def make_bus(settings: Settings, connection_name: str = "stox") -> EventBus:
-    """The in-process bus, or RabbitMQ (`connection_name` shows in the broker's tools)."""
+def make_bus(
+    settings: Settings, connection_name: str = "stox", store: WorkflowStore | None = None
+) -> EventBus:
+    """RabbitMQ (`connection_name` shows in the broker's tools), or the in-process bus with
+    its journal beside `store` (see `make_journal`)."""
     if settings.rabbitmq.url:
         from stox.bus.rabbitmq import RabbitMQBus
 
         return RabbitMQBus(settings.rabbitmq, connection_name=connection_name)
     from stox.bus.local import LocalBus
 
-    return LocalBus()
+    return LocalBus(journal=make_journal(settings, store))
+
+
+def make_journal(settings: Settings, store: WorkflowStore | None) -> SQLiteJournal:
+    """Where the in-process bus keeps unacknowledged messages: in the SQLite store's own file,
+    on its connection; otherwise (MongoDB without RabbitMQ) in `stox-bus.db` beside the data."""
+    from stox.store.sqlite import SQLiteDatabase
+
+    if isinstance(store, SQLiteDatabase):
+        return SQLiteJournal.beside(store)
+    return SQLiteJournal.at(str(secret.data_dir(settings.storage.url) / JOURNAL_FILE))
 
 
 def make_tokens(settings: Settings, *, issuing: bool = False) -> TokenAuthority:
@@ -125,7 +140,7 @@ class Gateway:
         self.demo_worker_options = dict(demo_worker_options or {})
         self.instance_id = settings.server.instance_id or uuid.uuid4().hex[:12]
         self.store = store or make_store(settings.storage.url)
-        self.bus = bus or make_bus(settings, f"stox gateway {self.instance_id}")
+        self.bus = bus or make_bus(settings, f"stox gateway {self.instance_id}", self.store)
         remote = settings.services.auth
         # the built-in AuthService signs tokens; with a remote one this gateway only verifies
         self.tokens = make_tokens(settings, issuing=not remote.host)

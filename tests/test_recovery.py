@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
+import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-from support import RunningGateway, completion, gateway_settings, running_gateway
+from procs import gateway_config, remote, start_gateway, wait_ready
+from support import RunningGateway, completion, free_port, gateway_settings, running_gateway
 
 import settings as settings_module
 from stox import workflow as w
@@ -257,3 +261,58 @@ async def test_a_deadline_passed_while_down_is_retried_after_restart(tmp_path: P
         doc = await complete_current_step(gw, workflow_id)
         assert doc["steps"][0]["status"] == w.COMPLETED
         assert doc["steps"][1]["status"] == w.DISPATCHED
+
+
+def confirmed_dispatches_in_flight(path: Path) -> int:
+    """Running workflows whose current step was dispatched and whose outbox no longer holds
+    that dispatch: the bus had confirmed it, so only the bus can still deliver it."""
+    with sqlite3.connect(path) as conn:
+        docs = [json.loads(doc) for (doc,) in conn.execute("SELECT doc FROM workflows")]
+    return sum(
+        doc["status"] == w.RUNNING
+        and doc["steps"][doc["current_step"]]["status"] == w.DISPATCHED
+        and not any(e["routing_key"].startswith("step.") for e in doc["outbox"])
+        for doc in docs
+    )
+
+
+async def test_a_gateway_killed_with_dispatches_in_flight_resumes_them_at_once(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL with 200 workflows in flight on the embedded bus: the dispatches it had
+    confirmed were kept in its SQLite file, so the restarted gateway's demo workers take them
+    at once. Had they been lost, their steps would wait out a 120 s deadline (longer than this
+    test may run) and every such attempt would end `timed_out`."""
+    port = free_port()
+    config = gateway_config(port, "embedded", f"sqlite:///{tmp_path}/stox.db", "") + (
+        "demo_workers: true\npipeline:\n  steps:\n"
+        + "".join(f"    - {{name: {step}, timeout: 120s, backoff: 100ms}}\n" for step in STEPS)
+    )
+    client = remote(port)
+    token = client.token()
+    first = start_gateway(tmp_path, "gateway-1", config)
+    try:
+        await wait_ready(first, port)
+        ids = await asyncio.gather(*(client.upload(token) for _ in range(200)))
+        first.popen.send_signal(signal.SIGKILL)
+        first.popen.wait(10)
+    finally:
+        first.kill()
+    assert confirmed_dispatches_in_flight(tmp_path / "stox.db") > 100
+
+    second = start_gateway(tmp_path, "gateway-2", config)
+    try:
+        await wait_ready(second, port)
+        docs = await client.wait_finished(list(ids), within=40)
+    finally:
+        second.stop()
+    timed_out = [
+        (doc["id"], step["name"])
+        for doc in docs.values()
+        for step in doc["steps"]
+        for attempt in step["attempts"]
+        if attempt["outcome"] == w.TIMED_OUT
+    ]
+    assert timed_out == []
+    # the demo workers fail some attempts on purpose; the rest completed
+    assert {doc["status"] for doc in docs.values()} <= {w.COMPLETED, w.FAILED}

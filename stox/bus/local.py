@@ -7,7 +7,12 @@ dead-lettering on `Rejected`, and delayed redelivery on any other error.
 
 Payloads are serialised to JSON once at publish and decoded for each delivery, so every
 queue (and every redelivery) gets its own copy, exactly as it would arrive from a broker,
-and a payload RabbitMQ could not carry fails here too.
+and a payload RabbitMQ could not carry fails here too. A message that cannot be decoded
+(whatever the decoder raises) is dead-lettered and its queue moves on.
+
+With a `journal`, messages for durable (not exclusive) queues are journalled before publish
+returns and forgotten once handled, so a crash loses none of them: the next start delivers
+them again as soon as their queue is declared (see stox/bus/journal.py).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from stox.bus.base import Event, Handler, PublishError, Rejected, log_dead_letter, topic_matches
+from stox.bus.journal import Journal, Kept
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +38,12 @@ _ROUTE_CACHE_MAX = 4096
 
 
 class _Message:
-    __slots__ = ("body", "event", "redeliveries")
+    __slots__ = ("body", "event", "key", "redeliveries")
 
-    def __init__(self, event: Event, body: str) -> None:
+    def __init__(self, event: Event, body: str, key: int = 0) -> None:
         self.event = event  # the published event; its payload is decoded afresh from `body`
         self.body = body
+        self.key = key  # its place in the journal; 0 when not journalled
         self.redeliveries = 0
 
     def materialize(self) -> Event:
@@ -98,6 +105,7 @@ class LocalBus:
         prefetch: int = 100,
         redelivery_delay: float = 0.5,
         max_redeliveries: int = 5,
+        journal: Journal | None = None,
     ) -> None:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
@@ -108,7 +116,11 @@ class LocalBus:
         self.prefetch = prefetch
         self.redelivery_delay = redelivery_delay
         self.max_redeliveries = max_redeliveries
+        self.journal = journal
         self.dead_letters: deque[tuple[str, Event, str]] = deque(maxlen=DEAD_LETTER_LIMIT)
+        self._recovered: dict[str, list[_Message]] = {}  # journalled, for queues not declared yet
+        self._handled: list[int] = []  # journal keys to forget
+        self._forgetting: asyncio.Task[None] | None = None
         self._queues: dict[str, _Queue] = {}
         self._routes: dict[str, tuple[_Queue, ...]] = {}
         self._handlers: set[asyncio.Task[None]] = set()
@@ -125,10 +137,34 @@ class LocalBus:
         if self._closed:
             raise RuntimeError("LocalBus cannot be restarted after close()")
         self._loop = asyncio.get_running_loop()
+        if self.journal is not None and not self._started:
+            await self.journal.open()
+            for kept in await self.journal.load():
+                self._recover(kept)
         self._started = True
 
+    def _recover(self, kept: Kept) -> None:
+        try:
+            headers = json.loads(kept.headers)
+            if not isinstance(headers, dict):
+                raise ValueError("the headers are not an object")
+        except (ValueError, RecursionError) as exc:
+            headers = {}
+            problem: Exception | None = exc
+        else:
+            problem = None
+        event = Event(
+            kept.routing_key, {}, kept.message_id, kept.correlation_id, kept.timestamp, headers
+        )
+        message = _Message(event, kept.body, kept.key)
+        if problem is not None:
+            self._dead_letter(kept.queue, message, f"undecodable headers ({problem!r})")
+            return
+        self._recovered.setdefault(kept.queue, []).append(message)
+
     async def close(self) -> None:
-        """Stop delivering; handlers already running are cancelled. Queued messages are lost."""
+        """Stop delivering; handlers already running are cancelled. Messages still queued for
+        durable queues stay in the journal, if there is one; all others are lost."""
         if self._closed:
             return
         self._closed = True
@@ -149,6 +185,11 @@ class LocalBus:
             q.task = None
             q.consumers.clear()
             q.messages.clear()
+        if self._forgetting is not None:
+            await asyncio.gather(self._forgetting, return_exceptions=True)
+        await self._forget_handled()
+        if self.journal is not None and self._started:
+            await self.journal.close()
 
     async def publish(self, event: Event) -> None:
         if not self._started or self._closed:
@@ -159,10 +200,37 @@ class LocalBus:
             queues = self._route(event.routing_key)
         if not queues:
             return  # like an AMQP exchange publish without `mandatory`: unroutable, dropped
+        keys = await self._journal(event, body, queues)
+        if self._closed:
+            raise PublishError(f"bus closed; {event.routing_key} not published")
         for q in queues:
-            q.messages.append(_Message(event, body))
+            q.messages.append(_Message(event, body, keys.get(q.name, 0)))
             if q.consumers:
                 q.wakeup.set()
+
+    async def _journal(self, event: Event, body: str, queues: Sequence[_Queue]) -> dict[str, int]:
+        """Journal the message for each durable queue: its key there, by queue name."""
+        durable = [q.name for q in queues if not q.exclusive]
+        if self.journal is None or not durable:
+            return {}
+        headers = json.dumps(event.headers)
+        kept = [
+            Kept(
+                queue,
+                event.routing_key,
+                event.message_id,
+                event.correlation_id,
+                event.timestamp,
+                headers,
+                body,
+            )
+            for queue in durable
+        ]
+        try:
+            keys = await self.journal.add(kept)
+        except Exception as exc:  # unconfirmed: the event stays in the outbox for the relay
+            raise PublishError(f"{event.routing_key} not journalled: {exc}") from exc
+        return dict(zip(durable, keys, strict=True))
 
     async def declare(
         self, queue: str, bindings: Sequence[str], *, exclusive: bool = False
@@ -173,6 +241,10 @@ class LocalBus:
         q = self._queues.get(queue)
         if q is None:
             q = self._queues[queue] = _Queue(queue, exclusive)
+            recovered = self._recovered.pop(queue, [])
+            if recovered:
+                log.info("%d messages kept for %s are delivered again", len(recovered), queue)
+                q.messages.extend(recovered)
         elif q.exclusive != exclusive:
             # RabbitMQ answers a redeclaration with other properties with PRECONDITION_FAILED.
             raise ValueError(f"queue {queue!r} already declared with exclusive={q.exclusive}")
@@ -223,21 +295,59 @@ class LocalBus:
             await wakeup.wait()
 
     async def _handle(self, q: _Queue, consumer: _Consumer, message: _Message) -> None:
-        event = message.materialize()
         try:
-            await consumer.handler(event)
-        except Rejected as exc:
-            self._dead_letter(q.name, event, f"rejected: {exc}" if str(exc) else "rejected")
-        except Exception as exc:
-            self._redeliver_later(q, message, event, exc)
+            try:
+                event = message.materialize()
+            except Exception as exc:  # whatever the body makes the decoder raise
+                self._dead_letter(q.name, message, f"the body is not JSON ({type(exc).__name__})")
+                return
+            try:
+                await consumer.handler(event)
+            except Rejected as exc:
+                reason = f"rejected: {exc}" if str(exc) else "rejected"
+                self._dead_letter(q.name, message, reason, event)
+            except Exception as exc:
+                self._redeliver_later(q, message, event, exc)
+            else:
+                self._handled_message(message)
         finally:
             consumer.in_flight -= 1
             if q.messages:
                 q.wakeup.set()
 
-    def _dead_letter(self, queue: str, event: Event, reason: str) -> None:
+    def _dead_letter(
+        self, queue: str, message: _Message, reason: str, event: Event | None = None
+    ) -> None:
+        """`event`: the message as delivered, when it could be decoded."""
+        event = event or message.event
         log_dead_letter(log, queue, event, reason)
         self.dead_letters.append((queue, event, reason))
+        self._handled_message(message)
+
+    def _handled_message(self, message: _Message) -> None:
+        """Acknowledged or dead-lettered: forget it in the journal (batched, in order)."""
+        if not message.key:
+            return
+        self._handled.append(message.key)
+        if self._forgetting is None and self._loop is not None:
+            self._forgetting = self._loop.create_task(self._forget_soon())
+
+    async def _forget_soon(self) -> None:
+        try:
+            await self._forget_handled()
+        finally:
+            self._forgetting = None
+            if self._handled and not self._closed and self._loop is not None:
+                self._forgetting = self._loop.create_task(self._forget_soon())
+
+    async def _forget_handled(self) -> None:
+        keys, self._handled = self._handled, []
+        if not keys or self.journal is None:
+            return
+        try:
+            await self.journal.remove(keys)
+        except Exception:  # delivered again after a restart: at least once, as promised
+            log.exception("could not drop %d handled messages from the journal", len(keys))
 
     def _redeliver_later(self, q: _Queue, message: _Message, event: Event, exc: Exception) -> None:
         if message.redeliveries >= self.max_redeliveries:
@@ -249,9 +359,8 @@ class LocalBus:
                 event.message_id,
                 exc_info=exc,
             )
-            self._dead_letter(
-                q.name, event, f"failed after {message.redeliveries} redeliveries: {exc!r}"
-            )
+            reason = f"failed after {message.redeliveries} redeliveries: {exc!r}"
+            self._dead_letter(q.name, message, reason, event)
             return
         log.warning(
             "handler for %s on %s failed (message_id=%s); redelivering in %.2fs",

@@ -127,13 +127,14 @@ class SQLiteDatabase:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the database's own thread, where `connection()` may be used."""
         executor = self._executor
         if executor is None:
             raise StoreError("the SQLite store is not open")
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
-    def _connection(self) -> sqlite3.Connection:
+    def connection(self) -> sqlite3.Connection:
         conn = self._conn
         if conn is None:
             raise StoreError("the SQLite store is closed")
@@ -146,7 +147,7 @@ class SQLiteDatabase:
             return
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stox-sqlite")
         try:
-            await self._run(self._open_sync)
+            await self.run(self._open_sync)
         except BaseException:
             self._executor.shutdown(wait=False)
             self._executor = None
@@ -188,11 +189,11 @@ class SQLiteDatabase:
             conn.close()
 
     async def ping(self) -> None:
-        await self._run(self._query, "SELECT 1", (), sqlite3.Cursor.fetchone)
+        await self.run(self._query, "SELECT 1", (), sqlite3.Cursor.fetchone)
 
     def _insert_sync(self, sql: str, row: tuple[Any, ...], what: str) -> None:
         try:
-            self._connection().execute(sql, row)
+            self.connection().execute(sql, row)
         except sqlite3.IntegrityError as exc:  # a unique key is taken
             raise AlreadyExists(f"{what} already exists") from exc
         except sqlite3.Error as exc:
@@ -201,7 +202,7 @@ class SQLiteDatabase:
     def _query(self, sql: str, params: tuple[Any, ...], read: Callable[[sqlite3.Cursor], T]) -> T:
         """Run one statement and `read` its result; StoreError for any SQLite failure."""
         try:
-            return read(self._connection().execute(sql, params))
+            return read(self.connection().execute(sql, params))
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite: {exc}") from exc
 
@@ -215,11 +216,11 @@ class SQLiteStore(SQLiteDatabase):
 
     async def insert(self, doc: dict[str, Any]) -> int:
         row = _row(doc)
-        await self._run(self._insert_sync, _INSERT, row, f"workflow {doc['id']}")
+        await self.run(self._insert_sync, _INSERT, row, f"workflow {doc['id']}")
         return len(row[_DOC])
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None:
-        return await self._run(self._get_sync, workflow_id)
+        return await self.run(self._get_sync, workflow_id)
 
     def _get_sync(self, workflow_id: str) -> dict[str, Any] | None:
         row = self._query(_GET, (workflow_id,), sqlite3.Cursor.fetchone)
@@ -227,7 +228,7 @@ class SQLiteStore(SQLiteDatabase):
 
     async def replace(self, doc: dict[str, Any], expected_version: int) -> int:
         row = _row(doc)
-        written = await self._run(self._query, _REPLACE, (*row, expected_version), _rowcount)
+        written = await self.run(self._query, _REPLACE, (*row, expected_version), _rowcount)
         return len(row[_DOC]) if written == 1 else 0
 
     async def list(
@@ -257,21 +258,21 @@ class SQLiteStore(SQLiteDatabase):
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         params.append(limit)
-        return await self._run(self._select_sync, sql, tuple(params))
+        return await self.run(self._select_sync, sql, tuple(params))
 
     async def due(self, now: str, limit: int) -> list[dict[str, Any]]:
         if limit <= 0:
             return []
-        return await self._run(self._select_sync, _DUE, (now, limit))
+        return await self.run(self._select_sync, _DUE, (now, limit))
 
     async def unpublished(self, written_before: str, limit: int) -> list[dict[str, Any]]:
         if limit <= 0:
             return []
-        return await self._run(self._select_sync, _UNPUBLISHED, (written_before, limit))
+        return await self.run(self._select_sync, _UNPUBLISHED, (written_before, limit))
 
     async def steps_in_use(self) -> dict[str, list[str]]:
         params = (RUNNING, PENDING, DISPATCHED)
-        rows = await self._run(self._query, _STEPS_IN_USE, params, sqlite3.Cursor.fetchall)
+        rows = await self.run(self._query, _STEPS_IN_USE, params, sqlite3.Cursor.fetchall)
         in_use: dict[str, list[str]] = {}
         for name, workflow_id in rows:
             in_use.setdefault(name, []).append(workflow_id)
@@ -302,13 +303,13 @@ class SQLiteUserStore(SQLiteDatabase):
 
     async def insert_user(self, user: dict[str, Any]) -> None:
         row = tuple(user[c] for c in _USER_COLUMNS)
-        await self._run(self._insert_sync, _INSERT_USER, row, f"user {user['username']}")
+        await self.run(self._insert_sync, _INSERT_USER, row, f"user {user['username']}")
 
     async def user_by_id(self, user_id: str) -> dict[str, Any] | None:
-        return await self._run(self._user_sync, "id", user_id)
+        return await self.run(self._user_sync, "id", user_id)
 
     async def user_by_name(self, username: str) -> dict[str, Any] | None:
-        return await self._run(self._user_sync, "username", username)
+        return await self.run(self._user_sync, "username", username)
 
     def _user_sync(self, column: str, value: str) -> dict[str, Any] | None:
         row = self._query(_SELECT_USER + f"{column} = ?", (value,), sqlite3.Cursor.fetchone)
@@ -316,4 +317,4 @@ class SQLiteUserStore(SQLiteDatabase):
 
     async def set_password_hash(self, user_id: str, password_hash: str) -> None:
         sql = "UPDATE users SET password_hash = ? WHERE id = ?"
-        await self._run(self._query, sql, (password_hash, user_id), _rowcount)
+        await self.run(self._query, sql, (password_hash, user_id), _rowcount)

@@ -89,7 +89,7 @@ class AuthClient:
             timeout=auth.timeout,
             retries=auth.retries,
             backoff=auth.retry_backoff,
-            limiter=LoginLimiter(auth.max_login_failures, auth.login_failure_window),
+            limiter=LoginLimiter.from_settings(auth),
         )
 
     async def connect(self, target: str | None = None) -> None:
@@ -111,8 +111,10 @@ class AuthClient:
         return _profile(await self._call(self._stub.Register, request))
 
     async def login(self, username: str, password: str, address: str) -> dict[str, Any]:
-        """A token, or TooManyAttempts when the user name or the address is at its limit."""
-        attempt = self.limiter.begin(f"user:{username}", f"address:{address}")
+        """A token, or TooManyAttempts when failed logins from this address for this name, for
+        this name (unless it signed in from here recently) or from this address are at their
+        limits. Only a wrong password or an unknown name counts as a failure."""
+        attempt = self.limiter.begin(username, address)
         failed = False
         try:
             reply = await self._call(
@@ -122,7 +124,9 @@ class AuthClient:
             failed = exc.code == grpc.StatusCode.UNAUTHENTICATED
             raise
         finally:
-            attempt.end(failed=failed)
+            if not failed:
+                attempt.cancel()
+        self.limiter.succeeded(username, address)
         return {
             "access_token": reply.access_token,
             "token_type": reply.token_type,

@@ -150,6 +150,12 @@ class AuthSettings:
     login_failure_window: Duration = _help(
         "how long a failed login counts against those limits", default=Duration(300)
     )
+    max_registrations: int = _help(
+        "registrations from one client address before 429 (0: no limit)", default=10
+    )
+    registration_window: Duration = _help(
+        "how long a registration counts against that limit", default=Duration(3600)
+    )
     # argon2id's recommended parameters (RFC 9106, second choice): 64 MiB, 3 passes, 4 lanes
     hash_time_cost: int = _help("argon2id passes over the memory", default=3)
     hash_memory_cost: int = _help("argon2id memory, in KiB", default=65536)
@@ -391,11 +397,13 @@ def _validate_auth(settings: Settings) -> None:
         "max_login_failures",
         "max_login_failures_per_name",
         "max_login_failures_per_address",
+        "max_registrations",
     ):
         if getattr(auth, name) < 0:
             raise SettingsError(f"auth.{name}: expected 0 or more")
-    if auth.login_failure_window <= 0:
-        raise SettingsError("auth.login_failure_window: expected a positive duration")
+    for name in ("login_failure_window", "registration_window"):
+        if getattr(auth, name) <= 0:
+            raise SettingsError(f"auth.{name}: expected a positive duration")
     if auth.hash_time_cost < 1 or auth.hash_parallelism < 1:
         raise SettingsError("auth.hash_time_cost, auth.hash_parallelism: expected at least 1")
     if auth.hash_memory_cost < 8 * auth.hash_parallelism:

@@ -1,12 +1,12 @@
-"""Failed-login limits: a sliding window per key, in memory, bounded; per (name, address),
-per name and per address."""
+"""Attempt limits: a sliding window per key, in memory, bounded; failed logins per (name,
+address), per name and per address; registrations per address."""
 
 from __future__ import annotations
 
 import pytest
 
 from settings import AuthSettings, Duration
-from stox.auth.limits import LoginLimiter, TooManyAttempts, Window
+from stox.auth.limits import LoginLimiter, RegistrationLimiter, TooManyAttempts, Window
 
 OWNER, ATTACKER, ELSEWHERE = "198.51.100.4", "203.0.113.9", "192.0.2.1"
 
@@ -40,13 +40,14 @@ def refused(limiter: LoginLimiter, username: str, address: str) -> int:
 
 def test_the_attempt_past_the_limit_waits_for_the_oldest_to_age_out() -> None:
     clock = Clock()
-    window = Window(300, clock=clock)
+    window = Window(300, "tries", clock=clock)
     for _ in range(10):
         window.begin([(("k",), 10)])
         clock.now += 10  # attempts at 1000, 1010, ..., 1090
     with pytest.raises(TooManyAttempts) as info:
         window.begin([(("k",), 10)])
     assert info.value.retry_after == 200  # the first ages out at 1300; now is 1100
+    assert info.value.what == "tries"
 
     clock.now = 1300.5
     window.begin([(("k",), 10)])  # one slot free again
@@ -55,7 +56,7 @@ def test_the_attempt_past_the_limit_waits_for_the_oldest_to_age_out() -> None:
 
 
 def test_any_key_at_its_limit_refuses_and_counts_nothing() -> None:
-    window = Window(60, clock=Clock())
+    window = Window(60, "tries", clock=Clock())
     for name in ("a", "b", "c"):
         window.begin([((name,), 3), (("shared",), 3)])
     with pytest.raises(TooManyAttempts):
@@ -64,7 +65,7 @@ def test_any_key_at_its_limit_refuses_and_counts_nothing() -> None:
 
 
 def test_an_attempt_counts_until_it_is_cancelled() -> None:
-    window = Window(60, clock=Clock())
+    window = Window(60, "tries", clock=Clock())
     first = window.begin([(("k",), 2)])
     second = window.begin([(("k",), 2)])
     with pytest.raises(TooManyAttempts):  # two in flight fill the limit
@@ -81,7 +82,7 @@ def test_an_attempt_counts_until_it_is_cancelled() -> None:
 
 def test_the_number_of_keys_is_bounded_least_recently_used_first() -> None:
     clock = Clock()
-    window = Window(60, max_keys=3, clock=clock)
+    window = Window(60, "tries", max_keys=3, clock=clock)
     for name in ("a", "b", "c", "d"):
         window.begin([((name,), 1)])
         clock.now += 1
@@ -93,7 +94,7 @@ def test_the_number_of_keys_is_bounded_least_recently_used_first() -> None:
 
 def test_old_attempts_are_dropped() -> None:
     clock = Clock()
-    window = Window(60, clock=clock)
+    window = Window(60, "tries", clock=clock)
     window.begin([(("a",), 5)])
     clock.now += 61
     window.begin([(("b",), 5)]).cancel()
@@ -102,7 +103,7 @@ def test_old_attempts_are_dropped() -> None:
 
 
 def test_a_limit_of_zero_is_no_limit() -> None:
-    window = Window(60, clock=Clock())
+    window = Window(60, "tries", clock=Clock())
     for _ in range(100):
         window.begin([(("k",), 0)])
     assert len(window) == 0
@@ -211,3 +212,27 @@ def test_each_limit_of_zero_is_no_limit(zero: str, attempts: list[tuple[str, str
     setattr(limiter, zero, 0)
     for username, address in attempts:
         fail(limiter, username, address)
+
+
+# -- registrations ----------------------------------------------------------------------------
+
+
+def test_registrations_are_limited_per_address() -> None:
+    clock = Clock()
+    limiter = RegistrationLimiter(3, 3600, clock=clock)
+    for _ in range(3):
+        limiter.begin(ATTACKER)
+        clock.now += 60
+    with pytest.raises(TooManyAttempts) as info:
+        limiter.begin(ATTACKER)
+    assert info.value.retry_after == 3600 - 180
+    assert info.value.what == "registrations from this address"
+    limiter.begin(OWNER)
+    clock.now += 3600 - 180
+    limiter.begin(ATTACKER)
+
+
+def test_the_registration_limit_comes_from_the_settings() -> None:
+    auth = AuthSettings(max_registrations=4, registration_window=Duration(120))
+    limiter = RegistrationLimiter.from_settings(auth)
+    assert (limiter.max_registrations, limiter.registrations.window) == (4, 120)

@@ -145,6 +145,7 @@ def test_the_attempt_limit_defaults() -> None:
     auth = load([], {}).auth
     assert (auth.max_login_failures, auth.login_failure_window) == (10, 300)
     assert (auth.max_login_failures_per_name, auth.max_login_failures_per_address) == (100, 100)
+    assert (auth.max_registrations, auth.registration_window) == (10, 3600)
 
 
 def test_auth_settings_from_yaml(tmp_path: Path) -> None:
@@ -170,6 +171,8 @@ def test_auth_settings_from_yaml(tmp_path: Path) -> None:
         ("auth: {max_login_failures_per_name: -1}", "auth.max_login_failures_per_name"),
         ("auth: {max_login_failures_per_address: -1}", "auth.max_login_failures_per_address"),
         ("auth: {login_failure_window: 0}", "auth.login_failure_window"),
+        ("auth: {max_registrations: -1}", "auth.max_registrations"),
+        ("auth: {registration_window: 0}", "auth.registration_window"),
         ("auth: {hash_time_cost: 0}", "auth.hash_time_cost"),
         ("auth: {hash_memory_cost: 16, hash_parallelism: 4}", "auth.hash_memory_cost"),
         ("auth: {hash_pepper: x}", "auth.hash_pepper: unknown setting"),

@@ -1,4 +1,4 @@
-"""Failed-login limits: per (name, address), per name and per address, in memory, bounded.
+"""Attempt limits of the auth endpoints: failed logins and registrations, in memory, bounded.
 
 A `Window` keeps, per key, the times of its recent attempts (none older than its window); a
 key with as many as its limit is refused until the oldest ages out. An attempt counts from
@@ -27,8 +27,9 @@ KNOWN_FOR = 30 * 24 * 3600.0  # how long a successful (name, address) is remembe
 
 
 class TooManyAttempts(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"too many failed logins; retry after {retry_after}s")
+    def __init__(self, what: str, retry_after: int) -> None:
+        super().__init__(f"too many {what}; retry after {retry_after}s")
+        self.what = what
         self.retry_after = retry_after
 
 
@@ -44,16 +45,19 @@ class Attempt:
 
 
 class Window:
-    """Recent attempts per key within `window` seconds; at most `max_keys` keys, LRU."""
+    """Recent attempts per key within `window` seconds; at most `max_keys` keys, LRU.
+    `what` names the attempts in TooManyAttempts."""
 
     def __init__(
         self,
         window: float,
+        what: str,
         *,
         max_keys: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.window = window
+        self.what = what
         self.max_keys = max_keys
         self._clock = clock
         self._times: OrderedDict[Key, deque[float]] = OrderedDict()
@@ -72,7 +76,7 @@ class Window:
             if (times := self._recent(key, now)) is not None and len(times) >= limit
         ]
         if waits:
-            raise TooManyAttempts(max(1, math.ceil(max(waits))))
+            raise TooManyAttempts(self.what, max(1, math.ceil(max(waits))))
         for key, _ in limited:
             times = self._times.get(key)
             if times is None:
@@ -124,7 +128,7 @@ class LoginLimiter:
         self.max_failures = max_failures
         self.per_name = per_name
         self.per_address = per_address
-        self.failures = Window(window, max_keys=max_keys, clock=clock)
+        self.failures = Window(window, "failed logins", max_keys=max_keys, clock=clock)
         self.known_for = known_for
         self.max_known = max_known
         self._clock = clock
@@ -167,3 +171,28 @@ class LoginLimiter:
             del self._known[(username, address)]
             return False
         return True
+
+
+class RegistrationLimiter:
+    """Registrations per client address."""
+
+    def __init__(
+        self,
+        max_registrations: int = 10,
+        window: float = 3600.0,
+        *,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_registrations = max_registrations
+        self.registrations = Window(
+            window, "registrations from this address", max_keys=max_keys, clock=clock
+        )
+
+    @classmethod
+    def from_settings(cls, auth: AuthSettings) -> RegistrationLimiter:
+        return cls(auth.max_registrations, auth.registration_window)
+
+    def begin(self, address: str) -> Attempt:
+        """Start a registration, counted until cancelled; TooManyAttempts at the limit."""
+        return self.registrations.begin([(("address", address), self.max_registrations)])

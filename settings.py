@@ -141,11 +141,26 @@ class AuthSettings:
         "pause before the first retry, doubling after", default=Duration(0.1)
     )
     max_login_failures: int = _help(
-        "failed logins per user name, and per client address, before 429 (0: no limit)",
+        "failed logins per user name from one client address before 429 (0: no limit)",
         default=10,
     )
+    max_login_failures_per_name: int = _help(
+        "failed logins per user name from all addresses before 429, except from an address "
+        "it signed in from recently (0: no limit)",
+        default=100,
+    )
+    max_login_failures_per_address: int = _help(
+        "failed logins from one client address for all names before 429 (0: no limit)",
+        default=100,
+    )
     login_failure_window: Duration = _help(
-        "how long a failed login counts against that limit", default=Duration(300)
+        "how long a failed login counts against those limits", default=Duration(300)
+    )
+    max_registrations: int = _help(
+        "registrations from one client address before 429 (0: no limit)", default=10
+    )
+    registration_window: Duration = _help(
+        "how long a registration counts against that limit", default=Duration(3600)
     )
     # argon2id's recommended parameters (RFC 9106, second choice): 64 MiB, 3 passes, 4 lanes
     hash_time_cost: int = _help("argon2id passes over the memory", default=3)
@@ -385,11 +400,18 @@ def _validate_auth(settings: Settings) -> None:
         raise SettingsError(f"services.auth.port: expected 1-65535, got {remote.port}")
     if auth.timeout <= 0:
         raise SettingsError("auth.timeout: expected a positive duration")
-    for name in ("retries", "max_login_failures"):
+    for name in (
+        "retries",
+        "max_login_failures",
+        "max_login_failures_per_name",
+        "max_login_failures_per_address",
+        "max_registrations",
+    ):
         if getattr(auth, name) < 0:
             raise SettingsError(f"auth.{name}: expected 0 or more")
-    if auth.login_failure_window <= 0:
-        raise SettingsError("auth.login_failure_window: expected a positive duration")
+    for name in ("login_failure_window", "registration_window"):
+        if getattr(auth, name) <= 0:
+            raise SettingsError(f"auth.{name}: expected a positive duration")
     if auth.hash_time_cost < 1 or auth.hash_parallelism < 1:
         raise SettingsError("auth.hash_time_cost, auth.hash_parallelism: expected at least 1")
     if auth.hash_memory_cost < 8 * auth.hash_parallelism:

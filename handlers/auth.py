@@ -21,6 +21,7 @@ _ERRORS = {
     503: ("auth_unavailable", "the auth service is unavailable; try again shortly"),
     502: ("auth_failed", "the auth service failed"),
 }
+_BUSY = ("auth_busy", "too many registrations at once; try again shortly")
 
 
 class AuthHandler(BaseHandler):
@@ -28,10 +29,23 @@ class AuthHandler(BaseHandler):
     def auth(self) -> AuthClient:
         return cast(AuthClient, self.settings["auth"])
 
+    @property
+    def address(self) -> str:
+        """The client's address, which the attempt limits count by."""
+        return self.request.remote_ip or ""
+
     async def call(self, call: Awaitable[T], unauthenticated: tuple[str, str] | None = None) -> T:
-        """The call's result; its failure as the ApiError of the fixed status mapping."""
+        """The call's result; its failure as the ApiError of the fixed status mapping, and a
+        limit reached as 429 with Retry-After."""
         try:
             return await call
+        except TooManyAttempts as exc:
+            raise ApiError(
+                429,
+                "too_many_attempts",
+                f"too many {exc.what}; try again later",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
         except AuthCallError as exc:
             status = exc.http_status
             if status == 400:
@@ -39,7 +53,7 @@ class AuthHandler(BaseHandler):
             elif status == 401 and unauthenticated:
                 code, message = unauthenticated
             else:
-                code, message = _ERRORS[status]
+                code, message = _BUSY if exc.busy else _ERRORS[status]
             headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
             raise ApiError(status, code, message, headers=headers) from None
 
@@ -47,23 +61,17 @@ class AuthHandler(BaseHandler):
 class RegisterHandler(AuthHandler):
     async def post(self) -> None:
         body = self.load(register_schema, self.json_body())
-        self.render(201, await self.call(self.auth.register(body["username"], body["password"])))
+        register = self.auth.register(body["username"], body["password"], self.address)
+        self.render(201, await self.call(register))
 
 
 class LoginHandler(AuthHandler):
     async def post(self) -> None:
         body = self.load(login_schema, self.json_body())
-        login = self.auth.login(body["username"], body["password"], self.request.remote_ip or "")
-        try:
-            reply = await self.call(login, ("invalid_credentials", "wrong user name or password"))
-        except TooManyAttempts as exc:
-            raise ApiError(
-                429,
-                "too_many_attempts",
-                "too many failed logins; try again later",
-                headers={"Retry-After": str(exc.retry_after)},
-            ) from None
-        self.render(200, reply)
+        login = self.auth.login(body["username"], body["password"], self.address)
+        self.render(
+            200, await self.call(login, ("invalid_credentials", "wrong user name or password"))
+        )
 
 
 class ValidateHandler(AuthHandler):

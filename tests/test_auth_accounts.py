@@ -38,13 +38,18 @@ async def passwords() -> AsyncIterator[Passwords]:
 
 
 class Counting(Passwords):
-    """Passwords that count the verifications it runs."""
+    """Passwords that count the verifications and the registrations' hashes it runs."""
 
     verified: list[str]
+    hashed = 0
 
     async def verify(self, password_hash: str, password: str) -> bool:
         self.verified.append(password_hash)
         return await super().verify(password_hash, password)
+
+    async def hash(self, password: str) -> str:
+        self.hashed += 1
+        return await super().hash(password)
 
 
 def test_the_default_costs_are_argon2ids_recommended_ones() -> None:
@@ -81,6 +86,34 @@ async def test_register_checks_its_input(users: UserStore, passwords: Passwords)
     with pytest.raises(ValidationError):
         await accounts.register("alice", PASSWORD, role="service")
     await accounts.register("alice", PASSWORD, role="admin")
+    with pytest.raises(AlreadyExists):
+        await accounts.register("alice", PASSWORD)
+
+
+async def test_a_taken_name_is_refused_without_hashing_the_password(users: UserStore) -> None:
+    passwords = Counting(1, 1024, 1)
+    await passwords.start()
+    try:
+        accounts = Accounts(users, passwords)
+        await accounts.register("alice", PASSWORD)
+        for _ in range(3):
+            with pytest.raises(AlreadyExists):
+                await accounts.register("alice", "another password entirely")
+        assert passwords.hashed == 1
+    finally:
+        passwords.close()
+
+
+async def test_a_registration_that_loses_the_race_for_a_name_is_refused_by_the_index(
+    users: UserStore, passwords: Passwords, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accounts = Accounts(users, passwords)
+    await accounts.register("alice", PASSWORD)
+
+    async def not_yet(username: str) -> None:  # as a concurrent registration would see it
+        return None
+
+    monkeypatch.setattr(users, "user_by_name", not_yet)
     with pytest.raises(AlreadyExists):
         await accounts.register("alice", PASSWORD)
 

@@ -101,10 +101,10 @@ async def test_a_gateway_with_a_remote_service_starts_none_of_its_own(fake: Fake
         (Code.NOT_FOUND, 404, "not_found"),
         (Code.UNAVAILABLE, 503, "auth_unavailable"),
         (Code.DEADLINE_EXCEEDED, 503, "auth_unavailable"),
+        (Code.RESOURCE_EXHAUSTED, 503, "auth_busy"),
         (Code.INTERNAL, 502, "auth_failed"),
         (Code.UNKNOWN, 502, "auth_failed"),
         (Code.PERMISSION_DENIED, 502, "auth_failed"),
-        (Code.RESOURCE_EXHAUSTED, 502, "auth_failed"),
         (Code.UNIMPLEMENTED, 502, "auth_failed"),
     ],
 )
@@ -138,7 +138,14 @@ async def test_unavailable_is_retried_a_bounded_number_of_times(fake: Fake) -> N
 
 
 @pytest.mark.parametrize(
-    "code", [Code.UNAUTHENTICATED, Code.INTERNAL, Code.DEADLINE_EXCEEDED, Code.ALREADY_EXISTS]
+    "code",
+    [
+        Code.UNAUTHENTICATED,
+        Code.INTERNAL,
+        Code.DEADLINE_EXCEEDED,
+        Code.ALREADY_EXISTS,
+        Code.RESOURCE_EXHAUSTED,  # the service shedding load: retrying would add to it
+    ],
 )
 async def test_other_failures_are_not_retried(fake: Fake, code: Code) -> None:
     fake.servicer.script = [code, code]
@@ -194,6 +201,20 @@ async def test_an_unavailable_service_does_not_count_as_failed_logins(fake: Fake
         assert (await fake.gw.fetch("POST", LOGIN, CREDENTIALS)).status == 503
     fake.servicer.script = []
     assert (await fake.gw.fetch("POST", LOGIN, CREDENTIALS)).status == 200
+
+
+async def test_a_registration_the_service_could_not_take_does_not_count(fake: Fake) -> None:
+    fake.gw.gateway.auth.retries = 0
+    fake.gw.gateway.auth.registrations.max_registrations = 2
+    fake.servicer.script = [Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED] * 3
+    for _ in range(6):
+        assert (await fake.gw.fetch("POST", REGISTER, CREDENTIALS)).status == 503
+    fake.servicer.script = [Code.ALREADY_EXISTS]
+    assert (await fake.gw.fetch("POST", REGISTER, CREDENTIALS)).status == 409  # counts
+    assert (await fake.gw.fetch("POST", REGISTER, CREDENTIALS)).status == 201
+    limited = await fake.gw.fetch("POST", REGISTER, CREDENTIALS)
+    assert limited.status == 429
+    assert len(fake.servicer.calls) == 8  # the last never reached the service
 
 
 async def test_failed_logins_reported_by_the_service_are_limited(fake: Fake) -> None:

@@ -139,7 +139,13 @@ def test_the_password_hash_defaults_are_argon2ids_recommended_ones() -> None:
         RFC_9106_LOW_MEMORY.memory_cost,
         RFC_9106_LOW_MEMORY.parallelism,
     )
+
+
+def test_the_attempt_limit_defaults() -> None:
+    auth = load([], {}).auth
     assert (auth.max_login_failures, auth.login_failure_window) == (10, 300)
+    assert (auth.max_login_failures_per_name, auth.max_login_failures_per_address) == (100, 100)
+    assert (auth.max_registrations, auth.registration_window) == (10, 3600)
 
 
 def test_auth_settings_from_yaml(tmp_path: Path) -> None:
@@ -162,7 +168,11 @@ def test_auth_settings_from_yaml(tmp_path: Path) -> None:
         ("auth: {timeout: 0s}", "auth.timeout"),
         ("auth: {retries: -1}", "auth.retries"),
         ("auth: {max_login_failures: -1}", "auth.max_login_failures"),
+        ("auth: {max_login_failures_per_name: -1}", "auth.max_login_failures_per_name"),
+        ("auth: {max_login_failures_per_address: -1}", "auth.max_login_failures_per_address"),
         ("auth: {login_failure_window: 0}", "auth.login_failure_window"),
+        ("auth: {max_registrations: -1}", "auth.max_registrations"),
+        ("auth: {registration_window: 0}", "auth.registration_window"),
         ("auth: {hash_time_cost: 0}", "auth.hash_time_cost"),
         ("auth: {hash_memory_cost: 16, hash_parallelism: 4}", "auth.hash_memory_cost"),
         ("auth: {hash_pepper: x}", "auth.hash_pepper: unknown setting"),

@@ -16,7 +16,7 @@ from marshmallow import ValidationError
 from stox.auth.passwords import Passwords
 from stox.auth.tokens import ADMIN, USER
 from stox.schemas import login_schema, register_schema
-from stox.store.base import UserStore
+from stox.store.base import AlreadyExists, UserStore
 from stox.workflow import isoformat
 
 ACCOUNT_ROLES = (USER, ADMIN)  # services get tokens from `python -m stox token`, not accounts
@@ -45,10 +45,17 @@ class Accounts:
         self.clock = clock
 
     async def register(self, username: str, password: str, role: str = USER) -> dict[str, Any]:
-        """The new user's profile; ValidationError for bad input, AlreadyExists for a taken name."""
+        """The new user's profile; ValidationError for bad input, AlreadyExists for a taken name,
+        Busy when too many registrations are hashing already.
+
+        A taken name is refused before the password is hashed (registering says "taken"
+        anyway, so asking first reveals nothing more); the unique index still decides races.
+        """
         data = register_schema.load({"username": username, "password": password})
         if role not in ACCOUNT_ROLES:
             raise ValidationError(f"one of {', '.join(ACCOUNT_ROLES)}", "role")
+        if await self.store.user_by_name(data["username"]) is not None:
+            raise AlreadyExists("user already exists")
         user = {
             "id": uuid.uuid4().hex,
             "username": data["username"],
@@ -72,7 +79,7 @@ class Accounts:
         if not await self.passwords.verify(user["password_hash"], data["password"]):
             raise BadCredentials
         if self.passwords.needs_rehash(user["password_hash"]):  # the costs were raised
-            new_hash = await self.passwords.hash(data["password"])
+            new_hash = await self.passwords.rehash(data["password"])
             await self.store.set_password_hash(user["id"], new_hash)
         return profile(user)
 

@@ -3,7 +3,8 @@
 Every call has a deadline (`auth.timeout`, retries included); a call the service was
 UNAVAILABLE for is retried (`auth.retries`, backoff from `auth.retry_backoff`, doubling,
 with jitter). A failed call raises AuthCallError, whose status maps to HTTP by one fixed
-table. Logins go through the LoginLimiter first.
+table. Logins go through the LoginLimiter first, registrations through the
+RegistrationLimiter: both know the client's address, which a remote AuthService does not.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import auth_pb2, auth_pb2_grpc
 from settings import AuthSettings
-from stox.auth.limits import LoginLimiter
+from stox.auth.limits import LoginLimiter, RegistrationLimiter
 
 M = TypeVar("M", bound=Message)
 
@@ -32,6 +33,7 @@ HTTP_STATUS = {
     grpc.StatusCode.ALREADY_EXISTS: 409,
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,  # not retried: it is the service shedding load
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 503,
 }
@@ -62,6 +64,11 @@ class AuthCallError(Exception):
     def retry_after(self) -> int | None:
         return RETRY_AFTER if self.http_status == 503 else None
 
+    @property
+    def busy(self) -> bool:
+        """The service refused for want of capacity, not because it is away."""
+        return self.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
 
 class AuthClient:
     def __init__(
@@ -72,12 +79,14 @@ class AuthClient:
         retries: int = 3,
         backoff: float = 0.1,
         limiter: LoginLimiter | None = None,
+        registrations: RegistrationLimiter | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.limiter = limiter or LoginLimiter()
+        self.registrations = registrations or RegistrationLimiter()
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
         self._health: Any = None
@@ -89,7 +98,8 @@ class AuthClient:
             timeout=auth.timeout,
             retries=auth.retries,
             backoff=auth.retry_backoff,
-            limiter=LoginLimiter(auth.max_login_failures, auth.login_failure_window),
+            limiter=LoginLimiter.from_settings(auth),
+            registrations=RegistrationLimiter.from_settings(auth),
         )
 
     async def connect(self, target: str | None = None) -> None:
@@ -106,13 +116,28 @@ class AuthClient:
 
     # -- the AuthService ------------------------------------------------------------------
 
-    async def register(self, username: str, password: str) -> dict[str, Any]:
+    async def register(self, username: str, password: str, address: str) -> dict[str, Any]:
+        """The profile, or TooManyAttempts when the address is at its limit. Every answer
+        counts against it but a 503: the service did not get to decide."""
+        attempt = self.registrations.begin(address)
         request = auth_pb2.RegisterRequest(username=username, password=password)
-        return _profile(await self._call(self._stub.Register, request))
+        counted = False
+        try:
+            reply = await self._call(self._stub.Register, request)
+            counted = True
+        except AuthCallError as exc:
+            counted = exc.http_status != 503
+            raise
+        finally:
+            if not counted:
+                attempt.cancel()
+        return _profile(reply)
 
     async def login(self, username: str, password: str, address: str) -> dict[str, Any]:
-        """A token, or TooManyAttempts when the user name or the address is at its limit."""
-        attempt = self.limiter.begin(f"user:{username}", f"address:{address}")
+        """A token, or TooManyAttempts when failed logins from this address for this name, for
+        this name (unless it signed in from here recently) or from this address are at their
+        limits. Only a wrong password or an unknown name counts as a failure."""
+        attempt = self.limiter.begin(username, address)
         failed = False
         try:
             reply = await self._call(
@@ -122,7 +147,9 @@ class AuthClient:
             failed = exc.code == grpc.StatusCode.UNAUTHENTICATED
             raise
         finally:
-            attempt.end(failed=failed)
+            if not failed:
+                attempt.cancel()
+        self.limiter.succeeded(username, address)
         return {
             "access_token": reply.access_token,
             "token_type": reply.token_type,

@@ -3,12 +3,16 @@
 The costs come from settings (`auth.hash_*`); their defaults are RFC 9106's recommended
 argon2id parameters. A login for a user that does not exist verifies the password against a
 dummy hash made with the same costs, so it takes as long as a wrong password for a real user.
+
+Registrations hash on threads of their own, with a bounded queue in front: a flood of them
+is refused (Busy) rather than let logins wait behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -19,7 +23,14 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from settings import AuthSettings
 
 T = TypeVar("T")
-HASH_WORKERS = 4  # each hash holds hash_memory_cost of memory while it runs
+# each hash holds hash_memory_cost of memory while it runs: at most 4 + 1 run at once
+HASH_WORKERS = 4  # verifications, and the rehash of a login
+REGISTRATION_WORKERS = 1  # new accounts' hashes
+REGISTRATION_QUEUE = 8  # registrations that may wait for those (a few hash times); more are refused
+
+
+class Busy(Exception):
+    """Every registration slot is taken: hashing more would delay logins or eat memory."""
 
 
 class Passwords:
@@ -33,6 +44,10 @@ class Passwords:
             type=Type.ID,
         )
         self._executor: ThreadPoolExecutor | None = None
+        self._registrations: ThreadPoolExecutor | None = None
+        self._registration_slots = threading.BoundedSemaphore(
+            REGISTRATION_WORKERS + REGISTRATION_QUEUE
+        )
         self._dummy_hash = ""
 
     @classmethod
@@ -42,12 +57,17 @@ class Passwords:
     async def start(self) -> None:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="stox-argon2")
-            self._dummy_hash = await self.hash(secrets.token_urlsafe(16))
+            self._registrations = ThreadPoolExecutor(
+                REGISTRATION_WORKERS, thread_name_prefix="stox-argon2-register"
+            )
+            self._dummy_hash = await self.rehash(secrets.token_urlsafe(16))
 
     def close(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
+        executors = (self._executor, self._registrations)
+        self._executor = self._registrations = None
+        for executor in executors:
+            if executor is not None:
+                executor.shutdown(wait=True)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         if self._executor is None:
@@ -55,6 +75,19 @@ class Passwords:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def hash(self, password: str) -> str:
+        """A new account's hash, on the registrations' threads; Busy when their queue is full."""
+        executor, slots = self._registrations, self._registration_slots
+        if executor is None:
+            raise RuntimeError("Passwords.start() has not run")
+        if not slots.acquire(blocking=False):
+            raise Busy
+        # the slot is free again when the hash is done, or when it is cancelled before it runs
+        future = executor.submit(self.hasher.hash, password)
+        future.add_done_callback(lambda _: slots.release())
+        return await asyncio.wrap_future(future)
+
+    async def rehash(self, password: str) -> str:
+        """A hash on the verifications' threads: a login's new hash when the costs changed."""
         return await self._run(self.hasher.hash, password)
 
     async def verify(self, password_hash: str, password: str) -> bool:

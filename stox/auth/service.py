@@ -5,8 +5,9 @@ are signed by the TokenAuthority (gateways verify them locally). The standard gR
 service runs beside it (`grpc.health.v1.Health`), which the gateway's /readyz asks.
 
 Errors leave as status codes the gateway maps to HTTP: INVALID_ARGUMENT (bad input),
-ALREADY_EXISTS, UNAUTHENTICATED (bad credentials or token), NOT_FOUND, UNAVAILABLE (the store
-is down). No request field — password or token — is ever logged.
+ALREADY_EXISTS, UNAUTHENTICATED (bad credentials or token), NOT_FOUND, RESOURCE_EXHAUSTED (too
+many registrations hashing at once), UNAVAILABLE (the store is down). No request field —
+password or token — is ever logged.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from marshmallow import ValidationError
 from protos import auth_pb2, auth_pb2_grpc
 from settings import Settings
 from stox.auth.accounts import Accounts, BadCredentials, UnknownUser
-from stox.auth.passwords import Passwords
+from stox.auth.passwords import Busy, Passwords
 from stox.auth.tokens import InvalidToken, TokenAuthority
 from stox.store import AlreadyExists, StoreError, UserStore, make_user_store
 
@@ -63,6 +64,10 @@ def _rpc(method: Method[R]) -> Method[R]:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or expired token")
         except UnknownUser:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such user")
+        except Busy:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many registrations at once"
+            )
         except StoreError as exc:
             log.error("AuthService %s: the user store failed: %s", method.__name__, exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the user store is unavailable")

@@ -134,7 +134,7 @@ class Gateway:
         )
         self.pipeline = make_pipeline(settings)
         self.orchestrator = Orchestrator(self.store, self.bus, self.pipeline, clock=clock)
-        self.hub = Hub(self.orchestrator)
+        self.hub = Hub.from_settings(self.orchestrator, settings.websocket)
         self.topology = Topology(settings.rabbitmq.prefix, self.instance_id)
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -1,0 +1,140 @@
+"""What a hostile WebSocket client can cost the gateway: memory, sockets, the loop.
+
+The memory test runs a real `server.py` process and reads its resident set from /proc; the
+others run a gateway in this process and count what it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from procs import gateway_config, remote, start_gateway, wait_ready
+from support import free_port
+
+MiB = 1024 * 1024
+
+
+def large_product(index: int) -> dict[str, Any]:
+    """An upload at the schema's limits: ~129 KB once stored."""
+    return {
+        "name": f"Large {index}",
+        "description": "d" * 10_000,
+        "category": "Bulk",
+        "price": 1.0,
+        "images": [f"{index:04d}-{n:02d}-" + "x" * 2040 for n in range(50)],
+        "metadata": {"blob": "m" * 16_000},
+    }
+
+
+def rss(pid: int) -> int:
+    """Resident set size of process `pid`, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def stalled_socket(port: int, token: str) -> socket.socket:
+    """A /ws client that completes the handshake and then never reads (a tiny receive
+    buffer, so the gateway's writes back up quickly)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Protocol: bearer, {token}\r\nOrigin: http://127.0.0.1:{port}\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1024)
+        assert chunk, f"closed during the handshake: {head!r}"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+@contextlib.contextmanager
+def closing_all(sockets: list[socket.socket]) -> Iterator[list[socket.socket]]:
+    try:
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+async def upload_all(gw: Any, token: str, indexes: range, concurrency: int = 4) -> None:
+    queue = list(indexes)
+
+    async def uploader() -> None:
+        while queue:
+            await gw.upload(token, **large_product(queue.pop()))
+
+    await asyncio.gather(*(uploader() for _ in range(concurrency)))
+
+
+# -- memory: sockets that never read -------------------------------------------------------
+
+SOCKETS = 100
+MAX_BACKLOG = 2 * MiB  # the default websocket.max_backlog
+SNAPSHOT_CACHE = 16 * MiB  # the default websocket.snapshot_cache
+# what the gateway may keep besides the sockets' backlogs: the shared snapshot cache, the
+# pages being loaded, 100 handlers, and what the allocator does not return
+SLACK = SNAPSHOT_CACHE + 64 * MiB
+RSS_BOUND = SOCKETS * MAX_BACKLOG + SLACK
+
+
+async def test_sockets_that_never_read_keep_the_gateway_within_its_memory_bound(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = gateway_config(port, "stalled", f"sqlite:///{tmp_path}/stox.db", "")
+    config += f"websocket:\n  max_sockets_per_user: {SOCKETS}\n"
+    proc = start_gateway(tmp_path, "gateway", config)
+    try:
+        await wait_ready(proc, port)
+        gw = remote(port)
+        token = gw.token("alice")
+        await upload_all(gw, token, range(100))
+        baseline = rss(proc.popen.pid)
+
+        peak = baseline
+        sampling = True
+
+        async def sample() -> None:
+            nonlocal peak
+            while sampling:
+                peak = max(peak, rss(proc.popen.pid))
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.ensure_future(sample())
+        with closing_all([]) as sockets:
+            for _ in range(SOCKETS):
+                sockets.append(stalled_socket(port, token))
+            await asyncio.sleep(1)  # the snapshots go out as far as the sockets take them
+            await upload_all(gw, token, range(100, 130))  # and changes flow to every socket
+            await asyncio.sleep(2)
+            healthz = await gw.fetch("GET", "/healthz")
+            sampling = False
+            await sampler
+        growth = peak - baseline
+        print(f"RSS {baseline / MiB:.0f} MiB -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.0f})")
+        assert healthz.status == 200, healthz.body
+        assert growth < RSS_BOUND, (
+            f"{SOCKETS} stalled sockets grew the gateway by {growth / MiB:.0f} MiB "
+            f"(bound {RSS_BOUND / MiB:.0f} MiB = {SOCKETS} x {MAX_BACKLOG / MiB:.0f} MiB + "
+            f"{SLACK / MiB:.0f} MiB)"
+        )
+    finally:
+        assert proc.stop() == 0, proc.log()

@@ -13,8 +13,9 @@ backlog has room (half the bound, leaving the rest for changes that arrive meanw
 socket that does not drain within `send_timeout` is closed with 4008. At most
 SNAPSHOT_BUILDERS pages are loaded at once, and the loop is given back after every message.
 
-Each workflow document is encoded once per version and kept in an LRU bounded in bytes
-(`DocumentCache`): every message about it, to every subscriber, is built around those bytes.
+Snapshots encode each workflow's document once per version, kept in an LRU bounded in bytes
+(`DocumentCache`) and shared by every subscriber; a change is encoded once for all of its
+subscribers. Messages are built around those bytes, never by encoding the document again.
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ class Subscription:
         snapshot; False once the socket is dropped (closed with 4008 if too slow)."""
         if not self.ready:
             size = sum(map(len, messages))
+            # what waits cannot drain before the snapshot is out: bounded even when nothing
+            # is in flight (only the first change may be larger than the bound)
             if self.queued and self.queued + size > self.max_backlog:
                 return self.too_slow(f"too slow: over {self.max_backlog} bytes waiting")
             heapq.heappush(self.pending, (version, next(self._order), workflow_id, messages))
@@ -175,7 +178,7 @@ class Subscription:
         """Hand one message to the socket unless that passes the bound (a message larger
         than the bound goes when nothing is in flight); False once the socket is dropped."""
         size = len(message)
-        if self.backlog and self.queued + size > self.max_backlog:
+        if not self.has_room(size, self.max_backlog):
             return self.too_slow(f"too slow: over {self.max_backlog} bytes waiting")
         future = self.connection.send(message)
         if future is None:
@@ -185,6 +188,8 @@ class Subscription:
         return True
 
     def has_room(self, size: int, limit: int) -> bool:
+        """Whether `size` more bytes keep what is queued within `limit`, or nothing is in
+        flight (the only way a message larger than the bound can go)."""
         return self.backlog == 0 or self.queued + size <= limit
 
     async def progress(self) -> None:
@@ -195,6 +200,7 @@ class Subscription:
         self._progress = None
 
     def too_slow(self, reason: str) -> bool:
+        """Close the socket with 4008; False, for the caller to return."""
         self.connection.close(CLOSE_TOO_SLOW, reason)
         return False
 
@@ -220,22 +226,20 @@ class Hub:
         self,
         orchestrator: Orchestrator,
         *,
-        max_backlog: int = 2 * 1024 * 1024,
-        send_timeout: float = 30.0,
-        max_sockets_per_user: int = 10,
-        snapshot_cache: int = 16 * 1024 * 1024,
+        max_backlog: int,
+        send_timeout: float,
+        max_sockets_per_user: int,
+        snapshot_cache: int,
         snapshot_limit: int = SNAPSHOT_LIMIT,
-        snapshot_page: int = SNAPSHOT_PAGE,
-        snapshot_builders: int = SNAPSHOT_BUILDERS,
     ) -> None:
+        """The limits are those of `websocket.*` in settings.py (see `from_settings`)."""
         self.orchestrator = orchestrator
         self.max_backlog = max_backlog
         self.send_timeout = send_timeout
         self.max_sockets_per_user = max_sockets_per_user
         self.snapshot_limit = snapshot_limit
-        self.snapshot_page = snapshot_page
         self.documents = DocumentCache(snapshot_cache)
-        self._builders = asyncio.Semaphore(snapshot_builders)
+        self._builders = asyncio.Semaphore(SNAPSHOT_BUILDERS)
         self._by_workflow: dict[str, set[Subscription]] = {}
         self._by_owner: dict[str | None, set[Subscription]] = {}
         self._sockets: Counter[str] = Counter()  # user -> subscriptions
@@ -296,7 +300,7 @@ class Hub:
         before: tuple[str, str] | None = None
         remaining = 1 if sub.workflow_id is not None else self.snapshot_limit
         while remaining > 0:
-            page_size = min(self.snapshot_page, remaining)
+            page_size = min(SNAPSHOT_PAGE, remaining)
             page, before = await self._load_page(sub, page_size, before)
             if not sub.active:  # closed or dropped while the page loaded
                 return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -20,6 +21,7 @@ import tornado.web
 import tornado.websocket
 
 from handlers.ws import WorkflowSocket
+from settings import WebSocketSettings
 from stox.bus.base import Event
 from stox.hub import (
     CLOSE_TOO_SLOW,
@@ -187,7 +189,8 @@ class World:
             Pipeline(),
             clock=self.clock,
         )
-        self.hub = Hub(self.orchestrator, **hub_options)
+        limits = dataclasses.replace(WebSocketSettings(), **hub_options)
+        self.hub = Hub.from_settings(self.orchestrator, limits)
         self._delivered = 0
 
     def clock(self) -> float:

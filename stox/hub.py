@@ -352,12 +352,13 @@ class Hub:
     async def _send_paced(self, sub: Subscription, message: bytes, limit: int) -> bool:
         """Send once the backlog leaves room for `message` within `limit`; False when the
         socket is gone, or did not drain within send_timeout (then closed with 4008)."""
-        try:
-            async with asyncio.timeout(self.send_timeout):
-                while sub.active and not sub.has_room(len(message), limit):
-                    await sub.progress()
-        except TimeoutError:
-            return sub.too_slow(f"too slow: not drained within {self.send_timeout:g}s")
+        if not sub.has_room(len(message), limit):
+            try:
+                async with asyncio.timeout(self.send_timeout):
+                    while sub.active and not sub.has_room(len(message), limit):
+                        await sub.progress()
+            except TimeoutError:
+                return sub.too_slow(f"too slow: not drained within {self.send_timeout:g}s")
         if not (sub.active and sub.send(message)):
             return False
         await asyncio.sleep(0)  # one message at a time: the loop serves others in between

@@ -106,15 +106,16 @@ class FakeStore:
         before: tuple[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         docs = [
-            copy.deepcopy(d)
+            d
             for d in self.docs.values()
-            if (owner is None or d["owner"] == owner) and (status is None or d["status"] == status)
+            if (owner is None or d["owner"] == owner)
+            and (status is None or d["status"] == status)
+            and (before is None or (d["created_at"], d["id"]) < before)
         ]
         docs.sort(key=lambda d: (d["created_at"], d["id"]), reverse=True)
-        if before is not None:
-            docs = [d for d in docs if (d["created_at"], d["id"]) < before]
-        self.listed.append(len(docs[:limit]))
-        return await self._held(docs[:limit])
+        page = [copy.deepcopy(d) for d in docs[:limit]]
+        self.listed.append(len(page))
+        return await self._held(page)
 
     async def due(self, now: str, limit: int) -> list[dict[str, Any]]:
         return []

@@ -116,24 +116,26 @@ async def test_sockets_that_never_read_keep_the_gateway_within_its_memory_bound(
         baseline = rss(proc.popen.pid)
 
         peak = baseline
-        sampling = True
 
         async def sample() -> None:
             nonlocal peak
-            while sampling:
+            while True:
                 peak = max(peak, rss(proc.popen.pid))
                 await asyncio.sleep(0.05)
 
         sampler = asyncio.ensure_future(sample())
-        with closing_all([]) as sockets:
-            for _ in range(SOCKETS):
-                sockets.append(stalled_socket(port, token))
-            await asyncio.sleep(1)  # the snapshots go out as far as the sockets take them
-            await upload_all(gw, token, range(100, 130))  # and changes flow to every socket
-            await asyncio.sleep(2)
-            healthz = await gw.fetch("GET", "/healthz")
-            sampling = False
-            await sampler
+        try:
+            with closing_all([]) as sockets:
+                for _ in range(SOCKETS):
+                    sockets.append(stalled_socket(port, token))
+                await asyncio.sleep(1)  # the snapshots go out as far as the sockets take them
+                await upload_all(gw, token, range(100, 130))  # and changes flow to them all
+                await asyncio.sleep(2)
+                healthz = await gw.fetch("GET", "/healthz")
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         growth = peak - baseline
         print(f"RSS {baseline / MiB:.0f} MiB -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.0f})")
         assert healthz.status == 200, healthz.body

@@ -182,6 +182,26 @@ class CorsSettings:
 
 
 @dataclass
+class WebSocketSettings:
+    max_backlog: Size = _help(
+        "bytes one /ws socket may have queued (not yet flushed, or waiting behind its "
+        "snapshot) before it is closed with 4008",
+        default=Size(2 * 1024 * 1024),
+    )
+    send_timeout: Duration = _help(
+        "how long a snapshot waits for a socket to drain before closing it with 4008",
+        default=Duration(30),
+    )
+    max_sockets_per_user: int = _help(
+        "open /ws sockets per user on this instance; one more is closed with 4029", default=10
+    )
+    snapshot_cache: Size = _help(
+        "encoded workflow documents kept for snapshots, shared by every socket (0: none)",
+        default=Size(16 * 1024 * 1024),
+    )
+
+
+@dataclass
 class StepSettings:
     name: str = _help("step name", default="")
     routing_key: str = _help("routing key of its dispatch event (default step.NAME)", default="")
@@ -209,6 +229,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     cors: CorsSettings = field(default_factory=CorsSettings)
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     demo_workers: bool = False
 
@@ -368,6 +389,7 @@ def _validate(settings: Settings) -> Settings:
             raise SettingsError(f"server.{name}: expected at least 10ms")
     _validate_rabbitmq(settings.rabbitmq)
     _validate_auth(settings)
+    _validate_websocket(settings.websocket)
     steps = settings.pipeline.steps
     if not steps:
         raise SettingsError("pipeline.steps: expected at least one step")
@@ -416,6 +438,17 @@ def _validate_auth(settings: Settings) -> None:
         raise SettingsError("auth.hash_time_cost, auth.hash_parallelism: expected at least 1")
     if auth.hash_memory_cost < 8 * auth.hash_parallelism:
         raise SettingsError("auth.hash_memory_cost: expected at least 8 KiB per lane")
+
+
+def _validate_websocket(ws: WebSocketSettings) -> None:
+    if ws.max_backlog < 64 * 1024:
+        raise SettingsError(f"websocket.max_backlog: expected at least 64KiB, got {ws.max_backlog}")
+    if ws.send_timeout < 0.1:
+        raise SettingsError("websocket.send_timeout: expected at least 100ms")
+    if ws.max_sockets_per_user < 1:
+        raise SettingsError(
+            f"websocket.max_sockets_per_user: expected at least 1, got {ws.max_sockets_per_user}"
+        )
 
 
 def _validate_rabbitmq(mq: RabbitMQSettings) -> None:

@@ -1,12 +1,16 @@
 """GET /ws: live workflow changes over a WebSocket (DESIGN §6).
 
 Authenticated before the upgrade (`Sec-WebSocket-Protocol: bearer, <jwt>` or `?token=`),
-Origin checked against `cors.allowed_origins`. A client whose unsent backlog passes
-`MAX_BACKLOG` messages is dropped rather than buffered without bound.
+Origin checked against `cors.allowed_origins`. Refusals a browser must be able to tell
+apart come after the upgrade, as close codes: 4029 for a socket over the user's limit,
+4401 when the token expires (the socket is closed at its `exp`), 4404 for a workflow the
+user may not see. The hub bounds what each socket may queue (4008, too slow).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -16,25 +20,30 @@ from marshmallow import ValidationError
 
 from handlers.base import PathOnlyErrorLog
 from stox.auth.tokens import SERVICE, InvalidToken, Principal, TokenAuthority
-from stox.hub import Hub, Subscription
+from stox.hub import Hub, Subscription, TooManySockets
 from stox.orchestrator import NotFound
 from stox.schemas import HEX_ID
 
-MAX_BACKLOG = 1000
-CLOSE_TOO_SLOW = 4008
+CLOSE_TOO_MANY = 4029
+CLOSE_EXPIRED = 4401
 CLOSE_NOT_FOUND = 4404
+MAX_CLIENT_MESSAGE = 64 * 1024  # clients only listen: a larger message closes with 1009
 
 
 class WorkflowSocket(PathOnlyErrorLog, tornado.websocket.WebSocketHandler):
     def initialize(self) -> None:
         self.principal: Principal | None = None
         self.subscription: Subscription | None = None
-        self.backlog = 0
         self.workflow_id: str | None = None
+        self._expiry: asyncio.TimerHandle | None = None
 
     @property
     def hub(self) -> Hub:
         return cast(Hub, self.settings["hub"])
+
+    @property
+    def max_message_size(self) -> int:
+        return MAX_CLIENT_MESSAGE
 
     def check_origin(self, origin: str) -> bool:
         allowed = cast(list[str], self.settings["allowed_origins"])
@@ -77,38 +86,48 @@ class WorkflowSocket(PathOnlyErrorLog, tornado.websocket.WebSocketHandler):
         return subprotocols[0] if subprotocols and subprotocols[0].lower() == "bearer" else None
 
     async def open(self, *args: Any, **kwargs: Any) -> None:
-        assert self.principal is not None
-        owner = None if self.principal.is_admin and self.workflow_id else self.principal.id
+        principal = self.principal
+        assert principal is not None
+        owner = None if principal.is_admin and self.workflow_id else principal.id
         try:
-            self.subscription = await self.hub.subscribe(
-                self, owner=owner, workflow_id=self.workflow_id
+            self.subscription = self.hub.subscribe(
+                self, user=principal.id, owner=owner, workflow_id=self.workflow_id
             )
+        except TooManySockets as exc:
+            self.close(CLOSE_TOO_MANY, str(exc))
+            return
+        self._expiry = asyncio.get_running_loop().call_later(
+            max(0.0, principal.expires_at - time.time()), self._token_expired
+        )
+        try:
+            await self.hub.send_snapshot(self.subscription)
         except NotFound:
             self.close(CLOSE_NOT_FOUND, "no such workflow")
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        self._unsubscribe()
+        self.close(CLOSE_EXPIRED, "token expired")
 
     def on_message(self, message: str | bytes) -> None:
         """Clients only listen; anything they send is ignored."""
 
     def on_close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._unsubscribe()
+
+    def _unsubscribe(self) -> None:
         if self.subscription is not None:
             self.hub.unsubscribe(self.subscription)
             self.subscription = None
 
-    def send(self, message: bytes) -> bool:
-        if self.backlog >= MAX_BACKLOG:
-            self.close(CLOSE_TOO_SLOW, "too slow: backlog over limit")
-            return False
+    def send(self, message: bytes) -> asyncio.Future[None] | None:
         try:
-            future = self.write_message(message)
+            return self.write_message(message)
         except tornado.websocket.WebSocketClosedError:
-            return False
-        self.backlog += 1
-        future.add_done_callback(self._sent)
-        return True
-
-    def _sent(self, future: Any) -> None:
-        self.backlog -= 1
-        future.exception()  # a write to a closed socket is expected here; mark it seen
+            return None
 
 
 routes = [(r"/ws", WorkflowSocket)]

@@ -45,22 +45,30 @@ export async function request(method, path, { body, token } = {}) {
   );
 }
 
+// Close codes the gateway ends a socket with (README, "WebSocket messages").
+const CLOSE_TOO_MANY = 4029; // the user has too many sockets open: wait longer, then retry
+const CLOSE_EXPIRED = 4401; // the token expired: sign in again, reconnecting cannot help
+
 /**
  * The all-my-workflows subscription, kept open: after a drop it reconnects with
  * exponential backoff (with jitter), and each new connection starts with a fresh snapshot.
  *
  * A browser cannot see why a WebSocket handshake failed, so when one is refused before it
- * opens, `onRefused()` is asked whether to go on (it checks the token over HTTP).
+ * opens, `onRefused()` is asked whether to go on (it checks the token over HTTP). Once open,
+ * the gateway says why it closes: at 4401 `onExpired()` is called and nothing reconnects; at
+ * 4029 the next try waits `busyDelay` (the state says `reason: "too-many"`); anything else,
+ * 4008 (too slow) included, reconnects with backoff.
  */
 export class LiveSocket {
-  constructor({ url, token, onMessage, onState, onOpen, onRefused }) {
-    Object.assign(this, { url, token, onMessage, onState, onOpen, onRefused });
+  constructor({ url, token, onMessage, onState, onOpen, onRefused, onExpired }) {
+    Object.assign(this, { url, token, onMessage, onState, onOpen, onRefused, onExpired });
     this.socket = null;
     this.failures = 0;
     this.timer = null;
     this.stopped = false;
     this.baseDelay = 500;
     this.maxDelay = 8000;
+    this.busyDelay = 30000; // after 4029: until another tab has likely closed
     this.stableAfter = 5000; // a connection that lasted this long resets the backoff
     this.onOnline = () => this.reconnectNow();
   }
@@ -113,25 +121,37 @@ export class LiveSocket {
       }
       this.onMessage(message);
     };
-    socket.onclose = async () => {
+    socket.onclose = async (event) => {
       if (this.socket !== socket) return; // replaced or stopped
       this.socket = null;
       if (this.stopped) return;
+      if (event.code === CLOSE_EXPIRED) {
+        this.stop();
+        this.onExpired();
+        return;
+      }
+      if (event.code === CLOSE_TOO_MANY) {
+        this.retry("too-many");
+        return;
+      }
       if (openedAt === null) {
         this.failures += 1;
         const goOn = await this.onRefused();
         if (!goOn || this.stopped) return;
       } else {
+        // 4008 among them: a page that fell behind (too slow) re-syncs from a new snapshot
         this.failures = Date.now() - openedAt >= this.stableAfter ? 0 : this.failures + 1;
       }
       this.retry();
     };
   }
 
-  retry() {
-    const ceiling = Math.min(this.maxDelay, this.baseDelay * 2 ** Math.max(0, this.failures - 1));
+  /** Connect again after a jittered pause; `reason` "too-many" waits `busyDelay`. */
+  retry(reason = null) {
+    const backoff = Math.min(this.maxDelay, this.baseDelay * 2 ** Math.max(0, this.failures - 1));
+    const ceiling = reason === "too-many" ? this.busyDelay : backoff;
     const delay = Math.round(ceiling / 2 + (Math.random() * ceiling) / 2);
-    this.onState({ state: "reconnecting", retryAt: Date.now() + delay });
+    this.onState({ state: "reconnecting", reason, retryAt: Date.now() + delay });
     this.timer = setTimeout(() => this.connect(), delay);
   }
 }

@@ -173,6 +173,7 @@ function showDashboard() {
       renderSoon(); // "Loading…" ends even when there is nothing to load
     },
     onRefused: checkAfterRefusal,
+    onExpired: () => signOut(EXPIRED, "warning"),
   });
   state.live.start();
   renderSoon(true);
@@ -371,13 +372,15 @@ const CONNECTION_TEXT = {
   reconnecting: "Connection lost. Reconnecting…",
   offline: "Offline",
 };
+const TOO_MANY_TEXT = "Too many open dashboards. Close one; retrying in a while…";
 
 function renderConnection(next) {
   state.connection = next;
   const box = $("connection");
   box.dataset.state = next.state;
   $("dashboard").dataset.connection = next.state;
-  $("connection-text").textContent = CONNECTION_TEXT[next.state] ?? next.state;
+  $("connection-text").textContent =
+    next.reason === "too-many" ? TOO_MANY_TEXT : (CONNECTION_TEXT[next.state] ?? next.state);
   $("reconnect-now").hidden = next.state !== "reconnecting";
 }
 

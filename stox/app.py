@@ -157,7 +157,7 @@ class Gateway:
             cache_size=settings.storage.cache_max_documents,
             cache_bytes=settings.storage.cache_max_bytes,
         )
-        self.hub = Hub(self.orchestrator)
+        self.hub = Hub.from_settings(self.orchestrator, settings.websocket)
         self.topology = Topology(settings.rabbitmq.prefix, self.instance_id)
         self._tasks: list[asyncio.Task[None]] = []
 

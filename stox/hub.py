@@ -3,77 +3,256 @@
 The hub consumes this instance's change notifications (`workflow.changed`, published by
 whichever instance made the change) and sends each subscriber a snapshot first, then every
 newer change of its workflows in `version` order: a change older than what a subscriber
-already has is skipped, and changes arriving while its snapshot loads wait behind it. Each
-message is encoded once and the same bytes go to every subscriber.
+already has is skipped, and changes arriving while its snapshot is sent wait behind it.
+
+What one socket may cost is bounded in bytes (`max_backlog`): what was handed to it and not
+yet flushed to the kernel, plus the changes waiting behind its snapshot. A change that would
+pass the bound closes the socket with 4008; one message larger than the bound goes alone.
+A snapshot is loaded a page at a time and paced by the socket: each message waits until the
+backlog has room (half the bound, leaving the rest for changes that arrive meanwhile), and a
+socket that does not drain within `send_timeout` is closed with 4008. At most
+SNAPSHOT_BUILDERS pages are loaded at once, and the loop is given back after every message.
+
+Snapshots encode each workflow's document once per version, kept in an LRU bounded in bytes
+(`DocumentCache`) and shared by every subscriber; a change is encoded once for all of its
+subscribers. Messages are built around those bytes, never by encoding the document again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 import json
 import logging
 import time
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from stox.bus.base import Event
 from stox.orchestrator import Orchestrator
-from stox.workflow import isoformat
+from stox.workflow import Workflow, isoformat
+
+if TYPE_CHECKING:
+    from settings import WebSocketSettings
 
 log = logging.getLogger(__name__)
 
+CLOSE_TOO_SLOW = 4008
 SNAPSHOT_LIMIT = 100  # newest workflows sent when subscribing to all of a user's
+SNAPSHOT_PAGE = 10  # workflows loaded (and decoded) at a time for one snapshot
+SNAPSHOT_BUILDERS = 4  # snapshot pages loaded at once, across all subscribers
 
 
 class Connection(Protocol):
-    """What the hub needs of a WebSocket: send bytes (False once dropped), and close."""
+    """What the hub needs of a WebSocket."""
 
-    def send(self, message: bytes) -> bool: ...
+    def send(self, message: bytes) -> asyncio.Future[None] | None:
+        """Hand `message` to the socket: a future that resolves once it is flushed to the
+        kernel; None when the socket is closed."""
 
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
+
+
+class TooManySockets(Exception):
+    """The user already has `limit` sockets open on this instance."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"too many open sockets: at most {limit} per user")
+        self.limit = limit
 
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def encode(kind: str, workflow_id: str, version: int, data_json: str) -> bytes:
-    """One WebSocket message around `data_json`, already encoded: a change notification
-    sends its workflow document once however many changes it reports."""
+def encode(kind: str, workflow_id: str, version: int, *data: bytes) -> bytes:
+    """One WebSocket message whose `data` is the concatenation of `data`, already encoded:
+    the workflow document inside is copied once, never encoded again."""
     head = _dumps(
         {"type": kind, "workflow_id": workflow_id, "version": version, "ts": isoformat(time.time())}
     )
-    return f'{head[:-1]},"data":{data_json}}}'.encode()
+    return b"".join((head[:-1].encode(), b',"data":', *data, b"}"))
+
+
+class DocumentCache:
+    """Each workflow's public document, encoded, at the newest version asked for: an LRU
+    bounded in bytes, shared by every subscriber (a document larger than it is not kept)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, workflow_id: str, version: int, encode: Callable[[], bytes]) -> bytes:
+        """The document at `version`, from the cache or from `encode()`."""
+        entry = self._entries.get(workflow_id)
+        if entry is not None and entry[0] == version:
+            self._entries.move_to_end(workflow_id)
+            return entry[1]
+        data = encode()
+        if entry is None or entry[0] < version:  # an older version is of no more use
+            self._put(workflow_id, version, data)
+        return data
+
+    def _put(self, workflow_id: str, version: int, data: bytes) -> None:
+        old = self._entries.pop(workflow_id, None)
+        if old is not None:
+            self._bytes -= len(old[1])
+        if len(data) > self.max_bytes:
+            return
+        self._entries[workflow_id] = (version, data)
+        self._bytes += len(data)
+        while self._bytes > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self._bytes -= len(dropped)
 
 
 class Subscription:
-    """One socket's interest: one workflow, or every workflow of an owner (None: all)."""
+    """One socket's interest (one workflow, or every workflow of an owner; None: all) and
+    what is queued for it: `backlog`, bytes handed to the socket and not yet flushed, and
+    `pending`, changes waiting behind its snapshot (`pending_bytes` of them)."""
 
-    __slots__ = ("connection", "owner", "pending", "ready", "seen", "workflow_id")
+    __slots__ = (
+        "_order",
+        "_progress",
+        "active",
+        "backlog",
+        "connection",
+        "max_backlog",
+        "owner",
+        "pending",
+        "pending_bytes",
+        "ready",
+        "seen",
+        "user",
+        "workflow_id",
+    )
 
-    def __init__(self, connection: Connection, owner: str | None, workflow_id: str | None):
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        user: str,
+        owner: str | None,
+        workflow_id: str | None,
+        max_backlog: int,
+    ) -> None:
         self.connection = connection
+        self.user = user
         self.owner = owner
         self.workflow_id = workflow_id
+        self.max_backlog = max_backlog
         self.seen: dict[str, int] = {}  # workflow id -> last version sent
-        self.ready = False
-        self.pending: list[tuple[str, int, list[bytes]]] = []
+        self.ready = False  # the snapshot and the changes that waited behind it are sent
+        self.active = True  # registered with the hub
+        self.backlog = 0
+        # a heap of (version, arrival, workflow id, messages): released in version order
+        self.pending: list[tuple[int, int, str, list[bytes]]] = []
+        self.pending_bytes = 0
+        self._order = itertools.count()
+        self._progress: asyncio.Event | None = None
+
+    @property
+    def queued(self) -> int:
+        return self.backlog + self.pending_bytes
 
     def offer(self, workflow_id: str, version: int, messages: list[bytes]) -> bool:
-        """Send if newer than what this subscriber has; False when the socket is gone."""
+        """Send a change newer than what this subscriber has, or queue it behind the
+        snapshot; False once the socket is dropped (closed with 4008 if too slow)."""
         if not self.ready:
-            self.pending.append((workflow_id, version, messages))
+            size = sum(map(len, messages))
+            # what waits cannot drain before the snapshot is out: bounded even when nothing
+            # is in flight (only the first change may be larger than the bound)
+            if self.queued and self.queued + size > self.max_backlog:
+                return self.too_slow(f"too slow: over {self.max_backlog} bytes waiting")
+            heapq.heappush(self.pending, (version, next(self._order), workflow_id, messages))
+            self.pending_bytes += size
             return True
         if self.seen.get(workflow_id, 0) >= version:
             return True
         self.seen[workflow_id] = version
-        return all(self.connection.send(message) for message in messages)
+        return all(self.send(message) for message in messages)
+
+    def send(self, message: bytes) -> bool:
+        """Hand one message to the socket unless that passes the bound (a message larger
+        than the bound goes when nothing is in flight); False once the socket is dropped."""
+        size = len(message)
+        if not self.has_room(size, self.max_backlog):
+            return self.too_slow(f"too slow: over {self.max_backlog} bytes waiting")
+        future = self.connection.send(message)
+        if future is None:
+            return False
+        self.backlog += size
+        future.add_done_callback(lambda done: self._flushed(done, size))
+        return True
+
+    def has_room(self, size: int, limit: int) -> bool:
+        """Whether `size` more bytes keep what is queued within `limit`, or nothing is in
+        flight (the only way a message larger than the bound can go)."""
+        return self.backlog == 0 or self.queued + size <= limit
+
+    async def progress(self) -> None:
+        """Until a write is flushed or the subscription ends."""
+        if self._progress is None:
+            self._progress = asyncio.Event()
+        await self._progress.wait()
+        self._progress = None
+
+    def too_slow(self, reason: str) -> bool:
+        """Close the socket with 4008; False, for the caller to return."""
+        self.connection.close(CLOSE_TOO_SLOW, reason)
+        return False
+
+    def end(self) -> None:
+        self.active = False
+        self.pending.clear()
+        self.pending_bytes = 0
+        self._wake()
+
+    def _flushed(self, future: asyncio.Future[None], size: int) -> None:
+        self.backlog -= size
+        if not future.cancelled():
+            future.exception()  # a write to a closed socket is expected here; mark it seen
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._progress is not None:
+            self._progress.set()
 
 
 class Hub:
-    def __init__(self, orchestrator: Orchestrator, snapshot_limit: int = SNAPSHOT_LIMIT) -> None:
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        *,
+        max_backlog: int,
+        send_timeout: float,
+        max_sockets_per_user: int,
+        snapshot_cache: int,
+        snapshot_limit: int = SNAPSHOT_LIMIT,
+    ) -> None:
+        """The limits are those of `websocket.*` in settings.py (see `from_settings`)."""
         self.orchestrator = orchestrator
+        self.max_backlog = max_backlog
+        self.send_timeout = send_timeout
+        self.max_sockets_per_user = max_sockets_per_user
         self.snapshot_limit = snapshot_limit
+        self.documents = DocumentCache(snapshot_cache)
+        self._builders = asyncio.Semaphore(SNAPSHOT_BUILDERS)
         self._by_workflow: dict[str, set[Subscription]] = {}
         self._by_owner: dict[str | None, set[Subscription]] = {}
+        self._sockets: Counter[str] = Counter()  # user -> subscriptions
+
+    @classmethod
+    def from_settings(cls, orchestrator: Orchestrator, settings: WebSocketSettings) -> Hub:
+        return cls(
+            orchestrator,
+            max_backlog=settings.max_backlog,
+            send_timeout=settings.send_timeout,
+            max_sockets_per_user=settings.max_sockets_per_user,
+            snapshot_cache=settings.snapshot_cache,
+        )
 
     @property
     def subscriber_count(self) -> int:
@@ -81,51 +260,117 @@ class Hub:
             len(s) for s in self._by_owner.values()
         )
 
-    async def subscribe(
-        self, connection: Connection, *, owner: str | None, workflow_id: str | None
+    def subscribe(
+        self, connection: Connection, *, user: str, owner: str | None, workflow_id: str | None
     ) -> Subscription:
-        """Register, send snapshots, then release changes that arrived meanwhile.
+        """Register a socket of `user`; changes from now on wait behind its snapshot, which
+        `send_snapshot` sends. TooManySockets when `user` has max_sockets_per_user already.
 
-        `owner` limits what may be seen (None: an admin, who sees everything). With a
-        `workflow_id` another owner's workflow raises NotFound, as the HTTP API answers 404.
+        `owner` limits what may be seen (None: an admin, who sees everything).
         """
-        sub = Subscription(connection, owner, workflow_id)
-        # Registered before the snapshot loads, so changes made meanwhile are held in
-        # `pending` rather than missed; they are released once the snapshot has gone out.
+        if self._sockets[user] >= self.max_sockets_per_user:
+            raise TooManySockets(self.max_sockets_per_user)
+        sub = Subscription(
+            connection,
+            user=user,
+            owner=owner,
+            workflow_id=workflow_id,
+            max_backlog=self.max_backlog,
+        )
+        self._sockets[user] += 1
         if workflow_id is not None:
             self._by_workflow.setdefault(workflow_id, set()).add(sub)
         else:
             self._by_owner.setdefault(owner, set()).add(sub)
+        return sub
+
+    async def send_snapshot(self, sub: Subscription) -> None:
+        """Send the snapshot, then the changes that arrived meanwhile; from then on changes
+        go straight out. With a `workflow_id`, another owner's workflow raises NotFound, as
+        the HTTP API answers 404. A subscription that fails is unsubscribed."""
         try:
-            if workflow_id is not None:
-                snapshots = [await self.orchestrator.get(workflow_id, owner)]
-            else:
-                snapshots = await self.orchestrator.list(owner, None, self.snapshot_limit)
+            sent = await self._send_snapshot(sub) and await self._release_pending(sub)
         except BaseException:
             self.unsubscribe(sub)
             raise
-        if not self._registered(sub):  # closed or dropped while the snapshot loaded
-            return sub
-        for workflow in reversed(snapshots):
-            sub.seen[workflow.id] = workflow.version
-            data = encode("snapshot", workflow.id, workflow.version, _dumps(workflow.public()))
-            if not connection.send(data):
-                self.unsubscribe(sub)
-                return sub
-        sub.ready = True
-        for wid, version, messages in sorted(sub.pending, key=lambda item: item[1]):
-            if not sub.offer(wid, version, messages):
-                self.unsubscribe(sub)
-                break
-        sub.pending.clear()
-        return sub
+        if not sent:
+            self.unsubscribe(sub)
 
-    def _registered(self, sub: Subscription) -> bool:
-        if sub.workflow_id is not None:
-            return sub in self._by_workflow.get(sub.workflow_id, ())
-        return sub in self._by_owner.get(sub.owner, ())
+    async def _send_snapshot(self, sub: Subscription) -> bool:
+        before: tuple[str, str] | None = None
+        remaining = 1 if sub.workflow_id is not None else self.snapshot_limit
+        while remaining > 0:
+            page_size = min(SNAPSHOT_PAGE, remaining)
+            page, before = await self._load_page(sub, page_size, before)
+            if not sub.active:  # closed or dropped while the page loaded
+                return False
+            for workflow_id, version, document in page:
+                sub.seen[workflow_id] = version
+                message = encode("snapshot", workflow_id, version, document)
+                if not await self._send_paced(sub, message, self.max_backlog // 2):
+                    return False
+            if len(page) < page_size:
+                break
+            remaining -= len(page)
+        return True
+
+    async def _load_page(
+        self, sub: Subscription, limit: int, before: tuple[str, str] | None
+    ) -> tuple[list[tuple[str, int, bytes]], tuple[str, str] | None]:
+        """(id, version, encoded document) of the next page, newest first, and its cursor.
+
+        Only the encoded documents outlive the page: the decoded ones are dropped here.
+        """
+        async with self._builders:
+            if sub.workflow_id is not None:
+                workflows = [await self.orchestrator.get(sub.workflow_id, sub.owner)]
+            else:
+                workflows = await self.orchestrator.list(sub.owner, None, limit, before)
+            page = [(w.id, w.version, self._document(w)) for w in workflows]
+        cursor = (workflows[-1].created_at, workflows[-1].id) if workflows else None
+        return page, cursor
+
+    def _document(self, workflow: Workflow) -> bytes:
+        return self.documents.get(
+            workflow.id, workflow.version, lambda: _dumps(workflow.public()).encode()
+        )
+
+    async def _release_pending(self, sub: Subscription) -> bool:
+        """Send what waited behind the snapshot, oldest version first, paced like it."""
+        while sub.pending:
+            version, _, workflow_id, messages = heapq.heappop(sub.pending)
+            sub.pending_bytes -= sum(map(len, messages))
+            if sub.seen.get(workflow_id, 0) >= version:
+                continue
+            sub.seen[workflow_id] = version
+            for message in messages:
+                if not await self._send_paced(sub, message, self.max_backlog):
+                    return False
+        sub.ready = True
+        return True
+
+    async def _send_paced(self, sub: Subscription, message: bytes, limit: int) -> bool:
+        """Send once the backlog leaves room for `message` within `limit`; False when the
+        socket is gone, or did not drain within send_timeout (then closed with 4008)."""
+        if not sub.has_room(len(message), limit):
+            try:
+                async with asyncio.timeout(self.send_timeout):
+                    while sub.active and not sub.has_room(len(message), limit):
+                        await sub.progress()
+            except TimeoutError:
+                return sub.too_slow(f"too slow: not drained within {self.send_timeout:g}s")
+        if not (sub.active and sub.send(message)):
+            return False
+        await asyncio.sleep(0)  # one message at a time: the loop serves others in between
+        return sub.active
 
     def unsubscribe(self, sub: Subscription) -> None:
+        if not sub.active:
+            return
+        sub.end()
+        self._sockets[sub.user] -= 1
+        if not self._sockets[sub.user]:
+            del self._sockets[sub.user]
         key_sets: Iterable[tuple[dict[Any, set[Subscription]], Any]] = (
             (self._by_workflow, sub.workflow_id),
             (self._by_owner, sub.owner),
@@ -151,10 +396,18 @@ class Hub:
         ]
         if not targets:
             return
-        document_json = _dumps(document)
+        # not cached: clearing the outbox moves the stored workflow one version on
+        document_json = _dumps(document).encode()
         messages = [
             encode(
-                kind, workflow_id, version, f'{{"step":{_dumps(step)},"workflow":{document_json}}}'
+                kind,
+                workflow_id,
+                version,
+                b'{"step":',
+                _dumps(step).encode(),
+                b',"workflow":',
+                document_json,
+                b"}",
             )
             for kind, step in changes
         ]
@@ -167,7 +420,7 @@ class Hub:
             for members in list(index.values()):
                 for sub in list(members):
                     sub.connection.close(1001, "server shutting down")
-            index.clear()
+                    self.unsubscribe(sub)
 
 
 def _parse_change(

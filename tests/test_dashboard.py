@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from support import RunningGateway, free_port, running_gateway
+from support import RunningGateway, eventually, free_port, running_gateway
 
 import settings as settings_module
 from stox.auth.tokens import TokenAuthority
@@ -142,11 +142,15 @@ async def dashboard(
     token: str | None = None,
     width: int = 1280,
     height: int = 860,
+    init_script: str | None = None,
 ) -> AsyncIterator[Dashboard]:
-    """The page in a fresh context; signed in as `user` (a session in sessionStorage)."""
+    """The page in a fresh context; signed in as `user` (a session in sessionStorage);
+    `init_script` runs before the page's own scripts."""
     context: BrowserContext = await browser.new_context(
         base_url=gw.base_url, viewport={"width": width, "height": height}
     )
+    if init_script is not None:
+        await context.add_init_script(init_script)
     if user is not None or token is not None:
         session = {"token": token or gw.token(user or "alice"), "username": user or "alice"}
         await context.add_init_script(
@@ -513,6 +517,94 @@ async def test_a_token_that_no_longer_works_returns_to_sign_in(
             await expect(page.locator("#signin-message")).to_contain_text("session has expired")
             await expect(page.locator("#dashboard")).to_be_hidden()
             assert await page.evaluate("() => sessionStorage.getItem('stox.session')") is None
+
+
+# The page's WebSockets, counted (window.socketsOpened), and a clock an hour behind the
+# server's, so that only the gateway can tell the page its token has expired.
+COUNT_SOCKETS = """
+window.socketsOpened = 0;
+window.WebSocket = class extends window.WebSocket {
+  constructor(...args) { super(...args); window.socketsOpened += 1; }
+};
+"""
+CLOCK_AN_HOUR_BEHIND = """
+{ const now = Date.now.bind(Date); Date.now = () => now() - 3_600_000; }
+"""
+
+
+async def sockets_opened(page: Page) -> int:
+    return int(await page.evaluate("() => window.socketsOpened"))
+
+
+async def test_a_session_that_expires_while_live_returns_to_sign_in(
+    browser: Browser, tmp_path: Path
+) -> None:
+    async with (
+        running_gateway(tmp_path, jwt__expiry=settings_module.Duration(3)) as gw,
+        dashboard(
+            browser, gw, user=None, init_script=COUNT_SOCKETS + CLOCK_AN_HOUR_BEHIND
+        ) as board,
+    ):
+        page = board.page
+        await page.get_by_label("Username", exact=True).fill("alice")
+        await page.get_by_label("Password", exact=True).fill("correct horse battery")
+        await page.get_by_role("button", name="Register").click()
+        await expect(page.locator("#signin-message")).to_contain_text("created")
+        await page.get_by_role("button", name="Sign in").click()
+        await live(board)  # a login token good for 3 s, which this page thinks has an hour
+
+        # the gateway closes the socket at the token's exp (4401): the page signs out
+        await expect(page.get_by_role("heading", name="Sign in to Stox")).to_be_visible()
+        await expect(page.locator("#signin-message")).to_contain_text("session has expired")
+        await expect(page.locator("#dashboard")).to_be_hidden()
+        assert await page.evaluate("() => sessionStorage.getItem('stox.session')") is None
+        assert await sockets_opened(page) == 1, "it did not try to reconnect"
+
+
+def one_socket_per_user(settings: settings_module.Settings) -> None:
+    settings.websocket.max_sockets_per_user = 1
+
+
+async def test_too_many_open_dashboards_is_said_and_retried_later(
+    browser: Browser, tmp_path: Path
+) -> None:
+    async with running_gateway(tmp_path, one_socket_per_user) as gw:
+        token = gw.token("alice")
+        other_tab = await gw.ws_connect(token)
+        try:
+            async with dashboard(browser, gw, token=token, init_script=COUNT_SOCKETS) as board:
+                page = board.page
+                connection = page.locator("#connection")
+                await expect(connection).to_contain_text("Too many open dashboards")
+                await expect(connection).to_have_attribute("data-state", "reconnecting")
+                await page.wait_for_timeout(1500)  # an ordinary drop would have retried by now
+                assert await sockets_opened(page) == 1
+                await expect(page.locator("#signin-view")).to_be_hidden()
+
+                other_tab.close()
+                await eventually(lambda: gw.gateway.hub.subscriber_count == 0)
+                await page.get_by_role("button", name="Reconnect now").click()
+                await live(board)
+                assert await sockets_opened(page) == 2
+        finally:
+            other_tab.close()
+
+
+async def test_a_page_that_fell_behind_reconnects(browser: Browser, tmp_path: Path) -> None:
+    async with running_gateway(tmp_path) as gw:
+        token = gw.token("alice")
+        workflow_id = await gw.upload(token, name="Linen Apron")
+        async with dashboard(browser, gw, token=token, init_script=COUNT_SOCKETS) as board:
+            page = board.page
+            await live(board)
+            await expect(board.row(workflow_id)).to_be_visible()
+            for members in list(gw.gateway.hub._by_owner.values()):
+                for sub in list(members):  # as the hub drops a socket whose backlog is full
+                    sub.too_slow("too slow: over 2097152 bytes waiting")
+            await eventually(lambda: page.evaluate("() => window.socketsOpened === 2"))
+            await live(board)
+            await expect(board.rows).to_have_count(1)
+            await expect(page.locator("#signin-view")).to_be_hidden()
 
 
 class Server:

@@ -1,4 +1,4 @@
-"""Unit tests of the WebSocket hub (stox/hub.py) and the slow-client bound of handlers/ws.py.
+"""Unit tests of the WebSocket hub (stox/hub.py), with the real handler for its byte bound.
 
 The hub runs on a real Orchestrator over an in-memory fake store (whose reads can be held
 open, to put changes in flight while a snapshot loads) and a fake bus that records what is
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -19,9 +20,20 @@ import tornado.httputil
 import tornado.web
 import tornado.websocket
 
-from handlers.ws import CLOSE_TOO_SLOW, MAX_BACKLOG, WorkflowSocket
+from handlers.ws import WorkflowSocket
+from settings import WebSocketSettings
 from stox.bus.base import Event
-from stox.hub import Hub
+from stox.hub import (
+    CLOSE_TOO_SLOW,
+    SNAPSHOT_BUILDERS,
+    SNAPSHOT_LIMIT,
+    SNAPSHOT_PAGE,
+    Connection,
+    DocumentCache,
+    Hub,
+    Subscription,
+    TooManySockets,
+)
 from stox.orchestrator import NotFound, Orchestrator
 from stox.workflow import CHANGE_ROUTING_KEY, Pipeline, Report, Workflow
 
@@ -43,6 +55,7 @@ class FakeStore:
         self._hold: asyncio.Event | None = None
         self._holding: asyncio.Event | None = None
         self.read_started = asyncio.Event()
+        self.listed: list[int] = []  # how many documents each list() returned
 
     def hold_next_read(self) -> None:
         self._hold = asyncio.Event()
@@ -94,12 +107,16 @@ class FakeStore:
         before: tuple[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         docs = [
-            copy.deepcopy(d)
+            d
             for d in self.docs.values()
-            if (owner is None or d["owner"] == owner) and (status is None or d["status"] == status)
+            if (owner is None or d["owner"] == owner)
+            and (status is None or d["status"] == status)
+            and (before is None or (d["created_at"], d["id"]) < before)
         ]
         docs.sort(key=lambda d: (d["created_at"], d["id"]), reverse=True)
-        return await self._held(docs[:limit])
+        page = [copy.deepcopy(d) for d in docs[:limit]]
+        self.listed.append(len(page))
+        return await self._held(page)
 
     async def due(self, now: str, limit: int) -> list[dict[str, Any]]:
         return []
@@ -143,11 +160,13 @@ class FakeConnection:
         self.sent: list[bytes] = []
         self.closed: tuple[int | None, str | None] | None = None
 
-    def send(self, message: bytes) -> bool:
+    def send(self, message: bytes) -> asyncio.Future[None] | None:
         if not self.accept:
-            return False
+            return None
         self.sent.append(message)
-        return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)  # flushed at once
+        return future
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         self.closed = (code, reason)
@@ -162,7 +181,7 @@ class FakeConnection:
 class World:
     """A real Orchestrator on the fakes, and the hub under test."""
 
-    def __init__(self) -> None:
+    def __init__(self, **hub_options: Any) -> None:
         self.store = FakeStore()
         self.bus = FakeBus()
         self.clock_now = 1_700_000_000.0
@@ -172,15 +191,24 @@ class World:
             Pipeline(),
             clock=self.clock,
         )
-        self.hub = Hub(self.orchestrator)
+        limits = dataclasses.replace(WebSocketSettings(), **hub_options)
+        self.hub = Hub.from_settings(self.orchestrator, limits)
         self._delivered = 0
 
     def clock(self) -> float:
         self.clock_now += 1.0  # distinct created_at for every upload: a stable list order
         return self.clock_now
 
-    async def upload(self, owner: str = "alice") -> Workflow:
-        workflow = await self.orchestrator.upload(owner, {"name": "Mug"})
+    async def subscribe(
+        self, conn: Connection, *, owner: str | None, workflow_id: str | None, user: str = "alice"
+    ) -> Subscription:
+        """Subscribe and send the snapshot, as the handler does."""
+        sub = self.hub.subscribe(conn, user=user, owner=owner, workflow_id=workflow_id)
+        await self.hub.send_snapshot(sub)
+        return sub
+
+    async def upload(self, owner: str = "alice", **product: Any) -> Workflow:
+        workflow = await self.orchestrator.upload(owner, {"name": "Mug", **product})
         await self.orchestrator.drain()
         return workflow
 
@@ -240,7 +268,7 @@ async def test_snapshot_first_then_changes(world: World) -> None:
     stored = await world.orchestrator.get(wf.id)
     world.new_notifications()
     conn = FakeConnection()
-    await world.hub.subscribe(conn, owner="alice", workflow_id=wf.id)
+    await world.subscribe(conn, owner="alice", workflow_id=wf.id)
 
     [snapshot] = conn.messages()
     assert set(snapshot) == MESSAGE_KEYS
@@ -271,9 +299,9 @@ async def test_each_message_is_encoded_once_for_all_subscribers(world: World) ->
     wf = await world.upload()
     world.new_notifications()
     by_workflow, by_owner, admin = FakeConnection(), FakeConnection(), FakeConnection()
-    await world.hub.subscribe(by_workflow, owner="alice", workflow_id=wf.id)
-    await world.hub.subscribe(by_owner, owner="alice", workflow_id=None)
-    await world.hub.subscribe(admin, owner=None, workflow_id=None)
+    await world.subscribe(by_workflow, owner="alice", workflow_id=wf.id)
+    await world.subscribe(by_owner, owner="alice", workflow_id=None)
+    await world.subscribe(admin, owner=None, workflow_id=None)
     assert world.hub.subscriber_count == 3
 
     await world.complete_step(wf.id)
@@ -291,7 +319,7 @@ async def test_a_change_not_newer_than_what_a_subscriber_has_is_skipped(world: W
     wf = await world.upload()
     upload_change = world.new_notifications()
     conn = FakeConnection()
-    await world.hub.subscribe(conn, owner="alice", workflow_id=wf.id)
+    await world.subscribe(conn, owner="alice", workflow_id=wf.id)
     snapshot_version = conn.messages()[0]["version"]
 
     await world.complete_step(wf.id)
@@ -309,7 +337,7 @@ async def test_a_change_not_newer_than_what_a_subscriber_has_is_skipped(world: W
 async def test_a_change_equal_to_the_snapshot_version_is_skipped(world: World) -> None:
     conn = FakeConnection()
     wf = await world.upload()
-    await world.hub.subscribe(conn, owner=None, workflow_id=wf.id)
+    await world.subscribe(conn, owner=None, workflow_id=wf.id)
     version = conn.messages()[0]["version"]
     await world.deliver([notification(wf.id, version), notification(wf.id, version - 1)])
     await world.deliver([notification(wf.id, version + 1)])
@@ -325,7 +353,7 @@ async def test_changes_during_a_workflow_snapshot_wait_behind_it(world: World) -
     conn = FakeConnection()
 
     world.store.hold_next_read()
-    subscribing = asyncio.ensure_future(world.hub.subscribe(conn, owner="alice", workflow_id=wf.id))
+    subscribing = asyncio.ensure_future(world.subscribe(conn, owner="alice", workflow_id=wf.id))
     await asyncio.wait_for(world.store.read_started.wait(), 5)
     snapshot_version = (await world.orchestrator.get(wf.id)).version
 
@@ -368,7 +396,7 @@ async def test_changes_during_an_owner_snapshot_wait_behind_it(world: World) -> 
     conn = FakeConnection()
 
     world.store.hold_next_read()
-    subscribing = asyncio.ensure_future(world.hub.subscribe(conn, owner="alice", workflow_id=None))
+    subscribing = asyncio.ensure_future(world.subscribe(conn, owner="alice", workflow_id=None))
     await asyncio.wait_for(world.store.read_started.wait(), 5)
     snapshot_version = (await world.orchestrator.get(older.id)).version
 
@@ -401,7 +429,7 @@ async def test_a_snapshot_that_fails_to_load_leaves_no_subscription(world: World
     wf = await world.upload("bob")
     conn = FakeConnection()
     world.store.hold_next_read()
-    subscribing = asyncio.ensure_future(world.hub.subscribe(conn, owner="alice", workflow_id=wf.id))
+    subscribing = asyncio.ensure_future(world.subscribe(conn, owner="alice", workflow_id=wf.id))
     await asyncio.wait_for(world.store.read_started.wait(), 5)
     await world.deliver([notification(wf.id, 99, owner="bob")])
     world.store.release()
@@ -417,7 +445,7 @@ async def test_a_subscription_closed_while_its_snapshot_loads_gets_nothing(world
     wf = await world.upload()
     conn = FakeConnection()
     world.store.hold_next_read()
-    subscribing = asyncio.ensure_future(world.hub.subscribe(conn, owner="alice", workflow_id=wf.id))
+    subscribing = asyncio.ensure_future(world.subscribe(conn, owner="alice", workflow_id=wf.id))
     await asyncio.wait_for(world.store.read_started.wait(), 5)
     await world.hub.close()  # the server shuts down meanwhile
     assert conn.closed is not None and conn.closed[0] == 1001
@@ -431,9 +459,9 @@ async def test_another_owners_workflow_is_not_found(world: World) -> None:
     wf = await world.upload("bob")
     conn = FakeConnection()
     with pytest.raises(NotFound):
-        await world.hub.subscribe(conn, owner="alice", workflow_id=wf.id)
+        await world.subscribe(conn, owner="alice", workflow_id=wf.id)
     with pytest.raises(NotFound):
-        await world.hub.subscribe(conn, owner="alice", workflow_id="f" * 32)
+        await world.subscribe(conn, owner="alice", workflow_id="f" * 32)
     assert world.hub.subscriber_count == 0
     assert conn.sent == []
 
@@ -445,8 +473,8 @@ async def test_a_connection_whose_send_fails_is_unsubscribed(world: World) -> No
     wf = await world.upload()
     world.new_notifications()
     healthy, dropping = FakeConnection(), FakeConnection()
-    await world.hub.subscribe(healthy, owner="alice", workflow_id=wf.id)
-    await world.hub.subscribe(dropping, owner="alice", workflow_id=None)
+    await world.subscribe(healthy, owner="alice", workflow_id=wf.id)
+    await world.subscribe(dropping, owner="alice", workflow_id=None)
     assert world.hub.subscriber_count == 2
 
     dropping.accept = False
@@ -464,11 +492,11 @@ async def test_a_connection_whose_send_fails_is_unsubscribed(world: World) -> No
 async def test_a_connection_that_fails_its_snapshot_is_unsubscribed(world: World) -> None:
     await world.upload()
     conn = FakeConnection(accept=False)
-    await world.hub.subscribe(conn, owner="alice", workflow_id=None)
+    await world.subscribe(conn, owner="alice", workflow_id=None)
     assert world.hub.subscriber_count == 0
 
 
-# -- the slow-client bound of the real handler ---------------------------------------------
+# -- the byte bound, with the real handler on a client that never reads ---------------------
 
 
 class _StubHTTPConnection:
@@ -477,7 +505,8 @@ class _StubHTTPConnection:
 
 
 class StalledSocket(WorkflowSocket):
-    """The real WorkflowSocket, writing to a client that never reads: no write completes."""
+    """The real WorkflowSocket, writing to a client that never reads: no write completes
+    until the test flushes it."""
 
     def __init__(self, hub: Hub) -> None:
         app = tornado.web.Application([], hub=hub, allowed_origins=[])
@@ -487,6 +516,7 @@ class StalledSocket(WorkflowSocket):
             connection=_StubHTTPConnection(),
         )
         super().__init__(app, request)
+        self.written: list[bytes] = []
         self.writes: list[asyncio.Future[None]] = []
         self.closed_with: list[tuple[int | None, str | None]] = []
         self.refuse_writes = False
@@ -495,53 +525,344 @@ class StalledSocket(WorkflowSocket):
         if self.refuse_writes:
             raise tornado.websocket.WebSocketClosedError()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.written.append(message)
         self.writes.append(future)
         return future
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         self.closed_with.append((code, reason))
 
+    async def flush(self, count: int | None = None) -> None:
+        """Let the client read the oldest `count` writes (default: all so far)."""
+        for future in [f for f in self.writes if not f.done()][:count]:
+            future.set_result(None)
+        await asyncio.sleep(0)  # done callbacks run on the loop
 
-async def test_a_slow_client_is_dropped_once_its_backlog_passes_the_bound(world: World) -> None:
+    def messages(self) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.written]
+
+
+BOUND = 64 * 1024
+TOO_SLOW = (CLOSE_TOO_SLOW, f"too slow: over {BOUND} bytes waiting")
+
+
+def sized_notification(workflow_id: str, version: int, size: int) -> Event:
+    """A change whose one message is `size` bytes of padding and a little more."""
+    event = notification(workflow_id, version)
+    event.payload["workflow"]["padding"] = "x" * size
+    return event
+
+
+async def settle() -> None:
+    """Let every task run until it waits on something other than the loop."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+async def test_a_live_change_that_would_pass_the_bound_closes_the_socket() -> None:
+    world = World(max_backlog=BOUND)
     wf = await world.upload()
     socket = StalledSocket(world.hub)
-    await world.hub.subscribe(socket, owner="alice", workflow_id=wf.id)
-    assert socket.backlog == 1  # the snapshot, never written out
+    sub = await world.subscribe(socket, owner="alice", workflow_id=wf.id)
+    assert sub.backlog == len(socket.written[0])  # the snapshot, never flushed
 
     version = (await world.orchestrator.get(wf.id)).version
-    for step in range(MAX_BACKLOG - 1):
-        await world.hub.on_change(notification(wf.id, version + 1 + step))
-    assert socket.backlog == MAX_BACKLOG
-    assert socket.closed_with == []
-    assert world.hub.subscriber_count == 1
-
-    await world.hub.on_change(notification(wf.id, version + MAX_BACKLOG))
-    assert socket.closed_with and socket.closed_with[0][0] == CLOSE_TOO_SLOW
+    for step in range(1, 100):
+        await world.hub.on_change(sized_notification(wf.id, version + step, 10_000))
+        if socket.closed_with:
+            break
+    assert socket.closed_with == [TOO_SLOW]
     assert world.hub.subscriber_count == 0
-    assert len(socket.writes) == MAX_BACKLOG, "nothing written past the bound"
+    written = sum(map(len, socket.written))
+    assert sub.backlog == written <= BOUND < written + 10_000, "nothing written past the bound"
+    assert len(socket.written) == 7  # the snapshot and six changes of ~10 KB
 
-    # and the handler's own send reports the drop too
-    assert socket.send(b"{}") is False
+    await world.hub.on_change(sized_notification(wf.id, version + 100, 10))
+    assert len(socket.written) == 7, "a dropped socket gets nothing more"
 
 
-async def test_completed_writes_shrink_the_backlog(world: World) -> None:
+async def test_a_message_larger_than_the_bound_goes_when_nothing_is_in_flight() -> None:
+    world = World(max_backlog=BOUND)
+    wf = await world.upload()
     socket = StalledSocket(world.hub)
-    for _ in range(MAX_BACKLOG):
-        assert socket.send(b"{}") is True
-    for future in socket.writes[:10]:
-        future.set_result(None)
-    socket.writes[10].set_exception(tornado.websocket.WebSocketClosedError())
-    await asyncio.sleep(0)  # done callbacks run on the loop
-    assert socket.backlog == MAX_BACKLOG - 11
-    assert socket.send(b"{}") is True
+    sub = await world.subscribe(socket, owner="alice", workflow_id=wf.id)
+    version = (await world.orchestrator.get(wf.id)).version
+    await socket.flush()
+    assert sub.backlog == 0
+
+    await world.hub.on_change(sized_notification(wf.id, version + 1, 2 * BOUND))
+    assert sub.backlog > BOUND
     assert socket.closed_with == []
+    await socket.flush()
+    await world.hub.on_change(sized_notification(wf.id, version + 2, 2 * BOUND))
+    assert socket.closed_with == []
+    assert [m["version"] for m in socket.messages()[1:]] == [version + 1, version + 2]
+
+    await world.hub.on_change(sized_notification(wf.id, version + 3, 10))  # behind the big one
+    assert socket.closed_with == [TOO_SLOW]
+    assert world.hub.subscriber_count == 0
 
 
-async def test_a_write_to_a_closed_socket_is_a_failed_send(world: World) -> None:
+async def test_flushed_and_failed_writes_shrink_the_backlog() -> None:
+    world = World(max_backlog=BOUND)
+    wf = await world.upload()
+    socket = StalledSocket(world.hub)
+    sub = await world.subscribe(socket, owner="alice", workflow_id=wf.id)
+    version = (await world.orchestrator.get(wf.id)).version
+    for step in range(1, 6):
+        await world.hub.on_change(sized_notification(wf.id, version + step, 10_000))
+    sizes = [len(m) for m in socket.written]
+    assert sub.backlog == sum(sizes)
+
+    await socket.flush(2)
+    socket.writes[2].set_exception(tornado.websocket.WebSocketClosedError())
+    await asyncio.sleep(0)
+    assert sub.backlog == sum(sizes[3:])
+    for step in range(6, 9):  # the room made is used again
+        await world.hub.on_change(sized_notification(wf.id, version + step, 10_000))
+    assert socket.closed_with == []
+    assert sub.backlog == sum(len(m) for m in socket.written[3:])
+
+
+async def test_a_write_to_a_closed_socket_is_a_failed_send() -> None:
+    world = World()
+    wf = await world.upload()
     socket = StalledSocket(world.hub)
     socket.refuse_writes = True
-    assert socket.send(b"{}") is False
-    assert socket.backlog == 0
+    assert socket.send(b"{}") is None
+    sub = await world.subscribe(socket, owner="alice", workflow_id=wf.id)
+    assert sub.backlog == 0
+    assert world.hub.subscriber_count == 0
+
+
+async def test_a_snapshot_is_paced_by_the_socket_and_loaded_in_pages() -> None:
+    world = World(max_backlog=BOUND)
+    uploaded = [await world.upload(description="d" * 10_000) for _ in range(30)]
+    socket = StalledSocket(world.hub)
+    sub = world.hub.subscribe(socket, user="alice", owner="alice", workflow_id=None)
+    sending = asyncio.ensure_future(world.hub.send_snapshot(sub))
+    await settle()
+
+    # up to half the bound is in flight (messages of ~11 KB), the rest waits for the client
+    sizes = [len(m) for m in socket.written]
+    in_flight = len(sizes)
+    assert in_flight >= 2 and sum(sizes) <= BOUND // 2 < sum(sizes) + sizes[0]
+    # and what it waits with is one page of documents, not the 30 (or 100) of the snapshot
+    assert world.store.listed == [SNAPSHOT_PAGE]
+
+    await socket.flush(1)
+    await settle()
+    assert len(socket.written) == in_flight + 1
+    while not sending.done():
+        await socket.flush()
+        await settle()
+    await sending
+    assert socket.closed_with == []
+    assert [m["workflow_id"] for m in socket.messages()] == [w.id for w in reversed(uploaded)]
+    assert world.store.listed == [SNAPSHOT_PAGE] * 3 + [0]
+
+
+async def test_a_socket_that_does_not_drain_within_the_send_timeout_is_closed() -> None:
+    world = World(max_backlog=BOUND, send_timeout=0.05)
+    for _ in range(10):
+        await world.upload(description="d" * 10_000)
+    socket = StalledSocket(world.hub)
+    sub = world.hub.subscribe(socket, user="alice", owner="alice", workflow_id=None)
+    await asyncio.wait_for(world.hub.send_snapshot(sub), 5)
+    assert socket.closed_with == [(CLOSE_TOO_SLOW, "too slow: not drained within 0.05s")]
+    assert 2 <= len(socket.written) < 10
+    assert world.hub.subscriber_count == 0
+
+
+async def test_changes_waiting_behind_a_snapshot_count_against_the_bound() -> None:
+    world = World(max_backlog=BOUND)
+    for _ in range(20):
+        await world.upload(description="d" * 10_000)
+    newest = (await world.orchestrator.list("alice", None, 1))[0]
+    socket = StalledSocket(world.hub)
+    sub = world.hub.subscribe(socket, user="alice", owner="alice", workflow_id=None)
+    sending = asyncio.ensure_future(world.hub.send_snapshot(sub))
+    await settle()
+    in_flight = sub.backlog
+    assert in_flight <= BOUND // 2
+
+    for step in range(1, 10):
+        queued = sub.queued
+        await world.hub.on_change(sized_notification(newest.id, newest.version + step, 10_000))
+        if socket.closed_with:
+            break
+    assert socket.closed_with == [TOO_SLOW]
+    # those before waited (in flight and waiting <= the bound); this one would have passed it
+    assert step >= 3 and in_flight < queued <= BOUND < queued + 11_000
+    await asyncio.wait_for(sending, 5)
+    assert sub.backlog == in_flight, "the snapshot stops there"
+    assert world.hub.subscriber_count == 0
+    assert sub.pending == [] and sub.pending_bytes == 0
+
+
+# -- sockets per user ----------------------------------------------------------------------
+
+
+async def test_sockets_per_user_are_limited_admins_too() -> None:
+    world = World(max_sockets_per_user=2)
+    wf = await world.upload()
+    first = await world.subscribe(FakeConnection(), owner="alice", workflow_id=wf.id)
+    await world.subscribe(FakeConnection(), owner="alice", workflow_id=None)
+    with pytest.raises(TooManySockets, match=r"^too many open sockets: at most 2 per user$"):
+        world.hub.subscribe(FakeConnection(), user="alice", owner="alice", workflow_id=None)
+    assert world.hub.subscriber_count == 2
+
+    # another user has slots of their own; an admin is counted like anyone
+    await world.subscribe(FakeConnection(), owner="bob", workflow_id=None, user="bob")
+    for _ in range(2):
+        await world.subscribe(FakeConnection(), owner=None, workflow_id=wf.id, user="root")
+    with pytest.raises(TooManySockets):
+        world.hub.subscribe(FakeConnection(), user="root", owner=None, workflow_id=None)
+
+    # a socket that goes frees its slot
+    world.hub.unsubscribe(first)
+    world.hub.unsubscribe(first)
+    await world.subscribe(FakeConnection(), owner="alice", workflow_id=None)
+    with pytest.raises(TooManySockets):
+        world.hub.subscribe(FakeConnection(), user="alice", owner="alice", workflow_id=None)
+    # closing the hub frees them all
+    await world.hub.close()
+    assert world.hub.subscriber_count == 0
+    await world.subscribe(FakeConnection(), owner="alice", workflow_id=None)
+
+
+async def test_a_refused_snapshot_frees_the_slot() -> None:
+    world = World(max_sockets_per_user=1)
+    bobs = await world.upload("bob")
+    sub = world.hub.subscribe(FakeConnection(), user="alice", owner="alice", workflow_id=bobs.id)
+    with pytest.raises(NotFound):
+        await world.hub.send_snapshot(sub)
+    await world.subscribe(FakeConnection(), owner="alice", workflow_id=None)
+
+
+# -- snapshots do not hold up the loop -----------------------------------------------------
+
+
+class Ticks:
+    """Counts turns of the event loop: a callback that schedules itself again each turn."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.count += 1
+        self._handle = self._loop.call_soon(self._tick)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
+class TickedConnection(FakeConnection):
+    """Notes the loop turn of every message it is sent."""
+
+    def __init__(self, ticks: Ticks) -> None:
+        super().__init__()
+        self.ticks = ticks
+        self.turns: list[int] = []
+
+    def send(self, message: bytes) -> asyncio.Future[None] | None:
+        self.turns.append(self.ticks.count)
+        return super().send(message)
+
+
+async def test_fifty_snapshots_encode_each_document_once_and_yield_between_messages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world = World()
+    for _ in range(SNAPSHOT_LIMIT):
+        await world.upload()
+    encodings = 0
+    public = Workflow.public
+
+    def counted(self: Workflow) -> dict[str, Any]:
+        nonlocal encodings
+        encodings += 1
+        return public(self)
+
+    monkeypatch.setattr(Workflow, "public", counted)
+    loading = 0
+    most_loading = 0
+    real_list = world.orchestrator.list
+
+    async def list_counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal loading, most_loading
+        loading += 1
+        most_loading = max(most_loading, loading)
+        try:
+            await asyncio.sleep(0)  # a store answers later
+            return await real_list(*args, **kwargs)
+        finally:
+            loading -= 1
+
+    monkeypatch.setattr(world.orchestrator, "list", list_counted)
+    ticks = Ticks()
+    connections = [TickedConnection(ticks) for _ in range(50)]
+    try:
+        await asyncio.gather(
+            *(
+                world.subscribe(conn, owner="alice", workflow_id=None, user=f"u{i}")
+                for i, conn in enumerate(connections)
+            )
+        )
+    finally:
+        ticks.stop()
+
+    assert [len(conn.sent) for conn in connections] == [SNAPSHOT_LIMIT] * 50
+    assert encodings == SNAPSHOT_LIMIT, "each (workflow, version) encoded once, not 50 times"
+    assert most_loading == SNAPSHOT_BUILDERS, "pages are loaded a bounded number at a time"
+    for conn in connections:
+        assert len(set(conn.turns)) == len(conn.turns), "one message per turn of the loop"
+
+    # a workflow that changed is encoded once more, at its new version, for every subscriber
+    wf = (await world.orchestrator.list("alice", None, 1))[0]
+    await world.complete_step(wf.id)
+    await world.deliver(world.new_notifications())
+    before = encodings
+    late = [FakeConnection(), FakeConnection()]
+    for conn in late:
+        await world.subscribe(conn, owner="alice", workflow_id=wf.id)
+    assert encodings == before + 1
+    current = (await world.orchestrator.get(wf.id)).public()
+    assert [conn.messages()[0]["data"] for conn in late] == [current, current]
+
+
+# -- the document cache --------------------------------------------------------------------
+
+
+def test_the_document_cache_is_an_lru_bounded_in_bytes() -> None:
+    cache = DocumentCache(max_bytes=30)
+    made: list[str] = []
+
+    def get(workflow_id: str, version: int, size: int = 10) -> bytes:
+        def encode() -> bytes:
+            made.append(f"{workflow_id}@{version}")
+            return workflow_id.encode() * size
+
+        return cache.get(workflow_id, version, encode)
+
+    for name in "abc":
+        assert get(name, 1) == name.encode() * 10
+    get("a", 1)  # a hit: "a" becomes the most recently used
+    assert made == ["a@1", "b@1", "c@1"]
+    get("d", 1)  # 40 bytes: the least recently used ("b") goes
+    get("a", 1)
+    get("b", 1)
+    assert made == ["a@1", "b@1", "c@1", "d@1", "b@1"]
+
+    get("a", 2)  # a newer version replaces the older one
+    get("a", 1)  # an older one is encoded for its caller but not kept
+    get("a", 2)
+    assert made[-2:] == ["a@2", "a@1"]
+    get("e", 1, size=31)  # larger than the whole cache: never kept
+    get("e", 1, size=31)
+    assert made[-2:] == ["e@1", "e@1"]
 
 
 # -- malformed notifications ---------------------------------------------------------------
@@ -577,9 +898,9 @@ async def test_malformed_notifications_are_ignored(world: World, payload: Any) -
     wf = await world.upload()
     world.new_notifications()
     by_workflow, by_owner, admin = FakeConnection(), FakeConnection(), FakeConnection()
-    await world.hub.subscribe(by_workflow, owner="alice", workflow_id=wf.id)
-    await world.hub.subscribe(by_owner, owner="alice", workflow_id=None)
-    await world.hub.subscribe(admin, owner=None, workflow_id=None)
+    await world.subscribe(by_workflow, owner="alice", workflow_id=wf.id)
+    await world.subscribe(by_owner, owner="alice", workflow_id=None)
+    await world.subscribe(admin, owner=None, workflow_id=None)
     if isinstance(payload, dict) and payload.get("workflow_id") == "a" * 32:
         payload = {**payload, "workflow_id": wf.id}
 
@@ -601,12 +922,12 @@ async def test_an_admin_subscription_sees_every_owners_changes(world: World) -> 
     bobs = await world.upload("bob")
     world.new_notifications()
     admin, alice = FakeConnection(), FakeConnection()
-    await world.hub.subscribe(admin, owner=None, workflow_id=None)
-    await world.hub.subscribe(alice, owner="alice", workflow_id=None)
+    await world.subscribe(admin, owner=None, workflow_id=None)
+    await world.subscribe(alice, owner="alice", workflow_id=None)
 
     assert [(m["type"], m["workflow_id"]) for m in admin.messages()] == [
+        ("snapshot", bobs.id),  # newest first
         ("snapshot", alices.id),
-        ("snapshot", bobs.id),
     ]
     assert [(m["type"], m["workflow_id"]) for m in alice.messages()] == [("snapshot", alices.id)]
 
@@ -623,7 +944,7 @@ async def test_an_admin_subscription_sees_every_owners_changes(world: World) -> 
 
 async def test_an_owner_subscription_sees_only_that_owners_workflows(world: World) -> None:
     conn = FakeConnection()
-    await world.hub.subscribe(conn, owner="alice", workflow_id=None)
+    await world.subscribe(conn, owner="alice", workflow_id=None)
     assert conn.sent == []  # no workflows yet: no snapshot
     await world.deliver([notification("b" * 32, 1, owner="bob")])
     await world.deliver([notification("a" * 32, 1, owner="alice")])
@@ -634,9 +955,9 @@ async def test_an_owner_subscription_sees_only_that_owners_workflows(world: Worl
 async def test_unsubscribe_and_close(world: World) -> None:
     wf = await world.upload()
     one, two, three = FakeConnection(), FakeConnection(), FakeConnection()
-    sub = await world.hub.subscribe(one, owner="alice", workflow_id=wf.id)
-    await world.hub.subscribe(two, owner="alice", workflow_id=None)
-    await world.hub.subscribe(three, owner=None, workflow_id=None)
+    sub = await world.subscribe(one, owner="alice", workflow_id=wf.id)
+    await world.subscribe(two, owner="alice", workflow_id=None)
+    await world.subscribe(three, owner=None, workflow_id=None)
     assert world.hub.subscriber_count == 3
     world.hub.unsubscribe(sub)
     world.hub.unsubscribe(sub)  # twice is harmless

@@ -489,3 +489,66 @@ async def test_server_shutdown_closes_sockets(tmp_path: Path) -> None:
     finally:
         one.close()
         two.close()
+
+
+# -- limits --------------------------------------------------------------------------------
+
+
+async def test_a_socket_is_closed_with_4401_when_its_token_expires(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        token = gw.token("alice", expires_in=2)
+        wf = await settled_upload(gw, token)
+        conn = await client.connect(token)
+        assert (await receive(conn))["type"] == "snapshot"
+        # open until exp (whole seconds, 1-2 s from now), then closed; nothing more is sent
+        assert await closed_with(conn) == 4401
+        assert conn.close_reason == "token expired"
+        await poll(lambda: gw.gateway.hub.subscriber_count == 0)
+        await report(gw, wf)
+        # a fresh token opens a fresh socket
+        again = await client.connect(gw.token("alice"))
+        assert (await receive(again))["type"] == "snapshot"
+
+
+def two_sockets_per_user(settings: settings_module.Settings) -> None:
+    settings.websocket.max_sockets_per_user = 2
+
+
+async def test_sockets_over_the_per_user_limit_are_closed_with_4029(tmp_path: Path) -> None:
+    async with gateway(tmp_path, two_sockets_per_user) as (gw, client):
+        alice = gw.token("alice")
+        wf = await settled_upload(gw, alice)
+        first = await client.connect(alice)
+        second = await client.connect(alice, wf["id"], via="query")
+        third = await client.connect(alice)
+        # closed before anything is sent, with the limit named
+        assert await asyncio.wait_for(third.read_message(), TIMEOUT) is None
+        assert third.close_code == 4029
+        assert third.close_reason == "too many open sockets: at most 2 per user"
+        assert (await receive(first))["type"] == (await receive(second))["type"] == "snapshot"
+
+        # other users have their own; admins are limited too
+        await assert_silent(await client.connect(gw.token("bob")), 0.05)  # open, no workflows
+        root = gw.token("root", role="admin")
+        for _ in range(2):
+            await receive(await client.connect(root, wf["id"]))
+        assert await closed_with(await client.connect(root, wf["id"])) == 4029
+
+        # a socket that closes frees its place
+        first.close()
+        await poll(lambda: gw.gateway.hub.subscriber_count == 4)
+        replacement = await client.connect(alice)
+        assert (await receive(replacement))["type"] == "snapshot"
+
+
+async def test_a_client_message_over_64_kib_closes_the_socket_with_1009(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        token = gw.token("alice")
+        conn = await client.connect(token)
+        await conn.write_message("x" * 1024)  # ignored: clients only listen
+        workflow_id = await gw.upload(token)
+        assert_change(await receive(conn), "step_dispatched", workflow_id, "image_processing")
+
+        await conn.write_message("x" * (64 * 1024 + 1))
+        assert await closed_with(conn) == 1009
+        await poll(lambda: gw.gateway.hub.subscriber_count == 0)

@@ -14,7 +14,7 @@ import tornado.web
 import tornado.websocket
 from marshmallow import ValidationError
 
-from handlers.base import PathOnlyErrorLog
+from handlers.base import BoundedBody, PathOnlyErrorLog
 from stox.auth.tokens import SERVICE, InvalidToken, Principal, TokenAuthority
 from stox.hub import Hub, Subscription
 from stox.orchestrator import NotFound
@@ -25,7 +25,7 @@ CLOSE_TOO_SLOW = 4008
 CLOSE_NOT_FOUND = 4404
 
 
-class WorkflowSocket(PathOnlyErrorLog, tornado.websocket.WebSocketHandler):
+class WorkflowSocket(PathOnlyErrorLog, BoundedBody, tornado.websocket.WebSocketHandler):
     def initialize(self) -> None:
         self.principal: Principal | None = None
         self.subscription: Subscription | None = None

@@ -23,7 +23,8 @@ PROFILE_KEYS = {"id", "username", "role", "created_at"}
 
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    async with running_gateway(tmp_path) as gateway:
+    # the test client is the trusted proxy: X-Real-IP sets the address of each attempt
+    async with running_gateway(tmp_path, server__trusted_proxies=["127.0.0.1"]) as gateway:
         yield gateway
 
 

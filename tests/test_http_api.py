@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import pytest
 import tornado.httpclient
+from procs import gateway_config, remote, start_gateway, wait_ready
 from support import (
     CANCEL,
     COMPLETED,
@@ -28,6 +29,7 @@ from support import (
     UPLOAD,
     Response,
     RunningGateway,
+    free_port,
     running_gateway,
 )
 
@@ -1036,6 +1038,54 @@ async def test_a_client_waiting_to_continue_is_refused_before_it_sends_the_body(
         assert_too_large(status, headers, body)
         assert headers["connection"] == "close"
         assert await conn.closed_by_server()
+
+
+def waiting_handlers() -> list[asyncio.Task[Any]]:
+    """Tasks of handlers still running (Tornado's RequestHandler._execute)."""
+    return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.endswith("._execute")]
+
+
+@pytest.mark.parametrize(
+    ("path", "size"), [("/ws", 1000), (UPLOAD, 1000), ("/ws", 2 * MiB), (UPLOAD, 2 * MiB)]
+)
+async def test_a_client_that_leaves_mid_body_leaves_no_handler_waiting(
+    gw: RunningGateway, path: str, size: int
+) -> None:
+    head = request_head("POST", path, f"Content-Length: {size}")
+    async with RawConnection.to(gw) as conn:
+        await conn.send(head, b"a" * (size // 2 + 1))  # past the limit, for the larger ones
+        await eventually(lambda: asyncio.sleep(0.01, waiting_handlers()), lambda tasks: tasks)
+    await eventually(lambda: asyncio.sleep(0.01, waiting_handlers()), lambda tasks: not tasks)
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+async def test_draining_keeps_no_body_in_memory(tmp_path: Path) -> None:
+    port = free_port()
+    config = gateway_config(port, "drain", f"sqlite:///{tmp_path}/stox.db", "")
+    proc = start_gateway(tmp_path, "gateway", config)
+    try:
+        await wait_ready(proc, port)
+        gw = remote(port)
+        size = 60 * MiB
+        head = request_head("POST", UPLOAD, f"Authorization: Bearer {gw.token()}")
+        head = head[:-2] + f"Content-Length: {size}\r\n\r\n".encode()
+        piece = b"a" * MiB
+        async with RawConnection.to(gw) as conn:
+            assert_too_large(*await conn.exchange(head, *([piece] * 60)))  # warmed up
+            before = rss_mib(proc.popen.pid)
+            for _ in range(5):
+                assert_too_large(*await conn.exchange(head, *([piece] * 60)))
+            grown = rss_mib(proc.popen.pid) - before
+    finally:
+        proc.stop()
+    # 300 MiB were read and thrown away; a process that kept one body would grow by 60 MiB
+    assert grown < 32, f"RSS grew by {grown:.0f} MiB"
 
 
 def test_the_drain_limit_is_64_mib_and_no_smaller_than_the_body_limit(tmp_path: Path) -> None:

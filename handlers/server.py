@@ -28,6 +28,7 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 def make_http_server(
     app: tornado.web.Application, server: ServerSettings
 ) -> tornado.httpserver.HTTPServer:
+    """The server for `app`; Tornado's loggers get their redaction filter too."""
     redact_tornado_logs()
     trusted = TrustedProxies(server.trusted_proxies)
     callback = ForwardedByTrustedProxies(app, trusted) if trusted else app

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import tornado.httpclient
 import tornado.websocket
 from support import RunningGateway, running_gateway
 
-from stox.logs import JSONFormatter, configure
+from stox.logs import JSONFormatter, RedactClientInput, configure
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 FULL = logging.Formatter("%(levelname)s %(name)s %(message)s")
@@ -216,6 +217,32 @@ async def test_passwords_and_login_tokens_never_reach_a_log_line(
     assert any(r.levelno >= logging.ERROR and "AuthService" in r.getMessage() for r in records)
     assert any(" /api/v1/auth/login " in r.getMessage() for r in records if r.name == "stox.access")
     assert leaks(records, [password, wrong, short, token]) == []
+
+
+def test_the_redaction_keeps_tornado_s_own_words_and_tracebacks() -> None:
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+    try:
+        raise ValueError(f"refused Authorization: Bearer {jwt} for /ws?token={jwt}")
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord(
+        "tornado.general",
+        logging.WARNING,
+        __file__,
+        1,
+        'Can "Upgrade" only to "WebSocket": %s, %r, %r',
+        ("GET /ws?token=x&workflow_id=y (127.0.0.1)", "it's", b"\xffabc"),
+        exc_info,
+    )
+    assert RedactClientInput().filter(record)
+    assert record.getMessage() == (
+        'Can "Upgrade" only to "WebSocket": GET /ws?[redacted] (127.0.0.1), [redacted], [redacted]'
+    )
+    text = FULL.format(record)
+    assert jwt[:8] not in text and "token=" not in text
+    assert 'raise ValueError(f"refused Authorization: Bearer' in text  # source, quotes and all
+    assert "ValueError: refused Authorization: Bearer [redacted] for /ws?[redacted]" in text
+    assert json.loads(JSONFormatter().format(record))["exc"] == record.exc_text
 
 
 def test_json_formatter_writes_one_object_per_line() -> None:

@@ -8,7 +8,8 @@ import signal
 import sys
 
 import settings as settings_module
-from stox.app import Gateway, make_http_server
+from handlers.server import make_http_server
+from stox.app import Gateway
 from stox.logs import configure
 
 log = logging.getLogger("stox.server")
@@ -17,7 +18,7 @@ log = logging.getLogger("stox.server")
 async def serve(settings: settings_module.Settings) -> None:
     gateway = Gateway(settings)
     app = await gateway.start()
-    server = make_http_server(app, settings)
+    server = make_http_server(app, settings.server)
     server.listen(settings.server.port, settings.server.host)
     log.info(
         "stox gateway %s listening on %s (store %s, bus %s%s)",

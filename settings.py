@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 import typing
@@ -52,6 +53,16 @@ class ServerSettings:
         "the URL services use to reach this gateway (default http://host:port)", default=""
     )
     max_body_size: Size = _help("largest request body accepted", default=Size(1024 * 1024))
+    max_drain_size: Size = _help(
+        "a larger body is read and discarded up to this size before its 413; past it, the 413"
+        " comes at once and the connection is closed",
+        default=Size(64 * 1024 * 1024),
+    )
+    trusted_proxies: list[str] = _help(
+        "addresses or networks (CIDR) of proxies whose X-Forwarded-For and X-Forwarded-Proto"
+        " are believed; empty: nobody's",
+        default_factory=list,
+    )
     instance_id: str = _help(
         "name of this instance in logs and queues (default random)", default=""
     )
@@ -248,6 +259,7 @@ _ENV_AND_FLAGS: list[tuple[str, str | None, str | None]] = [
     ("server.port", "STOX_PORT", "--port"),
     ("server.environment", "STOX_ENV", None),
     ("server.public_url", "STOX_PUBLIC_URL", "--public-url"),
+    ("server.trusted_proxies", "STOX_TRUSTED_PROXIES", None),
     ("storage.url", "STOX_STORAGE_URL", "--storage-url"),
     ("rabbitmq.url", "STOX_RABBITMQ_URL", "--rabbitmq-url"),
     ("services.auth", "STOX_AUTH_ADDR", "--auth-addr"),
@@ -384,6 +396,16 @@ def _validate(settings: Settings) -> Settings:
         raise SettingsError("server.max_body_size: expected a positive size")
     if settings.storage.cache_max_documents < 0:
         raise SettingsError("storage.cache_max_documents: expected 0 or more")
+    if settings.server.max_drain_size < settings.server.max_body_size:
+        raise SettingsError("server.max_drain_size: expected at least server.max_body_size")
+    for i, proxy in enumerate(settings.server.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise SettingsError(
+                f"server.trusted_proxies[{i}]: expected an IP address or a network such as "
+                f"10.0.0.0/8, got {proxy!r}"
+            ) from None
     for name in ("sweep_interval", "relay_interval"):
         if getattr(settings.server, name) < 0.01:
             raise SettingsError(f"server.{name}: expected at least 10ms")

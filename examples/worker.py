@@ -226,6 +226,9 @@ class Worker:
             return SENT
         if status in (401, 403):
             raise Stop(f"the gateway refuses the service token (HTTP {status})")
+        if status == 413:  # over the gateway's server.max_body_size: it will never be taken
+            log.error("%s: the report is too large for the gateway (HTTP 413)", workflow_id)
+            return DEAD
         if 400 <= status < 500:  # our report is wrong: sending it again will not help
             log.error("%s: gateway refused the report (HTTP %d)", workflow_id, status)
             return DEAD

@@ -1,14 +1,17 @@
-"""The base handler: JSON bodies with a size limit, one error shape, bearer-token users.
+"""The handlers' bases: bounded request bodies, one error shape, bearer-token users.
 
-Every error leaves as `{"error": {"code", "message", "fields"?}}`; unexpected exceptions
-become a 500 that reveals nothing of the internals (and are logged with the request id).
+Every handler reads its request body through `BoundedBody`. API errors leave as
+`{"error": {"code", "message", "fields"?}}`; unexpected exceptions become a 500 that reveals
+nothing of the internals (and are logged with the request id).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -17,6 +20,7 @@ from typing import Any, TypeVar, cast
 
 import tornado.web
 from marshmallow import Schema, ValidationError
+from tornado.http1connection import HTTP1Connection
 
 from stox.auth.tokens import ADMIN, SERVICE, USER, InvalidToken, Principal, TokenAuthority
 from stox.logs import log_exception
@@ -44,6 +48,16 @@ class ApiError(tornado.web.HTTPError):
         self.message = message
         self.fields = fields
         self.headers = headers or {}
+
+
+def write_json_error(handler: tornado.web.RequestHandler, error: ApiError) -> None:
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.fields:
+        body["fields"] = error.fields
+    for name, value in error.headers.items():
+        handler.set_header(name, value)
+    handler.set_header("Content-Type", "application/json")
+    handler.finish(json.dumps({"error": body}, separators=(",", ":")))
 
 
 def requires(role: str) -> Callable[[F], F]:
@@ -76,12 +90,103 @@ class PathOnlyErrorLog(tornado.web.RequestHandler):
 
 
 @tornado.web.stream_request_body
-class BaseHandler(PathOnlyErrorLog):
-    """Reads the body itself so an oversized one gets a 413 before it is buffered."""
+class BoundedBody(tornado.web.RequestHandler):
+    """Reads the request body in chunks and keeps at most `server.max_body_size` of it.
+
+    A larger body gets a 413 (`body_too_large`, the JSON error shape). Many clients (urllib
+    among them) send their whole body before they read an answer, and never see one that
+    came early on a connection closed with their body unread (it is reset under them). So:
+
+    - up to `server.max_drain_size`, the rest of the body is read and thrown away, and the 413
+      comes once all of it has arrived, on a connection that stays open;
+    - past it (declared by Content-Length, or counted in a chunked body), or when the client
+      waits for `100 Continue` before it sends, the 413 comes at once and the connection
+      closes.
+
+    Subclasses that define `prepare` call this one first.
+    """
+
+    @property
+    def max_body_size(self) -> int:
+        return cast(int, self.settings["max_body_size"])
+
+    @property
+    def max_drain_size(self) -> int:
+        return cast(int, self.settings["max_drain_size"])
+
+    def prepare(self) -> None:
+        self._body: list[bytes] = []
+        self._body_size = 0
+        connection = self.request.connection
+        if isinstance(connection, HTTP1Connection):
+            # both limits are enforced here, with the 413; Tornado's would answer a bare 400
+            connection.set_max_body_size(sys.maxsize)
+        declared = self.request.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.max_body_size:
+            waiting = self.request.headers.get("Expect", "").lower() == "100-continue"
+            if waiting or int(declared) > self.max_drain_size:
+                raise self._too_large(closing=True)
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._finished:
+            return
+        over_before = self._body_size > self.max_body_size
+        self._body_size += len(chunk)
+        if self._body_size <= self.max_body_size:
+            self._body.append(chunk)
+        elif self._body_size > self.max_drain_size:
+            error = self._too_large(closing=True)
+            self.send_error(error.status_code, exc_info=(type(error), error, None))
+        elif not over_before:
+            self._body.clear()
+            self._refuse_once_read()
+
+    def request_body(self) -> bytes:
+        return b"".join(self._body)
+
+    def _refuse_once_read(self) -> None:
+        """Answer the 413 once the whole body has been read, instead of the HTTP method.
+
+        Tornado runs the method when it resolves `request._body_future`, which the handler's
+        `_execute` awaits. A new future takes that one's place for Tornado to resolve, and its
+        end fails the awaited one with the 413 (or with StreamClosedError if the client left).
+        """
+        awaited = self.request._body_future
+        read: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.request._body_future = read
+        error = self._too_large()
+
+        def refuse(read: asyncio.Future[None]) -> None:
+            awaited.set_exception(read.exception() or error)
+
+        read.add_done_callback(refuse)
+
+    def _too_large(self, *, closing: bool = False) -> ApiError:
+        return ApiError(
+            413,
+            "body_too_large",
+            f"the request body is over {self.max_body_size} bytes",
+            headers={"Connection": "close"} if closing else None,
+        )
+
+    def on_connection_close(self) -> None:
+        # ends the wait for a body the client will not finish; WebSocketHandler's own
+        # on_connection_close does not call RequestHandler's, which does that
+        tornado.web.RequestHandler.on_connection_close(self)
+        super().on_connection_close()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            write_json_error(self, exc)
+        else:
+            super().write_error(status_code, **kwargs)
+
+
+class BaseHandler(PathOnlyErrorLog, BoundedBody):
+    """The API's handlers: JSON in and out, the principal from the bearer token."""
 
     def initialize(self) -> None:
-        self._chunks: list[bytes] = []
-        self._received = 0
         self._principal: Principal | None = None
 
     # -- dependencies, read from the application settings -------------------------------
@@ -94,35 +199,10 @@ class BaseHandler(PathOnlyErrorLog):
     def tokens(self) -> TokenAuthority:
         return cast(TokenAuthority, self.settings["tokens"])
 
-    @property
-    def max_body_size(self) -> int:
-        return cast(int, self.settings["max_body_size"])
-
-    # -- request body ---------------------------------------------------------------------
+    # -- request ----------------------------------------------------------------------------
 
     def set_default_headers(self) -> None:
         self.set_header("X-Request-Id", self.request_id)
-
-    def prepare(self) -> None:
-        declared = self.request.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_size:
-            raise self._too_large()
-
-    def data_received(self, chunk: bytes) -> None:
-        if self._finished:
-            return
-        self._received += len(chunk)
-        if self._received > self.max_body_size:
-            self._chunks.clear()
-            error = self._too_large()
-            self.send_error(error.status_code, exc_info=(type(error), error, None))
-            return
-        self._chunks.append(chunk)
-
-    def _too_large(self) -> ApiError:
-        return ApiError(
-            413, "body_too_large", f"the request body is over {self.max_body_size} bytes"
-        )
 
     @property
     def request_id(self) -> str:
@@ -132,7 +212,7 @@ class BaseHandler(PathOnlyErrorLog):
 
     def json_body(self) -> dict[str, Any]:
         try:
-            body = json.loads(b"".join(self._chunks) or b"null")
+            body = json.loads(self.request_body() or b"null")
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
         except RecursionError:  # arrays or objects nested about a thousand levels deep
@@ -207,20 +287,14 @@ class BaseHandler(PathOnlyErrorLog):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if status_code == 405:
             self.set_header("Allow", ", ".join(self.allowed_methods()))
-        if isinstance(exc, ApiError):
-            error: dict[str, Any] = {"code": exc.code, "message": exc.message}
-            if exc.fields:
-                error["fields"] = exc.fields
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
-        elif status_code >= 500:
-            log.error("request %s failed", self.request_id, exc_info=kwargs.get("exc_info"))
-            error = {"code": "internal", "message": "internal error; see the server log"}
-        else:
-            phrase = HTTPStatus(status_code).phrase
-            error = {"code": phrase.lower().replace(" ", "_"), "message": phrase}
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": error}, separators=(",", ":")))
+        if not isinstance(exc, ApiError):
+            if status_code >= 500:
+                log.error("request %s failed", self.request_id, exc_info=kwargs.get("exc_info"))
+                exc = ApiError(500, "internal", "internal error; see the server log")
+            else:
+                phrase = HTTPStatus(status_code).phrase
+                exc = ApiError(status_code, phrase.lower().replace(" ", "_"), phrase)
+        write_json_error(self, exc)
 
 
 def invalid(exc: ValidationError) -> ApiError:
@@ -238,8 +312,9 @@ def _flatten(value: Any) -> Any:
 
 
 class NotFoundHandler(BaseHandler):
-    """Any path no route matches: a JSON 404 for every method."""
+    """Any path no route matches: a JSON 404 for every method, once the body has been read."""
 
-    def prepare(self) -> None:
-        super().prepare()
+    def not_found(self, *args: str, **kwargs: str) -> None:
         raise ApiError(404, "not_found", f"no such endpoint: {self.request.path}")
+
+    get = head = post = put = patch = delete = options = not_found

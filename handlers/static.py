@@ -18,7 +18,7 @@ from typing import Any
 
 import tornado.web
 
-from handlers.base import PathOnlyErrorLog
+from handlers.base import BoundedBody, PathOnlyErrorLog
 
 YEAR = 365 * 24 * 3600
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
@@ -56,7 +56,7 @@ class SecurityHeaders(tornado.web.RequestHandler):
         self.set_header("Cross-Origin-Opener-Policy", "same-origin")
 
 
-class StaticHandler(SecurityHeaders, PathOnlyErrorLog, tornado.web.StaticFileHandler):
+class StaticHandler(SecurityHeaders, PathOnlyErrorLog, BoundedBody, tornado.web.StaticFileHandler):
     """`/static/…`: a year for versioned URLs, revalidation (ETag) for the rest."""
 
     def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
@@ -72,7 +72,7 @@ class StaticHandler(SecurityHeaders, PathOnlyErrorLog, tornado.web.StaticFileHan
             self.clear_header("Expires")
 
 
-class IndexHandler(SecurityHeaders, PathOnlyErrorLog):
+class IndexHandler(SecurityHeaders, PathOnlyErrorLog, BoundedBody):
     """`/`: the dashboard page, revalidated on every load."""
 
     def get_template_path(self) -> str:

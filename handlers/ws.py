@@ -18,7 +18,7 @@ import tornado.web
 import tornado.websocket
 from marshmallow import ValidationError
 
-from handlers.base import PathOnlyErrorLog
+from handlers.base import BoundedBody, PathOnlyErrorLog
 from stox.auth.tokens import SERVICE, InvalidToken, Principal, TokenAuthority
 from stox.hub import Hub, Subscription, TooManySockets
 from stox.orchestrator import NotFound
@@ -30,7 +30,7 @@ CLOSE_NOT_FOUND = 4404
 MAX_CLIENT_MESSAGE = 64 * 1024  # clients only listen: a larger message closes with 1009
 
 
-class WorkflowSocket(PathOnlyErrorLog, tornado.websocket.WebSocketHandler):
+class WorkflowSocket(PathOnlyErrorLog, BoundedBody, tornado.websocket.WebSocketHandler):
     def initialize(self) -> None:
         self.principal: Principal | None = None
         self.subscription: Subscription | None = None

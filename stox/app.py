@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import tornado.httpserver
 import tornado.web
 
 import handlers.auth
@@ -100,15 +99,6 @@ def make_tokens(settings: Settings, *, issuing: bool = False) -> TokenAuthority:
             raise SettingsError("jwt.secret: required in production (set STOX_JWT_SECRET)")
         key = secret.load_or_create(secret.data_dir(settings.storage.url))
     return TokenAuthority(key, **options)
-
-
-def make_http_server(
-    app: tornado.web.Application, settings: Settings
-) -> tornado.httpserver.HTTPServer:
-    # the handlers enforce server.max_body_size themselves (a JSON 413); this is the hard cap
-    return tornado.httpserver.HTTPServer(
-        app, xheaders=True, max_body_size=4 * settings.server.max_body_size
-    )
 
 
 class Topology:
@@ -255,6 +245,7 @@ class Gateway:
             bus=self.bus,
             hub=self.hub,
             max_body_size=settings.server.max_body_size,
+            max_drain_size=settings.server.max_drain_size,
             allowed_origins=settings.allowed_origins,
             websocket_ping_interval=20,
             websocket_ping_timeout=20,  # Tornado caps it at the ping interval

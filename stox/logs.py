@@ -1,9 +1,15 @@
-"""Logging set-up (JSON or text lines) and the request log, which never shows credentials."""
+"""Logging set-up (JSON or text lines), the request log, and Tornado's messages redacted.
+
+The gateway's own lines never show a query string, a token or a password. Tornado's quote what
+a client sent (a header value it cannot parse, the start of a query value that is not UTF-8),
+so its loggers get a filter that takes those out (`redact_tornado_logs`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from types import TracebackType
@@ -13,6 +19,16 @@ import tornado.web
 from tornado.log import app_log, gen_log
 
 _ACCESS = logging.getLogger("stox.access")
+TORNADO_LOGGERS = ("tornado.access", "tornado.application", "tornado.general")
+REDACTED = "[redacted]"
+# a value quoted by repr(), which is how Tornado quotes what a client sent: in single quotes,
+# or in double quotes around a single quote (never around a word, as Tornado's own words are)
+_QUOTED = re.compile(r"b?'(?:[^'\\\n]|\\.)*'" + "|" + r'b?"[^"\n]*\'[^"\n]*"')
+_CREDENTIALS = [
+    (re.compile(r"(/[^\s?'\"]*)\?[^\s'\"]+"), rf"\1?{REDACTED}"),  # a query string
+    (re.compile(r"(?i)\b(bearer)\b[\s,]+[^\s,'\"]+"), rf"\1 {REDACTED}"),
+    (re.compile(r"eyJ[\w-]{4,}(?:\.[\w-]*){0,2}"), REDACTED),  # a JWT, or its start
+]
 
 
 class JSONFormatter(logging.Formatter):
@@ -24,8 +40,10 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # as logging.Formatter does: a filter may have set it
+            entry["exc"] = record.exc_text
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -43,6 +61,41 @@ def configure(level: str, fmt: str) -> None:
     # only at debug (then from warning up)
     quiet = logging.WARNING if root.level <= logging.DEBUG else logging.CRITICAL
     logging.getLogger("pika").setLevel(quiet)
+
+
+def redact(text: str) -> str:
+    """`text` without query strings, bearer credentials and JWTs."""
+    for pattern, replacement in _CREDENTIALS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactClientInput(logging.Filter):
+    """Rewrites a record without what a client sent: quoted values and credentials.
+
+    A traceback keeps its quoted strings (they are mostly source code); only credentials are
+    taken out of it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: the handler reports it as usual
+            return True
+        record.msg, record.args = redact(_QUOTED.sub(REDACTED, message)), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+def redact_tornado_logs() -> None:
+    """Put the RedactClientInput filter on Tornado's loggers (once)."""
+    for name in TORNADO_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactClientInput) for f in logger.filters):
+            logger.addFilter(RedactClientInput())
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -71,8 +124,9 @@ def log_exception(
     """Tornado's RequestHandler.log_exception, naming the path where Tornado names the URI.
 
     Tornado's own version logs the whole URI, whose query may carry ?token=. The log
-    message of an HTTPError is logged without its arguments, which may quote the query
-    (Tornado's "Invalid unicode in %s: %r").
+    message of an HTTPError is logged without its arguments; it may still quote what the
+    client sent (Tornado's "Invalid unicode in token: b'…'"), which the filter on Tornado's
+    loggers takes out.
     """
     request = handler.request
     summary = f"{request.method} {request.path} ({request.remote_ip})"

@@ -20,7 +20,8 @@ import tornado.netutil
 import tornado.websocket
 
 import settings as settings_module
-from stox.app import Gateway, make_http_server
+from handlers.server import make_http_server
+from stox.app import Gateway
 from stox.auth.tokens import SERVICE, USER
 from stox.bus.base import Event, PublishError
 
@@ -246,7 +247,7 @@ async def running_gateway(
         for sock in sockets:
             sock.close()
         raise
-    server = make_http_server(app, settings)
+    server = make_http_server(app, settings.server)
     server.add_sockets(sockets)
     try:
         yield RunningGateway(gateway, port)

@@ -27,7 +27,8 @@ OWNER, ATTACKER, ELSEWHERE = "198.51.100.4", "203.0.113.9", "192.0.2.1"
 
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    async with running_gateway(tmp_path) as gateway:
+    # the test client is the trusted proxy: X-Real-IP sets the address of each attempt
+    async with running_gateway(tmp_path, server__trusted_proxies=["127.0.0.1"]) as gateway:
         yield gateway
 
 

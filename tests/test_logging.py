@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import tornado.httpclient
 import tornado.websocket
 from support import RunningGateway, running_gateway
 
-from stox.logs import JSONFormatter, configure
+from stox.logs import JSONFormatter, RedactClientInput, configure
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 FULL = logging.Formatter("%(levelname)s %(name)s %(message)s")
@@ -110,12 +112,75 @@ async def test_tokens_never_reach_a_log_line(
     assert leaks(records, secrets) == []
 
 
+async def raw_status(gw: RunningGateway, request: str) -> int:
+    """Send a request as bytes (latin-1) on a fresh connection; the answer's status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(request.encode("latin-1"))
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_tornado_s_own_messages_never_show_a_piece_of_a_token(
+    tmp_path: Path, capture: pytest.LogCaptureFixture
+) -> None:
+    async with running_gateway(tmp_path) as gw:
+        token = gw.token("alice")
+        workflow_id = await gw.upload(token)
+
+        # query values that are not UTF-8: Tornado quotes the start of the value it refuses
+        assert await ws_status(gw, f"token={token}%ff") == 400
+        assert await ws_status(gw, f"token={token}%ff&workflow_id={workflow_id}") == 400
+        assert await ws_status(gw, f"workflow_id={workflow_id}&token=%ff{token}") == 400
+        status = f"/api/v1/workflow/status?workflow_id={workflow_id}"
+        assert (await gw.fetch("GET", f"{status}&token={token}%ff", token=token)).status == 400
+
+        # header values Tornado cannot parse: it quotes them whole
+        handshake = (
+            "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {gw.base_url}\r\n"
+        )
+        api = f"GET {status} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        requests = [
+            f"{api}Authorization: Bearer {token}\x01\r\n\r\n",
+            f"{api}Authorization: {token}\x7f\r\n\r\n",
+            f"{handshake}Sec-WebSocket-Protocol: bearer, {token}\x01\r\n\r\n",
+            f"{handshake}Sec-WebSocket-Protocol: bearer,\x7f{token}\r\n\r\n",
+        ]
+        for request in requests:
+            assert await raw_status(gw, request) == 400
+
+        # malformed, but parsed: refused by the gateway
+        assert await ws_status(gw, "", subprotocols=["bearer", token, "extra"]) == 401
+        assert await ws_status(gw, "", subprotocols=[f"bearer {token}"]) == 401
+
+    records = capture.records
+    pieces = {token[i : i + 8] for i in range(len(token) - 7)}
+    leaked = [
+        f"{record.name}: {rendered(record)}"
+        for record in records
+        if any(piece in rendered(record) for piece in pieces)
+    ]
+    assert leaked == []
+    # Tornado did speak, and its messages still say what was wrong
+    messages = [r.getMessage() for r in records if r.name.startswith("tornado.")]
+    assert any("Invalid unicode in token" in message for message in messages), messages
+    assert any("Invalid header value" in message for message in messages), messages
+
+
 async def test_passwords_and_login_tokens_never_reach_a_log_line(
     tmp_path: Path, capture: pytest.LogCaptureFixture
 ) -> None:
     password, wrong, short = "correct horse battery", "wrong horse battery", "tiny-secret"
     register, login = "/api/v1/auth/register", "/api/v1/auth/login"
-    async with running_gateway(tmp_path, auth__retry_backoff=0.01) as gw:
+    # the test client is the trusted proxy: X-Real-IP sets the address of carol's attempts
+    trusted = {"server__trusted_proxies": ["127.0.0.1"]}
+    async with running_gateway(tmp_path, auth__retry_backoff=0.01, **trusted) as gw:
         server = gw.gateway.auth_server
         assert server is not None
         credentials = {"username": "alice", "password": password}
@@ -152,6 +217,32 @@ async def test_passwords_and_login_tokens_never_reach_a_log_line(
     assert any(r.levelno >= logging.ERROR and "AuthService" in r.getMessage() for r in records)
     assert any(" /api/v1/auth/login " in r.getMessage() for r in records if r.name == "stox.access")
     assert leaks(records, [password, wrong, short, token]) == []
+
+
+def test_the_redaction_keeps_tornado_s_own_words_and_tracebacks() -> None:
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+    try:
+        raise ValueError(f"refused Authorization: Bearer {jwt} for /ws?token={jwt}")
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord(
+        "tornado.general",
+        logging.WARNING,
+        __file__,
+        1,
+        'Can "Upgrade" only to "WebSocket": %s, %r, %r',
+        ("GET /ws?token=x&workflow_id=y (127.0.0.1)", "it's", b"\xffabc"),
+        exc_info,
+    )
+    assert RedactClientInput().filter(record)
+    assert record.getMessage() == (
+        'Can "Upgrade" only to "WebSocket": GET /ws?[redacted] (127.0.0.1), [redacted], [redacted]'
+    )
+    text = FULL.format(record)
+    assert jwt[:8] not in text and "token=" not in text
+    assert 'raise ValueError(f"refused Authorization: Bearer' in text  # source, quotes and all
+    assert "ValueError: refused Authorization: Bearer [redacted] for /ws?[redacted]" in text
+    assert json.loads(JSONFormatter().format(record))["exc"] == record.exc_text
 
 
 def test_json_formatter_writes_one_object_per_line() -> None:

@@ -214,7 +214,8 @@ def test_a_step_takes_durations_too(tmp_path: Path) -> None:
     [("1MiB", 1024**2), ("64KiB", 65536), ("2mb", 2_000_000), ("65536", 65536), ("1GiB", 1024**3)],
 )
 def test_sizes(tmp_path: Path, text: str, size: int) -> None:
-    config = write(tmp_path, f"server:\n  max_body_size: {text}\n")
+    # max_drain_size may be no smaller than max_body_size
+    config = write(tmp_path, f"server:\n  max_body_size: {text}\n  max_drain_size: {text}\n")
     assert load(["--config", config], {}).server.max_body_size == size
 
 

@@ -20,6 +20,7 @@ import pytest
 if TYPE_CHECKING:
     import rabbit
 
+    from stox.auth.passwords import Passwords
     from stox.store import WorkflowStore
 
 # ======================================================================================
@@ -213,4 +214,24 @@ def rabbit_ns(rabbitmq_url: str) -> Iterator[rabbit.Namespace]:
 
 # ======================================================================================
 # End of RabbitMQ
+# ======================================================================================
+
+
+# ======================================================================================
+# Auth: password hashing with the cheapest argon2id costs
+# ======================================================================================
+
+
+@pytest.fixture
+async def passwords() -> AsyncIterator[Passwords]:
+    from stox.auth.passwords import Passwords
+
+    made = Passwords(1, 1024, 1)
+    await made.start()
+    yield made
+    made.close()
+
+
+# ======================================================================================
+# End of auth
 # ======================================================================================

@@ -155,6 +155,17 @@ class Namespace:
 
         return list(self._channel_do(work))
 
+    async def drained(self, queue: str, at_least: int = 1, within: float = 10.0) -> list[Message]:
+        """Drain `queue` until `at_least` messages have come out (TimeoutError after `within`
+        seconds); every one drained, in order."""
+        got: list[Message] = []
+        async with asyncio.timeout(within):
+            while len(got) < at_least:
+                got += await asyncio.to_thread(self.drain, queue)
+                if len(got) < at_least:
+                    await asyncio.sleep(0.02)
+        return got
+
     def count(self, queue: str) -> int:
         return int(
             self._channel_do(lambda ch: ch.queue_declare(queue, passive=True).method.message_count)

@@ -9,12 +9,13 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import tornado.httpclient
 import tornado.netutil
 import tornado.websocket
@@ -255,6 +256,35 @@ async def running_gateway(
         server.stop()
         await server.close_all_connections()
         await gateway.stop()
+
+
+class Calls:
+    """Counts the calls of `owner.name`, patched through `monkeypatch` (undone after the test)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> None:
+        self.count = 0
+        original = getattr(owner, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+async def auth_answer(call: Awaitable[Any], ok: int) -> int:
+    """The HTTP status the auth handlers would answer for an AuthClient `call`: `ok`, 429
+    when a limit refused it, or the status its failure maps to."""
+    from stox.auth.client import AuthCallError
+    from stox.auth.limits import TooManyAttempts
+
+    try:
+        await call
+    except TooManyAttempts:
+        return 429
+    except AuthCallError as exc:
+        return exc.http_status
+    return ok
 
 
 def write_key_pair(folder: Path, algorithm: str, name: str = "jwt") -> tuple[Path, Path]:

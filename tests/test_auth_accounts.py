@@ -29,14 +29,6 @@ async def users(tmp_path: Path) -> AsyncIterator[UserStore]:
     await store.close()
 
 
-@pytest.fixture
-async def passwords() -> AsyncIterator[Passwords]:
-    made = Passwords(1, 1024, 1)
-    await made.start()
-    yield made
-    made.close()
-
-
 class Counting(Passwords):
     """Passwords that count the verifications and the registrations' hashes it runs."""
 

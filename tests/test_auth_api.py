@@ -11,10 +11,9 @@ from typing import Any
 
 import jwt
 import pytest
-from support import Response, RunningGateway, running_gateway
+from support import Response, RunningGateway, auth_answer, running_gateway
 
-from stox.auth.client import AuthCallError, AuthClient
-from stox.auth.limits import TooManyAttempts
+from stox.auth.client import AuthClient
 
 REGISTER = "/api/v1/auth/register"
 LOGIN = "/api/v1/auth/login"
@@ -229,13 +228,7 @@ async def test_concurrent_guesses_cannot_slip_past_the_limit(gw: RunningGateway)
 
 async def attempt(auth: AuthClient, username: str, password: str, address: str) -> int:
     """The HTTP status the login handler would answer."""
-    try:
-        await auth.login(username, password, address)
-    except TooManyAttempts:
-        return 429
-    except AuthCallError as exc:
-        return exc.http_status
-    return 200
+    return await auth_answer(auth.login(username, password, address), 200)
 
 
 async def test_an_attacker_elsewhere_cannot_lock_the_owner_out(gw: RunningGateway) -> None:

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import tornado.httpclient
 from argon2 import PasswordHasher
-from support import RunningGateway, eventually, running_gateway
+from support import RunningGateway, auth_answer, eventually, running_gateway
 
 from settings import Duration
-from stox.auth.client import AuthCallError, AuthClient
-from stox.auth.limits import TooManyAttempts
+from stox.auth.client import AuthClient
 from stox.auth.passwords import REGISTRATION_QUEUE, REGISTRATION_WORKERS, Busy, Passwords
 
 REGISTER = "/api/v1/auth/register"
@@ -58,14 +57,6 @@ def gate(passwords: Passwords) -> GatedHasher:
 
 
 # -- Passwords --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def passwords() -> AsyncIterator[Passwords]:
-    made = Passwords(1, 1024, 1)
-    await made.start()
-    yield made
-    made.close()
 
 
 async def test_verifications_do_not_wait_behind_registration_hashes(passwords: Passwords) -> None:
@@ -114,13 +105,7 @@ async def test_a_registration_cancelled_while_it_waits_frees_its_slot(passwords:
 
 async def register_status(auth: AuthClient, username: str, address: str) -> int:
     """The HTTP status the register handler would answer."""
-    try:
-        await auth.register(username, PASSWORD, address)
-    except TooManyAttempts:
-        return 429
-    except AuthCallError as exc:
-        return exc.http_status
-    return 201
+    return await auth_answer(auth.register(username, PASSWORD, address), 201)
 
 
 async def test_logins_answer_while_every_registration_slot_is_held(tmp_path: Path) -> None:

@@ -212,15 +212,8 @@ async def test_a_body_that_is_not_json_is_dead_lettered_and_the_gateway_serves_o
         for body in (b"\xff\xfe not json", b"[1, 2, 3]", b""):
             await asyncio.to_thread(ns.publish, "step.completed", body, {})
 
-        async def three_dead() -> list[bytes]:
-            async with asyncio.timeout(TIMEOUT):
-                got: list[bytes] = []
-                while len(got) < 3:
-                    got += [m.body for m in await asyncio.to_thread(ns.drain, ns.dead)]
-                    await asyncio.sleep(0.02)
-                return got
-
-        assert sorted(await three_dead()) == sorted([b"\xff\xfe not json", b"[1, 2, 3]", b""])
+        dead = [m.body for m in await ns.drained(ns.dead, 3)]
+        assert sorted(dead) == sorted([b"\xff\xfe not json", b"[1, 2, 3]", b""])
         ready = await gw.fetch("GET", "/readyz")
         assert ready.status == 200, ready.body
         assert (
@@ -250,15 +243,7 @@ async def test_a_poison_body_is_dead_lettered_and_the_connection_stays(
         with caplog.at_level(logging.INFO, logger="stox.bus.rabbitmq"):
             await asyncio.to_thread(ns.publish, "step.completed", poison, headers)
 
-            async def dead() -> list[bytes]:
-                async with asyncio.timeout(TIMEOUT):
-                    got: list[bytes] = []
-                    while not got:
-                        got += [m.body for m in await asyncio.to_thread(ns.drain, ns.dead)]
-                        await asyncio.sleep(0.02)
-                    return got
-
-            assert await dead() == [poison]
+            assert [m.body for m in await ns.drained(ns.dead)] == [poison]
             # the next report still flows, over the same connection
             body = json.dumps(report(step, workflow_id)).encode()
             await asyncio.to_thread(ns.publish, "step.completed", body, headers)

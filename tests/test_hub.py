@@ -19,6 +19,7 @@ import pytest
 import tornado.httputil
 import tornado.web
 import tornado.websocket
+from support import Calls
 
 from handlers.ws import WorkflowSocket
 from settings import WebSocketSettings
@@ -778,15 +779,7 @@ async def test_fifty_snapshots_encode_each_document_once_and_yield_between_messa
     world = World()
     for _ in range(SNAPSHOT_LIMIT):
         await world.upload()
-    encodings = 0
-    public = Workflow.public
-
-    def counted(self: Workflow) -> dict[str, Any]:
-        nonlocal encodings
-        encodings += 1
-        return public(self)
-
-    monkeypatch.setattr(Workflow, "public", counted)
+    encodings = Calls(monkeypatch, Workflow, "public")
     loading = 0
     most_loading = 0
     real_list = world.orchestrator.list
@@ -815,7 +808,7 @@ async def test_fifty_snapshots_encode_each_document_once_and_yield_between_messa
         ticks.stop()
 
     assert [len(conn.sent) for conn in connections] == [SNAPSHOT_LIMIT] * 50
-    assert encodings == SNAPSHOT_LIMIT, "each (workflow, version) encoded once, not 50 times"
+    assert encodings.count == SNAPSHOT_LIMIT, "each (workflow, version) encoded once, not 50 times"
     assert most_loading == SNAPSHOT_BUILDERS, "pages are loaded a bounded number at a time"
     for conn in connections:
         assert len(set(conn.turns)) == len(conn.turns), "one message per turn of the loop"
@@ -824,11 +817,11 @@ async def test_fifty_snapshots_encode_each_document_once_and_yield_between_messa
     wf = (await world.orchestrator.list("alice", None, 1))[0]
     await world.complete_step(wf.id)
     await world.deliver(world.new_notifications())
-    before = encodings
+    before = encodings.count
     late = [FakeConnection(), FakeConnection()]
     for conn in late:
         await world.subscribe(conn, owner="alice", workflow_id=wf.id)
-    assert encodings == before + 1
+    assert encodings.count == before + 1
     current = (await world.orchestrator.get(wf.id)).public()
     assert [conn.messages()[0]["data"] for conn in late] == [current, current]
 

@@ -296,15 +296,7 @@ async def test_a_handler_that_keeps_failing_is_dead_lettered_after_its_redeliver
     sent = event("k", n=1)
     await bus.publish(sent)
 
-    async def dead_letters() -> list[rabbit.Message]:
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                got = await asyncio.to_thread(ns.drain, ns.dead)
-                if got:
-                    return got
-                await asyncio.sleep(0.02)
-
-    [dead] = await dead_letters()
+    [dead] = await ns.drained(ns.dead)
     await asyncio.sleep(0.1)
     assert len(attempts) == 3
     assert "x-redelivered" not in attempts[0].headers
@@ -338,15 +330,7 @@ async def test_a_message_failing_on_several_instances_is_counted_once_across_the
     sent = event("step.image_processing", n=1)
     await bus.publish(sent)
 
-    async def dead_letters() -> list[rabbit.Message]:
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                got = await asyncio.to_thread(ns.drain, ns.dead)
-                if got:
-                    return got
-                await asyncio.sleep(0.02)
-
-    [dead] = await dead_letters()
+    [dead] = await ns.drained(ns.dead)
     await asyncio.sleep(0.3)
     assert len(attempts) == 4, [name for name, _ in attempts]
     assert {e.message_id for _, e in attempts} == {sent.message_id}

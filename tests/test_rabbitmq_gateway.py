@@ -393,15 +393,7 @@ async def test_a_renamed_step_keeps_the_queue_running_workflows_still_need(
                     reply = await gw.fetch("POST", COMPLETED, body, token=service)
                     assert reply.status == 200, reply.body
 
-            async def dispatched() -> list[rabbit.Message]:
-                got: list[rabbit.Message] = []
-                async with asyncio.timeout(TIMEOUT):
-                    while len(got) < len(ids):
-                        got += await asyncio.to_thread(ns.drain, ns.step_queue("seo_generation"))
-                        await asyncio.sleep(0.05)
-                return got
-
-            messages = await dispatched()
+            messages = await ns.drained(ns.step_queue("seo_generation"), len(ids), TIMEOUT)
             assert sorted(m.payload["workflow_id"] for m in messages) == sorted(ids)
             for message in messages:
                 body = completion(

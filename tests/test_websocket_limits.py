@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import pytest
 from procs import gateway_config, remote, start_gateway, wait_ready
-from support import free_port, running_gateway
+from support import Calls, free_port, running_gateway
 
 import settings as settings_module
 from handlers.ws import WorkflowSocket
@@ -154,29 +154,13 @@ async def test_sockets_that_never_read_keep_the_gateway_within_its_memory_bound(
 async def test_healthz_is_answered_while_fifty_snapshots_are_sent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    encodings = 0
-    public = Workflow.public
-
-    def counted(self: Workflow) -> dict[str, Any]:
-        nonlocal encodings
-        encodings += 1
-        return public(self)
-
-    sent = 0  # messages the gateway has handed to its sockets
-    send = WorkflowSocket.send
-
-    def counted_send(self: WorkflowSocket, message: bytes) -> Any:
-        nonlocal sent
-        sent += 1
-        return send(self, message)
-
     async with running_gateway(tmp_path, websocket__max_sockets_per_user=50) as gw:
         token = gw.token("alice")
         for index in range(100):
             await gw.upload(token, name=f"Mug {index}", description="d" * 5_000)
         await gw.gateway.orchestrator.drain()
-        monkeypatch.setattr(Workflow, "public", counted)
-        monkeypatch.setattr(WorkflowSocket, "send", counted_send)
+        encodings = Calls(monkeypatch, Workflow, "public")
+        sent = Calls(monkeypatch, WorkflowSocket, "send")  # messages handed to the sockets
 
         events: list[str] = []
         sent_when_answered = 0
@@ -201,17 +185,19 @@ async def test_healthz_is_answered_while_fifty_snapshots_are_sent(
             nonlocal sent_when_answered
             await all_connected.wait()
             response = await gw.fetch("GET", "/healthz")
-            sent_when_answered = sent
+            sent_when_answered = sent.count
             assert response.status == 200
             events.append("healthz")
 
         await asyncio.gather(*(watch() for _ in range(50)), health())
         assert events.count("snapshot") == 50
-        assert sent == 50 * 100
+        assert sent.count == 50 * 100
         # answered while the snapshots were still being sent, not once they were all out
-        assert sent_when_answered < sent, "/healthz waited for every snapshot"
+        assert sent_when_answered < sent.count, "/healthz waited for every snapshot"
         assert events.index("healthz") < 50
-        assert encodings == 100, "each workflow encoded once for the 50 sockets, not 5,000 times"
+        assert encodings.count == 100, (
+            "each workflow encoded once for the 50 sockets, not 5,000 times"
+        )
 
 
 # -- the settings --------------------------------------------------------------------------

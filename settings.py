@@ -210,6 +210,11 @@ class WebSocketSettings:
         "encoded workflow documents kept for snapshots, shared by every socket (0: none)",
         default=Size(16 * 1024 * 1024),
     )
+    kernel_send_buffer: Size = _help(
+        "the kernel's send buffer of each /ws socket (SO_SNDBUF; Linux doubles it), which "
+        "bounds what it queues for a client that does not read (0: the system's own)",
+        default=Size(256 * 1024),
+    )
 
 
 @dataclass

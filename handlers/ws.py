@@ -10,6 +10,8 @@ user may not see. The hub bounds what each socket may queue (4008, too slow).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -86,6 +88,7 @@ class WorkflowSocket(PathOnlyErrorLog, BoundedBody, tornado.websocket.WebSocketH
         return subprotocols[0] if subprotocols and subprotocols[0].lower() == "bearer" else None
 
     async def open(self, *args: Any, **kwargs: Any) -> None:
+        self._bound_kernel_buffer()
         principal = self.principal
         assert principal is not None
         owner = None if principal.is_admin and self.workflow_id else principal.id
@@ -103,6 +106,15 @@ class WorkflowSocket(PathOnlyErrorLog, BoundedBody, tornado.websocket.WebSocketH
             await self.hub.send_snapshot(self.subscription)
         except NotFound:
             self.close(CLOSE_NOT_FOUND, "no such workflow")
+
+    def _bound_kernel_buffer(self) -> None:
+        """Without a bound, Linux lets the send queue of a client that does not read grow
+        to tcp_wmem's maximum (4 MiB) on top of what the hub keeps."""
+        size = cast(int, self.settings["websocket_send_buffer"])
+        stream = self.ws_connection.stream if self.ws_connection is not None else None
+        if size and stream is not None and stream.socket is not None:
+            with contextlib.suppress(OSError):
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     def _token_expired(self) -> None:
         self._expiry = None

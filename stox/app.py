@@ -247,6 +247,7 @@ class Gateway:
             max_body_size=settings.server.max_body_size,
             max_drain_size=settings.server.max_drain_size,
             allowed_origins=settings.allowed_origins,
+            websocket_send_buffer=settings.websocket.kernel_send_buffer,
             websocket_ping_interval=20,
             websocket_ping_timeout=20,  # Tornado caps it at the ping interval
         )

@@ -47,6 +47,18 @@ def rss(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
+def kernel_send_queues(port: int) -> int:
+    """Bytes the kernel holds unsent in the sockets of the server listening on `port`
+    (the tx_queue of /proc/net/tcp, whose local port is that port)."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+        if local_port == port:
+            total += int(fields[4].split(":")[0], 16)
+    return total
+
+
 def stalled_socket(port: int, token: str) -> socket.socket:
     """A /ws client that completes the handshake and then never reads (a tiny receive
     buffer, so the gateway's writes back up quickly)."""
@@ -99,6 +111,8 @@ SNAPSHOT_CACHE = 16 * MiB  # the default websocket.snapshot_cache
 # pages being loaded, 100 handlers, and what the allocator does not return
 SLACK = SNAPSHOT_CACHE + 64 * MiB
 RSS_BOUND = SOCKETS * MAX_BACKLOG + SLACK
+KERNEL_SEND_BUFFER = 256 * 1024  # the default websocket.kernel_send_buffer; Linux doubles it
+KERNEL_BOUND = SOCKETS * 2 * KERNEL_SEND_BUFFER + 8 * MiB
 
 
 async def test_sockets_that_never_read_keep_the_gateway_within_its_memory_bound(
@@ -132,13 +146,16 @@ async def test_sockets_that_never_read_keep_the_gateway_within_its_memory_bound(
                 await upload_all(gw, token, range(100, 130))  # and changes flow to them all
                 await asyncio.sleep(2)
                 healthz = await gw.fetch("GET", "/healthz")
+                kernel = kernel_send_queues(port)
         finally:
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
         growth = peak - baseline
         print(f"RSS {baseline / MiB:.0f} MiB -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.0f})")
+        print(f"kernel send queues {kernel / MiB:.0f} MiB")
         assert healthz.status == 200, healthz.body
+        assert kernel < KERNEL_BOUND, f"the kernel queues {kernel / MiB:.0f} MiB for them"
         assert growth < RSS_BOUND, (
             f"{SOCKETS} stalled sockets grew the gateway by {growth / MiB:.0f} MiB "
             f"(bound {RSS_BOUND / MiB:.0f} MiB = {SOCKETS} x {MAX_BACKLOG / MiB:.0f} MiB + "
@@ -216,6 +233,7 @@ def test_the_websocket_settings_have_defaults_and_reach_the_hub(tmp_path: Path) 
         send_timeout=settings_module.Duration(30),
         max_sockets_per_user=10,
         snapshot_cache=settings_module.Size(16 * MiB),
+        kernel_send_buffer=settings_module.Size(256 * 1024),
     )
     configured = load_websocket(
         tmp_path,

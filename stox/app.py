@@ -73,7 +73,7 @@ def make_bus(
 def make_journal(settings: Settings, store: WorkflowStore | None) -> SQLiteJournal:
     """Where the in-process bus keeps unacknowledged messages: in the SQLite store's own file,
     on its connection; otherwise (MongoDB without RabbitMQ) in `stox-bus.db` beside the data."""
-    from stox.store.sqlite import SQLiteDatabase
+    from stox.store.sqlite_db import SQLiteDatabase
 
     if isinstance(store, SQLiteDatabase):
         return SQLiteJournal.beside(store)

@@ -8,6 +8,7 @@ write that loses the compare-and-swap race reloads the workflow and decides agai
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -63,9 +64,8 @@ class Orchestrator:
         self.clock = clock
         self.max_races = max_races
         self.cache_size = cache_size  # documents
-        self.cache_bytes = cache_bytes  # their stored size, all together
-        # the last document written of each workflow, and its stored size
-        self._recent: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
+        self.cache_bytes = cache_bytes  # their size, all together
+        self._recent: OrderedDict[str, _Cached] = OrderedDict()
         self._recent_bytes = 0
         self._publishing: set[asyncio.Task[None]] = set()
         # workflows whose outbox is being published -> a newer state to publish next, if any
@@ -76,7 +76,7 @@ class Orchestrator:
     async def upload(self, owner: str, product: dict[str, Any]) -> Workflow:
         workflow, _ = wf_rules.start(self.pipeline, owner, product, self.clock())
         doc = workflow.to_doc()
-        self._remember(doc, await self.store.insert(doc))
+        self._remember(doc, base=await self.store.insert(doc), latest=0)
         self._publish_soon(workflow)
         return workflow
 
@@ -177,7 +177,7 @@ class Orchestrator:
         """
         fresh = doc is not None
         if doc is None and (cached := self._recent.get(workflow_id)) is not None:
-            doc = cached[0]
+            doc = cached.doc
         for _ in range(self.max_races):
             if doc is None:
                 doc = await self.store.get(workflow_id)
@@ -186,6 +186,7 @@ class Orchestrator:
                     raise NotFound(workflow_id)
             workflow = Workflow.from_doc(doc)
             expected = workflow.version
+            published_before = len(workflow.outbox)
             try:
                 changes = decide(workflow)
             except wf_rules.WorkflowError:
@@ -199,9 +200,10 @@ class Orchestrator:
                 doc = None
                 continue
             written = workflow.to_doc()
-            size = await self.store.replace(written, expected)
+            new_events = written["outbox"][published_before:]
+            size = await self.store.replace(written, expected, new_events)
             if size:
-                self._remember(written, size)
+                self._remember(written, base=self._base_size(written), latest=size)
                 if publish:
                     self._publish_soon(workflow)
                 return Applied(workflow, written=True)
@@ -211,24 +213,35 @@ class Orchestrator:
 
     @property
     def cached(self) -> tuple[int, int]:
-        """How many documents the write cache holds, and their stored size in bytes."""
+        """How many documents the write cache holds, and their size in bytes."""
         return len(self._recent), self._recent_bytes
 
-    def _remember(self, doc: dict[str, Any], size: int) -> None:
-        """Keep the document just written, within both bounds, least recently written out."""
+    def _remember(self, doc: dict[str, Any], *, base: int, latest: int) -> None:
+        """Keep the document just written, within both bounds, least recently written out.
+
+        Its size is counted as `base` (what its upload stored: the product, written once,
+        and the first events) plus `latest` (what its latest change stored).
+        """
         self._forget(doc["id"])
-        if size > self.cache_bytes:
+        total = base + latest
+        if total > self.cache_bytes:
             return
-        self._recent[doc["id"]] = (doc, size)
-        self._recent_bytes += size
+        self._recent[doc["id"]] = _Cached(doc, base, total)
+        self._recent_bytes += total
         while len(self._recent) > self.cache_size or self._recent_bytes > self.cache_bytes:
-            _, (_, evicted) = self._recent.popitem(last=False)
-            self._recent_bytes -= evicted
+            _, evicted = self._recent.popitem(last=False)
+            self._recent_bytes -= evicted.size
+
+    def _base_size(self, doc: dict[str, Any]) -> int:
+        cached = self._recent.get(doc["id"])
+        if cached is not None:
+            return cached.base
+        return len(_encode(doc["product"]))  # decided on a document read from the store
 
     def _forget(self, workflow_id: str) -> None:
         cached = self._recent.pop(workflow_id, None)
         if cached is not None:
-            self._recent_bytes -= cached[1]
+            self._recent_bytes -= cached.size
 
     def _publish_soon(self, workflow: Workflow) -> None:
         """Publish the outbox in the background, one round at a time per workflow.
@@ -286,15 +299,46 @@ class Orchestrator:
         return confirmed
 
     async def _clear_outbox(self, workflow_id: str, confirmed: set[str]) -> None:
-        try:
-            await self._apply(
-                workflow_id,
-                lambda wf: (
-                    [Change("outbox")]
-                    if wf_rules.confirm_published(wf, confirmed, self.clock())
-                    else []
-                ),
-                publish=False,
-            )
-        except (NotFound, Contention) as exc:
-            log.info("outbox of %s not cleared now (%s); the relay will retry", workflow_id, exc)
+        """Drop confirmed events from the stored outbox: not a transition, the version stays.
+
+        The cached document is tried first; a store that needs the outbox as of the current
+        version (MongoDB) refuses an older one, and the current one is read then.
+        """
+        cached = self._recent.get(workflow_id)
+        doc = cached.doc if cached is not None else None
+        for _ in range(self.max_races):
+            if doc is None:
+                doc = await self.store.get(workflow_id)
+                if doc is None:
+                    return
+            workflow = Workflow.from_doc(doc)
+            dropped = [e["message_id"] for e in workflow.outbox if e["message_id"] in confirmed]
+            if not wf_rules.drop_published(workflow, confirmed):
+                return
+            kept = workflow.to_doc()["outbox"]
+            if await self.store.drop_published(workflow_id, workflow.version, dropped, kept):
+                self._drop_cached(workflow_id, confirmed)
+                return
+            doc = None
+        log.info("outbox of %s not cleared now (contention); the relay will retry", workflow_id)
+
+    def _drop_cached(self, workflow_id: str, confirmed: set[str]) -> None:
+        """The cached document, whatever its version, without the dropped events (a copy:
+        the one cached may be in use)."""
+        cached = self._recent.get(workflow_id)
+        if cached is None:
+            return
+        outbox = [e for e in cached.doc["outbox"] if e["message_id"] not in confirmed]
+        if len(outbox) != len(cached.doc["outbox"]):
+            outbox_at = outbox[0]["created_at"] if outbox else None
+            cached.doc = {**cached.doc, "outbox": outbox, "outbox_at": outbox_at}
+
+
+@dataclass(slots=True)
+class _Cached:
+    doc: dict[str, Any]
+    base: int  # the size of what its upload stored, carried from version to version
+    size: int  # that and the size of its latest write: what it counts against cache_bytes
+
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode

@@ -449,13 +449,15 @@ def retry(wf: Workflow, pipeline: Pipeline, now: float, ids: IdFactory = new_id)
     return t.seal()
 
 
-def confirm_published(wf: Workflow, message_ids: set[str], now: float) -> bool:
-    """Drop outbox entries the broker has confirmed; False when none were still there."""
+def drop_published(wf: Workflow, message_ids: set[str]) -> bool:
+    """Drop outbox entries the broker has confirmed; False when none were still there.
+
+    Not a transition: the version stays, so a transition decided meanwhile on the same
+    version still writes (its own events are appended after these, never over them).
+    """
     kept = [entry for entry in wf.outbox if entry["message_id"] not in message_ids]
     if len(kept) == len(wf.outbox):
         return False
     wf.outbox = kept
     wf.outbox_at = kept[0]["created_at"] if kept else None
-    wf.version += 1
-    wf.updated_at = isoformat(now)
     return True

@@ -92,12 +92,20 @@ class FakeStore:
         doc = self.docs.get(workflow_id)
         return await self._held(copy.deepcopy(doc) if doc is not None else None)
 
-    async def replace(self, doc: dict[str, Any], expected_version: int) -> int:
+    async def replace(
+        self, doc: dict[str, Any], expected_version: int, new_events: list[dict[str, Any]]
+    ) -> int:
         stored = self.docs.get(doc["id"])
         if stored is None or stored["version"] != expected_version:
             return 0
         self.docs[doc["id"]] = copy.deepcopy(doc)
         return len(json.dumps(doc))
+
+    async def drop_published(
+        self, workflow_id: str, version: int, message_ids: Any, kept: list[dict[str, Any]]
+    ) -> bool:
+        self.docs[workflow_id]["outbox"] = copy.deepcopy(kept)
+        return True
 
     async def list(
         self,

@@ -124,7 +124,7 @@ async def test_startup_relay_publishes_what_a_crashed_gateway_left_in_the_outbox
     fresh, _ = w.start(pipeline, "alice", copy.deepcopy(PRODUCT), now)
     # ... and a completion whose next dispatch never went out
     advanced, _ = w.start(pipeline, "alice", copy.deepcopy(PRODUCT), now)
-    w.confirm_published(advanced, {e["message_id"] for e in advanced.outbox}, now)
+    w.drop_published(advanced, {e["message_id"] for e in advanced.outbox})
     first_step_id = str(advanced.step.step_id)
     w.complete(advanced, pipeline, w.Report(advanced.id, first_step_id, True, result={}), now)
     store = make_store(store_url)
@@ -268,10 +268,16 @@ def confirmed_dispatches_in_flight(path: Path) -> int:
     that dispatch: the bus had confirmed it, so only the bus can still deliver it."""
     with sqlite3.connect(path) as conn:
         docs = [json.loads(doc) for (doc,) in conn.execute("SELECT doc FROM workflows")]
+        pending = {
+            (workflow_id, routing_key)
+            for workflow_id, routing_key in conn.execute(
+                "SELECT workflow_id, routing_key FROM outbox"
+            )
+        }
     return sum(
         doc["status"] == w.RUNNING
-        and doc["steps"][doc["current_step"]]["status"] == w.DISPATCHED
-        and not any(e["routing_key"].startswith("step.") for e in doc["outbox"])
+        and (step := doc["steps"][doc["current_step"]])["status"] == w.DISPATCHED
+        and (doc["id"], f"step.{step['name']}") not in pending
         for doc in docs
     )
 

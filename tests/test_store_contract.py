@@ -17,7 +17,17 @@ import pytest
 from stox.store import AlreadyExists, StoreError, WorkflowStore, make_store
 from stox.store.mongo import MongoStore, database_from_url
 from stox.store.sqlite import SQLiteStore
-from stox.workflow import COMPLETED, FAILED, RUNNING, Pipeline, isoformat, start
+from stox.workflow import (
+    COMPLETED,
+    FAILED,
+    RUNNING,
+    Pipeline,
+    Report,
+    Workflow,
+    complete,
+    isoformat,
+    start,
+)
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -104,7 +114,7 @@ async def test_replace_with_the_expected_version_writes(store: WorkflowStore) ->
     updated = copy.deepcopy(doc)
     updated.update(status=COMPLETED, version=doc["version"] + 1, wake_at=None)
     updated["steps"][0]["status"] = COMPLETED
-    assert await store.replace(updated, doc["version"]) > 0
+    assert await store.replace(updated, doc["version"], []) > 0
     assert await store.get(doc["id"]) == updated
 
 
@@ -112,23 +122,96 @@ async def test_writes_return_the_stored_size(store: WorkflowStore) -> None:
     doc = new_doc()
     small = await store.insert(doc)
     assert len(json.dumps(doc)) // 2 < small < 2 * len(json.dumps(doc))
-    bigger = dict(doc, version=doc["version"] + 1, product={**doc["product"], "x": "y" * 10_000})
-    size = await store.replace(bigger, doc["version"])
-    assert small + 10_000 <= size < small + 11_000
-    assert await store.replace(bigger, doc["version"]) == 0  # not written: nothing stored
+    bigger = copy.deepcopy(doc)
+    bigger["version"] += 1
+    bigger["steps"][0]["result"] = {"x": "y" * 10_000}
+    size = await store.replace(bigger, doc["version"], [])
+    assert 10_000 <= size < small + 11_000
+    assert await store.replace(bigger, doc["version"], []) == 0  # not written: nothing stored
+
+
+def advanced(doc: dict[str, Any], **changes: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`doc` one change on, as a transition leaves it: its new events at the outbox's end."""
+    wf = Workflow.from_doc(copy.deepcopy(doc))
+    report = Report(wf.id, str(wf.step.step_id), True, result=changes or {"ok": True})
+    complete(wf, Pipeline(), report, T0 + 5)
+    after = wf.to_doc()
+    return after, after["outbox"][len(doc["outbox"]) :]
+
+
+async def test_replace_adds_its_new_events_after_the_earlier_ones(store: WorkflowStore) -> None:
+    doc = new_doc()
+    await store.insert(doc)
+    after, new_events = advanced(doc)
+    assert len(new_events) == 2  # the next dispatch and the change notification
+    assert await store.replace(after, doc["version"], new_events) > 0
+    stored = await store.get(doc["id"])
+    assert stored == after
+    assert stored is not None and stored["outbox"] == doc["outbox"] + new_events
+
+
+async def test_replace_never_writes_the_product_again(store: WorkflowStore) -> None:
+    doc = new_doc()
+    await store.insert(doc)
+    changed = dict(doc, version=doc["version"] + 1, product={"name": "something else"})
+    assert await store.replace(changed, doc["version"], []) > 0
+    stored = await store.get(doc["id"])
+    assert stored is not None
+    assert stored["product"] == doc["product"] and stored["version"] == doc["version"] + 1
+
+
+async def test_drop_published_removes_those_events_and_keeps_the_version(
+    store: WorkflowStore,
+) -> None:
+    doc = new_doc()
+    await store.insert(doc)
+    first, rest = doc["outbox"][:1], doc["outbox"][1:]
+    dropped = [e["message_id"] for e in first]
+    assert await store.drop_published(doc["id"], doc["version"], dropped, rest)
+    stored = await store.get(doc["id"])
+    assert stored is not None
+    assert stored["outbox"] == rest and stored["outbox_at"] == rest[0]["created_at"]
+    assert stored["version"] == doc["version"]
+    assert {k: v for k, v in stored.items() if not k.startswith("outbox")} == {
+        k: v for k, v in doc.items() if not k.startswith("outbox")
+    }
+    everything = [e["message_id"] for e in rest]
+    assert await store.drop_published(doc["id"], doc["version"], everything, [])
+    stored = await store.get(doc["id"])
+    assert stored is not None and stored["outbox"] == [] and stored["outbox_at"] is None
+
+
+async def test_drop_published_for_an_older_version_never_loses_newer_events(
+    store: WorkflowStore,
+) -> None:
+    """A change written meanwhile brought events of its own: a drop of the old version's
+    events either goes through without touching them, or is refused (then it is retried on
+    the current version)."""
+    doc = new_doc()
+    await store.insert(doc)
+    after, new_events = advanced(doc)
+    assert await store.replace(after, doc["version"], new_events)
+    dropped = [e["message_id"] for e in doc["outbox"]]
+    done = await store.drop_published(doc["id"], doc["version"], dropped, [])
+    stored = await store.get(doc["id"])
+    assert stored is not None
+    assert stored["outbox"] == (new_events if done else doc["outbox"] + new_events)
+    assert await store.drop_published(doc["id"], after["version"], dropped, new_events)
+    stored = await store.get(doc["id"])
+    assert stored is not None and stored["outbox"] == new_events
 
 
 async def test_replace_with_a_stale_version_changes_nothing(store: WorkflowStore) -> None:
     doc = new_doc()
     await store.insert(doc)
     first = dict(doc, status=COMPLETED, version=doc["version"] + 1)
-    assert await store.replace(first, doc["version"]) > 0
+    assert await store.replace(first, doc["version"], []) > 0
 
     stale = dict(doc, status=FAILED, owner="mallory", version=doc["version"] + 1)
-    assert await store.replace(stale, doc["version"]) == 0
+    assert await store.replace(stale, doc["version"], []) == 0
     assert await store.get(doc["id"]) == first
     newer = dict(doc, status=FAILED, version=first["version"] + 5)
-    assert await store.replace(newer, first["version"] + 1) == 0  # a version not yet seen
+    assert await store.replace(newer, first["version"] + 1, []) == 0  # a version not yet seen
     assert await store.get(doc["id"]) == first
     # the stale write did not leak into the indexed fields either
     assert await store.list(owner="mallory", status=None, limit=10) == []
@@ -137,7 +220,7 @@ async def test_replace_with_a_stale_version_changes_nothing(store: WorkflowStore
 
 async def test_replace_of_a_missing_workflow_writes_nothing(store: WorkflowStore) -> None:
     doc = new_doc()
-    assert await store.replace(doc, doc["version"]) == 0
+    assert await store.replace(doc, doc["version"], []) == 0
     assert await store.get(doc["id"]) is None
 
 
@@ -150,8 +233,8 @@ async def cas_increment(store: WorkflowStore, workflow_id: str, times: int) -> i
             assert current is not None
             updated = copy.deepcopy(current)
             updated["version"] = current["version"] + 1
-            updated["product"]["metadata"]["count"] = current["product"]["metadata"]["count"] + 1
-            if await store.replace(updated, current["version"]):
+            updated["current_step"] = current["current_step"] + 1  # the counter
+            if await store.replace(updated, current["version"], []):
                 break
             lost += 1
     return lost
@@ -159,13 +242,12 @@ async def cas_increment(store: WorkflowStore, workflow_id: str, times: int) -> i
 
 async def test_concurrent_cas_loses_no_update(store: WorkflowStore) -> None:
     doc = new_doc()
-    doc["product"]["metadata"]["count"] = 0
     await store.insert(doc)
     await asyncio.gather(*(cas_increment(store, doc["id"], 20) for _ in range(5)))
     final = await store.get(doc["id"])
     assert final is not None
     assert final["version"] == doc["version"] + 100
-    assert final["product"]["metadata"]["count"] == 100
+    assert final["current_step"] == doc["current_step"] + 100
 
 
 async def test_concurrent_cas_across_two_store_instances(
@@ -173,7 +255,6 @@ async def test_concurrent_cas_across_two_store_instances(
 ) -> None:
     """Two gateway instances on one database: still no lost update."""
     doc = new_doc()
-    doc["product"]["metadata"]["count"] = 0
     await store.insert(doc)
     other = make_store(store_url)
     await other.open()
@@ -186,7 +267,7 @@ async def test_concurrent_cas_across_two_store_instances(
     final = await store.get(doc["id"])
     assert final is not None
     assert final["version"] == doc["version"] + 80
-    assert final["product"]["metadata"]["count"] == 80
+    assert final["current_step"] == doc["current_step"] + 80
 
 
 # -- list ------------------------------------------------------------------------------------
@@ -324,15 +405,15 @@ async def test_due_follows_replace(store: WorkflowStore) -> None:
     now = isoformat(T0 + 20)
     assert ids(await store.due(now, 10)) == [doc["id"]]
     done = dict(doc, wake_at=None, status=COMPLETED, version=doc["version"] + 1)
-    assert await store.replace(done, doc["version"])
+    assert await store.replace(done, doc["version"], [])
     assert await store.due(now, 10) == []
 
 
 async def test_unpublished_returns_only_outboxes_written_by_then(store: WorkflowStore) -> None:
     cutoff = isoformat(T0 + 100)
-    old = new_doc(outbox_at=isoformat(T0 + 1))
-    at_cutoff = new_doc(outbox_at=cutoff)
-    fresh = new_doc(outbox_at=isoformat(T0 + 101))
+    old = new_doc(now=T0 + 1)  # its events were written when it was made
+    at_cutoff = new_doc(now=T0 + 100)
+    fresh = new_doc(now=T0 + 101)
     published = new_doc(outbox_at=None, outbox=[])
     await insert_all(store, [old, at_cutoff, fresh, published])
 
@@ -343,8 +424,8 @@ async def test_unpublished_returns_only_outboxes_written_by_then(store: Workflow
     assert await store.unpublished(cutoff, 0) == []
     assert published["id"] not in ids(await store.unpublished("9999-12-31T23:59:59Z", 100))
 
-    confirmed = dict(old, outbox=[], outbox_at=None, version=old["version"] + 1)
-    assert await store.replace(confirmed, old["version"])
+    sent = [e["message_id"] for e in old["outbox"]]
+    assert await store.drop_published(old["id"], old["version"], sent, [])
     assert ids(await store.unpublished(cutoff, 100)) == [at_cutoff["id"]]
 
 
@@ -380,8 +461,8 @@ async def test_unicode_and_nested_metadata_round_trip_exactly(store: WorkflowSto
 
     updated = copy.deepcopy(expected)
     updated["version"] += 1
-    updated["product"]["metadata"]["nested"]["deeper"]["added"] = {"ß": ["ẞ"]}
-    assert await store.replace(updated, expected["version"])
+    updated["steps"][0]["result"] = {"nested": product["metadata"], "added": {"ß": ["ẞ"]}}
+    assert await store.replace(updated, expected["version"], [])
     assert await store.get(doc["id"]) == updated
 
 
@@ -416,7 +497,7 @@ async def test_sqlite_data_survives_close_and_reopen(tmp_path: Path) -> None:
     doc = new_doc()
     await first.insert(doc)
     updated = dict(doc, version=doc["version"] + 1, status=COMPLETED)
-    assert await first.replace(updated, doc["version"])
+    assert await first.replace(updated, doc["version"], [])
     await first.close()
 
     assert path.is_file()
@@ -442,7 +523,8 @@ async def test_sqlite_file_is_in_wal_mode(tmp_path: Path) -> None:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             columns = {row[1] for row in conn.execute("PRAGMA table_info(workflows)")}
             assert {"id", "owner", "status", "created_at", "version", "wake_at"} <= columns
-            assert {"outbox_at", "doc"} <= columns
+            assert {"doc", "product"} <= columns
+            assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 3
         finally:
             conn.close()
     finally:
@@ -542,3 +624,56 @@ async def test_steps_in_use_names_the_unfinished_steps_of_running_workflows(
         "ai_enhancement": sorted([fresh["id"], halfway["id"]]),
         "seo_generation": sorted([fresh["id"], halfway["id"]]),
     }
+
+
+LAYOUT_0 = (
+    """CREATE TABLE workflows (id TEXT PRIMARY KEY, owner TEXT, status TEXT, created_at TEXT,
+    version INTEGER, wake_at TEXT NULL, outbox_at TEXT NULL, doc TEXT)""",
+    "CREATE INDEX idx_workflows_owner ON workflows (owner, created_at, id)",
+    "CREATE INDEX idx_workflows_status ON workflows (status, created_at, id)",
+    "CREATE INDEX idx_workflows_created ON workflows (created_at, id)",
+    "CREATE INDEX idx_workflows_wake_at ON workflows (wake_at)",
+    "CREATE INDEX idx_workflows_outbox_at ON workflows (outbox_at)",
+)
+
+
+async def test_a_file_of_the_earlier_layout_is_moved_to_the_new_one_once(tmp_path: Path) -> None:
+    """Version 0.1 kept each whole document, outbox and product included, in `doc`."""
+    path = tmp_path / "stox.db"
+    pending = new_doc(now=T0 + 1)
+    sent = new_doc(status=COMPLETED, outbox=[], outbox_at=None, wake_at=None)
+    conn = sqlite3.connect(path)
+    for statement in LAYOUT_0:
+        conn.execute(statement)
+    for doc in (pending, sent):
+        conn.execute(
+            "INSERT INTO workflows VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                *(doc["id"], doc["owner"], doc["status"], doc["created_at"], doc["version"]),
+                *(doc["wake_at"], doc["outbox_at"], json.dumps(doc)),
+            ),
+        )
+    conn.commit()
+    conn.close()
+
+    for _ in range(2):  # the second open finds nothing left to move
+        store = SQLiteStore(str(path))
+        await store.open()
+        try:
+            assert await store.get(pending["id"]) == pending
+            assert await store.get(sent["id"]) == sent
+            assert ids(await store.unpublished(isoformat(T0 + 10), 10)) == [pending["id"]]
+            after, new_events = advanced(pending)
+            assert await store.replace(after, pending["version"], new_events)
+            assert await store.get(pending["id"]) == after
+            pending = after
+        finally:
+            await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(workflows)")}
+        assert "idx_workflows_outbox_at" not in indexes
+        assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == len(pending["outbox"])
+    finally:
+        conn.close()

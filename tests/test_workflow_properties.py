@@ -4,7 +4,7 @@ A hypothesis state machine runs up to three workflows on a small random pipeline
 attempts, short timeouts, some zero backoffs) and applies, in any order: reports for the
 current attempt, replays of any report sent before, stale reports (old, foreign and random
 step_ids, wrong step types), clock advances followed by `wake`, cancels and retries. Nobody
-calls `confirm_published`, so each outbox only grows and holds every event ever emitted.
+calls `drop_published`, so each outbox only grows and holds every event ever emitted.
 """
 
 from __future__ import annotations

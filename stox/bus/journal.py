@@ -13,13 +13,12 @@ store's connection and thread (no second writer to contend with), or a file of i
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from stox.store.sqlite import SQLiteDatabase
+from stox.store.sqlite_db import SQLiteDatabase
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +85,7 @@ class SQLiteJournal:
     async def open(self) -> None:
         if self.owned:
             await self.database.open()
-        await self.database.run(self._execute, _SCHEMA, ())
+        await self.database.write(lambda conn: conn.execute(_SCHEMA))
 
     async def close(self) -> None:
         if self.owned:
@@ -105,45 +104,20 @@ class SQLiteJournal:
             )
             for m in messages
         ]
-        return await self.database.run(self._add_sync, rows)
+        return await self.database.write(
+            lambda conn: [int(conn.execute(_INSERT, row).lastrowid or 0) for row in rows]
+        )
 
     async def remove(self, keys: Sequence[int]) -> None:
-        await self.database.run(self._remove_sync, list(keys))
+        await self.database.write(lambda conn: _delete(conn, list(keys)))
 
     async def load(self) -> list[Kept]:
-        rows = await self.database.run(self._load_sync)
+        rows = await self.database.run(self.database.query, _LOAD, (), sqlite3.Cursor.fetchall)
         return [Kept(*row) for row in rows]
 
-    # -- on the database's thread ---------------------------------------------------------
 
-    def _execute(self, sql: str, params: tuple[object, ...]) -> None:
-        self.database.connection().execute(sql, params)
-
-    def _add_sync(self, rows: list[tuple[object, ...]]) -> list[int]:
-        conn = self.database.connection()
-        if len(rows) == 1:  # the usual case: one autocommit statement
-            return [int(conn.execute(_INSERT, rows[0]).lastrowid or 0)]
-        with _transaction(conn):
-            return [int(conn.execute(_INSERT, row).lastrowid or 0) for row in rows]
-
-    def _remove_sync(self, keys: list[int]) -> None:
-        conn = self.database.connection()
-        for start in range(0, len(keys), _DELETE_AT_ONCE):
-            chunk = keys[start : start + _DELETE_AT_ONCE]
-            marks = ", ".join("?" * len(chunk))
-            conn.execute(f"DELETE FROM bus_messages WHERE key IN ({marks})", chunk)
-
-    def _load_sync(self) -> list[tuple[object, ...]]:
-        return list(self.database.connection().execute(_LOAD).fetchall())
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN … COMMIT on an autocommit connection; ROLLBACK if the block raises."""
-    conn.execute("BEGIN")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+def _delete(conn: sqlite3.Connection, keys: list[int]) -> None:
+    for start in range(0, len(keys), _DELETE_AT_ONCE):
+        chunk = keys[start : start + _DELETE_AT_ONCE]
+        marks = ", ".join("?" * len(chunk))
+        conn.execute(f"DELETE FROM bus_messages WHERE key IN ({marks})", chunk)

@@ -3,6 +3,7 @@ built-in AuthService."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 
@@ -15,11 +16,14 @@ class AlreadyExists(StoreError):
 
 
 class WorkflowStore(Protocol):
-    """Keeps workflow documents (the shape `Workflow.to_doc` produces).
+    """Keeps workflow documents (the shape `Workflow.to_doc` produces) and their outboxes.
 
     Writes are compare-and-swap on `version`: `replace` succeeds only when the stored
-    document still has `expected_version`. Both writes return the size of what was stored
-    (the encoded document, in bytes), which the orchestrator's cache is bounded by.
+    document still has `expected_version`. A document's product never changes after
+    `insert`, and its outbox only grows by the events a `replace` brings and shrinks by
+    `drop_published`, so a store need not write either again with every change. Writes
+    return the size of what they stored (in bytes), which the orchestrator's cache is
+    bounded by.
     """
 
     async def open(self) -> None:
@@ -31,12 +35,28 @@ class WorkflowStore(Protocol):
         """Raise StoreError when the store cannot serve."""
 
     async def insert(self, doc: dict[str, Any]) -> int:
-        """Add a new workflow; its stored size. AlreadyExists if its id is taken."""
+        """Add a new workflow with its outbox; its stored size. AlreadyExists if its id is
+        taken."""
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None: ...
 
-    async def replace(self, doc: dict[str, Any], expected_version: int) -> int:
-        """Write `doc` if the stored version is `expected_version`: its stored size, else 0."""
+    async def replace(
+        self, doc: dict[str, Any], expected_version: int, new_events: Sequence[dict[str, Any]]
+    ) -> int:
+        """If the stored version is `expected_version`: write the state of `doc` and add
+        `new_events` (the events of this change, the last of `doc["outbox"]`) to its outbox,
+        in one atomic write. The size written, or 0 when the version did not match."""
+
+    async def drop_published(
+        self,
+        workflow_id: str,
+        version: int,
+        message_ids: Sequence[str],
+        kept: Sequence[dict[str, Any]],
+    ) -> bool:
+        """Drop published events from the outbox of `workflow_id`, whose version stays.
+        `kept` is what remains of the outbox as of `version`; False when the store needed
+        that to hold and it did not (the version moved on): call again with a newer one."""
 
     async def list(
         self,

@@ -1,11 +1,14 @@
 """The production store: MongoDB through PyMongo's async API (`AsyncMongoClient`, not Motor).
 
 One collection, `workflows`, holds the documents `Workflow.to_doc` produces, with `_id` set to
-the workflow id; reads strip `_id` again, so they return exactly the shape written.
+the workflow id; reads strip `_id` again, so they return exactly the shape written. A change
+`$set`s only what changes (the product, written at upload, is never sent again), and
+dropping published events sets the outbox without a new version.
 
 Only operations that behave the same on MongoDB and on nx-27017 (a MongoDB wire-protocol
-server on SQLite, used by the tests) are used: insert_one, find_one, replace_one on
-{_id, version} (no upsert), find with $lte, a sort on one or two keys, limit, create_index,
+server on SQLite, used by the tests) are used: insert_one, find_one, update_one with $set on
+{_id, version} (no upsert; not $push or $pull, which nx-27017 gets wrong on arrays of
+documents), find with $lte, a sort on one or two keys, limit, create_index,
 an aggregation of $match, $unwind and $group with $push (nx-27017's `distinct`, projections
 and $elemMatch on array elements do not match MongoDB's), and the `ping` command. Two
 nx-27017 quirks shape the queries:
@@ -26,6 +29,7 @@ a unique index on `username`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -44,6 +48,17 @@ USERS = "users"
 SERVER_SELECTION_TIMEOUT_MS = 5000
 M = TypeVar("M", bound="MongoCollection")
 
+# what a change writes: all but the fields fixed at upload (id, owner, product, created_at)
+_MUTABLE = (
+    "status",
+    "steps",
+    "current_step",
+    "version",
+    "updated_at",
+    "outbox",
+    "wake_at",
+    "outbox_at",
+)
 _NEWEST_FIRST = [("created_at", DESCENDING), ("id", DESCENDING)]
 _INDEXES = (
     [("owner", ASCENDING), *_NEWEST_FIRST],
@@ -173,15 +188,31 @@ class MongoStore(MongoCollection):
     async def get(self, workflow_id: str) -> dict[str, Any] | None:
         return await self._find_one({"_id": workflow_id})
 
-    async def replace(self, doc: dict[str, Any], expected_version: int) -> int:
-        col = self._col()
-        workflow_id = doc["id"]
-        raw = _bson({"_id": workflow_id, **doc})
+    async def replace(
+        self, doc: dict[str, Any], expected_version: int, new_events: Sequence[dict[str, Any]]
+    ) -> int:
+        # $set of what changes, never the product (nx-27017's $push mangles arrays of
+        # documents, so the outbox is set whole: the version filter keeps that safe)
+        changed = _bson({"$set": {key: doc[key] for key in _MUTABLE}})
+        return len(changed.raw) if await self._update(doc["id"], expected_version, changed) else 0
+
+    async def drop_published(
+        self,
+        workflow_id: str,
+        version: int,
+        message_ids: Sequence[str],
+        kept: Sequence[dict[str, Any]],
+    ) -> bool:
+        outbox_at = kept[0]["created_at"] if kept else None
+        update = _bson({"$set": {"outbox": list(kept), "outbox_at": outbox_at}})
+        return await self._update(workflow_id, version, update)
+
+    async def _update(self, workflow_id: str, version: int, update: RawBSONDocument) -> bool:
         try:
-            result = await col.replace_one({"_id": workflow_id, "version": expected_version}, raw)
+            result = await self._col().update_one({"_id": workflow_id, "version": version}, update)
         except PyMongoError as exc:
             raise StoreError(f"MongoDB: {exc}") from exc
-        return len(raw.raw) if result.matched_count == 1 else 0
+        return bool(result.matched_count == 1)
 
     async def list(
         self,

@@ -1,9 +1,12 @@
-"""The embedded default store: one SQLite file (WAL), documents as JSON beside indexed columns.
+"""The embedded default store: one SQLite file (WAL), on a thread of its own (sqlite_db.py).
 
-All SQLite work runs on one dedicated worker thread that owns the connection, so the IOLoop
-never waits on disk and the connection is never used from two threads at once (which also
-keeps a `:memory:` database alive: there is only ever one connection). Every statement runs
-in autocommit mode; each write is a single statement, so each is atomic on its own.
+A workflow is a row of `workflows`: the indexed columns, its state as JSON (`doc`: all but
+the product and the outbox) and its product as JSON, written once at upload and never again.
+Its outbox is rows of `outbox`, one per event, inserted in the same transaction as the state
+that caused them and deleted once published, so a transition rewrites only the small state,
+touches only the indexes whose columns it changes (status, wake_at), and publishing costs a
+delete instead of another rewrite of the document. Reads put the document back together in
+the shape `Workflow.to_doc` makes.
 
 `SQLiteStore` keeps workflows; `SQLiteUserStore` keeps the AuthService's users in the same
 file (a table of its own, the user name unique), on a connection of its own.
@@ -11,19 +14,16 @@ file (a table of its own, the user name unique), on a connection of its own.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from stox.store.base import AlreadyExists, StoreError
+from stox.store.base import AlreadyExists
+from stox.store.sqlite_db import SQLiteDatabase, rowcount
 from stox.workflow import DISPATCHED, PENDING, RUNNING
 
-T = TypeVar("T")
-D = TypeVar("D", bound="SQLiteDatabase")
+LAYOUT = 1  # PRAGMA user_version: 0 was the whole document in `doc`, outbox included
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS workflows (
@@ -33,203 +33,175 @@ _SCHEMA = (
         created_at TEXT,
         version INTEGER,
         wake_at TEXT NULL,
-        outbox_at TEXT NULL,
-        doc TEXT
+        doc TEXT,
+        product TEXT
+    )""",
+    """CREATE TABLE IF NOT EXISTS outbox (
+        seq INTEGER PRIMARY KEY,
+        workflow_id TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        routing_key TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS idx_workflows_owner ON workflows (owner, created_at, id)",
     "CREATE INDEX IF NOT EXISTS idx_workflows_status ON workflows (status, created_at, id)",
     "CREATE INDEX IF NOT EXISTS idx_workflows_created ON workflows (created_at, id)",
     "CREATE INDEX IF NOT EXISTS idx_workflows_wake_at ON workflows (wake_at)",
-    "CREATE INDEX IF NOT EXISTS idx_workflows_outbox_at ON workflows (outbox_at)",
+    "CREATE INDEX IF NOT EXISTS idx_outbox_workflow ON outbox (workflow_id)",
 )
 
 _INSERT = (
-    "INSERT INTO workflows (owner, status, created_at, version, wake_at, outbox_at, doc, id)"
+    "INSERT INTO workflows (id, owner, status, created_at, version, wake_at, doc, product)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# owner and created_at never change: leaving them out spares their indexes on every write
 _REPLACE = (
-    "UPDATE workflows SET owner = ?, status = ?, created_at = ?, version = ?, wake_at = ?,"
-    " outbox_at = ?, doc = ? WHERE id = ? AND version = ?"
+    "UPDATE workflows SET status = ?, version = ?, wake_at = ?, doc = ?"
+    " WHERE id = ? AND version = ?"
 )
-
-
-_DOC = 6  # where _row puts the JSON text (ASCII: its length is its size in bytes)
-
-
-def _row(doc: dict[str, Any]) -> tuple[Any, ...]:
-    """The indexed columns, the document as JSON, and the id, in the order both SQLs use.
-
-    Encoded on the caller's thread, so the row is a snapshot of `doc` as it is now.
-    """
-    return (
-        doc["owner"],
-        doc["status"],
-        doc["created_at"],
-        doc["version"],
-        doc.get("wake_at"),
-        doc.get("outbox_at"),
-        _encode(doc),
-        doc["id"],
-    )
-
-
-_GET = "SELECT doc FROM workflows WHERE id = ?"
+_INSERT_EVENT = (
+    "INSERT INTO outbox (workflow_id, message_id, routing_key, payload, created_at)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
+_COLUMNS = "id, doc, product"
+_GET = f"SELECT {_COLUMNS} FROM workflows WHERE id = ?"
+_DUE = f"SELECT {_COLUMNS} FROM workflows WHERE wake_at <= ? ORDER BY wake_at LIMIT ?"
+_UNPUBLISHED = (
+    f"SELECT {_COLUMNS} FROM workflows WHERE id IN (SELECT workflow_id FROM outbox"
+    " WHERE created_at <= ? GROUP BY workflow_id ORDER BY min(seq) LIMIT ?)"
+)
+_OUTBOXES = (
+    "SELECT workflow_id, message_id, routing_key, payload, created_at FROM outbox"
+    " WHERE workflow_id IN ({}) ORDER BY seq"
+)
 _STEPS_IN_USE = (
     "SELECT json_extract(step.value, '$.name'), w.id"
     " FROM workflows AS w, json_each(w.doc, '$.steps') AS step"
     " WHERE w.status = ? AND json_extract(step.value, '$.status') IN (?, ?)"
 )
-_DUE = "SELECT doc FROM workflows WHERE wake_at <= ? ORDER BY wake_at LIMIT ?"
-_UNPUBLISHED = "SELECT doc FROM workflows WHERE outbox_at <= ? ORDER BY outbox_at LIMIT ?"
+_AT_ONCE = 500  # bound parameters in one IN (…), well under SQLite's limit
 
-# ensure_ascii (the default) keeps even lone surrogates storable, as \uXXXX escapes.
+# Kept out of the state column: written once (product), or rows of their own (outbox).
+_NOT_STATE = frozenset({"product", "outbox", "outbox_at"})
+
+# ensure_ascii (the default) keeps even lone surrogates storable, as \uXXXX escapes, and
+# makes the length of the text its size in bytes.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _decode = json.loads
 
-MEMORY = ":memory:"
+
+def _state(doc: dict[str, Any]) -> str:
+    return _encode({key: value for key, value in doc.items() if key not in _NOT_STATE})
 
 
-def _rowcount(cursor: sqlite3.Cursor) -> int:
-    return cursor.rowcount
-
-
-def path_from_url(url: str) -> str:
-    """`sqlite:///relative.db`, `sqlite:////abs/path.db` or `sqlite://:memory:` -> a path."""
-    if not url.startswith("sqlite://"):
-        raise ValueError(f"not a sqlite URL: {url!r}")
-    rest = url[len("sqlite://") :]
-    if rest in (MEMORY, "/" + MEMORY):
-        return MEMORY
-    if not rest.startswith("/") or len(rest) < 2:
-        raise ValueError(
-            f"expected sqlite:///relative/path.db, sqlite:////abs/path.db or "
-            f"sqlite://:memory:, got {url!r}"
+def _events(workflow_id: str, entries: Iterable[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """Outbox rows, encoded on the caller's thread (a snapshot of the entries as they are)."""
+    return [
+        (
+            workflow_id,
+            entry["message_id"],
+            entry["routing_key"],
+            _encode(entry["payload"]),
+            entry["created_at"],
         )
-    return rest[1:]
-
-
-class SQLiteDatabase:
-    """One connection on its own worker thread, its tables made by `SCHEMA` on open."""
-
-    SCHEMA: tuple[str, ...] = ()
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
-
-    @classmethod
-    def from_url(cls: type[D], url: str) -> D:
-        return cls(path_from_url(url))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.path!r})"
-
-    # -- plumbing ------------------------------------------------------------------------
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on the database's own thread, where `connection()` may be used."""
-        executor = self._executor
-        if executor is None:
-            raise StoreError("the SQLite store is not open")
-        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-
-    def connection(self) -> sqlite3.Connection:
-        conn = self._conn
-        if conn is None:
-            raise StoreError("the SQLite store is closed")
-        return conn
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    async def open(self) -> None:
-        if self._executor is not None:
-            return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stox-sqlite")
-        try:
-            await self.run(self._open_sync)
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise
-
-    def _open_sync(self) -> None:
-        try:
-            if self.path != MEMORY:
-                parent = os.path.dirname(os.path.abspath(self.path))
-                os.makedirs(parent, exist_ok=True)
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=5.0
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            for statement in self.SCHEMA:
-                conn.execute(statement)
-        except sqlite3.Error as exc:
-            conn.close()
-            raise StoreError(f"cannot set up SQLite database {self.path!r}: {exc}") from exc
-        self._conn = conn
-
-    async def close(self) -> None:
-        executor = self._executor
-        if executor is None:
-            return
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
-        finally:
-            self._executor = None
-            executor.shutdown(wait=True)
-
-    def _close_sync(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-    async def ping(self) -> None:
-        await self.run(self._query, "SELECT 1", (), sqlite3.Cursor.fetchone)
-
-    def _insert_sync(self, sql: str, row: tuple[Any, ...], what: str) -> None:
-        try:
-            self.connection().execute(sql, row)
-        except sqlite3.IntegrityError as exc:  # a unique key is taken
-            raise AlreadyExists(f"{what} already exists") from exc
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite: {exc}") from exc
-
-    def _query(self, sql: str, params: tuple[Any, ...], read: Callable[[sqlite3.Cursor], T]) -> T:
-        """Run one statement and `read` its result; StoreError for any SQLite failure."""
-        try:
-            return read(self.connection().execute(sql, params))
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite: {exc}") from exc
+        for entry in entries
+    ]
 
 
 class SQLiteStore(SQLiteDatabase):
-    """WorkflowStore on a SQLite file; see the module docstring for the threading model."""
+    """WorkflowStore on a SQLite file; see the module docstring for the layout."""
 
     SCHEMA = _SCHEMA
 
-    # -- documents -----------------------------------------------------------------------
+    def migrate(self, conn: sqlite3.Connection) -> None:
+        """A file of layout 0 kept each whole document, outbox included, in `doc` and indexed
+        `outbox_at`: its products move to their column and its pending events to `outbox`,
+        once, in one transaction."""
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= LAYOUT:
+            return
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(workflows)")}
+        conn.execute("BEGIN")
+        if "product" not in columns:
+            conn.execute("ALTER TABLE workflows ADD COLUMN product TEXT")
+        if "outbox_at" in columns:
+            conn.execute("DROP INDEX IF EXISTS idx_workflows_outbox_at")
+            conn.execute("UPDATE workflows SET outbox_at = NULL")
+        ids = [row[0] for row in conn.execute("SELECT id FROM workflows WHERE product IS NULL")]
+        for start in range(0, len(ids), _AT_ONCE):
+            chunk = ids[start : start + _AT_ONCE]
+            sql = f"SELECT id, doc FROM workflows WHERE id IN ({', '.join('?' * len(chunk))})"
+            for workflow_id, text in conn.execute(sql, chunk).fetchall():
+                doc = _decode(text)
+                conn.executemany(_INSERT_EVENT, _events(workflow_id, doc.get("outbox", [])))
+                conn.execute(
+                    "UPDATE workflows SET doc = ?, product = ? WHERE id = ?",
+                    (_state(doc), _encode(doc["product"]), workflow_id),
+                )
+        conn.execute(f"PRAGMA user_version = {LAYOUT}")
+        conn.execute("COMMIT")
+
+    # -- writes --------------------------------------------------------------------------
 
     async def insert(self, doc: dict[str, Any]) -> int:
-        row = _row(doc)
-        await self.run(self._insert_sync, _INSERT, row, f"workflow {doc['id']}")
-        return len(row[_DOC])
+        workflow_id = doc["id"]
+        state, product = _state(doc), _encode(doc["product"])
+        row = (workflow_id, doc["owner"], doc["status"], doc["created_at"], doc["version"])
+        row += (doc.get("wake_at"), state, product)
+        events = _events(workflow_id, doc["outbox"])
+
+        def write(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(_INSERT, row)
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExists(f"workflow {workflow_id} already exists") from exc
+            conn.executemany(_INSERT_EVENT, events)
+
+        await self.write(write)
+        return len(state) + len(product) + sum(len(event[3]) for event in events)
+
+    async def replace(
+        self, doc: dict[str, Any], expected_version: int, new_events: Sequence[dict[str, Any]]
+    ) -> int:
+        workflow_id = doc["id"]
+        state = _state(doc)
+        row = (doc["status"], doc["version"], doc.get("wake_at"), state, workflow_id)
+        events = _events(workflow_id, new_events)
+
+        def write(conn: sqlite3.Connection) -> bool:
+            if conn.execute(_REPLACE, (*row, expected_version)).rowcount != 1:
+                return False
+            conn.executemany(_INSERT_EVENT, events)
+            return True
+
+        if not await self.write(write):
+            return 0
+        return len(state) + sum(len(event[3]) for event in events)
+
+    async def drop_published(
+        self,
+        workflow_id: str,
+        version: int,
+        message_ids: Sequence[str],
+        kept: Sequence[dict[str, Any]],
+    ) -> bool:
+        ids = list(message_ids)
+
+        def write(conn: sqlite3.Connection) -> None:
+            for start in range(0, len(ids), _AT_ONCE):
+                chunk = ids[start : start + _AT_ONCE]
+                marks = ", ".join("?" * len(chunk))
+                sql = f"DELETE FROM outbox WHERE workflow_id = ? AND message_id IN ({marks})"
+                conn.execute(sql, (workflow_id, *chunk))
+
+        await self.write(write)
+        return True  # rows of their own: no version to agree on
+
+    # -- reads ---------------------------------------------------------------------------
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None:
-        return await self.run(self._get_sync, workflow_id)
-
-    def _get_sync(self, workflow_id: str) -> dict[str, Any] | None:
-        row = self._query(_GET, (workflow_id,), sqlite3.Cursor.fetchone)
-        return None if row is None else _decode(row[0])
-
-    async def replace(self, doc: dict[str, Any], expected_version: int) -> int:
-        row = _row(doc)
-        written = await self.run(self._query, _REPLACE, (*row, expected_version), _rowcount)
-        return len(row[_DOC]) if written == 1 else 0
+        docs = await self.run(self._select_sync, _GET, (workflow_id,))
+        return docs[0] if docs else None
 
     async def list(
         self,
@@ -253,7 +225,7 @@ class SQLiteStore(SQLiteDatabase):
             # A row-value comparison: SQLite serves it as one range scan of the index.
             where.append("(created_at, id) < (?, ?)")
             params.extend(before)
-        sql = "SELECT doc FROM workflows"
+        sql = f"SELECT {_COLUMNS} FROM workflows"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
@@ -272,14 +244,43 @@ class SQLiteStore(SQLiteDatabase):
 
     async def steps_in_use(self) -> dict[str, list[str]]:
         params = (RUNNING, PENDING, DISPATCHED)
-        rows = await self.run(self._query, _STEPS_IN_USE, params, sqlite3.Cursor.fetchall)
+        rows = await self.run(self.query, _STEPS_IN_USE, params, sqlite3.Cursor.fetchall)
         in_use: dict[str, list[str]] = {}
         for name, workflow_id in rows:
             in_use.setdefault(name, []).append(workflow_id)
         return in_use
 
     def _select_sync(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-        return [_decode(row[0]) for row in self._query(sql, params, sqlite3.Cursor.fetchall)]
+        """The documents the query selects (id, doc, product), each with its outbox."""
+        rows = self.query(sql, params, sqlite3.Cursor.fetchall)
+        outboxes = self._outboxes_sync([row[0] for row in rows])
+        docs = []
+        for workflow_id, state, product in rows:
+            doc = _decode(state)
+            doc["product"] = _decode(product)
+            outbox = outboxes.get(workflow_id, [])
+            doc["outbox"] = outbox
+            doc["outbox_at"] = outbox[0]["created_at"] if outbox else None
+            docs.append(doc)
+        return docs
+
+    def _outboxes_sync(self, ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        outboxes: dict[str, list[dict[str, Any]]] = {}
+        for start in range(0, len(ids), _AT_ONCE):
+            chunk = ids[start : start + _AT_ONCE]
+            sql = _OUTBOXES.format(", ".join("?" * len(chunk)))
+            for workflow_id, message_id, routing_key, payload, created_at in self.query(
+                sql, tuple(chunk), sqlite3.Cursor.fetchall
+            ):
+                outboxes.setdefault(workflow_id, []).append(
+                    {
+                        "message_id": message_id,
+                        "routing_key": routing_key,
+                        "payload": _decode(payload),
+                        "created_at": created_at,
+                    }
+                )
+        return outboxes
 
 
 _USER_SCHEMA = (
@@ -303,7 +304,7 @@ class SQLiteUserStore(SQLiteDatabase):
 
     async def insert_user(self, user: dict[str, Any]) -> None:
         row = tuple(user[c] for c in _USER_COLUMNS)
-        await self.run(self._insert_sync, _INSERT_USER, row, f"user {user['username']}")
+        await self.run(self.insert_row, _INSERT_USER, row, f"user {user['username']}")
 
     async def user_by_id(self, user_id: str) -> dict[str, Any] | None:
         return await self.run(self._user_sync, "id", user_id)
@@ -312,9 +313,9 @@ class SQLiteUserStore(SQLiteDatabase):
         return await self.run(self._user_sync, "username", username)
 
     def _user_sync(self, column: str, value: str) -> dict[str, Any] | None:
-        row = self._query(_SELECT_USER + f"{column} = ?", (value,), sqlite3.Cursor.fetchone)
+        row = self.query(_SELECT_USER + f"{column} = ?", (value,), sqlite3.Cursor.fetchone)
         return None if row is None else dict(zip(_USER_COLUMNS, row, strict=True))
 
     async def set_password_hash(self, user_id: str, password_hash: str) -> None:
         sql = "UPDATE users SET password_hash = ? WHERE id = ?"
-        await self.run(self._query, sql, (password_hash, user_id), _rowcount)
+        await self.run(self.query, sql, (password_hash, user_id), rowcount)

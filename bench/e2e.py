@@ -27,11 +27,17 @@ which it prints what it has and exits non-zero. Only loopback addresses are used
     .venv/bin/python -m pstats /tmp/gw.prof      # then: sort cumulative, stats 15
     .venv/bin/python bench/e2e.py --url http://127.0.0.1:8080 --jwt-secret "$STOX_JWT_SECRET"
     .venv/bin/python bench/e2e.py --rabbitmq-url amqp://guest:guest@127.0.0.1/   # both modes
+    .venv/bin/python bench/e2e.py --peers         # both modes, Celery and the ceiling: make bench
 
 With `--rabbitmq-url` a second gateway runs on RabbitMQ after the embedded one (the same
 load, its own exchange and queue names, deleted afterwards): the services then consume the
 step queues over AMQP and reply with `step.completed` messages, as `examples/worker.py`
 does, and the two are reported side by side.
+
+With `--peers` (the broker defaulting to the local one) the Celery peer runs next: the same
+three steps as Celery chains of no-op tasks (bench/celery_peer.py, its packages from
+bench/requirements.txt) on a `celery worker` with 2 prefork processes, as many workflows,
+the same warm-up; then one table puts the four side by side, per unit of work.
 
 Exit status: 0 when every workflow completed, 1 otherwise (timeout, errors that lost
 workflows, a gateway that would not start), 2 for bad arguments.
@@ -1098,7 +1104,7 @@ class CeleryRun:
     log_count: int = 0
     received: int = 0  # done messages consumed
     problems: list[str] = field(default_factory=list)
-    deleted: bool = True  # False while broker objects of this run may exist
+    cleanup_due: bool = False  # broker objects of this run may exist, none tried to delete
 
     @property
     def complete(self) -> bool:
@@ -1205,12 +1211,12 @@ def import_peer(record: CeleryRun, url: str) -> bool:
 
 
 def celery_cleanup(record: CeleryRun) -> None:
-    """Delete the run's queues and exchanges, close the producer's connections."""
-    if record.deleted or record.peer is None:
+    """Delete the run's queues and exchanges (once), close the producer's connections."""
+    if not record.cleanup_due:
         return
+    record.cleanup_due = False
     try:
         record.peer.delete()
-        record.deleted = True
     except Exception as exc:  # reported; the figures stand
         record.problems.append(f"could not delete {record.prefix}.*: {exc!r}")
     finally:
@@ -1226,7 +1232,7 @@ async def celery_part(run: Run, tmpdir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STOX_")}
     env["PYTHONPATH"] = str(REPO / "bench")
     driver = CeleryDriver(record, args.rabbitmq_url)
-    record.deleted = False
+    record.cleanup_due = True
     try:
         try:
             await asyncio.to_thread(record.peer.declare)
@@ -1574,7 +1580,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up workflows (100)")
     parser.add_argument("--ramp", type=float, default=0.0, help="seconds to start uploaders")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 300 workflows")
-    parser.add_argument("--timeout", type=float, default=120.0, help="overall limit (120 s)")
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="overall limit (120 s; 300 s with --peers)"
+    )
     parser.add_argument("--request-timeout", type=float, default=30.0, help="per request (30 s)")
     parser.add_argument(
         "--idle-timeout", type=float, default=10.0, help="give up when nothing moves (10 s)"
@@ -1621,6 +1629,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.peers and not args.rabbitmq_url:
         args.rabbitmq_url = LOCAL_BROKER
+    if args.timeout is None:
+        args.timeout = 300.0 if args.peers else 120.0
     if args.workflows is None:
         args.workflows = 300 if args.quick else 2000
     if args.warmup is None:

@@ -28,5 +28,10 @@ format: $(VENV)/.dev
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: $(VENV)/.dev
-	$(PY) bench/e2e.py
+# the benchmark's own packages (Celery, for the peer) stay out of the runtime requirements
+$(VENV)/.bench: $(VENV)/.runtime bench/requirements.txt
+	$(PY) -m pip install -q -r bench/requirements.txt
+	touch $@
+
+bench: $(VENV)/.bench
+	$(PY) bench/e2e.py --peers

@@ -27,11 +27,17 @@ which it prints what it has and exits non-zero. Only loopback addresses are used
     .venv/bin/python -m pstats /tmp/gw.prof      # then: sort cumulative, stats 15
     .venv/bin/python bench/e2e.py --url http://127.0.0.1:8080 --jwt-secret "$STOX_JWT_SECRET"
     .venv/bin/python bench/e2e.py --rabbitmq-url amqp://guest:guest@127.0.0.1/   # both modes
+    .venv/bin/python bench/e2e.py --peers         # both modes, Celery and the ceiling: make bench
 
 With `--rabbitmq-url` a second gateway runs on RabbitMQ after the embedded one (the same
 load, its own exchange and queue names, deleted afterwards): the services then consume the
 step queues over AMQP and reply with `step.completed` messages, as `examples/worker.py`
 does, and the two are reported side by side.
+
+With `--peers` (the broker defaulting to the local one) the Celery peer runs next: the same
+three steps as Celery chains of no-op tasks (bench/celery_peer.py, its packages from
+bench/requirements.txt) on a `celery worker` with 2 prefork processes, as many workflows,
+the same warm-up; then one table puts the four side by side, per unit of work.
 
 Exit status: 0 when every workflow completed, 1 otherwise (timeout, errors that lost
 workflows, a gateway that would not start), 2 for bad arguments.
@@ -42,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import ipaddress
 import itertools
 import json
@@ -72,6 +79,8 @@ STEP_PATH = "/api/v1/workflow/step-completed"
 CEILING_PATH = "/echo"
 GOAL_WORKFLOWS_PER_S = 750
 DEFAULT_STEPS = ["image_processing", "ai_enhancement", "seo_generation"]  # the AMQP services'
+LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/"  # --peers' default (pika and kombu agree)
+CELERY_CONCURRENCY = 2  # prefork pool processes of the Celery peer's worker
 
 now = time.perf_counter
 
@@ -324,18 +333,19 @@ async def ws_reader(conn: Any, shared: Shared) -> None:
             phase.finish(int(meta["n"]), ok=kind == "workflow_completed")
 
 
+def product_fields(tag: str, n: int) -> dict[str, Any]:
+    return {
+        "name": f"Bench mug #{n}",
+        "description": "Stoneware mug, 350 ml, dishwasher safe.",
+        "images": [f"https://cdn.example.com/bench/{n}/front.jpg"],
+        "category": "kitchen",
+        "price": 12.5,
+        "metadata": {"bench": tag, "n": n},
+    }
+
+
 def product(tag: str, n: int) -> bytes:
-    return json.dumps(
-        {
-            "name": f"Bench mug #{n}",
-            "description": "Stoneware mug, 350 ml, dishwasher safe.",
-            "images": [f"https://cdn.example.com/bench/{n}/front.jpg"],
-            "category": "kitchen",
-            "price": 12.5,
-            "metadata": {"bench": tag, "n": n},
-        },
-        separators=(",", ":"),
-    ).encode()
+    return json.dumps(product_fields(tag, n), separators=(",", ":")).encode()
 
 
 def step_result(name: str, workflow_id: str) -> dict[str, Any]:
@@ -408,6 +418,40 @@ def auth_headers(token: str) -> bytes:
     return f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n".encode()
 
 
+async def open_channel(url: str) -> tuple[Any, Any]:
+    """A pika AsyncioConnection on this loop (pika's own timeouts bound it) and a channel."""
+    import pika
+    from pika.adapters.asyncio_connection import AsyncioConnection
+
+    loop = asyncio.get_running_loop()
+    opened: asyncio.Future[Any] = loop.create_future()
+    connection = AsyncioConnection(
+        pika.URLParameters(url),
+        on_open_callback=opened.set_result,
+        on_open_error_callback=lambda _, exc: opened.set_exception(ConnectionError(exc)),
+        custom_ioloop=loop,
+    )
+    await opened
+    ready: asyncio.Future[Any] = loop.create_future()
+    connection.channel(on_open_callback=ready.set_result)
+    return connection, await ready
+
+
+async def close_connection(connection: Any) -> None:
+    """Close a connection of `open_channel`'s, waiting up to 5 s for the broker's answer."""
+    if connection is None or not connection.is_open:
+        return
+    closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_close(*_: Any) -> None:
+        if not closed.done():
+            closed.set_result(None)
+
+    connection.add_on_close_callback(on_close)
+    connection.close()
+    await asyncio.wait({closed}, timeout=5)
+
+
 class AmqpServices:
     """The step services over AMQP: consume `<prefix>.step.<name>`, reply `step.completed`.
 
@@ -426,22 +470,8 @@ class AmqpServices:
         self.connection: Any = None
 
     async def start(self, steps: list[str], prefetch: int) -> None:
-        import pika
-        from pika.adapters.asyncio_connection import AsyncioConnection
-
-        loop = asyncio.get_running_loop()
-        opened: asyncio.Future[Any] = loop.create_future()
-        self.connection = AsyncioConnection(
-            pika.URLParameters(self.url),
-            on_open_callback=opened.set_result,
-            on_open_error_callback=lambda _, exc: opened.set_exception(ConnectionError(exc)),
-            custom_ioloop=loop,
-        )
-        await opened
-        ready: asyncio.Future[Any] = loop.create_future()
-        self.connection.channel(on_open_callback=ready.set_result)
-        channel = await ready
-        qos: asyncio.Future[Any] = loop.create_future()
+        self.connection, channel = await open_channel(self.url)
+        qos: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         channel.basic_qos(prefetch_count=prefetch, callback=qos.set_result)
         await qos
         for step in steps:
@@ -482,11 +512,7 @@ class AmqpServices:
                 phase.step_latency.append(max(0.0, time.time() - sent_at))
 
     async def close(self) -> None:
-        if self.connection is not None and self.connection.is_open:
-            closed = asyncio.get_running_loop().create_future()
-            self.connection.add_on_close_callback(lambda *_: closed.done() or closed.set_result(0))
-            self.connection.close()
-            await asyncio.wait({closed}, timeout=5)
+        await close_connection(self.connection)
 
 
 @dataclass
@@ -538,7 +564,9 @@ async def run_phase(
         phase.check()
         if shared.ws_closed:
             phase.done.set()  # nothing more will arrive
-        await wait_or_stall(phase, shared, args.idle_timeout)
+        await wait_or_stall(
+            phase, lambda: (shared.ws_messages, phase.step_requests), args.idle_timeout
+        )
     finally:
         for task in tasks:
             task.cancel()
@@ -547,16 +575,16 @@ async def run_phase(
         phase.ended_at = phase.last_finish if phase.done.is_set() and phase.last_finish else now()
 
 
-async def wait_or_stall(phase: Phase, shared: Shared, idle: float) -> None:
-    """Wait for the phase to finish, or until nothing has moved for `idle` seconds."""
-    last, still_since = (-1, -1), now()
+async def wait_or_stall(phase: Phase, progress: Callable[[], object], idle: float) -> None:
+    """Wait for the phase to finish, or until `progress()` has not changed for `idle` s."""
+    last, still_since = progress(), now()
     while not phase.done.is_set():
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(1.0, idle)):
                 await phase.done.wait()
-        progress = (shared.ws_messages, phase.step_requests)
-        if progress != last:
-            last, still_since = progress, now()
+        moved = progress()
+        if moved != last:
+            last, still_since = moved, now()
         elif now() - still_since >= idle:
             phase.stalled = True
             return
@@ -666,10 +694,19 @@ def loopback_target(url: str, origin: str | None) -> Target:
     return Target(base, host, parts.port, origin or base)
 
 
-def spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    cmd: list[str], env: dict[str, str], log_path: Path, group: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start `cmd` in the repository; `group`: in a process group of its own (see stop)."""
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=group,
         )
 
 
@@ -693,8 +730,14 @@ async def wait_ready(target: Target, path: str, within: float) -> None:
         client.close()
 
 
-def stop(process: subprocess.Popen[bytes] | None, grace: float = 10.0) -> int | None:
-    """SIGTERM, wait up to `grace` seconds, then SIGKILL. Returns the exit status."""
+def stop(
+    process: subprocess.Popen[bytes] | None, grace: float = 10.0, group: bool = False
+) -> int | None:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL. Returns the exit status.
+
+    `group`: the process was spawned with `group=True`; whatever is left of its group
+    afterwards (children it did not stop) is killed too.
+    """
     if process is None:
         return None
     if process.poll() is None:
@@ -704,16 +747,55 @@ def stop(process: subprocess.Popen[bytes] | None, grace: float = 10.0) -> int | 
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
+    if group:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
     return process.returncode
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name: state, ppid, … (Linux)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process, from /proc (Linux)."""
+    fields = _stat(pid)
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else None
+    except (IndexError, ValueError):
         return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants alive now."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        fields = _stat(entry.name) if entry.name.isdigit() else None
+        if fields and len(fields) > 1 and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree: list[int] = []
+    todo = [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU time of `pid` and its descendants, with that of the children they have reaped."""
+    ticks = 0
+    for each in process_tree(pid):  # `pid` first
+        fields = _stat(each)
+        if fields is None:
+            if each == pid:
+                return None
+            continue  # exited meanwhile
+        ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def host_busy_seconds() -> float | None:
@@ -731,6 +813,7 @@ class CpuMeter:
     """CPU used by the server under test, by this load generator and by everything else."""
 
     pid: int | None
+    tree: bool = False  # count the process's children too (the Celery worker's pool)
     server0: float | None = None
     bench0: float = 0.0
     host0: float | None = None
@@ -740,15 +823,20 @@ class CpuMeter:
     others: float | None = None
     wall: float = 0.0
 
+    def _server_cpu(self) -> float | None:
+        if not self.pid:
+            return None
+        return tree_cpu_seconds(self.pid) if self.tree else cpu_seconds(self.pid)
+
     def start(self) -> None:
-        self.server0 = cpu_seconds(self.pid) if self.pid else None
+        self.server0 = self._server_cpu()
         self.bench0 = time.process_time()
         self.host0 = host_busy_seconds()
         self.wall0 = now()
 
     def stop(self) -> None:
         self.wall = max(now() - self.wall0, 1e-9)
-        server1 = cpu_seconds(self.pid) if self.pid else None
+        server1 = self._server_cpu()
         self.bench = time.process_time() - self.bench0
         host1 = host_busy_seconds()
         if self.server0 is not None and server1 is not None:
@@ -776,6 +864,12 @@ def rss_mib(pid: int) -> float | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def tree_rss_mib(pid: int) -> float | None:
+    """The RSS of `pid` and its descendants added up (shared pages counted in each)."""
+    sizes = [rss_mib(each) for each in process_tree(pid)]
+    return sum(s for s in sizes if s is not None) if sizes and sizes[0] is not None else None
 
 
 def tail(path: Path | None, lines: int = 8) -> list[str]:
@@ -811,6 +905,7 @@ class Run:
     timed_out: bool = False
     mode: str = "embedded"  # or "rabbitmq": the same load on a gateway using RabbitMQ
     rabbitmq: Run | None = None  # with --rabbitmq-url: that second run
+    celery: CeleryRun | None = None  # with --peers: the Celery peer's run
     broker: BrokerNames | None = None
 
     @property
@@ -963,6 +1058,8 @@ async def main_async(run: Run) -> None:
         if run.args.rabbitmq_url:
             run.rabbitmq = Run(run.args, mode="rabbitmq")
             await gateway_run(run.rabbitmq, tmpdir)
+        if run.args.peers:
+            await celery_part(run, tmpdir)
         if not run.args.no_ceiling:
             await ceiling_part(run, tmpdir)
     finally:
@@ -985,6 +1082,196 @@ async def gateway_run(run: Run, tmpdir: Path) -> None:
                 run.problems.append(f"could not delete {run.broker.prefix}.*: {exc!r}")
 
 
+# -- the Celery peer --------------------------------------------------------------------
+
+
+@dataclass
+class CeleryRun:
+    """The peer: Celery chains of the same three no-op steps, on the same broker."""
+
+    window: int  # chains in flight at most; 0: all published at once
+    peer: Any = None  # the bench/celery_peer.py module, once imported
+    prefix: str = ""
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    warmup: Phase | None = None
+    run: Phase | None = None
+    cpu: CpuMeter | None = None
+    rss: float | None = None
+    processes: int = 0
+    exit: int | None = None
+    log_lines: list[str] = field(default_factory=list)
+    log_count: int = 0
+    received: int = 0  # done messages consumed
+    problems: list[str] = field(default_factory=list)
+    cleanup_due: bool = False  # broker objects of this run may exist, none tried to delete
+
+    @property
+    def complete(self) -> bool:
+        return self.run is not None and self.run.completed == self.run.total
+
+
+class CeleryDriver:
+    """Publishes the chains with Celery's own client and consumes their done messages.
+
+    A phase's chains are published one after another, as fast as this producer goes (like
+    the uploaders, it does not wait for workflows to finish), or with `--celery-window`
+    at most that many in flight. Publishing is kombu's blocking call, on this loop, which
+    it yields every few chains so the done messages (pika, on this loop too) come in.
+    """
+
+    def __init__(self, record: CeleryRun, url: str) -> None:
+        self.record = record
+        self.url = url
+        self.phases: dict[str, Phase] = {}
+        self.connection: Any = None
+        self.room = asyncio.Event()  # set whenever a workflow finishes
+
+    async def start(self) -> None:
+        self.connection, channel = await open_channel(self.url)
+        channel.basic_consume(self.record.peer.NAMES.done, self.on_done, auto_ack=True)
+
+    def on_done(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self.record.received += 1
+        tag, n = self.record.peer.done_of(body)
+        phase = self.phases.get(tag)
+        if phase is not None:
+            phase.finish(n, ok=True)
+            self.room.set()
+
+    async def publish(self, phase: Phase) -> None:
+        """Publish the phase's chains (`upload_requests` counts the attempts)."""
+        window = self.record.window
+        for n in range(phase.total):
+            while window and phase.uploaded - len(phase.finished) >= window:
+                self.room.clear()
+                await self.room.wait()
+            phase.upload_requests += 1
+            phase.sent_at[n] = now()
+            try:
+                self.record.peer.workflow(product_fields(phase.tag, n), phase.tag, n).apply_async()
+            except Exception as exc:  # kombu's OperationalError and kin: counted, not fatal
+                phase.errors[f"publish {type(exc).__name__}"] += 1
+                continue
+            phase.uploaded += 1
+            if n % 8 == 7:
+                await asyncio.sleep(0)
+        phase.uploads_done = True
+        phase.check()
+
+    async def run(self, phase: Phase, idle: float) -> None:
+        self.phases[phase.tag] = phase
+        phase.started_at = now()
+        publisher = asyncio.ensure_future(self.publish(phase))
+
+        def progress() -> tuple[int, int]:
+            return self.record.received, phase.upload_requests
+
+        try:
+            await wait_or_stall(phase, progress, idle)
+        finally:
+            publisher.cancel()
+            await asyncio.gather(publisher, return_exceptions=True)
+            done = phase.done.is_set() and phase.last_finish
+            phase.ended_at = phase.last_finish if done else now()
+
+    async def ready(self, process: subprocess.Popen[bytes], within: float) -> str | None:
+        """One workflow through a worker just started; what went wrong, if anything."""
+        phase = Phase("start-up", 1)
+        self.phases[phase.tag] = phase
+        await self.publish(phase)
+        deadline = now() + within
+        while not phase.done.is_set():
+            if process.poll() is not None:
+                return f"celery worker exited with status {process.returncode}"
+            if now() >= deadline:
+                return f"celery worker finished no workflow within {within:g}s"
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await phase.done.wait()
+        return None if phase.completed else f"cannot publish: {format_errors(phase.errors)}"
+
+    async def close(self) -> None:
+        await close_connection(self.connection)
+
+
+def import_peer(record: CeleryRun, url: str) -> bool:
+    """Import bench/celery_peer.py for this run's broker and names; False if Celery is absent."""
+    record.prefix = f"bench.{uuid.uuid4().hex[:8]}"
+    os.environ.update(BENCH_CELERY_BROKER_URL=url, BENCH_CELERY_PREFIX=record.prefix)
+    try:
+        record.peer = importlib.import_module("celery_peer")
+    except ImportError as exc:
+        record.problems.append(
+            f"cannot import the Celery peer ({exc}): "
+            "pip install -r bench/requirements.txt (make bench does)"
+        )
+        return False
+    return True
+
+
+def celery_cleanup(record: CeleryRun) -> None:
+    """Delete the run's queues and exchanges (once), close the producer's connections."""
+    if not record.cleanup_due:
+        return
+    record.cleanup_due = False
+    try:
+        record.peer.delete()
+    except Exception as exc:  # reported; the figures stand
+        record.problems.append(f"could not delete {record.prefix}.*: {exc!r}")
+    finally:
+        record.peer.app.close()
+
+
+async def celery_part(run: Run, tmpdir: Path) -> None:
+    """Start the worker, drive the warm-up and the run, stop it and clean the broker."""
+    args = run.args
+    record = run.celery = CeleryRun(args.celery_window)
+    if not import_peer(record, args.rabbitmq_url):
+        return
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOX_")}
+    env["PYTHONPATH"] = str(REPO / "bench")
+    driver = CeleryDriver(record, args.rabbitmq_url)
+    record.cleanup_due = True
+    try:
+        try:
+            await asyncio.to_thread(record.peer.declare)
+            await driver.start()
+        except Exception as exc:  # the broker refused us: nothing to measure
+            record.problems.append(f"cannot declare or consume {record.prefix}.*: {exc!r}")
+            return
+        record.log_path = tmpdir / "celery-worker.log"
+        command = record.peer.worker_command(sys.executable, CELERY_CONCURRENCY)
+        record.process = spawn(command, env, record.log_path, group=True)
+        problem = await driver.ready(record.process, args.startup_timeout)
+        if problem:
+            record.problems.append(problem)
+            return
+        if args.warmup:
+            record.warmup = Phase("warm-up", args.warmup)
+            await driver.run(record.warmup, args.idle_timeout)
+            if record.warmup.stalled:
+                record.problems.append("the warm-up did not finish; no measured run")
+                return
+        pid = record.process.pid
+        record.cpu = CpuMeter(pid, tree=True)
+        record.cpu.start()
+        record.run = Phase("run", args.workflows)
+        try:
+            await driver.run(record.run, args.idle_timeout)
+        finally:
+            record.cpu.stop()
+            record.rss = tree_rss_mib(pid)
+            record.processes = len(process_tree(pid))
+    finally:
+        await driver.close()
+        if record.process is not None:
+            record.exit = await asyncio.to_thread(stop, record.process, 10.0, True)
+            record.log_count = count_lines(record.log_path)
+            record.log_lines = tail(record.log_path)
+        await asyncio.to_thread(celery_cleanup, record)
+
+
 # -- the report -------------------------------------------------------------------------
 
 
@@ -1004,7 +1291,22 @@ def report(run: Run) -> None:
     if run.rabbitmq is not None:
         report_gateway(run.rabbitmq, "gateway on RabbitMQ (AMQP dispatch and replies)")
         report_comparison(run, run.rabbitmq)
+    if run.celery is not None:
+        report_celery(run.celery, args)
     report_ceiling(run)
+    if args.peers:
+        report_peers(run)
+    report_notes(run)
+
+
+def report_stalled(phases: tuple[Phase | None, ...], idle: float) -> None:
+    for stalled in phases:
+        if stalled is not None and stalled.stalled:
+            missing = stalled.uploaded - len(stalled.finished)
+            print(
+                f"STALLED in the {stalled.name}: {missing} workflows never finished and nothing "
+                f"moved for {idle:g}s"
+            )
 
 
 def report_gateway(run: Run, title: str) -> None:
@@ -1063,13 +1365,7 @@ def report_gateway(run: Run, title: str) -> None:
         )
         for line in run.gateway_log_lines if run.gateway_log_count else []:
             p(f"    | {line[:200]}")
-    for stalled in (run.warmup, run.run):
-        if stalled is not None and stalled.stalled:
-            missing = stalled.uploaded - len(stalled.finished)
-            p(
-                f"STALLED in the {stalled.name}: {missing} workflows never finished and nothing "
-                f"moved for {args.idle_timeout:g}s"
-            )
+    report_stalled((run.warmup, run.run), args.idle_timeout)
     if run.amqp:
         for problem in run.problems:
             p(f"PROBLEM (RabbitMQ run): {problem}")
@@ -1138,14 +1434,127 @@ def report_ceiling(run: Run) -> None:
                 f"{goal_http / ceiling.rate:.3f} of the ceiling; "
                 f"now at {wf_rate / GOAL_WORKFLOWS_PER_S:.1%} of the goal"
             )
-    for stalled in (run.warmup, run.run):
-        if stalled is not None and stalled.stalled:
-            missing = stalled.uploaded - len(stalled.finished)
+    report_stalled((run.warmup, run.run), args.idle_timeout)
+
+
+def report_celery(record: CeleryRun, args: argparse.Namespace) -> None:
+    p, phase = print, record.run
+    p(f"Celery peer (chains of 3 no-op tasks, {CELERY_CONCURRENCY} prefork workers, same broker)")
+    if phase is not None:
+        p(
+            f"  workflows completed     {phase.completed} / {phase.total}"
+            f"  (chains published {phase.uploaded})"
+        )
+        p(f"  wall time               {phase.wall:.2f} s")
+        p(f"  completed workflows/s   {phase.completed / phase.wall:.1f}")
+        window = f"at most {record.window}" if record.window else "no limit (--celery-window)"
+        p(f"  chains in flight        {window}")
+        p(f"  workflow latency        {ms(phase.workflow_latency)}  (published -> done message)")
+        p(f"  errors                  {format_errors(phase.errors)}")
+    cpu = record.cpu
+    if phase is not None and cpu is not None:
+        p(f"  cpu (% of one core)     {cpu.describe('celery worker')}")
+        if cpu.server and phase.completed:
             p(
-                f"STALLED in the {stalled.name}: {missing} workflows never finished and nothing "
-                f"moved for {args.idle_timeout:g}s"
+                f"  worker cpu per unit     {1000 * cpu.server / phase.completed:.2f} ms "
+                f"per workflow  (one free core: ~{phase.completed / cpu.server:.0f} workflows/s)"
             )
-    busy = [
+        p("  (the worker's CPU: its main process and its pool; the broker's: other processes)")
+    if record.rss is not None:
+        p(f"  worker RSS              {record.rss:.0f} MiB in {record.processes} processes")
+    if record.process is not None:
+        p(f"  worker exit status      {record.exit}; {record.log_count} log lines")
+        for line in [] if record.complete else record.log_lines:
+            p(f"    | {line[:200]}")
+    report_stalled((record.warmup, record.run), args.idle_timeout)
+    for problem in record.problems:
+        p(f"PROBLEM (Celery run): {problem}")
+
+
+@dataclass
+class PeerRow:
+    """One line of the peers table: `count` units (workflows or requests) and their CPU."""
+
+    name: str
+    unit: str
+    count: int | None = None
+    wall: float = 0.0
+    cpu: CpuMeter | None = None
+
+    @property
+    def rate(self) -> float | None:
+        return self.count / self.wall if self.count and self.wall else None
+
+    def per_unit(self, seconds: float | None) -> str:
+        if seconds is None or not self.count:
+            return "-"
+        if self.unit == "req":
+            return f"{1e6 * seconds / self.count:.0f} us"
+        return f"{1000 * seconds / self.count:.2f} ms"
+
+    def cells(self, celery: float | None) -> list[str]:
+        cpu = self.cpu
+        server, bench, others = (cpu.server, cpu.bench, cpu.others) if cpu else (None,) * 3
+        host = None
+        if server is not None and bench is not None and others is not None:
+            host = server + bench + others
+        ratio = "-"
+        if self.rate is not None and celery and self.unit == "wf":
+            ratio = f"{self.rate / celery:.2f}"
+        rate = "-" if self.rate is None else f"{self.rate:.1f} {self.unit}/s"
+        return [rate, *(self.per_unit(x) for x in (server, bench, others, host)), ratio]
+
+
+def peer_rows(run: Run) -> list[PeerRow]:
+    def of(name: str, phase: Phase | None, cpu: CpuMeter | None) -> PeerRow:
+        if phase is None:
+            return PeerRow(name, "wf")
+        return PeerRow(name, "wf", phase.completed, phase.wall, cpu)
+
+    amqp, celery, ceiling = run.rabbitmq, run.celery, run.ceiling
+    rows = [
+        of("Stox embedded", run.run, run.gateway_cpu),
+        of("Stox on RabbitMQ", amqp.run if amqp else None, amqp.gateway_cpu if amqp else None),
+        of("Celery chains", celery.run if celery else None, celery.cpu if celery else None),
+        PeerRow("bare Tornado ceiling", "req"),
+    ]
+    if ceiling is not None:
+        rows[-1] = PeerRow(
+            "bare Tornado ceiling", "req", ceiling.requests, ceiling.wall, ceiling.cpu
+        )
+    return rows
+
+
+def report_peers(run: Run) -> None:
+    """The page: Stox in both modes, the Celery peer and the ceiling, per unit of work."""
+    p = print
+    rows = peer_rows(run)
+    celery = rows[2].rate
+    p(
+        f"peers: one run, one machine, one broker; {run.args.workflows} workflows each after "
+        f"{run.args.warmup} of warm-up, the ceiling as many requests as the gateway served"
+    )
+    heads = ["throughput", "server cpu", "load gen cpu", "others cpu", "host cpu", "rate/Celery"]
+    p(f"  {'':22}" + "".join(f"{h:>14}" for h in heads))
+    for row in rows:
+        p(f"  {row.name:22}" + "".join(f"{c:>14}" for c in row.cells(celery)))
+    p("  cpu per workflow (per request for the ceiling). server: the gateway; the Celery worker")
+    p(f"  and its {CELERY_CONCURRENCY} pool processes (they run the no-op tasks); bare_tornado.py.")
+    p("  load gen: this process (Stox's step services, Celery's producer). others: the broker")
+    p("  and the rest of the host. host: the three added up.")
+    for row in rows[:2]:
+        if row.rate is not None and celery:
+            line = f"  {row.name} / Celery: {row.rate / celery:.2f}x the workflows/s"
+            mine, theirs = row.cpu, rows[2].cpu
+            if mine and theirs and mine.server and theirs.server and row.count and rows[2].count:
+                cpu_ratio = (mine.server / row.count) / (theirs.server / rows[2].count)
+                line += f", {cpu_ratio:.2f}x the server cpu per workflow"
+            p(line)
+
+
+def report_notes(run: Run) -> None:
+    args, p, ceiling = run.args, print, run.ceiling
+    busy = [  # not the runs on the broker: its CPU is among their others
         meter.others / meter.wall
         for meter in (run.gateway_cpu, ceiling.cpu if ceiling else None)
         if meter is not None and meter.others is not None and meter.pid
@@ -1171,7 +1580,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up workflows (100)")
     parser.add_argument("--ramp", type=float, default=0.0, help="seconds to start uploaders")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 300 workflows")
-    parser.add_argument("--timeout", type=float, default=120.0, help="overall limit (120 s)")
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="overall limit (120 s; 300 s with --peers)"
+    )
     parser.add_argument("--request-timeout", type=float, default=30.0, help="per request (30 s)")
     parser.add_argument(
         "--idle-timeout", type=float, default=10.0, help="give up when nothing moves (10 s)"
@@ -1203,7 +1614,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rabbitmq-url",
         help="also run the load on a gateway using this RabbitMQ, services over AMQP",
     )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="the whole page: embedded, RabbitMQ (--rabbitmq-url, default the local broker), "
+        "the Celery peer (bench/celery_peer.py) and the ceiling, in one table",
+    )
+    parser.add_argument(
+        "--celery-window",
+        type=int,
+        default=0,
+        help="Celery chains in flight at most (default 0: published as fast as they go)",
+    )
     args = parser.parse_args(argv)
+    if args.peers and not args.rabbitmq_url:
+        args.rabbitmq_url = LOCAL_BROKER
+    if args.timeout is None:
+        args.timeout = 300.0 if args.peers else 120.0
     if args.workflows is None:
         args.workflows = 300 if args.quick else 2000
     if args.warmup is None:
@@ -1216,7 +1643,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.warmup < 0 or args.ramp < 0 or args.timeout <= 0:
         parser.error("--warmup and --ramp must not be negative, --timeout must be positive")
     if args.rabbitmq_url and args.url:
-        parser.error("--rabbitmq-url starts its own gateway; it does not combine with --url")
+        parser.error("--rabbitmq-url and --peers start their own gateway; not with --url")
+    if args.celery_window < 0:
+        parser.error("--celery-window must not be negative")
     if args.rabbitmq_url and not args.rabbitmq_url.startswith(("amqp://", "amqps://")):
         parser.error("--rabbitmq-url must be amqp://… or amqps://…")
     if args.url:
@@ -1250,10 +1679,17 @@ def main(argv: list[str] | None = None) -> int:
         for each in (run, run.rabbitmq):
             if each is not None and each.target is not None and each.target.process is not None:
                 stop(each.target.process)  # when the timeout struck in start-up or shutdown
+        if run.celery is not None:
+            if run.celery.exit is None:
+                stop(run.celery.process, group=True)
+            celery_cleanup(run.celery)  # unless done already
     report(run)
     runs = [run] if run.rabbitmq is None else [run, run.rabbitmq]
     complete = all(r.run is not None and r.run.completed == r.run.total for r in runs)
     problems = any(r.problems for r in runs)
+    if run.celery is not None:
+        complete = complete and run.celery.complete
+        problems = problems or bool(run.celery.problems)
     ok = complete and not run.timed_out and not problems and not interrupted
     return 0 if ok else 1
 

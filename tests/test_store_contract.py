@@ -626,6 +626,29 @@ async def test_steps_in_use_names_the_unfinished_steps_of_running_workflows(
     }
 
 
+async def test_sqlite_writes_committed_together_fail_alone(tmp_path: Path) -> None:
+    """Writes queued at once share one commit; one that fails (its id taken) undoes only
+    itself, and every caller hears its own outcome."""
+    store = SQLiteStore(str(tmp_path / "stox.db"))
+    await store.open()
+    try:
+        taken = new_doc()
+        await store.insert(taken)
+        others = [new_doc() for _ in range(20)]
+        outcomes = await asyncio.gather(
+            *(store.insert(doc) for doc in others[:10]),
+            store.insert(taken),
+            *(store.insert(doc) for doc in others[10:]),
+            return_exceptions=True,
+        )
+        assert [type(o) for o in outcomes].count(AlreadyExists) == 1
+        assert isinstance(outcomes[10], AlreadyExists)
+        for doc in others:
+            assert await store.get(doc["id"]) == doc
+    finally:
+        await store.close()
+
+
 LAYOUT_0 = (
     """CREATE TABLE workflows (id TEXT PRIMARY KEY, owner TEXT, status TEXT, created_at TEXT,
     version INTEGER, wake_at TEXT NULL, outbox_at TEXT NULL, doc TEXT)""",

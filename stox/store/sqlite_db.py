@@ -6,7 +6,8 @@ keeps a `:memory:` database alive: there is only ever one connection). Reads are
 statements in autocommit mode.
 
 Writes go through `write()`: every write queued while the thread is busy is committed in one
-transaction with the others (group commit), each inside a savepoint of its own, so one that
+transaction with the others (group commit). Should one of them raise (a unique key taken),
+the batch is rolled back and each is run again in a transaction of its own, so one that
 fails undoes only itself. A caller hears back only once its transaction has committed, so
 nothing is acknowledged before it is in the file; what the batch trades is a write waiting
 for at most the batch before it, and what it buys is one commit for many writes instead of
@@ -83,7 +84,8 @@ class SQLiteDatabase:
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`work(connection)` on the database's thread, committed in one transaction with the
         writes queued beside it; its result once committed. What `work` raises undoes its
-        own statements only (sqlite3 errors become StoreError)."""
+        own statements only (sqlite3 errors become StoreError). It may run twice (the second
+        time alone, when another write of its batch raised): it must only write."""
         executor = self._executor
         if executor is None:
             raise StoreError("the SQLite store is not open")
@@ -101,18 +103,12 @@ class SQLiteDatabase:
         batch = [self._writes.popleft() for _ in range(len(self._writes))]
         if not batch:
             return
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn = self.connection()
-            conn.execute("BEGIN")
             try:
-                for work, future in batch:
-                    outcomes.append((future, *_savepoint(conn, work)))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                outcomes = _together(conn, batch)
+            except _OneFailed:  # rolled back: each again, in a transaction of its own
+                outcomes = [(future, *_alone(conn, work)) for work, future in batch]
         except (sqlite3.Error, StoreError) as exc:
             failed = exc if isinstance(exc, StoreError) else StoreError(f"SQLite: {exc}")
             outcomes = [(future, None, failed) for _, future in batch]
@@ -196,18 +192,41 @@ class SQLiteDatabase:
             raise StoreError(f"SQLite: {exc}") from exc
 
 
-def _savepoint(conn: sqlite3.Connection, work: Write) -> tuple[Any, BaseException | None]:
-    """(result, None) or (None, what it raised); a failure is rolled back to the savepoint."""
-    conn.execute("SAVEPOINT write")
+Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
+
+
+class _OneFailed(Exception):
+    """A write of the batch raised; the batch was rolled back."""
+
+
+def _together(
+    conn: sqlite3.Connection, batch: list[tuple[Write, asyncio.Future[Any]]]
+) -> list[Outcome]:
+    conn.execute("BEGIN")
+    try:
+        results = [(future, work(conn), None) for work, future in batch]
+    except Exception as exc:
+        conn.execute("ROLLBACK")
+        raise _OneFailed from exc
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return results
+
+
+def _alone(conn: sqlite3.Connection, work: Write) -> tuple[Any, BaseException | None]:
+    """(result, None) or (None, what it raised, sqlite3 errors as StoreError): one write in a
+    transaction of its own, rolled back if it raises."""
+    conn.execute("BEGIN")
     try:
         result = work(conn)
     except Exception as exc:
-        conn.execute("ROLLBACK TO write")
-        conn.execute("RELEASE write")
+        conn.execute("ROLLBACK")
         if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
             return None, StoreError(f"SQLite: {exc}")
         return None, exc
-    conn.execute("RELEASE write")
+    conn.execute("COMMIT")
     return result, None
 
 

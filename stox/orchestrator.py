@@ -8,7 +8,6 @@ write that loses the compare-and-swap race reloads the workflow and decides agai
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -18,7 +17,7 @@ from typing import Any
 
 from stox import workflow as wf_rules
 from stox.bus.base import Event, EventBus, PublishError
-from stox.store.base import WorkflowStore
+from stox.store.base import NewEvent, WorkflowStore, encode_json
 from stox.workflow import Change, Pipeline, Report, Workflow
 
 log = logging.getLogger(__name__)
@@ -67,6 +66,7 @@ class Orchestrator:
         self.cache_bytes = cache_bytes  # their size, all together
         self._recent: OrderedDict[str, _Cached] = OrderedDict()
         self._recent_bytes = 0
+        self._bodies: dict[str, str] = {}  # message id -> its payload, encoded (see _keep_bodies)
         self._publishing: set[asyncio.Task[None]] = set()
         # workflows whose outbox is being published -> a newer state to publish next, if any
         self._newer: dict[str, Workflow | None] = {}
@@ -76,7 +76,9 @@ class Orchestrator:
     async def upload(self, owner: str, product: dict[str, Any]) -> Workflow:
         workflow, _ = wf_rules.start(self.pipeline, owner, product, self.clock())
         doc = workflow.to_doc()
-        self._remember(doc, base=await self.store.insert(doc), latest=0)
+        events = [NewEvent.of(entry) for entry in doc["outbox"]]
+        self._remember(doc, base=await self.store.insert(doc, events), latest=0)
+        self._keep_bodies(events)
         self._publish_soon(workflow)
         return workflow
 
@@ -200,10 +202,11 @@ class Orchestrator:
                 doc = None
                 continue
             written = workflow.to_doc()
-            new_events = written["outbox"][published_before:]
+            new_events = [NewEvent.of(entry) for entry in written["outbox"][published_before:]]
             size = await self.store.replace(written, expected, new_events)
             if size:
                 self._remember(written, base=self._base_size(written), latest=size)
+                self._keep_bodies(new_events)
                 if publish:
                     self._publish_soon(workflow)
                 return Applied(workflow, written=True)
@@ -236,7 +239,15 @@ class Orchestrator:
         cached = self._recent.get(doc["id"])
         if cached is not None:
             return cached.base
-        return len(_encode(doc["product"]))  # decided on a document read from the store
+        return len(encode_json(doc["product"]))  # decided on a document read from the store
+
+    def _keep_bodies(self, events: list[NewEvent]) -> None:
+        """The payloads just encoded for the store, for the bus to send as they are (each is
+        taken by its first publish; the oldest go beyond the bound, to be encoded again)."""
+        for event in events:
+            self._bodies[event.entry["message_id"]] = event.body
+        while len(self._bodies) > self.cache_size:
+            del self._bodies[next(iter(self._bodies))]
 
     def _forget(self, workflow_id: str) -> None:
         cached = self._recent.pop(workflow_id, None)
@@ -285,6 +296,7 @@ class Orchestrator:
                 message_id=entry["message_id"],
                 correlation_id=workflow.id,
                 timestamp=self.clock(),
+                body=self._bodies.pop(entry["message_id"], None),
             )
             try:
                 await self.bus.publish(event)
@@ -339,6 +351,3 @@ class _Cached:
     doc: dict[str, Any]
     base: int  # the size of what its upload stored, carried from version to version
     size: int  # that and the size of its latest write: what it counts against cache_bytes
-
-
-_encode = json.JSONEncoder(separators=(",", ":")).encode

@@ -8,7 +8,7 @@ events in one compare-and-swap write. Rejections raise before anything is mutate
 from __future__ import annotations
 
 import copy
-import uuid
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,12 +29,18 @@ IdFactory = Callable[[], str]
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A random (version 4) UUID as 32 hex digits; what uuid4().hex gives, at a third of the
+    cost (several are made per transition)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+    return raw.hex()
 
 
 def isoformat(ts: float) -> str:
-    """Fixed-width UTC timestamp; strings of this form sort in time order."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Fixed-width UTC timestamp (microseconds, `Z`); strings of this form sort in time order.
+    (isoformat() is twice as fast as strftime, and this is made several times a change.)"""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 class WorkflowError(Exception):

@@ -83,7 +83,7 @@ class FakeStore:
     async def ping(self) -> None:
         pass
 
-    async def insert(self, doc: dict[str, Any]) -> int:
+    async def insert(self, doc: dict[str, Any], events: Any = None) -> int:
         assert doc["id"] not in self.docs
         self.docs[doc["id"]] = copy.deepcopy(doc)
         return len(json.dumps(doc))
@@ -93,7 +93,7 @@ class FakeStore:
         return await self._held(copy.deepcopy(doc) if doc is not None else None)
 
     async def replace(
-        self, doc: dict[str, Any], expected_version: int, new_events: list[dict[str, Any]]
+        self, doc: dict[str, Any], expected_version: int, new_events: list[Any]
     ) -> int:
         stored = self.docs.get(doc["id"])
         if stored is None or stored["version"] != expected_version:

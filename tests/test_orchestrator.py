@@ -71,13 +71,13 @@ class CountingStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def insert(self, doc: dict[str, Any]) -> int:
-        size = await self.inner.insert(doc)
+    async def insert(self, doc: dict[str, Any], events: Any = None) -> int:
+        size = await self.inner.insert(doc, events)
         self.inserts += 1
         return size
 
     async def replace(
-        self, doc: dict[str, Any], expected_version: int, new_events: list[dict[str, Any]]
+        self, doc: dict[str, Any], expected_version: int, new_events: list[Any]
     ) -> int:
         size = await self.inner.replace(doc, expected_version, new_events)
         self.replaced += bool(size)

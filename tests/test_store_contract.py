@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from stox.store import AlreadyExists, StoreError, WorkflowStore, make_store
+from stox.store import AlreadyExists, NewEvent, StoreError, WorkflowStore, make_store
 from stox.store.mongo import MongoStore, database_from_url
 from stox.store.sqlite import SQLiteStore
 from stox.workflow import (
@@ -130,13 +130,17 @@ async def test_writes_return_the_stored_size(store: WorkflowStore) -> None:
     assert await store.replace(bigger, doc["version"], []) == 0  # not written: nothing stored
 
 
-def advanced(doc: dict[str, Any], **changes: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def advanced(doc: dict[str, Any], **changes: Any) -> tuple[dict[str, Any], list[NewEvent]]:
     """`doc` one change on, as a transition leaves it: its new events at the outbox's end."""
     wf = Workflow.from_doc(copy.deepcopy(doc))
     report = Report(wf.id, str(wf.step.step_id), True, result=changes or {"ok": True})
     complete(wf, Pipeline(), report, T0 + 5)
     after = wf.to_doc()
-    return after, after["outbox"][len(doc["outbox"]) :]
+    return after, [NewEvent.of(entry) for entry in after["outbox"][len(doc["outbox"]) :]]
+
+
+def entries(events: list[NewEvent]) -> list[dict[str, Any]]:
+    return [event.entry for event in events]
 
 
 async def test_replace_adds_its_new_events_after_the_earlier_ones(store: WorkflowStore) -> None:
@@ -147,7 +151,7 @@ async def test_replace_adds_its_new_events_after_the_earlier_ones(store: Workflo
     assert await store.replace(after, doc["version"], new_events) > 0
     stored = await store.get(doc["id"])
     assert stored == after
-    assert stored is not None and stored["outbox"] == doc["outbox"] + new_events
+    assert stored is not None and stored["outbox"] == doc["outbox"] + entries(new_events)
 
 
 async def test_replace_never_writes_the_product_again(store: WorkflowStore) -> None:
@@ -195,10 +199,11 @@ async def test_drop_published_for_an_older_version_never_loses_newer_events(
     done = await store.drop_published(doc["id"], doc["version"], dropped, [])
     stored = await store.get(doc["id"])
     assert stored is not None
-    assert stored["outbox"] == (new_events if done else doc["outbox"] + new_events)
-    assert await store.drop_published(doc["id"], after["version"], dropped, new_events)
+    added = entries(new_events)
+    assert stored["outbox"] == (added if done else doc["outbox"] + added)
+    assert await store.drop_published(doc["id"], after["version"], dropped, added)
     stored = await store.get(doc["id"])
-    assert stored is not None and stored["outbox"] == new_events
+    assert stored is not None and stored["outbox"] == added
 
 
 async def test_replace_with_a_stale_version_changes_nothing(store: WorkflowStore) -> None:

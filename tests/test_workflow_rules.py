@@ -7,6 +7,8 @@ deep copy of `to_doc()` taken before the call with the document after it.
 from __future__ import annotations
 
 import copy
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -805,3 +807,18 @@ def test_isoformat_is_fixed_width_utc_and_sorts_in_time_order() -> None:
     assert all(s.endswith("Z") for s in stamps)
     assert stamps == sorted(stamps)
     assert w.isoformat(0) == "1970-01-01T00:00:00.000000Z"
+
+
+def test_new_ids_are_random_uuid4_hex() -> None:
+    made = [w.new_id() for _ in range(1000)]
+    assert len(set(made)) == 1000
+    for value in made[:50]:
+        parsed = uuid.UUID(value)
+        assert (parsed.version, parsed.variant, parsed.hex) == (4, uuid.RFC_4122, value)
+
+
+def test_isoformat_rounds_like_datetime_and_keeps_its_width() -> None:
+    for ts in (0.0, 0.0000004, 0.0000005, 1_767_225_600.9999996, 253_402_300_799.0):
+        dt = datetime.fromtimestamp(ts, UTC)
+        assert w.isoformat(ts) == dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert len(w.isoformat(ts)) == 27

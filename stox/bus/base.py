@@ -16,6 +16,8 @@ class Event:
     correlation_id: str | None = None  # the workflow id
     timestamp: float = 0.0
     headers: dict[str, Any] = field(default_factory=dict)
+    # `payload` already encoded as JSON, when the publisher has it: a bus sends it as it is
+    body: str | None = field(default=None, compare=False, repr=False)
 
 
 class PublishError(Exception):

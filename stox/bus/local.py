@@ -194,7 +194,7 @@ class LocalBus:
     async def publish(self, event: Event) -> None:
         if not self._started or self._closed:
             raise PublishError(f"bus is not connected; {event.routing_key} not published")
-        body = json.dumps(event.payload)
+        body = event.body if event.body is not None else json.dumps(event.payload)
         queues = self._routes.get(event.routing_key)
         if queues is None:
             queues = self._route(event.routing_key)

@@ -203,7 +203,7 @@ class RabbitMQBus:
     async def publish(self, event: Event) -> None:
         if not self._started or self._closed:
             raise PublishError(f"bus is not connected; {event.routing_key} not published")
-        body = json.dumps(event.payload).encode()
+        body = (event.body if event.body is not None else json.dumps(event.payload)).encode()
         properties = pika.BasicProperties(
             content_type=JSON,
             delivery_mode=PERSISTENT,

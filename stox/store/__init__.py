@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import cast
 
-from stox.store.base import AlreadyExists, StoreError, UserStore, WorkflowStore
+from stox.store.base import AlreadyExists, NewEvent, StoreError, UserStore, WorkflowStore
 
 __all__ = [
     "AlreadyExists",
+    "NewEvent",
     "StoreError",
     "UserStore",
     "WorkflowStore",

@@ -3,8 +3,28 @@ built-in AuthService."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An outbox entry that a write adds, its payload encoded once as JSON (`body`): a store
+    may keep that text, and the bus sends it as it is (`Event.body`)."""
+
+    entry: dict[str, Any]
+    body: str
+
+    @classmethod
+    def of(cls, entry: dict[str, Any]) -> NewEvent:
+        return cls(entry, encode_json(entry["payload"]))
+
+
+# compact; ensure_ascii (the default) keeps even lone surrogates storable, as \uXXXX escapes,
+# and makes the length of the text its size in bytes
+encode_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class StoreError(Exception):
@@ -34,14 +54,15 @@ class WorkflowStore(Protocol):
     async def ping(self) -> None:
         """Raise StoreError when the store cannot serve."""
 
-    async def insert(self, doc: dict[str, Any]) -> int:
-        """Add a new workflow with its outbox; its stored size. AlreadyExists if its id is
+    async def insert(self, doc: dict[str, Any], events: Sequence[NewEvent] | None = None) -> int:
+        """Add a new workflow with its outbox (`events`: the entries of `doc["outbox"]`,
+        encoded; by default encoded here); its stored size. AlreadyExists if its id is
         taken."""
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None: ...
 
     async def replace(
-        self, doc: dict[str, Any], expected_version: int, new_events: Sequence[dict[str, Any]]
+        self, doc: dict[str, Any], expected_version: int, new_events: Sequence[NewEvent]
     ) -> int:
         """If the stored version is `expected_version`: write the state of `doc` and add
         `new_events` (the events of this change, the last of `doc["outbox"]`) to its outbox,

@@ -39,7 +39,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from stox.store.base import AlreadyExists, StoreError
+from stox.store.base import AlreadyExists, NewEvent, StoreError
 from stox.workflow import DISPATCHED, PENDING, RUNNING
 
 DEFAULT_DATABASE = "stox"
@@ -182,14 +182,14 @@ class MongoStore(MongoCollection):
 
     # -- documents -----------------------------------------------------------------------
 
-    async def insert(self, doc: dict[str, Any]) -> int:
+    async def insert(self, doc: dict[str, Any], events: Sequence[NewEvent] | None = None) -> int:
         return await self._insert(doc, f"workflow {doc['id']}")
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None:
         return await self._find_one({"_id": workflow_id})
 
     async def replace(
-        self, doc: dict[str, Any], expected_version: int, new_events: Sequence[dict[str, Any]]
+        self, doc: dict[str, Any], expected_version: int, new_events: Sequence[NewEvent]
     ) -> int:
         # $set of what changes, never the product (nx-27017's $push mangles arrays of
         # documents, so the outbox is set whole: the version filter keeps that safe)

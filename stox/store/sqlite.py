@@ -19,7 +19,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from stox.store.base import AlreadyExists
+from stox.store.base import AlreadyExists, NewEvent, encode_json
 from stox.store.sqlite_db import SQLiteDatabase, rowcount
 from stox.workflow import DISPATCHED, PENDING, RUNNING
 
@@ -85,9 +85,7 @@ _AT_ONCE = 500  # bound parameters in one IN (…), well under SQLite's limit
 # Kept out of the state column: written once (product), or rows of their own (outbox).
 _NOT_STATE = frozenset({"product", "outbox", "outbox_at"})
 
-# ensure_ascii (the default) keeps even lone surrogates storable, as \uXXXX escapes, and
-# makes the length of the text its size in bytes.
-_encode = json.JSONEncoder(separators=(",", ":")).encode
+_encode = encode_json
 _decode = json.loads
 
 
@@ -95,17 +93,17 @@ def _state(doc: dict[str, Any]) -> str:
     return _encode({key: value for key, value in doc.items() if key not in _NOT_STATE})
 
 
-def _events(workflow_id: str, entries: Iterable[dict[str, Any]]) -> list[tuple[str, ...]]:
-    """Outbox rows, encoded on the caller's thread (a snapshot of the entries as they are)."""
+def _events(workflow_id: str, events: Iterable[NewEvent]) -> list[tuple[str, ...]]:
+    """Outbox rows of `events`, their payloads as encoded when they were made."""
     return [
         (
             workflow_id,
-            entry["message_id"],
-            entry["routing_key"],
-            _encode(entry["payload"]),
-            entry["created_at"],
+            event.entry["message_id"],
+            event.entry["routing_key"],
+            event.body,
+            event.entry["created_at"],
         )
-        for entry in entries
+        for event in events
     ]
 
 
@@ -133,7 +131,8 @@ class SQLiteStore(SQLiteDatabase):
             sql = f"SELECT id, doc FROM workflows WHERE id IN ({', '.join('?' * len(chunk))})"
             for workflow_id, text in conn.execute(sql, chunk).fetchall():
                 doc = _decode(text)
-                conn.executemany(_INSERT_EVENT, _events(workflow_id, doc.get("outbox", [])))
+                events = map(NewEvent.of, doc.get("outbox", []))
+                conn.executemany(_INSERT_EVENT, _events(workflow_id, events))
                 conn.execute(
                     "UPDATE workflows SET doc = ?, product = ? WHERE id = ?",
                     (_state(doc), _encode(doc["product"]), workflow_id),
@@ -143,40 +142,42 @@ class SQLiteStore(SQLiteDatabase):
 
     # -- writes --------------------------------------------------------------------------
 
-    async def insert(self, doc: dict[str, Any]) -> int:
+    async def insert(self, doc: dict[str, Any], events: Sequence[NewEvent] | None = None) -> int:
+        if events is None:
+            events = [NewEvent.of(entry) for entry in doc["outbox"]]
         workflow_id = doc["id"]
         state, product = _state(doc), _encode(doc["product"])
         row = (workflow_id, doc["owner"], doc["status"], doc["created_at"], doc["version"])
         row += (doc.get("wake_at"), state, product)
-        events = _events(workflow_id, doc["outbox"])
+        rows = _events(workflow_id, events)
 
         def write(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(_INSERT, row)
             except sqlite3.IntegrityError as exc:
                 raise AlreadyExists(f"workflow {workflow_id} already exists") from exc
-            conn.executemany(_INSERT_EVENT, events)
+            conn.executemany(_INSERT_EVENT, rows)
 
         await self.write(write)
-        return len(state) + len(product) + sum(len(event[3]) for event in events)
+        return len(state) + len(product) + sum(len(event.body) for event in events)
 
     async def replace(
-        self, doc: dict[str, Any], expected_version: int, new_events: Sequence[dict[str, Any]]
+        self, doc: dict[str, Any], expected_version: int, new_events: Sequence[NewEvent]
     ) -> int:
         workflow_id = doc["id"]
         state = _state(doc)
         row = (doc["status"], doc["version"], doc.get("wake_at"), state, workflow_id)
-        events = _events(workflow_id, new_events)
+        rows = _events(workflow_id, new_events)
 
         def write(conn: sqlite3.Connection) -> bool:
             if conn.execute(_REPLACE, (*row, expected_version)).rowcount != 1:
                 return False
-            conn.executemany(_INSERT_EVENT, events)
+            conn.executemany(_INSERT_EVENT, rows)
             return True
 
         if not await self.write(write):
             return 0
-        return len(state) + sum(len(event[3]) for event in events)
+        return len(state) + sum(len(event.body) for event in new_events)
 
     async def drop_published(
         self,

@@ -30,11 +30,16 @@ MAX_DEPTH = 32  # nesting of free-form values (metadata, result)
 
 def _is_text(value: str) -> bool:
     """False for strings with lone surrogates (`"\\ud800"` in JSON): not storable as UTF-8."""
+    if value.isascii():  # the usual case, checked in C
+        return True
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
+
+
+_WHOLE = range(-(2**63), 2**63)  # what BSON's int64 holds
 
 
 def storable_problem(value: Any) -> str | None:
@@ -43,26 +48,32 @@ def storable_problem(value: Any) -> str | None:
     Free-form values are copied, stored (SQLite JSON, MongoDB BSON) and re-encoded for every
     event; too deep a nesting overflows the recursion of those copies, NaN and Infinity are
     not JSON, lone surrogates are not UTF-8, and BSON holds neither NUL in keys nor integers
-    beyond 64 bits.
+    beyond 64 bits. Every request body goes through this, so it checks exact types first
+    (what json.loads makes) and falls back to isinstance for anything else.
     """
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if depth > MAX_DEPTH:
             return f"nested more than {MAX_DEPTH} levels deep"
-        if isinstance(item, float) and not math.isfinite(item):
-            return "NaN and Infinity are not permitted"
-        if isinstance(item, int) and not -(2**63) <= item < 2**63:
-            return "whole numbers must fit in 64 bits"
-        if isinstance(item, str) and not _is_text(item):
-            return "not valid Unicode text"
-        if isinstance(item, Mapping):
+        kind = type(item)
+        if kind is str:
+            if not _is_text(item):
+                return "not valid Unicode text"
+        elif kind is dict or (kind is not list and isinstance(item, Mapping)):
             for key, sub in item.items():
                 if isinstance(key, str) and ("\x00" in key or not _is_text(key)):
                     return "keys must be valid Unicode text without NUL"
                 stack.append((sub, depth + 1))
-        elif isinstance(item, list):
+        elif kind is list:
             stack.extend((sub, depth + 1) for sub in item)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return "NaN and Infinity are not permitted"
+        elif isinstance(item, int) and item not in _WHOLE:
+            return "whole numbers must fit in 64 bits"
+        elif isinstance(item, str) and not _is_text(item):
+            return "not valid Unicode text"
     return None
 
 
@@ -72,7 +83,9 @@ class StrictSchema(Schema):
 
     @pre_load
     def _storable(self, data: Any, **_: Any) -> Any:
-        if isinstance(data, Mapping):
+        # one walk of the whole body; only a body with a problem is walked again, per field,
+        # to name the fields
+        if isinstance(data, Mapping) and storable_problem(data) is not None:
             errors = {
                 name: [problem]
                 for name, value in data.items()

@@ -396,7 +396,8 @@ class Hub:
         ]
         if not targets:
             return
-        # not cached: clearing the outbox moves the stored workflow one version on
+        # not cached: a stored document of the same version may differ in outbox_at, which
+        # dropping published events changes without a new version
         document_json = _dumps(document).encode()
         messages = [
             encode(

@@ -324,10 +324,10 @@ class Orchestrator:
                 if doc is None:
                     return
             workflow = Workflow.from_doc(doc)
-            dropped = [e["message_id"] for e in workflow.outbox if e["message_id"] in confirmed]
             if not wf_rules.drop_published(workflow, confirmed):
                 return
-            kept = workflow.to_doc()["outbox"]
+            dropped = [e["message_id"] for e in doc["outbox"] if e["message_id"] in confirmed]
+            kept = workflow.outbox
             if await self.store.drop_published(workflow_id, workflow.version, dropped, kept):
                 self._drop_cached(workflow_id, confirmed)
                 return
@@ -340,10 +340,9 @@ class Orchestrator:
         cached = self._recent.get(workflow_id)
         if cached is None:
             return
-        outbox = [e for e in cached.doc["outbox"] if e["message_id"] not in confirmed]
-        if len(outbox) != len(cached.doc["outbox"]):
-            outbox_at = outbox[0]["created_at"] if outbox else None
-            cached.doc = {**cached.doc, "outbox": outbox, "outbox_at": outbox_at}
+        workflow = Workflow.from_doc(cached.doc)
+        if wf_rules.drop_published(workflow, confirmed):
+            cached.doc = workflow.to_doc()
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ from marshmallow import Schema, ValidationError
 from tornado.http1connection import HTTP1Connection
 
 from stox.auth.tokens import ADMIN, SERVICE, USER, InvalidToken, Principal, TokenAuthority
+from stox.codec import dumps
 from stox.logs import log_exception
 from stox.orchestrator import Orchestrator
 
@@ -57,6 +58,7 @@ def write_json_error(handler: tornado.web.RequestHandler, error: ApiError) -> No
     for name, value in error.headers.items():
         handler.set_header(name, value)
     handler.set_header("Content-Type", "application/json")
+    # the standard library: marshmallow's messages may have whole-number keys (list indexes)
     handler.finish(json.dumps({"error": body}, separators=(",", ":")))
 
 
@@ -281,7 +283,7 @@ class BaseHandler(PathOnlyErrorLog, BoundedBody):
     def render(self, status: int, body: Any) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(body, separators=(",", ":")))
+        self.finish(dumps(body))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import json
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -31,6 +30,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from stox.bus.base import Event
+from stox.codec import dumps
 from stox.orchestrator import Orchestrator
 from stox.workflow import Workflow, isoformat
 
@@ -63,16 +63,13 @@ class TooManySockets(Exception):
         self.limit = limit
 
 
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
-
-
 def encode(kind: str, workflow_id: str, version: int, *data: bytes) -> bytes:
     """One WebSocket message whose `data` is the concatenation of `data`, already encoded:
     the workflow document inside is copied once, never encoded again."""
-    head = _dumps(
+    head = dumps(
         {"type": kind, "workflow_id": workflow_id, "version": version, "ts": isoformat(time.time())}
     )
-    return b"".join((head[:-1].encode(), b',"data":', *data, b"}"))
+    return b"".join((head[:-1], b',"data":', *data, b"}"))
 
 
 class DocumentCache:
@@ -331,9 +328,7 @@ class Hub:
         return page, cursor
 
     def _document(self, workflow: Workflow) -> bytes:
-        return self.documents.get(
-            workflow.id, workflow.version, lambda: _dumps(workflow.public()).encode()
-        )
+        return self.documents.get(workflow.id, workflow.version, lambda: dumps(workflow.public()))
 
     async def _release_pending(self, sub: Subscription) -> bool:
         """Send what waited behind the snapshot, oldest version first, paced like it."""
@@ -398,14 +393,14 @@ class Hub:
             return
         # not cached: a stored document of the same version may differ in outbox_at, which
         # dropping published events changes without a new version
-        document_json = _dumps(document).encode()
+        document_json = dumps(document)
         messages = [
             encode(
                 kind,
                 workflow_id,
                 version,
                 b'{"step":',
-                _dumps(step).encode(),
+                dumps(step),
                 b',"workflow":',
                 document_json,
                 b"}",

@@ -77,7 +77,7 @@ async def test_what_was_confirmed_but_not_handled_is_delivered_after_a_restart(
         await bus.declare(QUEUE, [KEY])
         for e in sent:
             await bus.publish(e)  # confirmed: journalled; no consumer yet
-    assert [body for _, body in kept_rows(path)] == [f'{{"n": {n}}}' for n in range(5)]
+    assert [body for _, body in kept_rows(path)] == [f'{{"n":{n}}}' for n in range(5)]
 
     async with bus_on(path) as bus:
         inbox = Inbox()
@@ -133,8 +133,8 @@ async def test_a_kept_message_that_cannot_be_decoded_is_dead_lettered_and_the_qu
         for n in range(3):
             await bus.publish(event(n))
     with sqlite3.connect(path) as conn:  # what a torn write or a bad disk might leave
-        conn.execute("UPDATE bus_messages SET body = ? WHERE body = ?", ("[" * 100_000, '{"n": 0}'))
-        conn.execute("UPDATE bus_messages SET headers = 'not json' WHERE body = ?", ('{"n": 1}',))
+        conn.execute("UPDATE bus_messages SET body = ? WHERE body = ?", ("[" * 100_000, '{"n":0}'))
+        conn.execute("UPDATE bus_messages SET headers = 'not json' WHERE body = ?", ('{"n":1}',))
 
     async with bus_on(path, prefetch=1) as bus:
         inbox = Inbox()
@@ -170,4 +170,4 @@ async def test_messages_in_flight_when_the_bus_closes_stay_kept(tmp_path: Path) 
         await bus.consume(QUEUE, never_finishes)
         await bus.publish(event(7))
         await asyncio.wait_for(started.wait(), 5)
-    assert [body for _, body in kept_rows(path)] == ['{"n": 7}']
+    assert [body for _, body in kept_rows(path)] == ['{"n":7}']

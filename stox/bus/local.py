@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 from collections import deque
 from collections.abc import Sequence
 
 from stox.bus.base import Event, Handler, PublishError, Rejected, log_dead_letter, topic_matches
 from stox.bus.journal import Journal, Kept
+from stox.codec import dumps_text, loads
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class _Message:
         headers = dict(self.event.headers)
         if self.redeliveries:
             headers[REDELIVERED] = True
-        return dataclasses.replace(self.event, payload=json.loads(self.body), headers=headers)
+        return dataclasses.replace(self.event, payload=loads(self.body), headers=headers)
 
 
 class _Consumer:
@@ -145,7 +145,7 @@ class LocalBus:
 
     def _recover(self, kept: Kept) -> None:
         try:
-            headers = json.loads(kept.headers)
+            headers = loads(kept.headers)
             if not isinstance(headers, dict):
                 raise ValueError("the headers are not an object")
         except (ValueError, RecursionError) as exc:
@@ -194,7 +194,7 @@ class LocalBus:
     async def publish(self, event: Event) -> None:
         if not self._started or self._closed:
             raise PublishError(f"bus is not connected; {event.routing_key} not published")
-        body = event.body if event.body is not None else json.dumps(event.payload)
+        body = event.body if event.body is not None else dumps_text(event.payload)
         queues = self._routes.get(event.routing_key)
         if queues is None:
             queues = self._route(event.routing_key)
@@ -213,7 +213,7 @@ class LocalBus:
         durable = [q.name for q in queues if not q.exclusive]
         if self.journal is None or not durable:
             return {}
-        headers = json.dumps(event.headers)
+        headers = dumps_text(event.headers)
         kept = [
             Kept(
                 queue,

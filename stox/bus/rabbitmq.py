@@ -49,6 +49,7 @@ from tornado.ioloop import IOLoop
 from settings import RabbitMQSettings
 from stox.bus.base import Event, Handler, PublishError, Rejected, log_dead_letter, topic_matches
 from stox.bus.local import REDELIVERED
+from stox.codec import dumps
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ class RabbitMQBus:
     async def publish(self, event: Event) -> None:
         if not self._started or self._closed:
             raise PublishError(f"bus is not connected; {event.routing_key} not published")
-        body = (event.body if event.body is not None else json.dumps(event.payload)).encode()
+        body = event.body.encode() if event.body is not None else dumps(event.payload)
         properties = pika.BasicProperties(
             content_type=JSON,
             delivery_mode=PERSISTENT,

@@ -3,10 +3,11 @@ built-in AuthService."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from stox.codec import dumps_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,9 +23,7 @@ class NewEvent:
         return cls(entry, encode_json(entry["payload"]))
 
 
-# compact; ensure_ascii (the default) keeps even lone surrogates storable, as \uXXXX escapes,
-# and makes the length of the text its size in bytes
-encode_json = json.JSONEncoder(separators=(",", ":")).encode
+encode_json = dumps_text  # compact JSON text: what stores keep, and the bus sends
 
 
 class StoreError(Exception):

@@ -14,11 +14,11 @@ file (a table of its own, the user name unique), on a connection of its own.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from stox.codec import loads
 from stox.store.base import AlreadyExists, NewEvent, encode_json
 from stox.store.sqlite_db import SQLiteDatabase, rowcount
 from stox.workflow import DISPATCHED, PENDING, RUNNING
@@ -86,7 +86,7 @@ _AT_ONCE = 500  # bound parameters in one IN (…), well under SQLite's limit
 _NOT_STATE = frozenset({"product", "outbox", "outbox_at"})
 
 _encode = encode_json
-_decode = json.loads
+_decode = loads
 
 
 def _state(doc: dict[str, Any]) -> str:

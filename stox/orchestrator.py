@@ -1,8 +1,9 @@
 """Applies the domain's transitions: load → decide → save (compare-and-swap) → publish.
 
 Events are written into the workflow's outbox in the same write as the state that caused
-them, published afterwards, and dropped from the outbox once the broker confirms them. A
-write that loses the compare-and-swap race reloads the workflow and decides again.
+them, published afterwards, and dropped from the outbox once the broker confirms them (with
+the store's next write: see `WorkflowStore.drop_published`). A write that loses the
+compare-and-swap race reloads the workflow and decides again.
 """
 
 from __future__ import annotations
@@ -154,12 +155,16 @@ class Orchestrator:
         for doc in docs:
             if doc["id"] not in self._newer:  # else it is being published right now
                 await self._publish(Workflow.from_doc(doc))
+        if docs:  # not the hot path: what it published leaves the outbox before its next run
+            await self.store.flush()
         return len(docs)
 
     async def drain(self) -> None:
-        """Wait for publishes under way (at shutdown, and in tests)."""
+        """Wait for publishes under way and the outbox drops they made (at shutdown, and in
+        tests)."""
         while self._publishing:
             await asyncio.gather(*list(self._publishing), return_exceptions=True)
+        await self.store.flush()
 
     # -- internals ------------------------------------------------------------------------
 
@@ -307,32 +312,18 @@ class Orchestrator:
                 break  # keep order: later events wait behind the unconfirmed one
             confirmed.add(entry["message_id"])
         if confirmed:
-            await self._clear_outbox(workflow.id, confirmed)
+            self._clear_outbox(workflow, confirmed)
         return confirmed
 
-    async def _clear_outbox(self, workflow_id: str, confirmed: set[str]) -> None:
-        """Drop confirmed events from the stored outbox: not a transition, the version stays.
-
-        The cached document is tried first; a store that needs the outbox as of the current
-        version (MongoDB) refuses an older one, and the current one is read then.
-        """
-        cached = self._recent.get(workflow_id)
-        doc = cached.doc if cached is not None else None
-        for _ in range(self.max_races):
-            if doc is None:
-                doc = await self.store.get(workflow_id)
-                if doc is None:
-                    return
-            workflow = Workflow.from_doc(doc)
-            if not wf_rules.drop_published(workflow, confirmed):
-                return
-            dropped = [e["message_id"] for e in doc["outbox"] if e["message_id"] in confirmed]
-            kept = workflow.outbox
-            if await self.store.drop_published(workflow_id, workflow.version, dropped, kept):
-                self._drop_cached(workflow_id, confirmed)
-                return
-            doc = None
-        log.info("outbox of %s not cleared now (contention); the relay will retry", workflow_id)
+    def _clear_outbox(self, workflow: Workflow, confirmed: set[str]) -> None:
+        """Drop confirmed events from the outbox, the cached one now and the stored one with
+        the store's next write: not a transition, the version stays."""
+        dropped = [e["message_id"] for e in workflow.outbox if e["message_id"] in confirmed]
+        if not dropped:
+            return
+        kept = [e for e in workflow.outbox if e["message_id"] not in confirmed]
+        self.store.drop_published(workflow.id, workflow.version, dropped, kept)
+        self._drop_cached(workflow.id, confirmed)
 
     def _drop_cached(self, workflow_id: str, confirmed: set[str]) -> None:
         """The cached document, whatever its version, without the dropped events (a copy:

@@ -101,11 +101,13 @@ class FakeStore:
         self.docs[doc["id"]] = copy.deepcopy(doc)
         return len(json.dumps(doc))
 
-    async def drop_published(
+    def drop_published(
         self, workflow_id: str, version: int, message_ids: Any, kept: list[dict[str, Any]]
-    ) -> bool:
+    ) -> None:
         self.docs[workflow_id]["outbox"] = copy.deepcopy(kept)
-        return True
+
+    async def flush(self) -> None:
+        pass
 
     async def list(
         self,

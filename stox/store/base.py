@@ -67,16 +67,23 @@ class WorkflowStore(Protocol):
         `new_events` (the events of this change, the last of `doc["outbox"]`) to its outbox,
         in one atomic write. The size written, or 0 when the version did not match."""
 
-    async def drop_published(
+    def drop_published(
         self,
         workflow_id: str,
         version: int,
         message_ids: Sequence[str],
         kept: Sequence[dict[str, Any]],
-    ) -> bool:
-        """Drop published events from the outbox of `workflow_id`, whose version stays.
-        `kept` is what remains of the outbox as of `version`; False when the store needed
-        that to hold and it did not (the version moved on): call again with a newer one."""
+    ) -> None:
+        """Drop published events from the outbox of `workflow_id`, whose version stays, soon
+        and without a write of their own: with the store's next write (in its transaction,
+        or, where the outbox is part of the document, in that workflow's next change), or
+        after at most DEFER_DELAY (sqlite_db.py) on their own, many in one. `kept` is what
+        remains of the outbox as of `version`. What is not dropped (the process ended first;
+        on MongoDB, another instance changed the workflow meanwhile) stays in the outbox for
+        the relay, which publishes it again: at least once, never lost."""
+
+    async def flush(self) -> None:
+        """Write now what waits to go with a later write (`drop_published`)."""
 
     async def list(
         self,

@@ -3,7 +3,9 @@
 One collection, `workflows`, holds the documents `Workflow.to_doc` produces, with `_id` set to
 the workflow id; reads strip `_id` again, so they return exactly the shape written. A change
 `$set`s only what changes (the product, written at upload, is never sent again), and
-dropping published events sets the outbox without a new version.
+dropping published events sets the outbox without a new version: in the workflow's next
+change, which leaves them out of the outbox it sets, or, when none comes within DEFER_DELAY,
+in one `bulk_write` with the other workflows' drops.
 
 Only operations that behave the same on MongoDB and on nx-27017 (a MongoDB wire-protocol
 server on SQLite, used by the tests) are used: insert_one, find_one, update_one with $set on
@@ -29,6 +31,8 @@ a unique index on `username`).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -36,11 +40,14 @@ from urllib.parse import unquote
 import bson
 import bson.errors
 from bson.raw_bson import RawBSONDocument
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from stox.store.base import AlreadyExists, NewEvent, StoreError
+from stox.store.sqlite_db import DEFER_DELAY
 from stox.workflow import DISPATCHED, PENDING, RUNNING
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DATABASE = "stox"
 COLLECTION = "workflows"
@@ -175,10 +182,34 @@ class MongoCollection:
         return None if doc is None else _from_mongo(doc)
 
 
+class _Drop:
+    """Published events waiting to be dropped from one workflow's outbox."""
+
+    __slots__ = ("ids", "kept", "version")
+
+    def __init__(self, version: int, ids: set[str], kept: list[dict[str, Any]]) -> None:
+        self.version, self.ids, self.kept = version, ids, kept
+
+    def outbox(self, outbox: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """`outbox` without the dropped events, and its `outbox_at`: the fields to set."""
+        kept = [entry for entry in outbox if entry["message_id"] not in self.ids]
+        return {"outbox": kept, "outbox_at": kept[0]["created_at"] if kept else None}
+
+
 class MongoStore(MongoCollection):
     """WorkflowStore on the MongoDB collection `workflows`."""
 
     INDEXES = tuple((keys, {}) for keys in _INDEXES)
+
+    def __init__(self, url: str, database: str | None = None) -> None:
+        super().__init__(url, database)
+        self._drops: dict[str, _Drop] = {}  # workflow id -> what waits to be dropped
+        self._drop_timer: asyncio.TimerHandle | None = None
+        self._dropping: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        await self.flush()
+        await super().close()
 
     # -- documents -----------------------------------------------------------------------
 
@@ -193,19 +224,67 @@ class MongoStore(MongoCollection):
     ) -> int:
         # $set of what changes, never the product (nx-27017's $push mangles arrays of
         # documents, so the outbox is set whole: the version filter keeps that safe)
-        changed = _bson({"$set": {key: doc[key] for key in _MUTABLE}})
-        return len(changed.raw) if await self._update(doc["id"], expected_version, changed) else 0
+        fields = {key: doc[key] for key in _MUTABLE}
+        drop = self._drops.pop(doc["id"], None)
+        if drop is not None:  # the events waiting to be dropped go with this change
+            fields.update(drop.outbox(fields["outbox"]))
+        changed = _bson({"$set": fields})
+        if await self._update(doc["id"], expected_version, changed):
+            return len(changed.raw)
+        if drop is not None:  # still to be dropped, with whatever was added meanwhile
+            waiting = self._drops.setdefault(doc["id"], drop)
+            waiting.ids |= drop.ids
+        return 0
 
-    async def drop_published(
+    def drop_published(
         self,
         workflow_id: str,
         version: int,
         message_ids: Sequence[str],
         kept: Sequence[dict[str, Any]],
-    ) -> bool:
-        outbox_at = kept[0]["created_at"] if kept else None
-        update = _bson({"$set": {"outbox": list(kept), "outbox_at": outbox_at}})
-        return await self._update(workflow_id, version, update)
+    ) -> None:
+        self._col()
+        drop = self._drops.get(workflow_id)
+        ids = set(message_ids) | (drop.ids if drop is not None else set())
+        if drop is None or drop.version <= version:
+            self._drops[workflow_id] = _Drop(version, ids, list(kept))
+        else:  # what waits is of a newer version already: add these ids to it
+            drop.ids = ids
+        if self._drop_timer is None:
+            loop = asyncio.get_running_loop()
+            self._drop_timer = loop.call_later(DEFER_DELAY, self._drop_soon)
+
+    def _drop_soon(self) -> None:
+        self._drop_timer = None
+        task = asyncio.ensure_future(self._write_drops())
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
+
+    async def flush(self) -> None:
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+            self._drop_timer = None
+        await self._write_drops()
+        while self._dropping:
+            await asyncio.gather(*list(self._dropping), return_exceptions=True)
+
+    async def _write_drops(self) -> None:
+        """Every drop waiting, in one round trip; one whose version moved on is left to the
+        relay (the change that moved it may have been decided before the events were sent)."""
+        drops, self._drops = self._drops, {}
+        if not drops:
+            return
+        updates = [
+            UpdateOne(
+                {"_id": workflow_id, "version": drop.version},
+                {"$set": drop.outbox(drop.kept)},
+            )
+            for workflow_id, drop in drops.items()
+        ]
+        try:
+            await self._col().bulk_write(updates, ordered=False)
+        except (PyMongoError, StoreError) as exc:
+            log.warning("published events of %d workflows left for the relay: %s", len(drops), exc)
 
     async def _update(self, workflow_id: str, version: int, update: RawBSONDocument) -> bool:
         try:

@@ -1,4 +1,4 @@
-"""The embedded default store: one SQLite file (WAL), on a thread of its own (sqlite_db.py).
+"""The embedded default store: one SQLite file (WAL), used on the loop's thread (sqlite_db.py).
 
 A workflow is a row of `workflows`: the indexed columns, its state as JSON (`doc`: all but
 the product and the outbox) and its product as JSON, written once at upload and never again.
@@ -64,6 +64,7 @@ _INSERT_EVENT = (
     "INSERT INTO outbox (workflow_id, message_id, routing_key, payload, created_at)"
     " VALUES (?, ?, ?, ?, ?)"
 )
+_DROP_EVENT = "DELETE FROM outbox WHERE workflow_id = ? AND message_id = ?"
 _COLUMNS = "id, doc, product"
 _GET = f"SELECT {_COLUMNS} FROM workflows WHERE id = ?"
 _DUE = f"SELECT {_COLUMNS} FROM workflows WHERE wake_at <= ? ORDER BY wake_at LIMIT ?"
@@ -179,24 +180,16 @@ class SQLiteStore(SQLiteDatabase):
             return 0
         return len(state) + sum(len(event.body) for event in new_events)
 
-    async def drop_published(
+    def drop_published(
         self,
         workflow_id: str,
         version: int,
         message_ids: Sequence[str],
         kept: Sequence[dict[str, Any]],
-    ) -> bool:
-        ids = list(message_ids)
-
-        def write(conn: sqlite3.Connection) -> None:
-            for start in range(0, len(ids), _AT_ONCE):
-                chunk = ids[start : start + _AT_ONCE]
-                marks = ", ".join("?" * len(chunk))
-                sql = f"DELETE FROM outbox WHERE workflow_id = ? AND message_id IN ({marks})"
-                conn.execute(sql, (workflow_id, *chunk))
-
-        await self.write(write)
-        return True  # rows of their own: no version to agree on
+    ) -> None:
+        # rows of their own, so no version to agree on: deleted in the next batch of writes
+        rows = [(workflow_id, message_id) for message_id in message_ids]
+        self.defer(lambda conn: conn.executemany(_DROP_EVENT, rows))
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -1,36 +1,45 @@
-"""One SQLite connection on a thread of its own, with group commit for writes.
+"""One SQLite connection used on the IOLoop's own thread, with group commit for writes.
 
-All work on the connection runs on one dedicated worker thread that owns it, so the IOLoop
-never waits on disk and the connection is never used from two threads at once (which also
-keeps a `:memory:` database alive: there is only ever one connection). Reads are single
-statements in autocommit mode.
+Statements run on the loop, not on a worker thread: in WAL mode with `synchronous=NORMAL` a
+commit appends to the WAL file without waiting for the disk, and a point read is served from
+the page cache, so each costs microseconds, less than handing it to a thread and back (a
+future, a wake-up of each thread, and the GIL changing hands twice, which under load made the
+loop wait for the worker). What does wait for the disk, copying the WAL back into the
+database file and syncing it (a checkpoint), runs on a thread of its own, on a connection of
+its own (`Checkpointer`); the loop's connection never checkpoints.
 
-Writes go through `write()`: every write queued while the thread is busy is committed in one
-transaction with the others (group commit). Should one of them raise (a unique key taken),
-the batch is rolled back and each is run again in a transaction of its own, so one that
-fails undoes only itself. A caller hears back only once its transaction has committed, so
-nothing is acknowledged before it is in the file; what the batch trades is a write waiting
-for at most the batch before it, and what it buys is one commit for many writes instead of
-one each (SQLite's cost of a commit, not of a statement, dominates a small write).
+Writes go through `write()`: every write queued in one turn of the loop is committed in one
+transaction with the others, at the start of the next turn (group commit). Should one of them
+raise (a unique key taken), the batch is rolled back and each is run again in a transaction
+of its own, so one that fails undoes only itself. A caller hears back only once its
+transaction has committed, so nothing is acknowledged before it is in the file; what the
+batch trades is a write waiting for the rest of its turn of the loop, and what it buys is
+one commit for all the writes of that turn instead of one each. A write nobody waits for
+(`defer`) goes with the next batch, or on its own after DEFER_DELAY when none comes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
+import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from stox.store.base import AlreadyExists, StoreError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 D = TypeVar("D", bound="SQLiteDatabase")
 Write = Callable[[sqlite3.Connection], Any]
 
 MEMORY = ":memory:"
+CHECKPOINT_INTERVAL = 0.5  # seconds between checkpoints of a WAL that has grown
+DEFER_DELAY = 0.1  # seconds a deferred write waits for a batch to go with
 
 
 def path_from_url(url: str) -> str:
@@ -53,17 +62,18 @@ def rowcount(cursor: sqlite3.Cursor) -> int:
 
 
 class SQLiteDatabase:
-    """One connection on its own worker thread, its tables made by `SCHEMA` on open (then
+    """One connection, used on the loop's thread, its tables made by `SCHEMA` on open (then
     `migrate`, for what an older file lacks)."""
 
     SCHEMA: tuple[str, ...] = ()
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
-        self._writes: deque[tuple[Write, asyncio.Future[Any]]] = deque()
-        self._flushing = False  # a flush is queued on the thread and has not yet taken them
+        self._checkpointer: Checkpointer | None = None
+        self._writes: deque[tuple[Write, asyncio.Future[Any] | None]] = deque()
+        self._flush_soon: asyncio.Handle | None = None  # the flush of this turn's writes
+        self._deferred: asyncio.TimerHandle | None = None  # a flush of deferred writes alone
 
     @classmethod
     def from_url(cls: type[D], url: str) -> D:
@@ -75,32 +85,44 @@ class SQLiteDatabase:
     # -- plumbing ------------------------------------------------------------------------
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on the database's own thread, where `connection()` may be used."""
-        executor = self._executor
-        if executor is None:
-            raise StoreError("the SQLite store is not open")
-        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        """`fn(*args)`, where `connection()` may be used (a read, or a write on its own)."""
+        self.connection()
+        return fn(*args)
 
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """`work(connection)` on the database's thread, committed in one transaction with the
-        writes queued beside it; its result once committed. What `work` raises undoes its
+        """`work(connection)`, committed in one transaction with the writes queued beside it
+        in this turn of the loop; its result once committed. What `work` raises undoes its
         own statements only (sqlite3 errors become StoreError). It may run twice (the second
         time alone, when another write of its batch raised): it must only write."""
-        executor = self._executor
-        if executor is None:
-            raise StoreError("the SQLite store is not open")
+        self.connection()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._writes.append((work, future))
-        if not self._flushing:
-            self._flushing = True
-            executor.submit(self._flush, loop)
+        if self._flush_soon is None:
+            self._flush_soon = loop.call_soon(self._flush)
         return await future
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        # reset before taking the queue: a write queued from now on schedules another flush
-        self._flushing = False
-        batch = [self._writes.popleft() for _ in range(len(self._writes))]
+    def defer(self, work: Write) -> None:
+        """`work(connection)` with the next batch of writes, or on its own within DEFER_DELAY:
+        a write that nobody waits for (and that may be lost in a crash before it runs), so
+        that it adds a statement to a transaction under way, not a transaction."""
+        self.connection()
+        self._writes.append((work, None))
+        if self._flush_soon is None and self._deferred is None:
+            self._deferred = asyncio.get_running_loop().call_later(DEFER_DELAY, self._flush)
+
+    async def flush(self) -> None:
+        """Commit the deferred writes now (and whatever else is queued)."""
+        if self._writes:
+            await self.write(_nothing)
+
+    def _flush(self) -> None:
+        self._flush_soon = None
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
+        batch = list(self._writes)
+        self._writes.clear()
         if not batch:
             return
         try:
@@ -112,28 +134,25 @@ class SQLiteDatabase:
         except (sqlite3.Error, StoreError) as exc:
             failed = exc if isinstance(exc, StoreError) else StoreError(f"SQLite: {exc}")
             outcomes = [(future, None, failed) for _, future in batch]
-        loop.call_soon_threadsafe(_settle, outcomes)
+        _settle(outcomes)
 
     def connection(self) -> sqlite3.Connection:
         conn = self._conn
         if conn is None:
-            raise StoreError("the SQLite store is closed")
+            raise StoreError(f"the SQLite database {self.path!r} is not open")
         return conn
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._executor is not None:
+        if self._conn is not None:
             return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stox-sqlite")
-        try:
-            await self.run(self._open_sync)
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise
+        self._conn = self._open_sync()
+        if self.path != MEMORY:
+            self._checkpointer = Checkpointer(self.path)
+            self._checkpointer.start()
 
-    def _open_sync(self) -> None:
+    def _open_sync(self) -> sqlite3.Connection:
         try:
             if self.path != MEMORY:
                 parent = os.path.dirname(os.path.abspath(self.path))
@@ -146,31 +165,30 @@ class SQLiteDatabase:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's job
             for statement in self.SCHEMA:
                 conn.execute(statement)
             self.migrate(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError(f"cannot set up SQLite database {self.path!r}: {exc}") from exc
-        self._conn = conn
+        return conn
 
     def migrate(self, conn: sqlite3.Connection) -> None:
         """Bring a file made by an older version up to date (after SCHEMA, on open)."""
 
     async def close(self) -> None:
-        executor = self._executor
-        if executor is None:
+        if self._conn is None:
             return
-        try:  # queued after any flush still to run: nothing written is lost
-            await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
-        finally:
-            self._executor = None
-            executor.shutdown(wait=True)
-
-    def _close_sync(self) -> None:
+        if self._writes:  # what was written is committed before closing
+            if self._flush_soon is not None:
+                self._flush_soon.cancel()
+            self._flush()
         conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            await asyncio.to_thread(checkpointer.stop)
+        conn.close()
 
     async def ping(self) -> None:
         await self.run(self.query, "SELECT 1", (), sqlite3.Cursor.fetchone)
@@ -192,16 +210,15 @@ class SQLiteDatabase:
             raise StoreError(f"SQLite: {exc}") from exc
 
 
-Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
+Outcome = tuple[asyncio.Future[Any] | None, Any, BaseException | None]
+Batch = list[tuple[Write, asyncio.Future[Any] | None]]
 
 
 class _OneFailed(Exception):
     """A write of the batch raised; the batch was rolled back."""
 
 
-def _together(
-    conn: sqlite3.Connection, batch: list[tuple[Write, asyncio.Future[Any]]]
-) -> list[Outcome]:
+def _together(conn: sqlite3.Connection, batch: Batch) -> list[Outcome]:
     conn.execute("BEGIN")
     try:
         results = [(future, work(conn), None) for work, future in batch]
@@ -230,11 +247,53 @@ def _alone(conn: sqlite3.Connection, work: Write) -> tuple[Any, BaseException | 
     return result, None
 
 
-def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+def _nothing(conn: sqlite3.Connection) -> None:
+    pass
+
+
+def _settle(outcomes: list[Outcome]) -> None:
     for future, result, problem in outcomes:
-        if future.done():  # the caller gave up (cancelled); the write stands
+        if future is None:  # deferred: nobody waits
+            if problem is not None:
+                log.warning("a deferred write failed: %s", problem)
+        elif future.done():  # the caller gave up (cancelled); the write stands
             continue
-        if problem is None:
+        elif problem is None:
             future.set_result(result)
         else:
             future.set_exception(problem)
+
+
+class Checkpointer(threading.Thread):
+    """Copies the WAL back into the database file, on a connection and thread of its own:
+    the part of a write that waits for the disk, kept off the loop. PASSIVE checkpoints never
+    wait for or block a writer; one last TRUNCATE at `stop` leaves the WAL empty."""
+
+    def __init__(self, path: str, interval: float = CHECKPOINT_INTERVAL) -> None:
+        super().__init__(name="stox-sqlite-checkpoint", daemon=True)
+        self.path = path
+        self.interval = interval
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            log.error("cannot open %s to checkpoint it: %s", self.path, exc)
+            return
+        try:
+            while not self._stopping.wait(self.interval):
+                self._checkpoint(conn, "PASSIVE")
+            self._checkpoint(conn, "TRUNCATE")
+        finally:
+            conn.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection, mode: str) -> None:
+        try:
+            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+        except sqlite3.Error as exc:  # busy or failing: the WAL waits for the next one
+            log.warning("checkpoint of %s failed: %s", self.path, exc)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()

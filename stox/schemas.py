@@ -21,6 +21,7 @@ from marshmallow import (
     validates_schema,
 )
 
+from stox.codec import dumps
 from stox.workflow import WORKFLOW_STATUSES, Report
 
 HEX_ID = validate.Regexp(r"^[0-9a-f]{32}\Z", error="expected a 32-character hex id")
@@ -111,11 +112,13 @@ class ProductSchema(StrictSchema):
         allow_nan=False,
         validate=validate.Range(min=0, max=1e12),
     )
-    metadata = fields.Dict(keys=fields.String(), load_default=dict)
+    # no `keys=` field: the keys of a JSON object are strings already (a key field would
+    # deserialise each one again, on every request)
+    metadata = fields.Dict(load_default=dict)
 
     @validates_schema
     def _metadata_size(self, data: dict[str, Any], **_: Any) -> None:
-        if len(json.dumps(data.get("metadata", {}))) > MAX_METADATA_BYTES:
+        if len(dumps(data.get("metadata", {}))) > MAX_METADATA_BYTES:
             raise ValidationError(f"at most {MAX_METADATA_BYTES} bytes of JSON", "metadata")
 
 
@@ -124,7 +127,7 @@ class CompletionSchema(StrictSchema):
     step_id = fields.String(required=True, validate=HEX_ID)
     step_type = fields.String(load_default=None, validate=validate.Length(min=1, max=64))
     success = fields.Boolean(required=True, truthy={True}, falsy={False})
-    result = fields.Dict(keys=fields.String(), load_default=None, allow_none=True)
+    result = fields.Dict(load_default=None, allow_none=True)  # keys: see `metadata`
     error = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=4000))
 
     def to_report(self, data: dict[str, Any]) -> Report:

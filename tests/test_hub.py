@@ -21,7 +21,7 @@ import tornado.web
 import tornado.websocket
 from support import Calls
 
-from handlers.ws import WorkflowSocket
+from handlers.ws import WorkflowSocket, text_frame
 from settings import WebSocketSettings
 from stox.bus.base import Event
 from stox.hub import (
@@ -532,11 +532,14 @@ class StalledSocket(WorkflowSocket):
         self.closed_with: list[tuple[int | None, str | None]] = []
         self.refuse_writes = False
 
-    def write_message(self, message: Any, binary: bool = False) -> asyncio.Future[None]:
+    def is_closing(self) -> bool:
+        return self.refuse_writes  # a closed socket
+
+    def write_messages(self, messages: list[bytes]) -> asyncio.Future[None]:
         if self.refuse_writes:
             raise tornado.websocket.WebSocketClosedError()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.written.append(message)
+        self.written.extend(messages)
         self.writes.append(future)
         return future
 
@@ -547,7 +550,7 @@ class StalledSocket(WorkflowSocket):
         """Let the client read the oldest `count` writes (default: all so far)."""
         for future in [f for f in self.writes if not f.done()][:count]:
             future.set_result(None)
-        await asyncio.sleep(0)  # done callbacks run on the loop
+        await settle()  # done callbacks run on the loop
 
     def messages(self) -> list[dict[str, Any]]:
         return [json.loads(raw) for raw in self.written]
@@ -580,6 +583,7 @@ async def test_a_live_change_that_would_pass_the_bound_closes_the_socket() -> No
     version = (await world.orchestrator.get(wf.id)).version
     for step in range(1, 100):
         await world.hub.on_change(sized_notification(wf.id, version + step, 10_000))
+        await asyncio.sleep(0)  # written at the end of the turn
         if socket.closed_with:
             break
     assert socket.closed_with == [TOO_SLOW]
@@ -589,6 +593,8 @@ async def test_a_live_change_that_would_pass_the_bound_closes_the_socket() -> No
     assert len(socket.written) == 7  # the snapshot and six changes of ~10 KB
 
     await world.hub.on_change(sized_notification(wf.id, version + 100, 10))
+
+    await asyncio.sleep(0)  # written at the end of the turn
     assert len(socket.written) == 7, "a dropped socket gets nothing more"
 
 
@@ -602,10 +608,13 @@ async def test_a_message_larger_than_the_bound_goes_when_nothing_is_in_flight() 
     assert sub.backlog == 0
 
     await world.hub.on_change(sized_notification(wf.id, version + 1, 2 * BOUND))
+
+    await asyncio.sleep(0)  # written at the end of the turn
     assert sub.backlog > BOUND
     assert socket.closed_with == []
     await socket.flush()
     await world.hub.on_change(sized_notification(wf.id, version + 2, 2 * BOUND))
+    await asyncio.sleep(0)  # written at the end of the turn
     assert socket.closed_with == []
     assert [m["version"] for m in socket.messages()[1:]] == [version + 1, version + 2]
 
@@ -622,15 +631,17 @@ async def test_flushed_and_failed_writes_shrink_the_backlog() -> None:
     version = (await world.orchestrator.get(wf.id)).version
     for step in range(1, 6):
         await world.hub.on_change(sized_notification(wf.id, version + step, 10_000))
+        await asyncio.sleep(0)  # written at the end of the turn
     sizes = [len(m) for m in socket.written]
     assert sub.backlog == sum(sizes)
 
     await socket.flush(2)
     socket.writes[2].set_exception(tornado.websocket.WebSocketClosedError())
-    await asyncio.sleep(0)
+    await settle()
     assert sub.backlog == sum(sizes[3:])
     for step in range(6, 9):  # the room made is used again
         await world.hub.on_change(sized_notification(wf.id, version + step, 10_000))
+        await asyncio.sleep(0)  # written at the end of the turn
     assert socket.closed_with == []
     assert sub.backlog == sum(len(m) for m in socket.written[3:])
 
@@ -970,3 +981,33 @@ async def test_unsubscribe_and_close(world: World) -> None:
     assert one.closed is None
     assert two.closed == three.closed
     assert two.closed is not None and two.closed[0] == 1001
+
+
+async def test_the_changes_of_one_turn_go_to_a_socket_in_one_write() -> None:
+    world = World()
+    wf = await world.upload()
+    socket = StalledSocket(world.hub)
+    await world.subscribe(socket, owner="alice", workflow_id=wf.id)
+    await socket.flush()
+    writes = len(socket.writes)
+    version = (await world.orchestrator.get(wf.id)).version
+    for step in range(1, 4):
+        await world.hub.on_change(sized_notification(wf.id, version + step, 10))
+    await asyncio.sleep(0)
+    assert len(socket.writes) == writes + 1
+    assert [m["version"] for m in socket.messages()[1:]] == [version + 1, version + 2, version + 3]
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65_535, 65_536, 100_000])
+def test_a_text_frame_is_what_tornado_writes(size: int) -> None:
+    class Capture:
+        def write(self, data: bytes) -> None:
+            self.data = data
+
+    protocol = tornado.websocket.WebSocketProtocol13.__new__(tornado.websocket.WebSocketProtocol13)
+    protocol.mask_outgoing = False
+    protocol._wire_bytes_out = 0
+    protocol.stream = Capture()  # type: ignore[assignment]
+    message = b"x" * size
+    protocol._write_frame(True, 0x1, message)
+    assert text_frame(message) == protocol.stream.data  # type: ignore[attr-defined]

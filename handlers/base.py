@@ -11,8 +11,8 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import sys
-import uuid
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from types import TracebackType
@@ -209,7 +209,7 @@ class BaseHandler(PathOnlyErrorLog, BoundedBody):
     @property
     def request_id(self) -> str:
         if not hasattr(self, "_request_id"):
-            self._request_id = self.request.headers.get("X-Request-Id") or uuid.uuid4().hex
+            self._request_id = self.request.headers.get("X-Request-Id") or os.urandom(16).hex()
         return self._request_id
 
     def json_body(self) -> dict[str, Any]:

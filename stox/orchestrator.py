@@ -321,19 +321,19 @@ class Orchestrator:
         dropped = [e["message_id"] for e in workflow.outbox if e["message_id"] in confirmed]
         if not dropped:
             return
-        kept = [e for e in workflow.outbox if e["message_id"] not in confirmed]
+        kept = wf_rules.unpublished(workflow.outbox, confirmed)
         self.store.drop_published(workflow.id, workflow.version, dropped, kept)
         self._drop_cached(workflow.id, confirmed)
 
     def _drop_cached(self, workflow_id: str, confirmed: set[str]) -> None:
-        """The cached document, whatever its version, without the dropped events (a copy:
-        the one cached may be in use)."""
+        """The cached document, whatever its version, without the dropped events (a new
+        document: the one cached may be in use; what it shares, nothing changes in place)."""
         cached = self._recent.get(workflow_id)
         if cached is None:
             return
-        workflow = Workflow.from_doc(cached.doc)
-        if wf_rules.drop_published(workflow, confirmed):
-            cached.doc = workflow.to_doc()
+        kept = wf_rules.unpublished(cached.doc["outbox"], confirmed)
+        if len(kept) < len(cached.doc["outbox"]):
+            cached.doc = {**cached.doc, "outbox": kept, "outbox_at": wf_rules.outbox_at(kept)}
 
 
 @dataclass(slots=True)

@@ -461,9 +461,19 @@ def drop_published(wf: Workflow, message_ids: set[str]) -> bool:
     Not a transition: the version stays, so a transition decided meanwhile on the same
     version still writes (its own events are appended after these, never over them).
     """
-    kept = [entry for entry in wf.outbox if entry["message_id"] not in message_ids]
+    kept = unpublished(wf.outbox, message_ids)
     if len(kept) == len(wf.outbox):
         return False
     wf.outbox = kept
-    wf.outbox_at = kept[0]["created_at"] if kept else None
+    wf.outbox_at = outbox_at(kept)
     return True
+
+
+def unpublished(outbox: list[dict[str, Any]], message_ids: set[str]) -> list[dict[str, Any]]:
+    """The entries of `outbox` but those published (`message_ids`), in order."""
+    return [entry for entry in outbox if entry["message_id"] not in message_ids]
+
+
+def outbox_at(outbox: list[dict[str, Any]]) -> str | None:
+    """When the oldest entry still in `outbox` was written."""
+    return outbox[0]["created_at"] if outbox else None

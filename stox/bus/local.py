@@ -18,7 +18,6 @@ them again as soon as their queue is declared (see stox/bus/journal.py).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -47,10 +46,18 @@ class _Message:
         self.redeliveries = 0
 
     def materialize(self) -> Event:
-        headers = dict(self.event.headers)
+        event = self.event
+        headers = dict(event.headers)
         if self.redeliveries:
             headers[REDELIVERED] = True
-        return dataclasses.replace(self.event, payload=loads(self.body), headers=headers)
+        return Event(
+            event.routing_key,
+            loads(self.body),
+            event.message_id,
+            event.correlation_id,
+            event.timestamp,
+            headers,
+        )
 
 
 class _Consumer:

@@ -45,7 +45,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from stox.store.base import AlreadyExists, NewEvent, StoreError
 from stox.store.sqlite_db import DEFER_DELAY
-from stox.workflow import DISPATCHED, PENDING, RUNNING
+from stox.workflow import DISPATCHED, PENDING, RUNNING, outbox_at, unpublished
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,8 @@ class _Drop:
 
     def outbox(self, outbox: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """`outbox` without the dropped events, and its `outbox_at`: the fields to set."""
-        kept = [entry for entry in outbox if entry["message_id"] not in self.ids]
-        return {"outbox": kept, "outbox_at": kept[0]["created_at"] if kept else None}
+        kept = unpublished(list(outbox), self.ids)
+        return {"outbox": kept, "outbox_at": outbox_at(kept)}
 
 
 class MongoStore(MongoCollection):

@@ -15,8 +15,12 @@ from typing import Any
 
 import orjson
 
-dumps = orjson.dumps  # compact, UTF-8 bytes
 loads = orjson.loads  # bytes or str
+
+
+def dumps(value: Any) -> bytes:
+    """`value` as compact JSON, UTF-8 bytes."""
+    return orjson.dumps(value)
 
 
 def dumps_text(value: Any) -> str:

@@ -210,6 +210,7 @@ class Orchestrator:
             new_events = [NewEvent.of(entry) for entry in written["outbox"][published_before:]]
             size = await self.store.replace(written, expected, new_events)
             if size:
+                written = self._published_meanwhile(workflow, written, expected, published_before)
                 self._remember(written, base=self._base_size(written), latest=size)
                 self._keep_bodies(new_events)
                 if publish:
@@ -218,6 +219,25 @@ class Orchestrator:
             doc = None
         self._forget(workflow_id)
         raise Contention(workflow_id)
+
+    def _published_meanwhile(
+        self, workflow: Workflow, written: dict[str, Any], decided_on: int, older: int
+    ) -> dict[str, Any]:
+        """`written` without the events that were published and dropped while it was being
+        written (the cached document of the version it was decided on lost them then), so
+        that they are not sent again; the store is told to drop them at the new version.
+        `older`: how many entries of its outbox came from that version."""
+        cached = self._recent.get(workflow.id)
+        if cached is None or cached.doc["version"] != decided_on:
+            return written
+        still = {entry["message_id"] for entry in cached.doc["outbox"]}
+        gone = {e["message_id"] for e in written["outbox"][:older] if e["message_id"] not in still}
+        if not gone:
+            return written
+        workflow.outbox = wf_rules.unpublished(workflow.outbox, gone)
+        workflow.outbox_at = wf_rules.outbox_at(workflow.outbox)
+        self.store.drop_published(workflow.id, workflow.version, sorted(gone), workflow.outbox)
+        return {**written, "outbox": workflow.outbox, "outbox_at": workflow.outbox_at}
 
     @property
     def cached(self) -> tuple[int, int]:

@@ -1,13 +1,26 @@
 # The two commands of the README: `make demo` runs the gateway with demo workers on the
 # embedded defaults; `make test` runs lint and the whole test suite. Both create .venv.
-PYTHON ?= python3
+# The interpreter is the newest CPython 3.12+ found (scripts/find_python), else python3;
+# `make PYTHON=/path/to/python3 VENV=.venv311 test` chooses another, in a venv of its own.
+PYTHON ?= $(shell scripts/find_python)
+PYTHON := $(PYTHON)
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# a stamp naming the interpreter's version: when another one is chosen, the venv is made anew
+PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print(sys.version.split()[0])')
+ifeq ($(PYTHON_VERSION),)
+$(error $(PYTHON) does not run)
+endif
+INTERPRETER := $(VENV)/.python-$(PYTHON_VERSION)
 
 .PHONY: demo test lint format bench
 
-$(VENV)/.runtime: requirements.txt
+$(INTERPRETER):
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
+	touch $@
+
+$(VENV)/.runtime: $(INTERPRETER) requirements.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@

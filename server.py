@@ -1,4 +1,5 @@
-"""Entry point: load settings, start the gateway on one IOLoop, serve, shut down cleanly."""
+"""Entry point: load settings, start the gateway on one IOLoop (uvloop's by default), serve,
+shut down cleanly."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import settings as settings_module
 from handlers.server import make_http_server
 from stox.app import Gateway
 from stox.logs import configure
+from stox.loops import run, running_loop
 
 log = logging.getLogger("stox.server")
 
@@ -21,11 +23,12 @@ async def serve(settings: settings_module.Settings) -> None:
     server = make_http_server(app, settings.server)
     server.listen(settings.server.port, settings.server.host)
     log.info(
-        "stox gateway %s listening on %s (store %s, bus %s%s)",
+        "stox gateway %s listening on %s (store %s, bus %s, loop %s%s)",
         gateway.instance_id,
         settings.public_url,
         settings.storage.url.split("@")[-1],
         "rabbitmq" if settings.rabbitmq.url else "in-process",
+        running_loop(),
         ", demo workers" if settings.demo_workers else "",
     )
     stop = asyncio.Event()
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure(settings.logging.level, settings.logging.format)
     try:
-        asyncio.run(serve(settings))
+        run(serve(settings), settings.server.event_loop)
     except settings_module.SettingsError as exc:
         print(f"stox: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -72,6 +72,10 @@ class ServerSettings:
     relay_interval: Duration = _help(
         "how often unconfirmed outbox events are re-published", default=Duration(5)
     )
+    event_loop: str = _help(
+        "uvloop (its event loop, when it is installed) or asyncio (the standard library's)",
+        default="uvloop",
+    )
 
 
 @dataclass
@@ -265,6 +269,7 @@ _ENV_AND_FLAGS: list[tuple[str, str | None, str | None]] = [
     ("server.environment", "STOX_ENV", None),
     ("server.public_url", "STOX_PUBLIC_URL", "--public-url"),
     ("server.trusted_proxies", "STOX_TRUSTED_PROXIES", None),
+    ("server.event_loop", "STOX_EVENT_LOOP", None),
     ("storage.url", "STOX_STORAGE_URL", "--storage-url"),
     ("rabbitmq.url", "STOX_RABBITMQ_URL", "--rabbitmq-url"),
     ("services.auth", "STOX_AUTH_ADDR", "--auth-addr"),
@@ -380,6 +385,10 @@ def _validate(settings: Settings) -> Settings:
         raise SettingsError(
             f"server.environment: expected development or production, "
             f"got {settings.server.environment!r}"
+        )
+    if settings.server.event_loop not in ("uvloop", "asyncio"):
+        raise SettingsError(
+            f"server.event_loop: expected uvloop or asyncio, got {settings.server.event_loop!r}"
         )
     if not 0 <= settings.server.port <= 65535:
         raise SettingsError(f"server.port: expected 0-65535, got {settings.server.port}")

@@ -26,6 +26,7 @@ from stox.auth.tokens import ADMIN, SERVICE, USER, InvalidToken, Principal, Toke
 from stox.codec import dumps
 from stox.logs import log_exception
 from stox.orchestrator import Orchestrator
+from stox.schemas import nested_beyond
 
 log = logging.getLogger("stox.http")
 
@@ -213,12 +214,14 @@ class BaseHandler(PathOnlyErrorLog, BoundedBody):
         return self._request_id
 
     def json_body(self) -> dict[str, Any]:
+        raw = self.request_body() or b"null"
+        # checked before parsing: how deep json.loads gets depends on the Python version
+        if nested_beyond(raw):
+            raise ApiError(400, "invalid_json", "the body is nested too deeply")
         try:
-            body = json.loads(self.request_body() or b"null")
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-        except RecursionError:  # arrays or objects nested about a thousand levels deep
-            raise ApiError(400, "invalid_json", "the body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
         return body

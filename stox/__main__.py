@@ -28,6 +28,7 @@ from stox.auth.passwords import Passwords
 from stox.auth.service import AuthServer
 from stox.auth.tokens import ADMIN, SERVICE, USER
 from stox.logs import configure
+from stox.loops import run, running_loop
 from stox.store import AlreadyExists, StoreError, make_user_store
 
 log = logging.getLogger("stox.auth_service")
@@ -132,6 +133,7 @@ def _auth_service(args: argparse.Namespace, settings: settings_module.Settings) 
     configure(settings.logging.level, settings.logging.format)
 
     async def serve() -> None:
+        log.info("AuthService starting on the %s event loop", running_loop())
         server = AuthServer.from_settings(settings, tokens)
         await server.start(args.host, args.port)
         stop = asyncio.Event()
@@ -145,7 +147,7 @@ def _auth_service(args: argparse.Namespace, settings: settings_module.Settings) 
             await server.stop()
 
     try:
-        asyncio.run(serve())
+        run(serve(), settings.server.event_loop)
     except (OSError, StoreError) as exc:
         print(f"stox: the AuthService cannot start: {exc}", file=sys.stderr)
         return 1

@@ -162,8 +162,11 @@ class Orchestrator:
     async def drain(self) -> None:
         """Wait for publishes under way and the outbox drops they made (at shutdown, and in
         tests)."""
-        while self._publishing:
-            await asyncio.gather(*list(self._publishing), return_exceptions=True)
+        # only the unfinished: a finished task stays in the set until its done callback runs,
+        # and since Python 3.12 gather() of finished tasks returns without yielding to the
+        # loop, so waiting for it again would spin and the callback would never run
+        while pending := [task for task in self._publishing if not task.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
         await self.store.flush()
 
     # -- internals ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import shutil
@@ -11,17 +12,43 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import uvloop
 
 if TYPE_CHECKING:
     import rabbit
 
     from stox.auth.passwords import Passwords
     from stox.store import WorkflowStore
+
+# ======================================================================================
+# Event loops: the tests run on asyncio's loop; those marked `uvloop` on uvloop's too
+# ======================================================================================
+#
+# server.py runs on uvloop (stox/loops.py); the tests that start it cover that loop end to
+# end, and the marker runs in-process tests (the gRPC client and a scripted AuthService) on
+# both loops, the test id naming the loop.
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop
+    }
+    if item.get_closest_marker("uvloop") is not None:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
+# ======================================================================================
+# End of event loops
+# ======================================================================================
+
 
 # ======================================================================================
 # Stores: `store` runs a test on every WorkflowStore (SQLite, MongoDB)

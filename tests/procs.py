@@ -47,8 +47,9 @@ class Proc:
         self.popen.wait(10)
 
 
-def spawn(name: str, args: list[str], log_dir: Path) -> Proc:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STOX_")}
+def spawn(name: str, args: list[str], log_dir: Path, **stox_env: str) -> Proc:
+    """`python ARGS` in the repository, with no STOX_* variables but `stox_env`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOX_")} | stox_env
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(
@@ -87,10 +88,10 @@ def gateway_config(port: int, instance_id: str, storage_url: str, rabbitmq_yaml:
     )
 
 
-def start_gateway(log_dir: Path, name: str, config: str) -> Proc:
+def start_gateway(log_dir: Path, name: str, config: str, **stox_env: str) -> Proc:
     path = log_dir / f"{name}.yaml"
     path.write_text(config)
-    return spawn(name, ["server.py", "--config", str(path)], log_dir)
+    return spawn(name, ["server.py", "--config", str(path)], log_dir, **stox_env)
 
 
 async def wait_ready(proc: Proc, port: int, within: float = 20.0) -> None:

@@ -237,19 +237,25 @@ class BrokerProxy:
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
+        server, self.server = self.server, None
+        if server is not None:
+            server.close()
+        # cut the connections before waiting: since Python 3.12.1 wait_closed() waits for them
         for writer in list(self.writers):
             writer.transport.abort()
         self.writers.clear()
+        if server is not None:
+            await server.wait_closed()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.transport.abort()
+            return
+        if self.server is None:  # stopped meanwhile: its wait_closed() waits for this one too
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         self.writers.update((writer, up_writer))
 

@@ -25,6 +25,8 @@ LOGIN = "/api/v1/auth/login"
 CREDENTIALS = {"username": "alice", "password": "correct horse battery"}
 Code = grpc.StatusCode
 
+pytestmark = pytest.mark.uvloop  # grpc.aio, client and server, on both event loops
+
 
 @dataclass
 class Scripted(auth_pb2_grpc.AuthServiceServicer):

@@ -36,6 +36,7 @@ from support import (
 
 import settings as settings_module
 from stox.bus.base import Event
+from stox.schemas import MAX_JSON_DEPTH
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 STEPS = ["image_processing", "ai_enhancement", "seo_generation"]
@@ -751,6 +752,23 @@ async def test_a_body_nested_beyond_the_parser_is_400(gw: RunningGateway) -> Non
         raw = b'{"name":"x","metadata":{"a":' + b"[" * depth + b"]" * depth + b"}}"
         response = await gw.fetch("POST", UPLOAD, raw=raw, token=gw.token())
         assert_error(response, 400, "invalid_json")
+
+
+async def test_the_nesting_refused_unparsed_is_the_same_on_every_python(gw: RunningGateway) -> None:
+    """json.loads stops at a depth that depends on the Python version; the gateway refuses
+    a body nested past MAX_JSON_DEPTH before parsing it, counting no bracket in a string."""
+    token = gw.token()
+
+    def body(levels: int) -> bytes:  # the body's object and metadata are two levels
+        arrays = levels - 2
+        return b'{"name":"x","metadata":{"a":' + b"[" * arrays + b"]" * arrays + b"}}"
+
+    deepest = await gw.fetch("POST", UPLOAD, raw=body(MAX_JSON_DEPTH), token=token)
+    assert_error(deepest, 400, "invalid_input", "metadata")  # parsed, then too deep to store
+    beyond = await gw.fetch("POST", UPLOAD, raw=body(MAX_JSON_DEPTH + 1), token=token)
+    assert_error(beyond, 400, "invalid_json")
+    brackets = "[{" * MAX_JSON_DEPTH
+    await gw.upload(token, metadata={"text": brackets}, description=f'\\"{brackets}')
 
 
 async def test_moderately_nested_metadata_is_kept(gw: RunningGateway) -> None:

@@ -152,6 +152,20 @@ def step_ids_of(doc: dict[str, Any]) -> set[str]:
 # -- upload and the outbox -----------------------------------------------------------------
 
 
+@pytest.mark.timeout(10)
+async def test_drain_returns_while_a_finished_publish_awaits_its_done_callback(
+    orch: Orchestrator,
+) -> None:
+    """A publish task leaves `_publishing` in its done callback, which runs a loop step after
+    it finished; drain() called in between returns (it once waited on the finished task
+    again, and since Python 3.12 such a gather() returns without yielding: a busy loop)."""
+    finished: asyncio.Task[None] = asyncio.ensure_future(asyncio.sleep(0))
+    await finished
+    orch._publishing.add(finished)
+    finished.add_done_callback(orch._publishing.discard)  # to run in the next loop step
+    await orch.drain()
+
+
 async def test_upload_stores_then_publishes_in_order_and_clears_outbox(
     orch: Orchestrator, store: WorkflowStore, bus: RecordingBus
 ) -> None:

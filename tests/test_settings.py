@@ -120,6 +120,7 @@ ENV_CASES: list[tuple[str, str, Any]] = [
     ("STOX_HOST", "0.0.0.0", lambda s: s.server.host == "0.0.0.0"),
     ("STOX_PORT", "9999", lambda s: s.server.port == 9999),
     ("STOX_ENV", "production", lambda s: s.server.environment == "production"),
+    ("STOX_EVENT_LOOP", "asyncio", lambda s: s.server.event_loop == "asyncio"),
     ("STOX_STORAGE_URL", "mongodb://db:27017/stox", lambda s: s.storage.url.startswith("mongo")),
     ("STOX_RABBITMQ_URL", "amqp://mq:5672/", lambda s: s.rabbitmq.url == "amqp://mq:5672/"),
     (
@@ -168,6 +169,7 @@ def test_every_table_entry_has_its_variable_and_flag() -> None:
     assert table["server.host"] == ("STOX_HOST", "--host")
     assert table["server.port"] == ("STOX_PORT", "--port")
     assert table["server.environment"][0] == "STOX_ENV"
+    assert table["server.event_loop"][0] == "STOX_EVENT_LOOP"
     assert table["storage.url"] == ("STOX_STORAGE_URL", "--storage-url")
     assert table["rabbitmq.url"] == ("STOX_RABBITMQ_URL", "--rabbitmq-url")
     assert table["services.auth"] == ("STOX_AUTH_ADDR", "--auth-addr")
@@ -291,6 +293,7 @@ def test_a_bad_yaml_value_is_refused_naming_the_key(
         ({"STOX_PORT": "x"}, "server.port"),
         ({"STOX_PORT": "70000"}, "server.port"),
         ({"STOX_ENV": "prod"}, "server.environment"),
+        ({"STOX_EVENT_LOOP": "trio"}, "server.event_loop"),
         ({"STOX_STORAGE_URL": "postgres://x"}, "storage.url"),
         ({"STOX_RABBITMQ_URL": "http://x"}, "rabbitmq.url"),
         ({"STOX_AUTH_ADDR": "just-a-host"}, "services.auth"),

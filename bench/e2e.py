@@ -34,13 +34,19 @@ load, its own exchange and queue names, deleted afterwards): the services then c
 step queues over AMQP and reply with `step.completed` messages, as `examples/worker.py`
 does, and the two are reported side by side.
 
+After each mode's closed loop, an open loop (unless `--no-open-loop`) drives the same
+gateway at a fixed rate, by default half the maximum just measured (`--open-loop-share`,
+`--open-loop-rate`), for `--open-loop-seconds`: each upload leaves at its scheduled time
+whether or not earlier ones have been answered, and every latency runs from that time, so
+a slow answer cannot hide the requests it would have held back (coordinated omission).
+
 With `--peers` (the broker defaulting to the local one) the Celery peer runs next: the same
 three steps as Celery chains of no-op tasks (bench/celery_peer.py, its packages from
 bench/requirements.txt) on a `celery worker` with 2 prefork processes, as many workflows,
 the same warm-up; then one table puts the four side by side, per unit of work.
 
-Exit status: 0 when every workflow completed, 1 otherwise (timeout, errors that lost
-workflows, a gateway that would not start), 2 for bad arguments.
+Exit status: 0 when every workflow completed (the open loop's too), 1 otherwise (timeout,
+errors that lost workflows, a gateway that would not start), 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -224,6 +231,25 @@ def ms(values: list[float]) -> str:
     return f"p50 {p50 * 1000:.1f} ms   p99 {p99 * 1000:.1f} ms"
 
 
+def ms_max(values: list[float]) -> str:
+    """p50, p99 and the worst, in ms (the open loop's figures)."""
+    if not values:
+        return "-"
+    return f"{ms(values)}   max {max(values) * 1000:.1f} ms"
+
+
+def within(values: list[float], limit_ms: float) -> bool | None:
+    """Whether p99 is within `limit_ms`; None without figures."""
+    p99 = percentile(values, 99)
+    return None if p99 is None else p99 * 1000 <= limit_ms
+
+
+def verdict(values: list[float], limit_ms: float) -> str:
+    """The target next to a figure."""
+    met = {True: "met", False: "not met", None: "no data"}[within(values, limit_ms)]
+    return f"p99 <= {limit_ms:g} ms: {met}"
+
+
 def format_errors(errors: Counter[Any]) -> str:
     if not errors:
         return "none"
@@ -253,6 +279,10 @@ class Phase:
     upload_latency: list[float] = field(default_factory=list)
     step_latency: list[float] = field(default_factory=list)
     workflow_latency: list[float] = field(default_factory=list)
+    # a dispatch seen on /ws -> a service free to report it (HTTP services)
+    service_wait: list[float] = field(default_factory=list)
+    # the transition's decision (the event's occurred_at) -> the service's receipt (AMQP)
+    decision_latency: list[float] = field(default_factory=list)
     errors: Counter[Any] = field(default_factory=Counter)
     sent_at: dict[int, float] = field(default_factory=dict)
     finished: set[int] = field(default_factory=set)
@@ -287,7 +317,8 @@ class Shared:
     """State the WebSocket reader and the services share across phases."""
 
     phases: dict[str, Phase] = field(default_factory=dict)
-    queue: asyncio.Queue[tuple[Phase, str, str, str]] = field(default_factory=asyncio.Queue)
+    # (phase, workflow id, step id, step name, when the dispatch was seen)
+    queue: asyncio.Queue[tuple[Phase, str, str, str, float]] = field(default_factory=asyncio.Queue)
     ws_messages: int = 0
     ws_closed: str | None = None
     steps_per_workflow: int = 3  # learnt from the first workflow seen
@@ -328,7 +359,8 @@ async def ws_reader(conn: Any, shared: Shared) -> None:
             shared.steps_per_workflow = len(workflow["steps"])
             step = workflow["steps"][workflow["current_step"]]
             if shared.http_services:
-                shared.queue.put_nowait((phase, workflow["id"], step["step_id"], step["name"]))
+                job = (phase, workflow["id"], step["step_id"], step["name"], now())
+                shared.queue.put_nowait(job)
         else:
             phase.finish(int(meta["n"]), ok=kind == "workflow_completed")
 
@@ -385,7 +417,8 @@ async def uploader(
 async def service(client: HttpClient, shared: Shared, headers: bytes, attempts: int = 3) -> None:
     """A simulated step service: report each dispatched step as done (retrying 503s)."""
     while True:
-        phase, workflow_id, step_id, name = await shared.queue.get()
+        phase, workflow_id, step_id, name, seen_at = await shared.queue.get()
+        phase.service_wait.append(now() - seen_at)
         body = json.dumps(
             {
                 "workflow_id": workflow_id,
@@ -459,7 +492,10 @@ class AmqpServices:
     per queue. A reply is published (persistent, with the service token header) and the
     dispatch acknowledged at once, without waiting for the broker's confirm: a benchmark
     shortcut that examples/worker.py does not take. The step latency recorded is from the
-    gateway's publish (the event's exact timestamp) to its arrival here.
+    gateway's publish (the `x-stox-timestamp` header: the gateway's clock when it hands the
+    event to the broker, after the commit) to its arrival here; the decision latency is from
+    the event's `occurred_at` (the transition's clock, before its write) to the same arrival.
+    The commit lies between the two, so they bound the commit-to-receipt time.
     """
 
     def __init__(self, shared: Shared, url: str, names: BrokerNames, token: str) -> None:
@@ -480,6 +516,7 @@ class AmqpServices:
     def on_dispatch(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         import pika
 
+        received = time.time()  # the receipt, before this service's own work
         job = json.loads(body)
         sent_at = float((properties.headers or {}).get("x-stox-timestamp", 0) or 0)
         meta = (job.get("product") or {}).get("metadata") or {}
@@ -509,7 +546,9 @@ class AmqpServices:
         if phase is not None:
             phase.step_requests += 1
             if sent_at:
-                phase.step_latency.append(max(0.0, time.time() - sent_at))
+                phase.step_latency.append(max(0.0, received - sent_at))
+            decided = datetime.fromisoformat(job["occurred_at"]).timestamp()
+            phase.decision_latency.append(max(0.0, received - decided))
 
     async def close(self) -> None:
         await close_connection(self.connection)
@@ -588,6 +627,148 @@ async def wait_or_stall(phase: Phase, progress: Callable[[], object], idle: floa
         elif now() - still_since >= idle:
             phase.stalled = True
             return
+
+
+# -- the open loop ----------------------------------------------------------------------
+
+
+@dataclass
+class OpenLoop:
+    """Uploads at a fixed rate, each at its scheduled time whether or not earlier ones have
+    finished; every latency runs from the scheduled time, so a slow answer cannot hold back
+    the requests that follow it (no coordinated omission)."""
+
+    rate: float  # uploads (workflows) offered per second
+    basis: str  # how the rate was chosen
+    phase: Phase
+    connections: int  # at most this many uploads in flight: the safety valve
+    send_lag: list[float] = field(default_factory=list)  # scheduled -> request written
+    peak: int = 0  # connections busy at once, at most
+    waited: int = 0  # uploads that found every connection busy
+    schedule_wall: float = 0.0  # first scheduled upload -> last one sent
+    cpu: CpuMeter | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.phase.total / self.rate
+
+
+class ClientPool:
+    """Keep-alive connections for the open loop, opened as needed up to `limit`."""
+
+    def __init__(self, target: Target, timeout: float, limit: int) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.limit = limit
+        self.clients: list[HttpClient] = []
+        self.idle: asyncio.Queue[HttpClient] = asyncio.Queue()
+
+    def _new(self) -> HttpClient:
+        client = HttpClient(self.target.host, self.target.port, self.timeout)
+        self.clients.append(client)
+        return client
+
+    async def prime(self, count: int) -> None:
+        """Connect `count` clients before the clock starts (no connect in the first uploads)."""
+        for _ in range(min(count, self.limit)):
+            client = self._new()
+            await client._connect()
+            self.idle.put_nowait(client)
+
+    @property
+    def busy(self) -> int:
+        return len(self.clients) - self.idle.qsize()
+
+    async def get(self, loop: OpenLoop) -> HttpClient:
+        if not self.idle.empty():
+            client = self.idle.get_nowait()
+        elif len(self.clients) < self.limit:
+            client = self._new()
+        else:
+            loop.waited += 1
+            client = await self.idle.get()
+        loop.peak = max(loop.peak, self.busy)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+async def open_loop_upload(
+    pool: ClientPool, loop: OpenLoop, n: int, due: float, headers: bytes
+) -> None:
+    phase = loop.phase
+    phase.sent_at[n] = due
+    body = product(phase.tag, n)
+    client = await pool.get(loop)
+    try:
+        loop.send_lag.append(now() - due)
+        try:
+            status, _ = await client.request("POST", UPLOAD_PATH, body, headers)
+        except TRANSPORT_ERRORS as exc:
+            phase.errors[f"upload {error_name(exc)}"] += 1
+            return
+    finally:
+        pool.idle.put_nowait(client)  # it reconnects if the request broke it
+    phase.upload_requests += 1
+    phase.upload_latency.append(now() - due)
+    if 200 <= status < 300:
+        phase.uploaded += 1
+    else:
+        phase.errors[f"upload {status}"] += 1
+
+
+async def run_open_loop(
+    loop: OpenLoop, target: Target, shared: Shared, args: argparse.Namespace, user_token: str
+) -> None:
+    phase = loop.phase
+    shared.phases[phase.tag] = phase
+    headers = auth_headers(user_token)
+    pool = ClientPool(target, args.request_timeout, loop.connections)
+    uploads: set[asyncio.Future[None]] = set()
+    try:
+        await pool.prime(args.uploaders)
+        interval = 1 / loop.rate
+        phase.started_at = start = now()
+        for n in range(phase.total):
+            delay = start + n * interval - now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            upload = asyncio.ensure_future(
+                open_loop_upload(pool, loop, n, start + n * interval, headers)
+            )
+            uploads.add(upload)
+            upload.add_done_callback(uploads.discard)
+        await asyncio.gather(*uploads)
+        loop.schedule_wall = now() - start
+        phase.uploads_done = True
+        phase.check()
+        if shared.ws_closed:
+            phase.done.set()
+        await wait_or_stall(
+            phase, lambda: (shared.ws_messages, phase.step_requests), args.idle_timeout
+        )
+    finally:
+        for upload in uploads:
+            upload.cancel()
+        pool.close()
+        phase.ended_at = phase.last_finish if phase.done.is_set() and phase.last_finish else now()
+
+
+def open_loop_for(run: Run) -> OpenLoop | None:
+    """The open loop of this mode: the rate given, or a share of the closed loop's maximum."""
+    args, closed = run.args, run.run
+    if args.open_loop_rate:
+        rate, basis = args.open_loop_rate, "--open-loop-rate"
+    elif closed is not None and closed.completed == closed.total and not closed.stalled:
+        rate = args.open_loop_share * closed.completed / closed.wall
+        basis = f"{args.open_loop_share:g} x the closed loop's {closed.completed / closed.wall:.1f}"
+    else:
+        run.problems.append("the closed loop did not finish: no maximum, no open loop")
+        return None
+    total = args.open_loop_workflows or max(1, round(rate * args.open_loop_seconds))
+    return OpenLoop(rate, basis, Phase("open loop", total), args.open_loop_connections)
 
 
 # -- the ceiling ------------------------------------------------------------------------
@@ -906,6 +1087,7 @@ class Run:
     mode: str = "embedded"  # or "rabbitmq": the same load on a gateway using RabbitMQ
     rabbitmq: Run | None = None  # with --rabbitmq-url: that second run
     celery: CeleryRun | None = None  # with --peers: the Celery peer's run
+    open_loop: OpenLoop | None = None  # after the closed loop, unless --no-open-loop
     broker: BrokerNames | None = None
 
     @property
@@ -1014,6 +1196,15 @@ async def gateway_part(run: Run, tmpdir: Path) -> None:
             run.gateway_cpu.stop()
             if pid:
                 run.rss_after = rss_mib(pid)
+        if not args.no_open_loop and not shared.ws_closed:
+            run.open_loop = open_loop_for(run)
+        if run.open_loop is not None:
+            run.open_loop.cpu = CpuMeter(pid)
+            run.open_loop.cpu.start()
+            try:
+                await run_open_loop(run.open_loop, target, shared, args, user_token)
+            finally:
+                run.open_loop.cpu.stop()
     finally:
         reader.cancel()
         for task in services:
@@ -1358,6 +1549,8 @@ def report_gateway(run: Run, title: str) -> None:
                 p("  (the broker's CPU counts among the other processes)")
         if run.rss_before is not None and run.rss_after is not None:
             p(f"  gateway RSS             {run.rss_before:.0f} MiB -> {run.rss_after:.0f} MiB")
+    if run.open_loop is not None:
+        report_open_loop(run, run.open_loop)
     if target is not None and target.process is not None:
         p(
             f"  gateway exit status     {run.gateway_exit}; "
@@ -1365,10 +1558,73 @@ def report_gateway(run: Run, title: str) -> None:
         )
         for line in run.gateway_log_lines if run.gateway_log_count else []:
             p(f"    | {line[:200]}")
-    report_stalled((run.warmup, run.run), args.idle_timeout)
+    open_phase = run.open_loop.phase if run.open_loop is not None else None
+    report_stalled((run.warmup, run.run, open_phase), args.idle_timeout)
     if run.amqp:
         for problem in run.problems:
             p(f"PROBLEM (RabbitMQ run): {problem}")
+
+
+UPLOAD_P99_MS = 10  # issue 9's targets for the open loop
+STEP_P99_MS = 10
+DISPATCH_P99_MS = 5
+
+
+def report_open_loop(run: Run, loop: OpenLoop) -> None:
+    p, phase = print, loop.phase
+    p(
+        f"  open loop               {loop.rate:.1f} uploads/s for {loop.seconds:.1f} s "
+        f"({loop.basis}), {phase.total} uploads"
+    )
+    p("                          at fixed times; latency from each one's scheduled time")
+    p(
+        f"    achieved              {phase.completed / phase.wall:.1f} workflows/s"
+        "  (first scheduled upload -> last completion)"
+    )
+    p(
+        f"    workflows completed   {phase.completed} / {phase.total}"
+        f"  (failed {phase.failed}, uploads accepted {phase.uploaded})"
+    )
+    valve = f"{loop.waited} uploads waited for one" if loop.waited else "never all busy"
+    p(f"    connections           at most {loop.peak} busy of {loop.connections} ({valve})")
+    p(f"    send lag              {ms_max(loop.send_lag)}  (scheduled -> request written)")
+    p(
+        f"    upload latency        {ms_max(phase.upload_latency)}  "
+        f"{verdict(phase.upload_latency, UPLOAD_P99_MS)}"
+    )
+    if run.amqp:
+        p(
+            f"    dispatch latency      {ms_max(phase.step_latency)}  "
+            f"{verdict(phase.step_latency, DISPATCH_P99_MS)}"
+        )
+        p("                          (the gateway's publish stamp, after the commit -> receipt)")
+        p(
+            f"    from the decision     {ms_max(phase.decision_latency)}  "
+            f"{verdict(phase.decision_latency, DISPATCH_P99_MS)}"
+        )
+        p("                          (the event's occurred_at, before the write -> receipt)")
+    else:
+        p(
+            f"    step-completed        {ms_max(phase.step_latency)}  "
+            f"{verdict(phase.step_latency, STEP_P99_MS)}"
+        )
+        p(f"    service wait          {ms_max(phase.service_wait)}  (seen on /ws -> taken)")
+    p(f"    workflow latency      {ms_max(phase.workflow_latency)}  (scheduled -> completed)")
+    p(f"    errors                {format_errors(phase.errors)}")
+    if loop.cpu is not None:
+        p(f"    cpu (% of one core)   {loop.cpu.describe('gateway')}")
+
+
+def open_loop_targets(run: Run, loop: OpenLoop) -> str:
+    """'met', or which targets were not (the dispatch's: from the publish stamp)."""
+    phase = loop.phase
+    checks = [("upload", phase.upload_latency, UPLOAD_P99_MS)]
+    if run.amqp:
+        checks.append(("dispatch", phase.step_latency, DISPATCH_P99_MS))
+    else:
+        checks.append(("step-completed", phase.step_latency, STEP_P99_MS))
+    missed = [name for name, values, limit in checks if not within(values, limit)]
+    return "met" if not missed else "not met: " + ", ".join(missed)
 
 
 def report_comparison(embedded: Run, amqp: Run) -> None:
@@ -1550,6 +1806,47 @@ def report_peers(run: Run) -> None:
                 cpu_ratio = (mine.server / row.count) / (theirs.server / rows[2].count)
                 line += f", {cpu_ratio:.2f}x the server cpu per workflow"
             p(line)
+    report_open_peers(run)
+
+
+def report_open_peers(run: Run) -> None:
+    """The open loop of both modes, with issue 9's targets."""
+    runs = [(name, r) for name, r in (("Stox embedded", run), ("Stox on RabbitMQ", run.rabbitmq))]
+    rows = [(name, r, r.open_loop) for name, r in runs if r is not None and r.open_loop]
+    if not rows:
+        return
+    p = print
+    p(
+        f"open loop: {run.args.open_loop_share:g} x the closed-loop maximum (or --open-loop-rate), "
+        "uploads at fixed times, latency from the scheduled time"
+    )
+    heads = ["offered", "achieved", "upload p99", "step p99", "dispatch p99", "workflow p99"]
+    p(f"  {'':22}" + "".join(f"{h:>14}" for h in heads) + "  targets")
+    for name, each, loop in rows:
+        phase = loop.phase
+        step, dispatch = "-", "-"
+        if each.amqp:
+            dispatch = _ms(phase.step_latency, 99)
+        else:
+            step = _ms(phase.step_latency, 99)
+        cells = [
+            f"{loop.rate:.1f} wf/s",
+            f"{phase.completed / phase.wall:.1f} wf/s",
+            _ms(phase.upload_latency, 99),
+            step,
+            dispatch,
+            _ms(phase.workflow_latency, 99),
+        ]
+        p(
+            f"  {name:22}"
+            + "".join(f"{c:>14}" for c in cells)
+            + f"  {open_loop_targets(each, loop)}"
+        )
+    p(
+        f"  targets: upload p99 <= {UPLOAD_P99_MS} ms, step-completed p99 <= {STEP_P99_MS} ms "
+        f"(embedded), dispatch p99 <= {DISPATCH_P99_MS} ms"
+    )
+    p("  (RabbitMQ; from the gateway's publish stamp, set after the commit, to the receipt)")
 
 
 def report_notes(run: Run) -> None:
@@ -1626,6 +1923,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="Celery chains in flight at most (default 0: published as fast as they go)",
     )
+    parser.add_argument(
+        "--no-open-loop", action="store_true", help="skip the open loop after each closed loop"
+    )
+    parser.add_argument(
+        "--open-loop-share",
+        type=float,
+        default=0.5,
+        help="the open loop's rate as a share of the closed loop's workflows/s (0.5)",
+    )
+    parser.add_argument(
+        "--open-loop-rate", type=float, default=0.0, help="uploads/s of the open loop, instead"
+    )
+    parser.add_argument(
+        "--open-loop-seconds",
+        type=float,
+        default=None,
+        help="how long the open loop schedules uploads (10 s; 3 s with --quick)",
+    )
+    parser.add_argument(
+        "--open-loop-workflows",
+        type=int,
+        default=0,
+        help="a number of uploads for the open loop, instead of --open-loop-seconds",
+    )
+    parser.add_argument(
+        "--open-loop-connections",
+        type=int,
+        default=64,
+        help="uploads in flight at most in the open loop, a safety valve, reported if hit (64)",
+    )
     args = parser.parse_args(argv)
     if args.peers and not args.rabbitmq_url:
         args.rabbitmq_url = LOCAL_BROKER
@@ -1635,6 +1962,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.workflows = 300 if args.quick else 2000
     if args.warmup is None:
         args.warmup = 30 if args.quick else 100
+    if args.open_loop_seconds is None:
+        args.open_loop_seconds = 3.0 if args.quick else 10.0
     if args.profile_server:
         args.profile_server = str(Path(args.profile_server).resolve())
     for name in ("workflows", "uploaders", "services"):
@@ -1646,6 +1975,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--rabbitmq-url and --peers start their own gateway; not with --url")
     if args.celery_window < 0:
         parser.error("--celery-window must not be negative")
+    if args.open_loop_share <= 0 or args.open_loop_rate < 0 or args.open_loop_seconds <= 0:
+        parser.error("--open-loop-share and -seconds must be positive, -rate not negative")
+    if args.open_loop_workflows < 0 or args.open_loop_connections < 1:
+        parser.error("--open-loop-workflows must not be negative, --open-loop-connections >= 1")
     if args.rabbitmq_url and not args.rabbitmq_url.startswith(("amqp://", "amqps://")):
         parser.error("--rabbitmq-url must be amqp://… or amqps://…")
     if args.url:
@@ -1686,6 +2019,10 @@ def main(argv: list[str] | None = None) -> int:
     report(run)
     runs = [run] if run.rabbitmq is None else [run, run.rabbitmq]
     complete = all(r.run is not None and r.run.completed == r.run.total for r in runs)
+    for r in runs:
+        loop = r.open_loop
+        if loop is not None and loop.phase.completed != loop.phase.total:
+            complete = False
     problems = any(r.problems for r in runs)
     if run.celery is not None:
         complete = complete and run.celery.complete

@@ -1,0 +1,166 @@
+"""bench/e2e.py in a small form: the closed loop, then the open loop, printed; exit status 0.
+
+The figures are not checked (they depend on the machine); the sections and the targets'
+verdicts are. The open loop's schedule is also checked in-process against a tiny HTTP server
+that holds one answer back: the uploads after it must still leave on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from support import stox_environ
+
+REPO = Path(__file__).resolve().parent.parent
+E2E = REPO / "bench" / "e2e.py"
+SMALL = ["--workflows", "60", "--warmup", "10", "--no-ceiling", "--open-loop-seconds", "1.5"]
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(E2E), *SMALL, "--timeout", "50", *args],
+        cwd=REPO,
+        env=stox_environ(),
+        capture_output=True,
+        text=True,
+        timeout=55,
+    )
+
+
+def open_loop_section(stdout: str, title: str) -> str:
+    """The open-loop lines of the gateway section called `title`."""
+    section = stdout.split(f"\n{title}\n", 1)[1]
+    return section.split("\n  open loop ", 1)[1].split("\n  gateway exit status", 1)[0]
+
+
+def check_common(section: str) -> None:
+    total = re.search(r"workflows completed   (\d+) / (\d+)", section)
+    assert total is not None and total[1] == total[2], section
+    assert re.search(r"upload latency +p50 [\d.]+ ms +p99 [\d.]+ ms +max [\d.]+ ms", section)
+    assert re.search(r"p99 <= 10 ms: (met|not met)", section)
+    assert "send lag" in section and "connections           at most" in section
+    assert "errors                none" in section
+
+
+def test_the_open_loop_runs_after_the_closed_loop() -> None:
+    result = bench()
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "completed workflows/s" in result.stdout  # the closed loop's figures stay
+    section = open_loop_section(result.stdout, "gateway")
+    assert "(0.5 x the closed loop's" in section
+    check_common(section)
+    assert re.search(r"step-completed +p50 .* p99 <= 10 ms: (met|not met)", section)
+
+
+def test_no_open_loop_skips_it() -> None:
+    result = bench("--no-open-loop", "--workflows", "20", "--warmup", "0")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "open loop" not in result.stdout
+
+
+@pytest.mark.rabbitmq
+def test_the_open_loop_on_rabbitmq(rabbitmq_url: str) -> None:
+    result = bench("--rabbitmq-url", rabbitmq_url, "--open-loop-rate", "40")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    section = open_loop_section(result.stdout, "gateway on RabbitMQ (AMQP dispatch and replies)")
+    assert "40.0 uploads/s for 1.5 s (--open-loop-rate), 60 uploads" in section
+    check_common(section)
+    assert re.search(r"dispatch latency +p50 .* p99 <= 5 ms: (met|not met)", section)
+    assert re.search(r"from the decision +p50 .* p99 <= 5 ms: (met|not met)", section)
+
+
+# -- the schedule, in-process -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def e2e() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_e2e", E2E)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+class UploadServer:
+    """202 to every request; the first answer only after `hold_first` seconds."""
+
+    def __init__(self, hold_first: float) -> None:
+        self.hold_first = hold_first
+        self.answered = 0
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for w in self.writers), return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            length = re.search(rb"Content-Length: (\d+)", head)
+            await reader.readexactly(int(length[1]) if length else 0)
+            self.answered += 1
+            if self.answered == 1:
+                await asyncio.sleep(self.hold_first)
+            writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\n{}")
+
+
+async def drive(e2e: ModuleType, connections: int) -> Any:
+    server = UploadServer(hold_first=0.3)
+    port = await server.start()
+    args = e2e.parse_args(["--open-loop-workflows", "10", "--uploaders", "1"])
+    args.request_timeout = 5.0
+    target = e2e.Target(f"http://127.0.0.1:{port}", "127.0.0.1", port, "")
+    shared = e2e.Shared()
+    shared.ws_closed = "no WebSocket here"  # nothing to wait for once the uploads are answered
+    loop = e2e.OpenLoop(50.0, "test", e2e.Phase("open loop", 10), connections)
+    try:
+        await e2e.run_open_loop(loop, target, shared, args, "token")
+    finally:
+        await server.close()
+    return loop
+
+
+async def test_an_answer_held_back_does_not_delay_the_next_uploads(e2e: ModuleType) -> None:
+    loop = await drive(e2e, connections=64)
+
+    phase = loop.phase
+    assert phase.uploaded == 10 and not phase.errors
+    assert loop.waited == 0 and loop.peak >= 2
+    assert max(loop.send_lag) < 0.1  # each left at its time, the held one outstanding
+    assert max(phase.upload_latency) >= 0.3  # the held one, from its scheduled time
+
+
+async def test_the_safety_valve_is_counted_and_its_wait_is_latency(e2e: ModuleType) -> None:
+    loop = await drive(e2e, connections=1)
+
+    phase = loop.phase
+    assert phase.uploaded == 10
+    assert loop.waited > 0 and loop.peak == 1
+    # the uploads scheduled while the first was held waited for the one connection, and
+    # that wait counts: latency runs from the scheduled time, not from the send
+    assert sorted(phase.upload_latency)[-2] >= 0.1

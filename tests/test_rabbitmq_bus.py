@@ -430,3 +430,28 @@ async def test_a_broker_that_goes_away_and_comes_back_is_reconnected_with_backof
         await proxy.stop()
     failures = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert 2 <= len(failures) <= 6  # a few attempts with a growing pause, not a busy loop
+
+
+async def test_what_services_send_is_decoded_exactly_and_the_hubs_own_queue_as_fast(
+    buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
+) -> None:
+    """A durable queue carries what services send: a whole number beyond 64 bits arrives as
+    that number (for the schema to refuse by name), not as the float a faster decoder would
+    make of it. An exclusive queue (the hub's) carries what gateways encode themselves."""
+    ns = rabbit_ns
+    bus, queue = await with_step_queue(buses, ns, "image_processing")
+    hub_queue = f"{ns.prefix}.hub.test"
+    ns.extra_queues.append(hub_queue)
+    await bus.declare(hub_queue, ["workflow.changed"], exclusive=True)
+    got: dict[str, Event] = {}
+
+    async def keep(event: Event) -> None:
+        got[event.routing_key] = event
+
+    await bus.consume(queue, keep)
+    await bus.consume(hub_queue, keep)
+    await asyncio.to_thread(ns.publish, "step.image_processing", b'{"n": 1180591620717411303424}')
+    await bus.publish(Event("workflow.changed", {"n": 7, "name": "Ünïcødé"}, uuid.uuid4().hex))
+    await eventually(lambda: len(got) == 2)
+    assert got["step.image_processing"].payload == {"n": 2**70}
+    assert got["workflow.changed"].payload == {"n": 7, "name": "Ünïcødé"}

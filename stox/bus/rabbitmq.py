@@ -47,6 +47,7 @@ from pika.channel import Channel
 from tornado.ioloop import IOLoop
 
 from settings import RabbitMQSettings
+from stox import codec
 from stox.bus.base import Event, Handler, PublishError, Rejected, log_dead_letter, topic_matches
 from stox.bus.local import REDELIVERED
 from stox.codec import dumps
@@ -552,8 +553,13 @@ class RabbitMQBus:
     ) -> None:
         if self._closed or not link.open:
             return  # the broker requeues it when the channel goes
+        # an exclusive queue is this gateway's own (the hub's): it carries what gateways
+        # publish, encoded by them (stox/codec.py), so the faster decoder is exact for it;
+        # what services send, on the durable queues, gets the standard library's
+        declared = self._declared.get(consumer.queue)
+        decoder = codec.loads if declared is not None and declared.exclusive else json.loads
         try:
-            event = _decode(method, properties, body)
+            event = _decode(method, properties, body, decoder)
         except Exception as exc:  # whatever a body can make a decoder raise, RecursionError too
             reason = f"the body is not a JSON object ({type(exc).__name__})"
             log.warning(
@@ -653,9 +659,15 @@ def _settle_once(future: asyncio.Future[Any]) -> Callable[..., None]:
     return settle
 
 
-def _decode(method: Any, properties: pika.BasicProperties, body: bytes) -> Event:
-    """The delivery as an Event; ValueError (or whatever json raises) unless it is an object."""
-    payload = json.loads(body)
+def _decode(
+    method: Any,
+    properties: pika.BasicProperties,
+    body: bytes,
+    decoder: Callable[[bytes], Any] = json.loads,
+) -> Event:
+    """The delivery as an Event; ValueError (or whatever `decoder` raises) unless it is an
+    object."""
+    payload = decoder(body)
     if not isinstance(payload, dict):
         raise ValueError("not a JSON object")
     headers = dict(properties.headers or {})

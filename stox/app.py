@@ -31,6 +31,7 @@ from stox.auth.service import AuthServer
 from stox.auth.tokens import HS256, BadKey, TokenAuthority
 from stox.bus.base import EventBus
 from stox.bus.journal import SQLiteJournal
+from stox.changes import CHANGES_ROUTING_KEY
 from stox.completions import completion_handler
 from stox.hub import Hub
 from stox.logs import log_request
@@ -220,7 +221,7 @@ class Gateway:
         await self.bus.declare(topo.completions, [self.pipeline.completion_routing_key])
         # DESIGN §4 binds the hub's queue to workflow.# and step.#; it reads only the change
         # notifications, so only those are routed to it (less traffic on every instance)
-        await self.bus.declare(topo.hub, [CHANGE_ROUTING_KEY], exclusive=True)
+        await self.bus.declare(topo.hub, [CHANGES_ROUTING_KEY, CHANGE_ROUTING_KEY], exclusive=True)
         await self.bus.consume(topo.completions, completion_handler(self.orchestrator, self.tokens))
         await self.bus.consume(topo.hub, self.hub.on_change)
 

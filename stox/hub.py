@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from stox.bus.base import Event
+from stox.changes import CHANGES_ROUTING_KEY
 from stox.codec import dumps
 from stox.orchestrator import Orchestrator
 from stox.workflow import Workflow, isoformat
@@ -378,10 +379,26 @@ class Hub:
                     del index[key]
 
     async def on_change(self, event: Event) -> None:
-        """Bus handler for `workflow.changed` notifications."""
-        parsed = _parse_change(event.payload)
+        """Bus handler for change notifications: batches of them (`workflow.changes`, see
+        stox/changes.py), or one (`workflow.changed`, from an instance of an earlier version)."""
+        if event.routing_key != CHANGES_ROUTING_KEY:
+            self._notify(event.payload, event.message_id)
+            return
+        notifications = event.payload.get("notifications")
+        if not isinstance(notifications, list):
+            log.warning("ignoring a malformed batch of change notifications %s", event.message_id)
+            return
+        for item in notifications:
+            if isinstance(item, dict):
+                self._notify(item.get("payload"), str(item.get("message_id")))
+            else:
+                log.warning("ignoring a malformed change notification in %s", event.message_id)
+
+    def _notify(self, payload: Any, message_id: str) -> None:
+        """Send one change notification to its subscribers."""
+        parsed = _parse_change(payload)
         if parsed is None:
-            log.warning("ignoring a malformed change notification %s", event.message_id)
+            log.warning("ignoring a malformed change notification in %s", message_id)
             return
         workflow_id, owner, version, changes, document = parsed
         targets = [

@@ -18,8 +18,9 @@ from typing import Any
 
 from stox import workflow as wf_rules
 from stox.bus.base import Event, EventBus, PublishError
+from stox.changes import ChangeBatcher
 from stox.store.base import NewEvent, WorkflowStore, encode_json
-from stox.workflow import Change, Pipeline, Report, Workflow
+from stox.workflow import CHANGE_ROUTING_KEY, Change, Pipeline, Report, Workflow
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Orchestrator:
     ) -> None:
         self.store = store
         self.bus = bus
+        self.changes = ChangeBatcher(bus, clock)
         self.pipeline = pipeline
         self.clock = clock
         self.max_races = max_races
@@ -318,19 +320,26 @@ class Orchestrator:
             if already and entry["message_id"] in already:
                 confirmed.add(entry["message_id"])
                 continue
-            event = Event(
-                routing_key=entry["routing_key"],
-                payload=entry["payload"],
-                message_id=entry["message_id"],
-                correlation_id=workflow.id,
-                timestamp=self.clock(),
-                body=self._bodies.pop(entry["message_id"], None),
-            )
+            body = self._bodies.pop(entry["message_id"], None)
             try:
-                await self.bus.publish(event)
+                if entry["routing_key"] == CHANGE_ROUTING_KEY:  # with the others of this turn
+                    payload = entry["payload"]
+                    body = body or encode_json(payload)
+                    await self.changes.publish(entry["message_id"], payload, body)
+                else:
+                    await self.bus.publish(
+                        Event(
+                            routing_key=entry["routing_key"],
+                            payload=entry["payload"],
+                            message_id=entry["message_id"],
+                            correlation_id=workflow.id,
+                            timestamp=self.clock(),
+                            body=body,
+                        )
+                    )
             except PublishError as exc:
                 log.warning(
-                    "event %s of %s left for the relay: %s", event.message_id, workflow.id, exc
+                    "event %s of %s left for the relay: %s", entry["message_id"], workflow.id, exc
                 )
                 break  # keep order: later events wait behind the unconfirmed one
             confirmed.add(entry["message_id"])

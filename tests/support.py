@@ -312,6 +312,26 @@ def write_key_pair(folder: Path, algorithm: str, name: str = "jwt") -> tuple[Pat
     return private, public
 
 
+def unbatched(event: Event) -> list[Event]:
+    """A batch of change notifications (stox/changes.py) as the `workflow.changed` events it
+    carries; any other event as it is."""
+    from stox.changes import CHANGES_ROUTING_KEY
+    from stox.workflow import CHANGE_ROUTING_KEY
+
+    if event.routing_key != CHANGES_ROUTING_KEY:
+        return [event]
+    return [
+        Event(
+            CHANGE_ROUTING_KEY,
+            item["payload"],
+            item["message_id"],
+            item["payload"]["workflow_id"],
+            event.timestamp,
+        )
+        for item in event.payload["notifications"]
+    ]
+
+
 class RecordingBus:
     """An EventBus that confirms into `events`, or raises PublishError when told to."""
 
@@ -333,7 +353,7 @@ class RecordingBus:
             raise PublishError("broker unavailable")
         if self.allow is not None:
             self.allow -= 1
-        self.events.append(event)
+        self.events.extend(unbatched(event))
 
     async def declare(self, queue: str, bindings: Any, *, exclusive: bool = False) -> None:
         pass

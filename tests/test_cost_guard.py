@@ -18,6 +18,7 @@ from support import Calls, eventually
 from stox import codec
 from stox.bus.base import EventBus
 from stox.bus.local import LocalBus
+from stox.changes import CHANGES_ROUTING_KEY
 from stox.hub import Hub
 from stox.orchestrator import Orchestrator
 from stox.store import sqlite_db
@@ -85,7 +86,7 @@ async def watched(store: SQLiteStore, bus: EventBus, watcher: Watcher) -> Orches
         max_sockets_per_user=1,
         snapshot_cache=1 << 24,
     )
-    await bus.declare("cost.hub", [CHANGE_ROUTING_KEY], exclusive=True)
+    await bus.declare("cost.hub", [CHANGES_ROUTING_KEY, CHANGE_ROUTING_KEY], exclusive=True)
     await bus.consume("cost.hub", hub.on_change)
     await hub.send_snapshot(hub.subscribe(watcher, user="alice", owner="alice", workflow_id=None))
     return orchestrator

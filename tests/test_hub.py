@@ -24,6 +24,7 @@ from support import Calls
 from handlers.ws import WorkflowSocket, text_frame
 from settings import WebSocketSettings
 from stox.bus.base import Event
+from stox.changes import CHANGES_ROUTING_KEY
 from stox.hub import (
     CLOSE_TOO_SLOW,
     SNAPSHOT_BUILDERS,
@@ -232,10 +233,19 @@ class World:
         return outcome.workflow
 
     def new_notifications(self) -> list[Event]:
-        """`workflow.changed` events published since the last call, in publish order."""
+        """Change notifications published since the last call, in order, each as an event
+        of its own (the hub handles one of a batch as it handles one alone)."""
+        return [
+            Event(CHANGE_ROUTING_KEY, item["payload"], item["message_id"])
+            for batch in self.new_batches()
+            for item in batch.payload["notifications"]
+        ]
+
+    def new_batches(self) -> list[Event]:
+        """Batches of change notifications published since the last call, in order."""
         fresh = self.bus.published[self._delivered :]
         self._delivered = len(self.bus.published)
-        return [e for e in fresh if e.routing_key == CHANGE_ROUTING_KEY]
+        return [e for e in fresh if e.routing_key == CHANGES_ROUTING_KEY]
 
     async def deliver(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -1011,3 +1021,34 @@ def test_a_text_frame_is_what_tornado_writes(size: int) -> None:
     message = b"x" * size
     protocol._write_frame(True, 0x1, message)
     assert text_frame(message) == protocol.stream.data  # type: ignore[attr-defined]
+
+
+async def test_the_changes_of_one_turn_reach_the_hub_as_one_batch(world: World) -> None:
+    uploaded = [await world.upload() for _ in range(3)]
+    world.new_batches()
+    conn = FakeConnection()
+    await world.subscribe(conn, owner="alice", workflow_id=None)
+    await asyncio.gather(*(world.complete_step(wf.id) for wf in uploaded))
+    [batch] = world.new_batches()
+    assert batch.routing_key == CHANGES_ROUTING_KEY
+    assert sorted(n["payload"]["workflow_id"] for n in batch.payload["notifications"]) == sorted(
+        wf.id for wf in uploaded
+    )
+    await world.deliver([batch])
+    changed = [m for m in conn.messages() if m["type"] == "step_completed"]
+    assert sorted(m["workflow_id"] for m in changed) == sorted(wf.id for wf in uploaded)
+
+
+async def test_a_malformed_batch_is_ignored_and_the_hub_goes_on(world: World) -> None:
+    wf = await world.upload()
+    conn = FakeConnection()
+    await world.subscribe(conn, owner="alice", workflow_id=wf.id)
+    version = (await world.orchestrator.get(wf.id)).version
+    good = notification(wf.id, version + 1).payload
+    batches = (
+        {"notifications": "no"},
+        {"notifications": [1, {"x": 1}, {"message_id": "n", "payload": good}]},
+    )
+    for payload in batches:
+        await world.hub.on_change(Event(CHANGES_ROUTING_KEY, payload, "m"))
+    assert [m["version"] for m in conn.messages()[1:]] == [version + 1]

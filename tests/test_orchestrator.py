@@ -216,8 +216,11 @@ async def test_upload_through_a_local_bus_reaches_consumers_in_order(
         assert [e.routing_key for e in seen] == [
             "workflow.start",
             "step.image_processing",
-            "workflow.changed",
+            "workflow.changes",  # the change notification, in a batch (stox/changes.py)
         ]
+        [notification] = seen[2].payload["notifications"]
+        assert notification["message_id"] == wf.outbox[2]["message_id"]
+        assert notification["payload"] == wf.outbox[2]["payload"]
         assert (await orch.get(wf.id)).outbox == []
     finally:
         await bus.close()

@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint format bench
+.PHONY: demo test lint format bench bench-ws
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,7 @@ $(VENV)/.bench: $(VENV)/.runtime bench/requirements.txt
 
 bench: $(VENV)/.bench
 	$(PY) bench/e2e.py --peers
+
+# WebSocket scale (issue 9, item 4): idle sockets, fan-out, streams; its own gateway
+bench-ws: $(VENV)/.runtime
+	$(PY) bench/ws.py

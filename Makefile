@@ -13,7 +13,7 @@ $(error $(PYTHON) does not run)
 endif
 INTERPRETER := $(VENV)/.python-$(PYTHON_VERSION)
 
-.PHONY: demo test lint format bench
+.PHONY: demo test lint format bench bench-ws
 
 $(INTERPRETER):
 	rm -rf $(VENV)
@@ -48,3 +48,7 @@ $(VENV)/.bench: $(VENV)/.runtime bench/requirements.txt
 
 bench: $(VENV)/.bench
 	$(PY) bench/e2e.py --peers
+
+# WebSocket scale (issue 9, item 4): idle sockets, fan-out, streams; its own gateway
+bench-ws: $(VENV)/.runtime
+	$(PY) bench/ws.py

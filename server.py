@@ -10,6 +10,7 @@ import sys
 
 import settings as settings_module
 from handlers.server import make_http_server
+from stox import gc_tuning
 from stox.app import Gateway
 from stox.logs import configure
 from stox.loops import run, running_loop
@@ -22,6 +23,7 @@ async def serve(settings: settings_module.Settings) -> None:
     app = await gateway.start()
     server = make_http_server(app, settings.server)
     server.listen(settings.server.port, settings.server.host)
+    gc_tuning.tune()
     log.info(
         "stox gateway %s listening on %s (store %s, bus %s, loop %s%s)",
         gateway.instance_id,

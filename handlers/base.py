@@ -11,7 +11,6 @@ import asyncio
 import functools
 import json
 import logging
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -24,6 +23,7 @@ from tornado.http1connection import HTTP1Connection
 
 from stox.auth.tokens import ADMIN, SERVICE, USER, InvalidToken, Principal, TokenAuthority
 from stox.codec import dumps
+from stox.ids import random16
 from stox.logs import log_exception
 from stox.orchestrator import Orchestrator
 from stox.schemas import nested_beyond
@@ -210,7 +210,7 @@ class BaseHandler(PathOnlyErrorLog, BoundedBody):
     @property
     def request_id(self) -> str:
         if not hasattr(self, "_request_id"):
-            self._request_id = self.request.headers.get("X-Request-Id") or os.urandom(16).hex()
+            self._request_id = self.request.headers.get("X-Request-Id") or random16().hex()
         return self._request_id
 
     def json_body(self) -> dict[str, Any]:

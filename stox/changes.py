@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stox.bus.base import Event, EventBus
-from stox.workflow import new_id
+from stox.ids import new_id
 
 CHANGES_ROUTING_KEY = "workflow.changes"
 MAX_BATCH_BYTES = 256 * 1024

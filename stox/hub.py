@@ -64,12 +64,12 @@ class TooManySockets(Exception):
         self.limit = limit
 
 
-def encode(kind: str, workflow_id: str, version: int, *data: bytes) -> bytes:
+def encode(kind: str, workflow_id: str, version: int, *data: bytes, ts: str | None = None) -> bytes:
     """One WebSocket message whose `data` is the concatenation of `data`, already encoded:
-    the workflow document inside is copied once, never encoded again."""
-    head = dumps(
-        {"type": kind, "workflow_id": workflow_id, "version": version, "ts": isoformat(time.time())}
-    )
+    the workflow document inside is copied once, never encoded again. `ts`: now, unless
+    given (the messages of one change share theirs)."""
+    ts = ts or isoformat(time.time())
+    head = dumps({"type": kind, "workflow_id": workflow_id, "version": version, "ts": ts})
     return b"".join((head[:-1], b',"data":', *data, b"}"))
 
 
@@ -411,6 +411,7 @@ class Hub:
         # not cached: a stored document of the same version may differ in outbox_at, which
         # dropping published events changes without a new version
         document_json = dumps(document)
+        now = isoformat(time.time())
         messages = [
             encode(
                 kind,
@@ -421,6 +422,7 @@ class Hub:
                 b',"workflow":',
                 document_json,
                 b"}",
+                ts=now,
             )
             for kind, step in changes
         ]

@@ -8,11 +8,12 @@ events in one compare-and-swap write. Rejections raise before anything is mutate
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from stox.ids import new_id
 
 RUNNING, COMPLETED, FAILED, CANCELLED = "running", "completed", "failed", "cancelled"
 WORKFLOW_STATUSES = (RUNNING, COMPLETED, FAILED, CANCELLED)
@@ -26,15 +27,6 @@ COMPLETION_ROUTING_KEY = "step.completed"
 CHANGE_ROUTING_KEY = "workflow.changed"
 
 IdFactory = Callable[[], str]
-
-
-def new_id() -> str:
-    """A random (version 4) UUID as 32 hex digits; what uuid4().hex gives, at a third of the
-    cost (several are made per transition)."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = raw[6] & 0x0F | 0x40  # version 4
-    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
-    return raw.hex()
 
 
 def isoformat(ts: float) -> str:

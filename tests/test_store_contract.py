@@ -740,3 +740,24 @@ async def test_a_file_of_the_earlier_layout_is_moved_to_the_new_one_once(tmp_pat
         assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == len(pending["outbox"])
     finally:
         conn.close()
+
+
+async def test_drops_of_a_turn_survive_a_write_of_their_batch_that_fails(tmp_path: Path) -> None:
+    """SQLite runs a failed batch again write by write: the drops waiting in it (one statement
+    for all of them) run again too, and the failing write undoes only itself."""
+    store = SQLiteStore(str(tmp_path / "stox.db"))
+    await store.open()
+    try:
+        first, second = new_doc(), new_doc()
+        await insert_all(store, [first, second])
+        for doc in (first, second):
+            store.drop_published(
+                doc["id"], doc["version"], [e["message_id"] for e in doc["outbox"]], []
+            )
+        with pytest.raises(AlreadyExists):
+            await store.insert(first)  # in the same batch as the drops, and it fails
+        for doc in (first, second):
+            stored = await store.get(doc["id"])
+            assert stored is not None and stored["outbox"] == []
+    finally:
+        await store.close()

@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stox import workflow as w
 from stox.workflow import (
@@ -822,3 +824,17 @@ def test_isoformat_rounds_like_datetime_and_keeps_its_width() -> None:
         dt = datetime.fromtimestamp(ts, UTC)
         assert w.isoformat(ts) == dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         assert len(w.isoformat(ts)) == 27
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_isoformat_is_what_datetime_makes_of_the_timestamp(ts: float) -> None:
+    from datetime import UTC, datetime
+
+    expected = datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    assert w.isoformat(ts) == expected
+    assert w.isoformat(ts) == expected  # the kept second gives the same
+
+
+def test_isoformat_carries_rounded_microseconds_into_the_next_second() -> None:
+    assert w.isoformat(1_767_225_599.9999996) == "2026-01-01T00:00:00.000000Z"
+    assert w.isoformat(1_767_225_599.5) == "2025-12-31T23:59:59.500000Z"

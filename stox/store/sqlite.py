@@ -113,6 +113,10 @@ class SQLiteStore(SQLiteDatabase):
 
     SCHEMA = _SCHEMA
 
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self._drops: list[tuple[str, str]] | None = None  # outbox rows waiting to be deleted
+
     def migrate(self, conn: sqlite3.Connection) -> None:
         """A file of layout 0 kept each whole document, outbox included, in `doc` and indexed
         `outbox_at`: its products move to their column and its pending events to `outbox`,
@@ -187,9 +191,19 @@ class SQLiteStore(SQLiteDatabase):
         message_ids: Sequence[str],
         kept: Sequence[dict[str, Any]],
     ) -> None:
-        # rows of their own, so no version to agree on: deleted in the next batch of writes
-        rows = [(workflow_id, message_id) for message_id in message_ids]
-        self.defer(lambda conn: conn.executemany(_DROP_EVENT, rows))
+        # rows of their own, so no version to agree on: deleted in the next batch of writes,
+        # all the drops made until then in one statement
+        rows = self._drops
+        if rows is None:
+            rows = self._drops = []
+
+            def write(conn: sqlite3.Connection) -> None:
+                if self._drops is rows:  # drops from now on go with a later batch
+                    self._drops = None
+                conn.executemany(_DROP_EVENT, rows)  # the same rows if it runs again
+
+            self.defer(write)
+        rows.extend((workflow_id, message_id) for message_id in message_ids)
 
     # -- reads ---------------------------------------------------------------------------
 

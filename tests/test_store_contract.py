@@ -761,3 +761,32 @@ async def test_drops_of_a_turn_survive_a_write_of_their_batch_that_fails(tmp_pat
             assert stored is not None and stored["outbox"] == []
     finally:
         await store.close()
+
+
+async def test_writes_of_turns_within_a_commit_interval_share_one_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit right after another waits out COMMIT_INTERVAL, and carries the writes queued
+    meanwhile, from several turns of the loop, in one transaction."""
+    from support import Calls
+
+    from stox.store import sqlite_db
+
+    store = SQLiteStore(str(tmp_path / "stox.db"))
+    await store.open()
+    try:
+        await store.insert(new_doc())  # a commit just now
+        transactions = Calls(monkeypatch, sqlite_db, "_together")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        docs = [new_doc() for _ in range(3)]
+        writes = []
+        for doc in docs:  # each in a turn of its own
+            writes.append(asyncio.ensure_future(store.insert(doc)))
+            await asyncio.sleep(0)
+        await asyncio.gather(*writes)
+        assert transactions.count == 1
+        assert loop.time() - started >= sqlite_db.COMMIT_INTERVAL * 0.5
+        assert [await store.get(doc["id"]) for doc in docs] == docs
+    finally:
+        await store.close()

@@ -406,12 +406,17 @@ async def uploader(
         except TRANSPORT_ERRORS as exc:
             phase.errors[f"upload {error_name(exc)}"] += 1
             continue  # an upload is not retried: it might have been applied
-        phase.upload_requests += 1
-        phase.upload_latency.append(now() - t0)
-        if 200 <= status < 300:
-            phase.uploaded += 1
-        else:
-            phase.errors[f"upload {status}"] += 1
+        answered(phase, status, t0)
+
+
+def answered(phase: Phase, status: int, since: float) -> None:
+    """Count an upload's answer, its latency measured from `since`."""
+    phase.upload_requests += 1
+    phase.upload_latency.append(now() - since)
+    if 200 <= status < 300:
+        phase.uploaded += 1
+    else:
+        phase.errors[f"upload {status}"] += 1
 
 
 async def service(client: HttpClient, shared: Shared, headers: bytes, attempts: int = 3) -> None:
@@ -711,12 +716,7 @@ async def open_loop_upload(
             return
     finally:
         pool.idle.put_nowait(client)  # it reconnects if the request broke it
-    phase.upload_requests += 1
-    phase.upload_latency.append(now() - due)
-    if 200 <= status < 300:
-        phase.uploaded += 1
-    else:
-        phase.errors[f"upload {status}"] += 1
+    answered(phase, status, due)
 
 
 async def run_open_loop(

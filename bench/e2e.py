@@ -1986,11 +1986,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error("--profile-server only applies to a gateway started here")
         if not args.jwt_secret and not (args.user_token and args.service_token):
             parser.error("with --url give --jwt-secret, or --user-token and --service-token")
-        try:
-            loopback_target(args.url, args.origin)
-        except ValueError as exc:
-            parser.error(str(exc))
+        check_loopback(parser, args.url, args.origin)
     return args
+
+
+def check_loopback(parser: argparse.ArgumentParser, url: str, origin: str | None) -> None:
+    """A usage error unless `url` is a gateway on this host (see loopback_target)."""
+    try:
+        loopback_target(url, origin)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:

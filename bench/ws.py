@@ -66,6 +66,7 @@ from e2e import (
     HttpClient,
     Target,
     auth_headers,
+    check_loopback,
     count_lines,
     cpu_seconds,
     free_port,
@@ -660,10 +661,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.url:
         if not args.jwt_secret:
             parser.error("with --url give --jwt-secret")
-        try:
-            loopback_target(args.url, args.origin)
-        except ValueError as exc:
-            parser.error(str(exc))
+        check_loopback(parser, args.url, args.origin)
     return args
 
 

@@ -48,11 +48,14 @@ from tornado.ioloop import IOLoop
 
 from settings import RabbitMQSettings
 from stox import codec
+from stox.bus import pika_writes
 from stox.bus.base import Event, Handler, PublishError, Rejected, log_dead_letter, topic_matches
 from stox.bus.local import REDELIVERED
 from stox.codec import dumps
 
 log = logging.getLogger(__name__)
+
+pika_writes.coalesce()  # the frames of a loop turn in one system call (see pika_writes.py)
 
 JSON = "application/json"
 TIMESTAMP_HEADER = "x-stox-timestamp"  # the exact float; AMQP timestamps are whole seconds

@@ -26,6 +26,9 @@ class NewEvent:
 encode_json = dumps_text  # compact JSON text: what stores keep, and the bus sends
 
 
+DEFER_DELAY = 0.1  # seconds a write nobody waits for (`drop_published`) waits for another
+
+
 class StoreError(Exception):
     """The store could not do what was asked (unreachable, corrupt, ...)."""
 
@@ -77,7 +80,7 @@ class WorkflowStore(Protocol):
         """Drop published events from the outbox of `workflow_id`, whose version stays, soon
         and without a write of their own: with the store's next write (in its transaction,
         or, where the outbox is part of the document, in that workflow's next change), or
-        after at most DEFER_DELAY (sqlite_db.py) on their own, many in one. `kept` is what
+        after at most DEFER_DELAY on their own, many in one. `kept` is what
         remains of the outbox as of `version`. What is not dropped (the process ended first;
         on MongoDB, another instance changed the workflow meanwhile) stays in the outbox for
         the relay, which publishes it again: at least once, never lost."""

@@ -43,8 +43,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from stox.store.base import AlreadyExists, NewEvent, StoreError
-from stox.store.sqlite_db import DEFER_DELAY
+from stox.store.base import DEFER_DELAY, AlreadyExists, NewEvent, StoreError
 from stox.workflow import DISPATCHED, PENDING, RUNNING, outbox_at, unpublished
 
 log = logging.getLogger(__name__)

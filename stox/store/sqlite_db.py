@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from stox.store.base import AlreadyExists, StoreError
+from stox.store.base import DEFER_DELAY, AlreadyExists, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ Write = Callable[[sqlite3.Connection], Any]
 MEMORY = ":memory:"
 CHECKPOINT_INTERVAL = 0.5  # seconds between checkpoints of a WAL that has grown
 COMMIT_INTERVAL = 0.001  # seconds: at most a commit a millisecond (see the docstring)
-DEFER_DELAY = 0.1  # seconds a deferred write waits for a batch to go with
 
 
 def path_from_url(url: str) -> str:

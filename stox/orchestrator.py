@@ -239,8 +239,7 @@ class Orchestrator:
         gone = {e["message_id"] for e in written["outbox"][:older] if e["message_id"] not in still}
         if not gone:
             return written
-        workflow.outbox = wf_rules.unpublished(workflow.outbox, gone)
-        workflow.outbox_at = wf_rules.outbox_at(workflow.outbox)
+        wf_rules.drop_published(workflow, gone)
         self.store.drop_published(workflow.id, workflow.version, sorted(gone), workflow.outbox)
         return {**written, "outbox": workflow.outbox, "outbox_at": workflow.outbox_at}
 

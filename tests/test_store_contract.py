@@ -790,3 +790,20 @@ async def test_writes_of_turns_within_a_commit_interval_share_one_commit(
         assert [await store.get(doc["id"]) for doc in docs] == docs
     finally:
         await store.close()
+
+
+async def test_connections_to_one_file_share_one_checkpointer(tmp_path: Path) -> None:
+    from stox.store.sqlite import SQLiteUserStore
+
+    path = str(tmp_path / "stox.db")
+    workflows, users = SQLiteStore(path), SQLiteUserStore(path)
+    await workflows.open()
+    await users.open()
+    try:
+        first, second = workflows._checkpointer, users._checkpointer
+        assert first is second and first is not None and first.is_alive()
+    finally:
+        await users.close()
+        assert first.is_alive(), "still checkpointing for the other connection"
+        await workflows.close()
+    assert not first.is_alive()

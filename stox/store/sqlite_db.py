@@ -160,8 +160,7 @@ class SQLiteDatabase:
             return
         self._conn = self._open_sync()
         if self.path != MEMORY:
-            self._checkpointer = Checkpointer(self.path)
-            self._checkpointer.start()
+            self._checkpointer = Checkpointer.of(self.path)
 
     def _open_sync(self) -> sqlite3.Connection:
         try:
@@ -197,7 +196,7 @@ class SQLiteDatabase:
             self._flush()
         conn, self._conn = self._conn, None
         checkpointer, self._checkpointer = self._checkpointer, None
-        if checkpointer is not None:
+        if checkpointer is not None and checkpointer.release():
             await asyncio.to_thread(checkpointer.stop)
         conn.close()
 
@@ -278,13 +277,36 @@ def _settle(outcomes: list[Outcome]) -> None:
 class Checkpointer(threading.Thread):
     """Copies the WAL back into the database file, on a connection and thread of its own:
     the part of a write that waits for the disk, kept off the loop. PASSIVE checkpoints never
-    wait for or block a writer; one last TRUNCATE at `stop` leaves the WAL empty."""
+    wait for or block a writer; one last TRUNCATE at `stop` leaves the WAL empty. One serves
+    every connection of the process to a file (the workflows' and the users' share one)."""
+
+    _running: dict[str, Checkpointer] = {}  # by the file's real path
 
     def __init__(self, path: str, interval: float = CHECKPOINT_INTERVAL) -> None:
         super().__init__(name="stox-sqlite-checkpoint", daemon=True)
         self.path = path
         self.interval = interval
+        self.users = 0
         self._stopping = threading.Event()
+
+    @classmethod
+    def of(cls, path: str) -> Checkpointer:
+        """The file's checkpointer, started if none runs; `release` it when done."""
+        key = os.path.realpath(path)
+        running = cls._running.get(key)
+        if running is None:
+            running = cls._running[key] = cls(path)
+            running.start()
+        running.users += 1
+        return running
+
+    def release(self) -> bool:
+        """One user fewer; True when none is left (then `stop` it)."""
+        self.users -= 1
+        if self.users:
+            return False
+        self._running.pop(os.path.realpath(self.path), None)
+        return True
 
     def run(self) -> None:
         try:

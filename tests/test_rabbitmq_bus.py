@@ -243,6 +243,31 @@ async def test_an_unconfirmed_event_times_out_then_raises(
     assert 0.3 <= time.monotonic() - started < 3  # three attempts of 0.1s, 50ms apart
 
 
+async def test_unconfirmed_publishes_each_time_out_at_their_own_deadline(
+    buses: Callable[..., RabbitMQBus],
+) -> None:
+    """One timer watches the oldest publish: a later one still gets its full timeout, and
+    the timer goes once nothing waits."""
+    bus = buses()
+    await bus.start()
+    bus.settings.confirm_timeout = Duration(0.3)
+    bus.settings.max_retries = 0
+    link = bus._link
+    assert link is not None and link.publisher is not None
+    link.publisher.channel.basic_publish = lambda *a, **k: None  # type: ignore[method-assign]
+    started = time.monotonic()
+    first = asyncio.ensure_future(bus.publish(event("k")))
+    await asyncio.sleep(0.2)
+    second = asyncio.ensure_future(bus.publish(event("k")))
+    with pytest.raises(PublishError, match=r"no confirm within 0\.3s"):
+        await asyncio.wait_for(first, 5)
+    assert not second.done()  # 0.3 s after the first, 0.1 s after the second
+    with pytest.raises(PublishError, match=r"no confirm within 0\.3s"):
+        await asyncio.wait_for(second, 5)
+    assert 0.5 <= time.monotonic() - started < 2
+    assert not link.unconfirmed and link._deadline_timer is None
+
+
 async def test_a_publish_in_flight_when_the_connection_drops_is_retried_after_reconnect(
     buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
 ) -> None:

@@ -90,6 +90,7 @@ class _Channel:
 class _Publish:
     message_id: str | None
     future: asyncio.Future[str | None]  # None: confirmed; else why not
+    deadline: float  # loop time by which the broker must have confirmed it
     returned: bool = False
 
 
@@ -102,8 +103,10 @@ class _Link:
         self.closing = False  # we are closing it
         self.publisher: _Channel | None = None
         self.consumer: _Channel | None = None
+        # in publish order, so in deadline order: one timer watches the oldest
         self.unconfirmed: OrderedDict[int, _Publish] = OrderedDict()
         self.next_tag = 0
+        self._deadline_timer: asyncio.TimerHandle | None = None
 
     @property
     def open(self) -> bool:
@@ -119,6 +122,32 @@ class _Link:
             if not pending.future.done():
                 pending.future.set_result(why)
         self.unconfirmed.clear()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+
+    def watch_deadlines(self, why: str) -> None:
+        """Settle each publish the broker has not confirmed by its deadline with `why`.
+
+        One timer for the connection, at the oldest publish's deadline, rather than one
+        per publish: publishes are in deadline order, so only the front needs watching."""
+        if self._deadline_timer is not None or not self.unconfirmed:
+            return
+        loop = asyncio.get_running_loop()
+        first = next(iter(self.unconfirmed.values()))
+        self._deadline_timer = loop.call_at(first.deadline, self._deadlines_passed, why)
+
+    def _deadlines_passed(self, why: str) -> None:
+        self._deadline_timer = None
+        now = asyncio.get_running_loop().time()
+        while self.unconfirmed:
+            tag, pending = next(iter(self.unconfirmed.items()))
+            if pending.deadline > now:
+                break
+            del self.unconfirmed[tag]
+            if not pending.future.done():
+                pending.future.set_result(why)
+        self.watch_deadlines(why)
 
 
 class RabbitMQBus:
@@ -493,7 +522,9 @@ class RabbitMQBus:
         link = self._link
         if link is None or not link.open or link.publisher is None:
             return "not connected"
-        pending = _Publish(properties.message_id, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.confirm_timeout
+        pending = _Publish(properties.message_id, loop.create_future(), loop.time() + timeout)
         link.next_tag += 1
         tag = link.next_tag
         link.unconfirmed[tag] = pending
@@ -503,20 +534,20 @@ class RabbitMQBus:
             link.unconfirmed.pop(tag, None)
             link.next_tag -= 1
             return f"cannot publish: {exc!r}"
-        try:
-            return await asyncio.wait_for(pending.future, self.settings.confirm_timeout)
-        except TimeoutError:
-            return f"no confirm within {self.settings.confirm_timeout:g}s"
+        link.watch_deadlines(f"no confirm within {timeout:g}s")
+        return await pending.future
 
     @staticmethod
     def _on_confirm(link: _Link, frame: Any) -> None:
         method = frame.method
         acked = isinstance(method, pika.spec.Basic.Ack)
-        tags = [method.delivery_tag]
-        if method.multiple:
-            tags = [t for t in link.unconfirmed if t <= method.delivery_tag]
-        for tag in tags:
-            pending = link.unconfirmed.pop(tag, None)
+        settled: list[_Publish | None] = []
+        if method.multiple:  # tags ascend in the dict: take the front up to this one
+            while link.unconfirmed and next(iter(link.unconfirmed)) <= method.delivery_tag:
+                settled.append(link.unconfirmed.popitem(last=False)[1])
+        else:
+            settled.append(link.unconfirmed.pop(method.delivery_tag, None))
+        for pending in settled:
             if pending is None or pending.future.done():
                 continue
             if pending.returned:

@@ -65,7 +65,7 @@ def make_bus(
     if settings.rabbitmq.url:
         from stox.bus.rabbitmq import RabbitMQBus
 
-        return RabbitMQBus(settings.rabbitmq, connection_name=connection_name)
+        return RabbitMQBus.from_settings(settings.rabbitmq, connection_name=connection_name)
     from stox.bus.local import LocalBus
 
     return LocalBus(journal=make_journal(settings, store))

@@ -105,7 +105,7 @@ class Namespace:
             confirm_timeout=Duration(2),
         )
         name = connection_name or f"stox test {self.prefix}"
-        return RabbitMQBus(settings, connection_name=name, **options)
+        return RabbitMQBus.from_settings(settings, connection_name=name, **options)
 
     def config_yaml(self) -> str:
         """The same for a `server.py --config` file."""

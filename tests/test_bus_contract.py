@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from stox.bus.base import Event, EventBus, PublishError, Rejected
+from stox.bus.base import Event, EventBus, PublishError, Redelivery, Rejected
 from stox.bus.local import LocalBus
 
 TIMEOUT = 5.0  # an upper bound for things that should happen almost at once
@@ -36,8 +36,8 @@ async def bus_factory(request: pytest.FixtureRequest) -> AsyncIterator[BusFactor
     made: list[EventBus] = []
 
     async def make(*, start: bool = True, **options: Any) -> EventBus:
-        """`options` (prefetch, redelivery_delay) go to the bus's constructor."""
-        options = {"redelivery_delay": 0.01, **options}
+        """`options` (prefetch, redelivery) go to the bus's constructor."""
+        options = {"redelivery": Redelivery(delay=0.01), **options}
         if request.param == "local":
             bus: EventBus = LocalBus(**options)
         elif request.param == "rabbitmq":  # in the test's own exchange and queue names
@@ -389,7 +389,7 @@ async def test_close_is_idempotent(bus: EventBus) -> None:
 async def test_close_does_not_wait_for_a_pending_redelivery(
     bus_factory: BusFactory, ns: str
 ) -> None:
-    bus = await bus_factory(redelivery_delay=60)
+    bus = await bus_factory(redelivery=Redelivery(delay=60))
     failed = asyncio.Event()
 
     async def fail(event: Event) -> None:
@@ -433,7 +433,7 @@ async def test_no_delivery_after_close(bus: EventBus, ns: str) -> None:
 
 @pytest.fixture
 async def local_bus() -> AsyncIterator[LocalBus]:
-    bus = LocalBus(redelivery_delay=0.0, max_redeliveries=2)
+    bus = LocalBus(redelivery=Redelivery(delay=0.0, limit=2))
     await bus.start()
     yield bus
     await bus.close()
@@ -479,7 +479,7 @@ async def test_local_redelivery_is_marked_and_bounded(local_bus: LocalBus) -> No
 
     async def always_fails(event: Event) -> None:
         attempts.append(event)
-        if len(attempts) == 1 + local_bus.max_redeliveries:
+        if len(attempts) == 1 + local_bus.redelivery.limit:
             gave_up.set()
         raise ValueError("bug")
 
@@ -489,7 +489,7 @@ async def test_local_redelivery_is_marked_and_bounded(local_bus: LocalBus) -> No
     await wait(gave_up)
     await asyncio.sleep(0.05)  # time for a (wrong) further redelivery with delay 0
 
-    assert len(attempts) == 1 + local_bus.max_redeliveries
+    assert len(attempts) == 1 + local_bus.redelivery.limit
     assert "x-redelivered" not in attempts[0].headers
     assert all(e.headers["x-redelivered"] is True for e in attempts[1:])
     [(queue, event, reason)] = local_bus.dead_letters
@@ -498,7 +498,7 @@ async def test_local_redelivery_is_marked_and_bounded(local_bus: LocalBus) -> No
 
 
 async def test_local_redelivery_waits_for_the_delay() -> None:
-    bus = LocalBus(redelivery_delay=0.2)
+    bus = LocalBus(redelivery=Redelivery(delay=0.2))
     await bus.start()
     times: list[float] = []
     again = asyncio.Event()

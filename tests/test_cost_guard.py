@@ -16,6 +16,7 @@ import rabbit
 from support import Calls, eventually
 
 from stox import codec
+from stox.bus import rabbitmq
 from stox.bus.base import EventBus
 from stox.bus.local import LocalBus
 from stox.changes import CHANGES_ROUTING_KEY
@@ -150,12 +151,13 @@ async def test_each_event_is_one_confirmed_publish_and_nothing_else(
     watcher = Watcher()
     orchestrator = await watched(store, bus, watcher)
     published = Calls(monkeypatch, bus, "_publish_once")
-    channels = Calls(monkeypatch, bus, "_temporary_channel")
+    channels = Calls(monkeypatch, rabbitmq, "temporary_channel")
+    opened = Calls(monkeypatch, rabbitmq, "open_channel")
     try:
         await run_workflows(orchestrator)
         await eventually(lambda: watcher.messages == WORKFLOWS * MESSAGES)
         assert published.count == WORKFLOWS * EVENTS
-        assert channels.count == 0
+        assert channels.count == 0 and opened.count == 0
     finally:
         await bus.close()
         await store.close()

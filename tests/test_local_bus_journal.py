@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from support import eventually
 
-from stox.bus.base import Event, PublishError, Rejected
+from stox.bus.base import Event, PublishError, Redelivery, Rejected
 from stox.bus.journal import SQLiteJournal
 from stox.bus.local import LocalBus
 from stox.store.sqlite import SQLiteStore
@@ -34,7 +34,8 @@ async def bus_on(path: Path, **options: Any) -> AsyncIterator[LocalBus]:
     """A started LocalBus journalling beside a SQLite store at `path`; both closed after."""
     store = SQLiteStore(str(path))
     await store.open()
-    bus = LocalBus(journal=SQLiteJournal.beside(store), redelivery_delay=0.01, **options)
+    options = {"redelivery": Redelivery(delay=0.01), **options}
+    bus = LocalBus(journal=SQLiteJournal.beside(store), **options)
     await bus.start()
     try:
         yield bus
@@ -100,7 +101,7 @@ async def test_handled_and_dead_lettered_messages_are_not_delivered_again(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "stox.db"
-    async with bus_on(path, max_redeliveries=1) as bus:
+    async with bus_on(path, redelivery=Redelivery(delay=0.01, limit=1)) as bus:
         inbox = Inbox(lambda e: {1: Rejected("bad"), 2: ValueError("bug")}.get(e.payload["n"]))
         await bus.declare(QUEUE, [KEY])
         await bus.consume(QUEUE, inbox)

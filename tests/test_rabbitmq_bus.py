@@ -22,7 +22,7 @@ from support import eventually
 
 from settings import Duration, RabbitMQSettings
 from stox.bus import pika_writes
-from stox.bus.base import Event, PublishError
+from stox.bus.base import Event, PublishError, Redelivery
 from stox.bus.rabbitmq import TIMESTAMP_HEADER, RabbitMQBus
 
 TIMEOUT = 10.0
@@ -112,14 +112,15 @@ async def test_events_are_persistent_json_with_amqp_properties(
 
 def test_parameters_turn_heartbeats_on_and_name_the_connection() -> None:
     settings = RabbitMQSettings(url="amqp://u:p@mq.example:5673/shop", heartbeat=Duration(15))
-    params = RabbitMQBus(settings, connection_name="stox gateway a1")._parameters()
+    params = RabbitMQBus.from_settings(settings, connection_name="stox gateway a1")._parameters()
     assert (params.host, params.port, params.virtual_host) == ("mq.example", 5673, "shop")
     assert params.heartbeat == 15
     assert params.blocked_connection_timeout == 60
     assert params.client_properties == {"connection_name": "stox gateway a1"}
 
-    settings.url = "amqp://mq.example/?heartbeat=5&blocked_connection_timeout=7"
-    params = RabbitMQBus(settings)._parameters()
+    params = RabbitMQBus(
+        "amqp://mq.example/?heartbeat=5&blocked_connection_timeout=7"
+    )._parameters()
     assert (params.heartbeat, params.blocked_connection_timeout) == (5, 7)  # the URL wins
 
 
@@ -142,7 +143,7 @@ def test_the_server_says_why_it_cannot_start_without_its_broker(tmp_path: Path) 
 
 async def test_an_unreachable_broker_fails_start_quickly() -> None:
     with socket_closed_port() as port:
-        bus = RabbitMQBus(RabbitMQSettings(url=f"amqp://guest:guest@127.0.0.1:{port}/"))
+        bus = RabbitMQBus(f"amqp://guest:guest@127.0.0.1:{port}/")
         started = time.monotonic()
         with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
             await bus.start()
@@ -233,7 +234,7 @@ async def test_an_unconfirmed_event_times_out_then_raises(
 ) -> None:
     bus = buses()
     await bus.start()
-    bus.settings.confirm_timeout = Duration(0.1)
+    bus.confirm_timeout = 0.1
     link = bus._link
     assert link is not None and link.publisher is not None
     link.publisher.channel.basic_publish = lambda *a, **k: None  # type: ignore[method-assign]
@@ -250,8 +251,8 @@ async def test_unconfirmed_publishes_each_time_out_at_their_own_deadline(
     the timer goes once nothing waits."""
     bus = buses()
     await bus.start()
-    bus.settings.confirm_timeout = Duration(0.3)
-    bus.settings.max_retries = 0
+    bus.confirm_timeout = 0.3
+    bus.max_retries = 0
     link = bus._link
     assert link is not None and link.publisher is not None
     link.publisher.channel.basic_publish = lambda *a, **k: None  # type: ignore[method-assign]
@@ -273,7 +274,7 @@ async def test_a_publish_in_flight_when_the_connection_drops_is_retried_after_re
 ) -> None:
     ns = rabbit_ns
     bus, queue = await with_step_queue(buses, ns, "ai_enhancement", reconnect_delay=0.05)
-    bus.settings.max_retries = 20
+    bus.max_retries = 20
     link = bus._link
     assert link is not None and link.publisher is not None
     link.publisher.channel.basic_publish = lambda *a, **k: None  # never confirmed
@@ -309,7 +310,7 @@ async def test_a_handler_that_keeps_failing_is_dead_lettered_after_its_redeliver
     buses: Callable[..., RabbitMQBus], rabbit_ns: rabbit.Namespace
 ) -> None:
     ns = rabbit_ns
-    bus = buses(redelivery_delay=0.01, max_redeliveries=2)
+    bus = buses(redelivery=Redelivery(delay=0.01, limit=2))
     await bus.start()
     attempts: list[Event] = []
 
@@ -349,7 +350,7 @@ async def test_a_message_failing_on_several_instances_is_counted_once_across_the
         return handler
 
     for name in ("a", "b"):
-        bus = buses(redelivery_delay=0.01, max_redeliveries=3, connection_name=f"test {name}")
+        bus = buses(redelivery=Redelivery(delay=0.01, limit=3), connection_name=f"test {name}")
         await bus.start()
         await bus.declare(queue, ["step.image_processing"])
         await bus.consume(queue, failing(name))

@@ -30,6 +30,51 @@ class Rejected(Exception):
 
 Handler = Callable[[Event], Awaitable[None]]
 
+REDELIVERED = "x-redelivered"  # the header of a message delivered before
+
+
+@dataclass(frozen=True, slots=True)
+class Redelivery:
+    """What becomes of a message whose handler raised, on every bus: `Rejected` sends it to
+    the dead letters at once; any other exception puts it back after `delay` seconds, at
+    most `limit` times, and then it is dead-lettered too."""
+
+    delay: float = 0.5
+    limit: int = 5
+
+    def __post_init__(self) -> None:
+        if self.delay < 0:
+            raise ValueError("redelivery_delay must not be negative")
+        if self.limit < 0:
+            raise ValueError("max_redeliveries must not be negative")
+
+    def dead_letter_reason(
+        self, log: logging.Logger, queue: str, event: Event, exc: Exception, failures: int
+    ) -> str | None:
+        """Why the message is dead-lettered now, or None: deliver it again after `delay`.
+        `failures`: how many times handlers failed on it before this one."""
+        if isinstance(exc, Rejected):
+            return f"rejected: {exc}" if str(exc) else "rejected"
+        if failures >= self.limit:
+            log.error(
+                "handler for %s on %s failed %d times (message_id=%s)",
+                event.routing_key,
+                queue,
+                failures + 1,
+                event.message_id,
+                exc_info=exc,
+            )
+            return f"failed after {failures} redeliveries: {exc!r}"
+        log.warning(
+            "handler for %s on %s failed (message_id=%s); redelivering in %.2fs",
+            event.routing_key,
+            queue,
+            event.message_id,
+            self.delay,
+            exc_info=exc,
+        )
+        return None
+
 
 def log_dead_letter(log: logging.Logger, queue: str, event: Event, reason: str) -> None:
     """The warning every bus writes when it dead-letters a message."""

@@ -22,13 +22,20 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 
-from stox.bus.base import Event, Handler, PublishError, Rejected, log_dead_letter, topic_matches
+from stox.bus.base import (
+    REDELIVERED,
+    Event,
+    Handler,
+    PublishError,
+    Redelivery,
+    log_dead_letter,
+    topic_matches,
+)
 from stox.bus.journal import Journal, Kept
 from stox.codec import dumps_text, loads
 
 log = logging.getLogger(__name__)
 
-REDELIVERED = "x-redelivered"
 DEAD_LETTER_LIMIT = 1000  # the newest dead letters kept for inspection
 
 # Routing keys are few in practice (step.<name>, workflow.*); the bound only stops a caller
@@ -101,28 +108,21 @@ class LocalBus:
     """An in-process `EventBus` with RabbitMQ's topic-exchange semantics.
 
     `prefetch` bounds the handlers in flight per consumer (1 gives strict FIFO handling);
-    a handler that raises anything but `Rejected` sees its message again after
-    `redelivery_delay` seconds, at most `max_redeliveries` times, and then it is
-    dead-lettered. Dead letters are kept in `dead_letters` as (queue, event, reason).
+    a handler that raises is dealt with by `redelivery` (stox/bus/base.py: put back later,
+    or dead-lettered). Dead letters are kept in `dead_letters` as (queue, event, reason).
     """
 
     def __init__(
         self,
         *,
         prefetch: int = 100,
-        redelivery_delay: float = 0.5,
-        max_redeliveries: int = 5,
+        redelivery: Redelivery | None = None,
         journal: Journal | None = None,
     ) -> None:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
-        if redelivery_delay < 0:
-            raise ValueError("redelivery_delay must not be negative")
-        if max_redeliveries < 0:
-            raise ValueError("max_redeliveries must not be negative")
         self.prefetch = prefetch
-        self.redelivery_delay = redelivery_delay
-        self.max_redeliveries = max_redeliveries
+        self.redelivery = redelivery or Redelivery()
         self.journal = journal
         self.dead_letters: deque[tuple[str, Event, str]] = deque(maxlen=DEAD_LETTER_LIMIT)
         self._recovered: dict[str, list[_Message]] = {}  # journalled, for queues not declared yet
@@ -310,11 +310,13 @@ class LocalBus:
                 return
             try:
                 await consumer.handler(event)
-            except Rejected as exc:
-                reason = f"rejected: {exc}" if str(exc) else "rejected"
-                self._dead_letter(q.name, message, reason, event)
             except Exception as exc:
-                self._redeliver_later(q, message, event, exc)
+                failures = message.redeliveries
+                reason = self.redelivery.dead_letter_reason(log, q.name, event, exc, failures)
+                if reason is None:
+                    self._redeliver_later(q, message)
+                else:
+                    self._dead_letter(q.name, message, reason, event)
             else:
                 self._handled_message(message)
         finally:
@@ -356,32 +358,12 @@ class LocalBus:
         except Exception:  # delivered again after a restart: at least once, as promised
             log.exception("could not drop %d handled messages from the journal", len(keys))
 
-    def _redeliver_later(self, q: _Queue, message: _Message, event: Event, exc: Exception) -> None:
-        if message.redeliveries >= self.max_redeliveries:
-            log.error(
-                "handler for %s on %s failed %d times (message_id=%s)",
-                event.routing_key,
-                q.name,
-                message.redeliveries + 1,
-                event.message_id,
-                exc_info=exc,
-            )
-            reason = f"failed after {message.redeliveries} redeliveries: {exc!r}"
-            self._dead_letter(q.name, message, reason, event)
-            return
-        log.warning(
-            "handler for %s on %s failed (message_id=%s); redelivering in %.2fs",
-            event.routing_key,
-            q.name,
-            event.message_id,
-            self.redelivery_delay,
-            exc_info=exc,
-        )
+    def _redeliver_later(self, q: _Queue, message: _Message) -> None:
         message.redeliveries += 1
         if self._closed or self._loop is None:
             return
         self._timers[message] = self._loop.call_later(
-            self.redelivery_delay, self._requeue, q, message
+            self.redelivery.delay, self._requeue, q, message
         )
 
     def _requeue(self, q: _Queue, message: _Message) -> None:

@@ -13,9 +13,10 @@ It keeps the promises of `LocalBus`, so the same contract suite runs on both:
   `PublishError`, and the event waits in the outbox for the relay. A return first redeclares
   the topology: someone deleted a queue. Other events nobody is bound to are dropped, as by
   an exchange without `mandatory` (and by `LocalBus`);
-* consuming: manual acks after the handler returns, a prefetch per consumer; `Rejected` is
-  nacked without requeue (it dead-letters once); another exception puts the message back after
-  `redelivery_delay`, at most `max_redeliveries` times, then it is dead-lettered. The count
+* consuming: manual acks after the handler returns, a prefetch per consumer; failures follow
+  `Redelivery` (stox/bus/base.py), as on `LocalBus`: `Rejected` is nacked without requeue (it
+  dead-letters once); another exception puts the message back after its delay, at most its
+  limit of times, then it is dead-lettered. The count
   travels with the message (a copy carrying `x-stox-failures` replaces it in its queue), so a
   message that fails on every instance is tried that many times in all, not that many times
   on each. A body that cannot be decoded into a JSON object (whatever the decoder raises, a
@@ -34,7 +35,7 @@ import contextlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -49,8 +50,23 @@ from tornado.ioloop import IOLoop
 from settings import RabbitMQSettings
 from stox import codec
 from stox.bus import pika_writes
-from stox.bus.base import Event, Handler, PublishError, Rejected, log_dead_letter, topic_matches
-from stox.bus.local import REDELIVERED
+from stox.bus.base import (
+    REDELIVERED,
+    Event,
+    Handler,
+    PublishError,
+    Redelivery,
+    log_dead_letter,
+    topic_matches,
+)
+from stox.bus.pika_calls import (
+    Lost,
+    OpenChannel,
+    call,
+    open_channel,
+    settle_once,
+    temporary_channel,
+)
 from stox.codec import dumps
 
 log = logging.getLogger(__name__)
@@ -61,10 +77,7 @@ JSON = "application/json"
 TIMESTAMP_HEADER = "x-stox-timestamp"  # the exact float; AMQP timestamps are whole seconds
 FAILURES_HEADER = "x-stox-failures"  # how many times handlers failed on this message so far
 PERSISTENT = 2
-
-
-class _Lost(Exception):
-    """A channel or the connection closed under an operation."""
+_DEFAULTS = RabbitMQSettings()
 
 
 @dataclass(eq=False)
@@ -78,12 +91,6 @@ class _Declared:
 class _Consumer:
     queue: str
     handler: Handler
-
-
-@dataclass(eq=False)
-class _Channel:
-    channel: Channel
-    closed: asyncio.Future[Any]  # resolves to the reason when the channel closes
 
 
 @dataclass(eq=False)
@@ -101,8 +108,8 @@ class _Link:
         self.connection = connection
         self.lost = lost  # resolves to the reason when the connection closes
         self.closing = False  # we are closing it
-        self.publisher: _Channel | None = None
-        self.consumer: _Channel | None = None
+        self.publisher: OpenChannel | None = None
+        self.consumer: OpenChannel | None = None
         # in publish order, so in deadline order: one timer watches the oldest
         self.unconfirmed: OrderedDict[int, _Publish] = OrderedDict()
         self.next_tag = 0
@@ -155,24 +162,34 @@ class RabbitMQBus:
 
     def __init__(
         self,
-        settings: RabbitMQSettings,
+        url: str,
         *,
         connection_name: str = "stox",
-        prefetch: int | None = None,
-        redelivery_delay: float = 0.5,
-        max_redeliveries: int = 5,
+        exchange: str = _DEFAULTS.exchange,
+        prefix: str = _DEFAULTS.prefix,
+        prefetch: int = _DEFAULTS.prefetch,
+        max_retries: int = _DEFAULTS.max_retries,
+        retry_delay: float = _DEFAULTS.retry_delay,
+        confirm_timeout: float = _DEFAULTS.confirm_timeout,
+        heartbeat: float = _DEFAULTS.heartbeat,
+        blocked_timeout: float = _DEFAULTS.blocked_timeout,
+        redelivery: Redelivery | None = None,
         reconnect_delay: float = 0.2,
         max_reconnect_delay: float = 30.0,
     ) -> None:
-        if not settings.url:
+        if not url:
             raise ValueError("rabbitmq.url is required")
-        self.settings = settings
+        self.url = url
         self.connection_name = connection_name
-        self.exchange = settings.exchange
-        self.dead_letters = f"{settings.prefix}.dead"  # the exchange and the queue
-        self.prefetch = prefetch or settings.prefetch
-        self.redelivery_delay = redelivery_delay
-        self.max_redeliveries = max_redeliveries
+        self.exchange = exchange
+        self.dead_letters = f"{prefix}.dead"  # the exchange and the queue
+        self.prefetch = prefetch
+        self.max_retries = max_retries
+        self.retry_delay = retry_delay
+        self.confirm_timeout = confirm_timeout
+        self.heartbeat = heartbeat
+        self.blocked_timeout = blocked_timeout
+        self.redelivery = redelivery or Redelivery()
         self.reconnect_delay = reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
         self._declared: dict[str, _Declared] = {}
@@ -185,6 +202,24 @@ class RabbitMQBus:
         self._started = False
         self._closed = False
 
+    @classmethod
+    def from_settings(
+        cls, settings: RabbitMQSettings, *, connection_name: str = "stox", **options: Any
+    ) -> RabbitMQBus:
+        """The bus `settings` describe; `options` override them or add the other keyword
+        arguments."""
+        described: dict[str, Any] = {
+            "exchange": settings.exchange,
+            "prefix": settings.prefix,
+            "prefetch": settings.prefetch,
+            "max_retries": settings.max_retries,
+            "retry_delay": settings.retry_delay,
+            "confirm_timeout": settings.confirm_timeout,
+            "heartbeat": settings.heartbeat,
+            "blocked_timeout": settings.blocked_timeout,
+        }
+        return cls(settings.url, connection_name=connection_name, **{**described, **options})
+
     @property
     def connected(self) -> bool:
         return self._link is not None and self._link.open and not self._closed
@@ -192,7 +227,7 @@ class RabbitMQBus:
     @property
     def where(self) -> str:
         """The broker's address without credentials, for messages."""
-        parts = urlsplit(self.settings.url)
+        parts = urlsplit(self.url)
         return f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}"
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -204,7 +239,7 @@ class RabbitMQBus:
             return
         try:
             link = await self._connect()
-        except (OSError, _Lost, pika.exceptions.AMQPError) as exc:
+        except (OSError, Lost, pika.exceptions.AMQPError) as exc:
             raise ConnectionError(f"cannot use RabbitMQ at {self.where}: {exc}") from None
         self._started = True
         self._link = link
@@ -247,7 +282,7 @@ class RabbitMQBus:
             headers={**event.headers, TIMESTAMP_HEADER: repr(float(event.timestamp))},
         )
         mandatory = self._routes_to_a_durable_queue(event.routing_key)
-        attempts = 1 + max(0, self.settings.max_retries)
+        attempts = 1 + max(0, self.max_retries)
         problem = "not attempted"
         for attempt in range(1, attempts + 1):
             problem = await self._publish_once(
@@ -264,11 +299,11 @@ class RabbitMQBus:
                 problem,
                 attempt + 1,
                 attempts,
-                self.settings.retry_delay,
+                self.retry_delay,
             )
             if problem == "returned unroutable":
                 await self._redeclare()
-            await self._pause(self.settings.retry_delay)
+            await self._pause(self.retry_delay)
         raise PublishError(
             f"{event.routing_key} (message_id={event.message_id}) not confirmed: {problem}"
         )
@@ -286,9 +321,9 @@ class RabbitMQBus:
             queue, exclusive, list(dict.fromkeys([*(known.bindings if known else []), *bindings]))
         )
         try:
-            async with self._temporary_channel(link) as chan:
+            async with temporary_channel(link.connection, link.lost) as chan:
                 await self._declare_queue(chan, wanted)
-        except _Lost as exc:  # refused (declared before with other arguments), or cut off
+        except Lost as exc:  # refused (declared before with other arguments), or cut off
             raise ConnectionError(f"RabbitMQ did not declare queue {queue!r}: {exc}") from None
         self._declared[queue] = wanted
         self._must_route.clear()
@@ -299,18 +334,18 @@ class RabbitMQBus:
             raise LookupError(f"queue {queue!r} is not declared")
         consumer = _Consumer(queue, handler)
         self._consumers.append(consumer)  # a reconnect resumes it from here on
-        with contextlib.suppress(_Lost):  # the reconnect will start it
+        with contextlib.suppress(Lost):  # the reconnect will start it
             await self._start_consumer(link, consumer)
 
     # -- connecting -----------------------------------------------------------------------
 
     def _parameters(self) -> pika.URLParameters:
-        params = pika.URLParameters(self.settings.url)
-        query = parse_qs(urlsplit(self.settings.url).query)
+        params = pika.URLParameters(self.url)
+        query = parse_qs(urlsplit(self.url).query)
         if "heartbeat" not in query:
-            params.heartbeat = max(1, round(self.settings.heartbeat))
+            params.heartbeat = max(1, round(self.heartbeat))
         if "blocked_connection_timeout" not in query:
-            params.blocked_connection_timeout = float(self.settings.blocked_timeout)
+            params.blocked_connection_timeout = float(self.blocked_timeout)
         params.client_properties = {"connection_name": self.connection_name}
         return params
 
@@ -322,13 +357,13 @@ class RabbitMQBus:
 
         def on_open_error(_: Any, exc: BaseException | str) -> None:
             if not opened.done():
-                opened.set_exception(_Lost(f"connection failed: {exc!r}"))
+                opened.set_exception(Lost(f"connection failed: {exc!r}"))
 
         connection = TornadoConnection(
             self._parameters(),
-            on_open_callback=_settle_once(opened),
+            on_open_callback=settle_once(opened),
             on_open_error_callback=on_open_error,
-            on_close_callback=_settle_once(lost),
+            on_close_callback=settle_once(lost),
             custom_ioloop=IOLoop.current(),
         )
         link = _Link(connection, lost)
@@ -341,17 +376,17 @@ class RabbitMQBus:
             connection.add_on_connection_unblocked_callback(
                 lambda *_: log.info("RabbitMQ accepts publishes again")
             )
-            link.publisher = pub = await self._open_channel(link)
-            await self._rpc(
+            link.publisher = pub = await open_channel(link.connection, link.lost)
+            await call(
                 pub, pub.channel.confirm_delivery, ack_nack_callback=partial(self._on_confirm, link)
             )
             pub.channel.add_on_return_callback(partial(self._on_return, link))
-            link.consumer = sub = await self._open_channel(link)
-            await self._rpc(sub, sub.channel.basic_qos, prefetch_count=self.prefetch)
+            link.consumer = sub = await open_channel(link.connection, link.lost)
+            await call(sub, sub.channel.basic_qos, prefetch_count=self.prefetch)
             sub.channel.add_on_cancel_callback(
                 lambda _: self._restart(link, "the broker cancelled a consumer")
             )
-            async with self._temporary_channel(link) as chan:
+            async with temporary_channel(link.connection, link.lost) as chan:
                 await self._declare_base(chan)
                 for declared in list(self._declared.values()):
                     await self._declare_queue(chan, declared)
@@ -379,7 +414,7 @@ class RabbitMQBus:
                     return
                 try:
                     link = await self._connect()
-                except (OSError, _Lost, pika.exceptions.AMQPError) as exc:
+                except (OSError, Lost, pika.exceptions.AMQPError) as exc:
                     log.warning(
                         "RabbitMQ at %s unavailable (%s); next attempt in %.1fs",
                         self.where,
@@ -414,61 +449,18 @@ class RabbitMQBus:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closing.wait(), seconds)
 
-    # -- channels and their operations ----------------------------------------------------
+    # -- declaring ------------------------------------------------------------------------
 
-    async def _open_channel(self, link: _Link) -> _Channel:
-        loop = asyncio.get_running_loop()
-        opened: asyncio.Future[Channel] = loop.create_future()
-        closed: asyncio.Future[Any] = loop.create_future()
-        try:
-            channel = link.connection.channel(on_open_callback=_settle_once(opened))
-        except pika.exceptions.AMQPError as exc:
-            raise _Lost(repr(exc)) from None
-        channel.add_on_close_callback(_settle_once(closed))
-        chan = _Channel(channel, closed)
-        await self._first(opened, closed, link.lost)
-        return chan
-
-    @contextlib.asynccontextmanager
-    async def _temporary_channel(self, link: _Link) -> AsyncIterator[_Channel]:
-        """A channel for declarations: a refusal closes it, and nothing else."""
-        chan = await self._open_channel(link)
-        try:
-            yield chan
-        finally:
-            if chan.channel.is_open:
-                chan.channel.close()
-                await asyncio.wait({chan.closed}, timeout=5)
-
-    async def _rpc(
-        self, chan: _Channel, method: Callable[..., Any], *args: Any, **kwargs: Any
-    ) -> Any:
-        """Call a pika method that answers through `callback`; _Lost if the channel closes."""
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        try:
-            method(*args, callback=_settle_once(done), **kwargs)
-        except pika.exceptions.AMQPError as exc:
-            raise _Lost(repr(exc)) from None
-        return await self._first(done, chan.closed)
-
-    @staticmethod
-    async def _first(wanted: asyncio.Future[Any], *closed: asyncio.Future[Any]) -> Any:
-        await asyncio.wait({wanted, *closed}, return_when=asyncio.FIRST_COMPLETED)
-        if wanted.done():
-            return wanted.result()
-        reason = next(f.result() for f in closed if f.done())
-        raise _Lost(f"closed: {reason!r}")
-
-    async def _declare_base(self, chan: _Channel) -> None:
+    async def _declare_base(self, chan: OpenChannel) -> None:
         ch = chan.channel
-        await self._rpc(chan, ch.exchange_declare, self.exchange, "topic", durable=True)
-        await self._rpc(chan, ch.exchange_declare, self.dead_letters, "fanout", durable=True)
-        await self._rpc(chan, ch.queue_declare, self.dead_letters, durable=True)
-        await self._rpc(chan, ch.queue_bind, self.dead_letters, self.dead_letters, routing_key="")
+        await call(chan, ch.exchange_declare, self.exchange, "topic", durable=True)
+        await call(chan, ch.exchange_declare, self.dead_letters, "fanout", durable=True)
+        await call(chan, ch.queue_declare, self.dead_letters, durable=True)
+        await call(chan, ch.queue_bind, self.dead_letters, self.dead_letters, routing_key="")
 
-    async def _declare_queue(self, chan: _Channel, queue: _Declared) -> None:
+    async def _declare_queue(self, chan: OpenChannel, queue: _Declared) -> None:
         ch = chan.channel
-        await self._rpc(
+        await call(
             chan,
             ch.queue_declare,
             queue.name,
@@ -478,7 +470,7 @@ class RabbitMQBus:
             arguments={"x-dead-letter-exchange": self.dead_letters},
         )
         for binding in queue.bindings:
-            await self._rpc(chan, ch.queue_bind, queue.name, self.exchange, routing_key=binding)
+            await call(chan, ch.queue_bind, queue.name, self.exchange, routing_key=binding)
 
     async def _redeclare(self) -> None:
         """Declare everything again (after a return: a queue was deleted under us)."""
@@ -486,11 +478,11 @@ class RabbitMQBus:
         if link is None or not link.open:
             return
         try:
-            async with self._temporary_channel(link) as chan:
+            async with temporary_channel(link.connection, link.lost) as chan:
                 await self._declare_base(chan)
                 for declared in list(self._declared.values()):
                     await self._declare_queue(chan, declared)
-        except _Lost as exc:
+        except Lost as exc:
             log.warning("redeclaring the RabbitMQ topology failed: %s", exc)
 
     # -- publishing -----------------------------------------------------------------------
@@ -523,7 +515,7 @@ class RabbitMQBus:
         if link is None or not link.open or link.publisher is None:
             return "not connected"
         loop = asyncio.get_running_loop()
-        timeout = self.settings.confirm_timeout
+        timeout = self.confirm_timeout
         pending = _Publish(properties.message_id, loop.create_future(), loop.time() + timeout)
         link.next_tag += 1
         tag = link.next_tag
@@ -569,7 +561,7 @@ class RabbitMQBus:
     async def _start_consumer(self, link: _Link, consumer: _Consumer) -> None:
         sub = link.consumer
         assert sub is not None
-        await self._rpc(
+        await call(
             sub,
             sub.channel.basic_consume,
             consumer.queue,
@@ -613,42 +605,21 @@ class RabbitMQBus:
     async def _handle(self, delivery: _Delivery, consumer: _Consumer, event: Event) -> None:
         try:
             await consumer.handler(event)
-        except Rejected as exc:
-            reason = f"rejected: {exc}" if str(exc) else "rejected"
-            log_dead_letter(log, consumer.queue, event, reason)
-            delivery.settle("dead-letter")
-            return
         except Exception as exc:
-            await self._redeliver_later(delivery, consumer.queue, event, exc)
+            queue, failures = consumer.queue, delivery.failures
+            reason = self.redelivery.dead_letter_reason(log, queue, event, exc, failures)
+            if reason is None:
+                await self._redeliver_later(delivery, queue, event)
+            else:
+                log_dead_letter(log, queue, event, reason)
+                delivery.settle("dead-letter")
             return
         delivery.settle("ack")
 
-    async def _redeliver_later(
-        self, delivery: _Delivery, queue: str, event: Event, exc: Exception
-    ) -> None:
-        """Put the message back with its failure count raised, or dead-letter it at the bound."""
+    async def _redeliver_later(self, delivery: _Delivery, queue: str, event: Event) -> None:
+        """Put the message back, its failure count raised, after the redelivery delay."""
         failures = delivery.failures
-        if failures >= self.max_redeliveries:
-            log.error(
-                "handler for %s on %s failed %d times (message_id=%s)",
-                event.routing_key,
-                queue,
-                failures + 1,
-                event.message_id,
-                exc_info=exc,
-            )
-            log_dead_letter(log, queue, event, f"failed after {failures} redeliveries: {exc!r}")
-            delivery.settle("dead-letter")
-            return
-        log.warning(
-            "handler for %s on %s failed (message_id=%s); redelivering in %.2fs",
-            event.routing_key,
-            queue,
-            event.message_id,
-            self.redelivery_delay,
-            exc_info=exc,
-        )
-        await self._pause(self.redelivery_delay)
+        await self._pause(self.redelivery.delay)
         if not delivery.channel.is_open:
             return  # the broker has put it back already (its count not raised, this once)
         # A copy with the count raised goes to the queue's tail through the default exchange;
@@ -680,17 +651,6 @@ class _Delivery:
 
     def settle(self, how: str) -> None:
         _settle(self.channel, self.tag, how)
-
-
-def _settle_once(future: asyncio.Future[Any]) -> Callable[..., None]:
-    """A pika callback that resolves `future` to its last argument (the channel, the frame,
-    the reason for a close), the first time only."""
-
-    def settle(*args: Any) -> None:
-        if not future.done():
-            future.set_result(args[-1] if args else None)
-
-    return settle
 
 
 def _decode(

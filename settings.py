@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from stox import store as stores
+
 
 class SettingsError(ValueError):
     """A setting that cannot be used; the message names it."""
@@ -400,10 +402,10 @@ def _validate(settings: Settings) -> Settings:
         raise SettingsError(
             f"logging.format: expected json or text, got {settings.logging.format!r}"
         )
-    if not settings.storage.url.startswith(("sqlite:", "mongodb://", "mongodb+srv://")):
-        raise SettingsError(
-            f"storage.url: expected sqlite:///PATH or mongodb://…, got {settings.storage.url!r}"
-        )
+    try:
+        stores.check_url(settings.storage.url)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     if settings.rabbitmq.url and not settings.rabbitmq.url.startswith(("amqp://", "amqps://")):
         raise SettingsError(f"rabbitmq.url: expected amqp://…, got {settings.rabbitmq.url!r}")
     if settings.server.max_body_size <= 0:

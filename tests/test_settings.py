@@ -258,6 +258,7 @@ def test_sizes(tmp_path: Path, text: str, size: int) -> None:
         ("rabbitmq:\n  heartbeat: 500ms\n", "rabbitmq.heartbeat"),
         ("rabbitmq:\n  blocked_timeout: 0\n", "rabbitmq.blocked_timeout"),
         ("storage:\n  url: postgres://x\n", "storage.url"),
+        ("storage:\n  url: 'sqlite://no-slash.db'\n", "storage.url"),
         ("rabbitmq:\n  url: http://x\n", "rabbitmq.url"),
         ("logging:\n  level: loud\n", "logging.level"),
         ("logging:\n  format: xml\n", "logging.format"),
@@ -443,3 +444,13 @@ def test_processes_starting_together_agree_on_one_secret(tmp_path: Path) -> None
         assert len(set(found)) == 1 and found[0], round_
         assert (folder / secret.SECRET_FILE).read_text().strip() == found[0]
         assert [p.name for p in folder.iterdir()] == [secret.SECRET_FILE]
+
+
+def test_the_store_modules_say_where_a_storage_url_keeps_its_data(tmp_path: Path) -> None:
+    from stox import store
+
+    assert store.data_folder(f"sqlite:///{tmp_path}/data/stox.db") == tmp_path / "data"
+    assert store.data_folder("sqlite://:memory:") is None
+    assert store.data_folder("mongodb://db:27017/shop") is None
+    with pytest.raises(ValueError, match=r"storage.url: expected sqlite:///PATH or mongodb://"):
+        store.data_folder("postgres://x")

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from stox.store import AlreadyExists, NewEvent, StoreError, WorkflowStore, make_store
-from stox.store.mongo import MongoStore, database_from_url
+from stox.store.mongo import MongoStore
+from stox.store.mongo_url import database_from_url
 from stox.store.sqlite import SQLiteStore
 from stox.workflow import (
     COMPLETED,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from settings import JWTSettings, SettingsError
+from stox import store as stores
 from stox.auth.tokens import BadKey, load_private_key, load_public_key
 
 SECRET_FILE = "stox.secret"
@@ -42,10 +43,8 @@ def key_pair(jwt: JWTSettings, *, issuing: bool) -> dict[str, Any]:
 
 
 def data_dir(storage_url: str) -> Path:
-    """The folder of the SQLite file; the working directory for other stores."""
-    if storage_url.startswith("sqlite:///") and ":memory:" not in storage_url:
-        return Path(storage_url.removeprefix("sqlite:///")).expanduser().resolve().parent
-    return Path.cwd()
+    """The folder of the store's file; the working directory for other stores."""
+    return stores.data_folder(storage_url) or Path.cwd()
 
 
 def load_or_create(folder: Path) -> str:

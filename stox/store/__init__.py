@@ -1,9 +1,19 @@
-"""Stores: the protocols, and `make_store(url)` / `make_user_store(url)` to pick one by URL."""
+"""Stores: the protocols, and `make_store(url)` / `make_user_store(url)` to pick one by URL.
+
+Each backend's URL module (light: a deployment on SQLite never loads PyMongo) declares the
+schemes it takes, an example, and where its data lives; settings and the secret file ask
+here, and nothing else parses a storage URL.
+"""
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import cast
 
+from stox.store import mongo_url, sqlite_db
 from stox.store.base import AlreadyExists, NewEvent, StoreError, UserStore, WorkflowStore
 
 __all__ = [
@@ -12,29 +22,64 @@ __all__ = [
     "StoreError",
     "UserStore",
     "WorkflowStore",
+    "check_url",
+    "data_folder",
     "make_store",
     "make_user_store",
 ]
 
 
+@dataclass(frozen=True)
+class _Backend:
+    urls: ModuleType  # SCHEMES, EXAMPLE, data_folder(url)
+    stores: str  # the module of its stores, imported when one is made
+    workflows: str
+    users: str
+
+
+_BACKENDS = (
+    _Backend(sqlite_db, "stox.store.sqlite", "SQLiteStore", "SQLiteUserStore"),
+    _Backend(mongo_url, "stox.store.mongo", "MongoStore", "MongoUserStore"),
+)
+
+
+def check_url(url: str) -> None:
+    """ValueError naming the setting and what it takes, unless a backend takes `url`."""
+    backend = _backend(url)
+    try:
+        backend.urls.data_folder(url)
+    except ValueError as exc:
+        raise ValueError(f"storage.url: {exc}") from None
+
+
+def data_folder(url: str) -> Path | None:
+    """The folder the store keeps its file in; None when it has none (a server, memory)."""
+    check_url(url)
+    return cast(Path | None, _backend(url).urls.data_folder(url))
+
+
 def make_store(url: str) -> WorkflowStore:
     """`sqlite:///path` (or `sqlite://:memory:`) or `mongodb://…`."""
-    return cast(WorkflowStore, _by_url(url, users=False))
+    check_url(url)
+    backend = _backend(url)
+    return cast(WorkflowStore, _store_class(backend, backend.workflows).from_url(url))
 
 
 def make_user_store(url: str) -> UserStore:
     """The users of the built-in AuthService, in the same database as the workflows."""
-    return cast(UserStore, _by_url(url, users=True))
+    check_url(url)
+    backend = _backend(url)
+    return cast(UserStore, _store_class(backend, backend.users).from_url(url))
 
 
-def _by_url(url: str, *, users: bool) -> object:
-    # imported here: a SQLite deployment never loads PyMongo
-    if url.startswith("sqlite:"):
-        from stox.store import sqlite
+def _backend(url: str) -> _Backend:
+    for backend in _BACKENDS:
+        if url.startswith(backend.urls.SCHEMES):
+            return backend
+    expected = " or ".join(backend.urls.EXAMPLE for backend in _BACKENDS)
+    raise ValueError(f"storage.url: expected {expected}, got {url!r}")
 
-        return (sqlite.SQLiteUserStore if users else sqlite.SQLiteStore).from_url(url)
-    if url.startswith(("mongodb://", "mongodb+srv://")):
-        from stox.store import mongo
 
-        return (mongo.MongoUserStore if users else mongo.MongoStore).from_url(url)
-    raise ValueError(f"storage.url: expected sqlite:///PATH or mongodb://…, got {url!r}")
+def _store_class(backend: _Backend, name: str) -> type:
+    module = importlib.import_module(backend.stores)
+    return cast(type, getattr(module, name))

@@ -35,7 +35,6 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 import bson
 import bson.errors
@@ -44,11 +43,11 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from stox.store.base import DEFER_DELAY, AlreadyExists, NewEvent, StoreError
+from stox.store.mongo_url import database_from_url
 from stox.workflow import DISPATCHED, PENDING, RUNNING, outbox_at, unpublished
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATABASE = "stox"
 COLLECTION = "workflows"
 USERS = "users"
 SERVER_SELECTION_TIMEOUT_MS = 5000
@@ -73,14 +72,6 @@ _INDEXES = (
     [("wake_at", ASCENDING)],
     [("outbox_at", ASCENDING)],
 )
-
-
-def database_from_url(url: str) -> str:
-    """The database named in the URL path (`mongodb://host/NAME?opts`), else `stox`."""
-    _, _, rest = url.partition("://")
-    _, slash, path = rest.partition("/")
-    name = unquote(path.partition("?")[0]) if slash else ""
-    return name or DEFAULT_DATABASE
 
 
 def _bson(doc: dict[str, Any]) -> RawBSONDocument:

@@ -32,6 +32,7 @@ import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from stox.store.base import DEFER_DELAY, AlreadyExists, StoreError
@@ -43,6 +44,8 @@ D = TypeVar("D", bound="SQLiteDatabase")
 Write = Callable[[sqlite3.Connection], Any]
 
 MEMORY = ":memory:"
+SCHEMES = ("sqlite:",)
+EXAMPLE = "sqlite:///PATH"
 CHECKPOINT_INTERVAL = 0.5  # seconds between checkpoints of a WAL that has grown
 COMMIT_INTERVAL = 0.001  # seconds: at most a commit a millisecond (see the docstring)
 
@@ -60,6 +63,12 @@ def path_from_url(url: str) -> str:
             f"sqlite://:memory:, got {url!r}"
         )
     return rest[1:]
+
+
+def data_folder(url: str) -> Path | None:
+    """The folder of the database file; None in memory."""
+    path = path_from_url(url)
+    return None if path == MEMORY else Path(path).expanduser().resolve().parent
 
 
 def rowcount(cursor: sqlite3.Cursor) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from stox import store as stores
+from stox.workflow import DEFAULT_STEPS, StepSpec
 
 
 class SettingsError(ValueError):
@@ -370,6 +371,9 @@ class WebSocketSettings:
     )
 
 
+_STEP = StepSpec("any")  # the domain's defaults of a step
+
+
 @dataclass
 class StepSettings:
     name: str = _help(
@@ -378,15 +382,21 @@ class StepSettings:
         check=pattern(r"[a-z][a-z0-9_]{0,63}", "lowercase letters, digits and _"),
     )
     routing_key: str = _help("routing key of its dispatch event (default step.NAME)", default="")
-    timeout: Duration = _help("how long an attempt may take", default=Duration(60), check=positive)
-    max_attempts: int = _help(
-        "attempts before the workflow fails", default=3, check=at_least(1, "at least 1")
+    timeout: Duration = _help(
+        "how long an attempt may take", default=Duration(_STEP.timeout), check=positive
     )
-    backoff: Duration = _help("pause before the first retry, doubling after", default=Duration(1))
+    max_attempts: int = _help(
+        "attempts before the workflow fails",
+        default=_STEP.max_attempts,
+        check=at_least(1, "at least 1"),
+    )
+    backoff: Duration = _help(
+        "pause before the first retry, doubling after", default=Duration(_STEP.backoff)
+    )
 
 
 def _default_steps() -> list[StepSettings]:
-    return [StepSettings(name) for name in ("image_processing", "ai_enhancement", "seo_generation")]
+    return [StepSettings(spec.name) for spec in DEFAULT_STEPS]
 
 
 @dataclass

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -28,9 +28,10 @@ class SettingsError(ValueError):
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_UNITS: dict[str | None, float] = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kib|mib|gib|kb|mb|gb)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kib": 1024, "kb": 1000, "mib": 1024**2, "mb": 1000**2}
+_SIZE_UNITS: dict[str | None, int] = {"b": 1, "kib": 1024, "kb": 1000, "mib": 1024**2}
+_SIZE_UNITS |= {"mb": 1000**2}
 _SIZE_UNITS |= {"gib": 1024**3, "gb": 1000**3, None: 1}
 _MAX_DURATION = 3650 * 86400.0  # ten years
 
@@ -466,7 +467,7 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
             return Endpoint(host, _coerce(f"{key}.port", int, port))
         if not isinstance(value, Mapping):
             raise SettingsError(f"{key}: expected a mapping, got {value!r}")
-        return _build(kind, value, key)
+        return _build(cast(type, kind), value, key)
     if origin is list:
         (item,) = typing.get_args(kind)
         if isinstance(value, str):

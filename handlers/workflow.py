@@ -105,7 +105,7 @@ class ListHandler(WorkflowHandler):
         query = self.load(list_query_schema, self.query())
         before = decode_cursor(query["cursor"]) if query["cursor"] else None
         limit = query["limit"]
-        workflows = await self.orchestrator.list(
+        workflows = await self.orchestrator.list_workflows(
             self.owner_filter(), query["status"], limit + 1, before
         )
         page = workflows[:limit]

@@ -323,7 +323,7 @@ class Hub:
             if sub.workflow_id is not None:
                 workflows = [await self.orchestrator.get(sub.workflow_id, sub.owner)]
             else:
-                workflows = await self.orchestrator.list(sub.owner, None, limit, before)
+                workflows = await self.orchestrator.list_workflows(sub.owner, None, limit, before)
             page = [(w.id, w.version, self._document(w)) for w in workflows]
         cursor = (workflows[-1].created_at, workflows[-1].id) if workflows else None
         return page, cursor

@@ -134,4 +134,4 @@ def log_exception(
         if value.log_message:
             gen_log.warning("%d %s: %s", value.status_code, summary, value.log_message)
     else:
-        app_log.error("Uncaught exception %s", summary, exc_info=(typ, value, tb))
+        app_log.error("Uncaught exception %s", summary, exc_info=value)

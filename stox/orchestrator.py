@@ -124,14 +124,16 @@ class Orchestrator:
             raise NotFound(workflow_id)
         return doc
 
-    async def list(
+    async def list_workflows(
         self,
         owner: str | None,
         status: str | None,
         limit: int,
         before: tuple[str, str] | None = None,
     ) -> list[Workflow]:
-        docs = await self.store.list(owner=owner, status=status, limit=limit, before=before)
+        docs = await self.store.list_workflows(
+            owner=owner, status=status, limit=limit, before=before
+        )
         return [Workflow.from_doc(doc) for doc in docs]
 
     # -- background work ------------------------------------------------------------------

@@ -90,7 +90,7 @@ class StepSpec:
 
     def retry_delay(self, attempt: int) -> float:
         """Exponential backoff: `backoff`, then twice that, and so on."""
-        return self.backoff * (2 ** max(attempt - 1, 0))
+        return self.backoff * 2.0 ** max(attempt - 1, 0)
 
 
 DEFAULT_STEPS = (

@@ -110,7 +110,7 @@ class FakeStore:
     async def flush(self) -> None:
         pass
 
-    async def list(
+    async def list_workflows(
         self,
         *,
         owner: str | None,
@@ -710,7 +710,7 @@ async def test_changes_waiting_behind_a_snapshot_count_against_the_bound() -> No
     world = World(max_backlog=BOUND)
     for _ in range(20):
         await world.upload(description="d" * 10_000)
-    newest = (await world.orchestrator.list("alice", None, 1))[0]
+    newest = (await world.orchestrator.list_workflows("alice", None, 1))[0]
     socket = StalledSocket(world.hub)
     sub = world.hub.subscribe(socket, user="alice", owner="alice", workflow_id=None)
     sending = asyncio.ensure_future(world.hub.send_snapshot(sub))
@@ -813,7 +813,7 @@ async def test_fifty_snapshots_encode_each_document_once_and_yield_between_messa
     encodings = Calls(monkeypatch, Workflow, "public")
     loading = 0
     most_loading = 0
-    real_list = world.orchestrator.list
+    real_list = world.orchestrator.list_workflows
 
     async def list_counted(*args: Any, **kwargs: Any) -> Any:
         nonlocal loading, most_loading
@@ -825,7 +825,7 @@ async def test_fifty_snapshots_encode_each_document_once_and_yield_between_messa
         finally:
             loading -= 1
 
-    monkeypatch.setattr(world.orchestrator, "list", list_counted)
+    monkeypatch.setattr(world.orchestrator, "list_workflows", list_counted)
     ticks = Ticks()
     connections = [TickedConnection(ticks) for _ in range(50)]
     try:
@@ -845,7 +845,7 @@ async def test_fifty_snapshots_encode_each_document_once_and_yield_between_messa
         assert len(set(conn.turns)) == len(conn.turns), "one message per turn of the loop"
 
     # a workflow that changed is encoded once more, at its new version, for every subscriber
-    wf = (await world.orchestrator.list("alice", None, 1))[0]
+    wf = (await world.orchestrator.list_workflows("alice", None, 1))[0]
     await world.complete_step(wf.id)
     await world.deliver(world.new_notifications())
     before = encodings.count

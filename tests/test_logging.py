@@ -100,7 +100,7 @@ async def test_tokens_never_reach_a_log_line(
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("the store fell over")
 
-        gw.gateway.orchestrator.list = broken  # type: ignore[method-assign]
+        gw.gateway.orchestrator.list_workflows = broken  # type: ignore[method-assign]
         response = await gw.fetch("GET", f"/api/v1/workflow/list?token={user}", token=user)
         assert response.status == 500
 

@@ -490,9 +490,9 @@ async def test_list_is_per_owner(orch: Orchestrator) -> None:
     mine = [await orch.upload("alice", copy.deepcopy(PRODUCT)) for _ in range(3)]
     await orch.upload("bob", copy.deepcopy(PRODUCT))
     await orch.drain()
-    listed = await orch.list("alice", None, 10)
+    listed = await orch.list_workflows("alice", None, 10)
     assert {wf.id for wf in listed} == {wf.id for wf in mine}
-    assert len(await orch.list(None, w.RUNNING, 10)) == 4
+    assert len(await orch.list_workflows(None, w.RUNNING, 10)) == 4
 
 
 # -- concurrent completions ----------------------------------------------------------------

@@ -24,9 +24,13 @@ def generate(out: Path, script: Path = SCRIPT) -> None:
 
 def test_the_committed_stubs_are_up_to_date(tmp_path: Path) -> None:
     generate(tmp_path)
-    fresh = sorted(p.name for p in (tmp_path / "protos").glob("*_pb2*.py"))
-    committed = sorted(p.name for p in (ROOT / "protos").glob("*_pb2*.py"))
-    assert fresh == committed == ["auth_pb2.py", "auth_pb2_grpc.py"]
+    fresh = sorted(p.name for p in (tmp_path / "protos").glob("*_pb2*.py*"))
+    committed = sorted(p.name for p in (ROOT / "protos").glob("*_pb2*.py*"))
+    assert (
+        fresh
+        == committed
+        == ["auth_pb2.py", "auth_pb2.pyi", "auth_pb2_grpc.py", "auth_pb2_grpc.pyi"]
+    )
     stale = [
         name
         for name in fresh

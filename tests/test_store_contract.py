@@ -254,8 +254,8 @@ async def test_replace_with_a_stale_version_changes_nothing(store: WorkflowStore
     assert await store.replace(newer, first["version"] + 1, []) == 0  # a version not yet seen
     assert await store.get(doc["id"]) == first
     # the stale write did not leak into the indexed fields either
-    assert await store.list(owner="mallory", status=None, limit=10) == []
-    assert await store.list(owner=None, status=FAILED, limit=10) == []
+    assert await store.list_workflows(owner="mallory", status=None, limit=10) == []
+    assert await store.list_workflows(owner=None, status=FAILED, limit=10) == []
 
 
 async def test_replace_of_a_missing_workflow_writes_nothing(store: WorkflowStore) -> None:
@@ -325,48 +325,51 @@ async def listed(store: WorkflowStore) -> list[dict[str, Any]]:
 
 
 async def test_list_is_newest_first(store: WorkflowStore, listed: list[dict[str, Any]]) -> None:
-    got = await store.list(owner=None, status=None, limit=100)
+    got = await store.list_workflows(owner=None, status=None, limit=100)
     assert ids(got) == newest_first(listed)
     assert got[0] == listed[-1]  # whole documents, exactly as written
 
 
 async def test_list_filters_by_owner(store: WorkflowStore, listed: list[dict[str, Any]]) -> None:
-    got = await store.list(owner="alice", status=None, limit=100)
+    got = await store.list_workflows(owner="alice", status=None, limit=100)
     assert ids(got) == newest_first([d for d in listed if d["owner"] == "alice"])
-    assert await store.list(owner="nobody", status=None, limit=100) == []
+    assert await store.list_workflows(owner="nobody", status=None, limit=100) == []
 
 
 async def test_list_filters_by_status(store: WorkflowStore, listed: list[dict[str, Any]]) -> None:
-    got = await store.list(owner=None, status=COMPLETED, limit=100)
+    got = await store.list_workflows(owner=None, status=COMPLETED, limit=100)
     assert ids(got) == newest_first([d for d in listed if d["status"] == COMPLETED])
-    assert await store.list(owner=None, status=FAILED, limit=100) == []
+    assert await store.list_workflows(owner=None, status=FAILED, limit=100) == []
 
 
 async def test_list_filters_by_owner_and_status(
     store: WorkflowStore, listed: list[dict[str, Any]]
 ) -> None:
-    got = await store.list(owner="bob", status=COMPLETED, limit=100)
+    got = await store.list_workflows(owner="bob", status=COMPLETED, limit=100)
     expected = [d for d in listed if d["owner"] == "bob" and d["status"] == COMPLETED]
     assert len(expected) == 2
     assert ids(got) == newest_first(expected)
 
 
 async def test_list_honours_limit(store: WorkflowStore, listed: list[dict[str, Any]]) -> None:
-    assert ids(await store.list(owner=None, status=None, limit=3)) == newest_first(listed)[:3]
+    assert (
+        ids(await store.list_workflows(owner=None, status=None, limit=3))
+        == newest_first(listed)[:3]
+    )
     alice = newest_first([d for d in listed if d["owner"] == "alice"])
-    assert ids(await store.list(owner="alice", status=None, limit=2)) == alice[:2]
-    assert await store.list(owner=None, status=None, limit=0) == []
+    assert ids(await store.list_workflows(owner="alice", status=None, limit=2)) == alice[:2]
+    assert await store.list_workflows(owner=None, status=None, limit=0) == []
 
 
 async def test_list_before_is_strict(store: WorkflowStore, listed: list[dict[str, Any]]) -> None:
     order = newest_first(listed)
     by_id = {d["id"]: d for d in listed}
     pivot = by_id[order[3]]
-    got = await store.list(owner=None, status=None, limit=100, before=cursor(pivot))
+    got = await store.list_workflows(owner=None, status=None, limit=100, before=cursor(pivot))
     assert ids(got) == order[4:]
     # a cursor that matches no stored workflow works as a position too
     between = (isoformat(T0 + 4.5), "")
-    got = await store.list(owner=None, status=None, limit=100, before=between)
+    got = await store.list_workflows(owner=None, status=None, limit=100, before=between)
     assert ids(got) == newest_first([d for d in listed if d["created_at"] < between[0]])
 
 
@@ -380,7 +383,9 @@ async def walk(
     seen: list[str] = []
     before = None
     for _ in range(1000):
-        page = await store.list(owner=owner, status=status, limit=page_size, before=before)
+        page = await store.list_workflows(
+            owner=owner, status=status, limit=page_size, before=before
+        )
         assert len(page) <= page_size
         seen.extend(ids(page))
         if len(page) < page_size:
@@ -498,7 +503,7 @@ async def test_unicode_and_nested_metadata_round_trip_exactly(store: WorkflowSto
     expected = copy.deepcopy(doc)
     await store.insert(doc)
     assert await store.get(doc["id"]) == expected
-    assert await store.list(owner="ütf-8 öwner ✓", status=None, limit=5) == [expected]
+    assert await store.list_workflows(owner="ütf-8 öwner ✓", status=None, limit=5) == [expected]
 
     updated = copy.deepcopy(expected)
     updated["version"] += 1
@@ -546,7 +551,9 @@ async def test_sqlite_data_survives_close_and_reopen(tmp_path: Path) -> None:
     await second.open()
     try:
         assert await second.get(doc["id"]) == updated
-        assert ids(await second.list(owner="alice", status=COMPLETED, limit=5)) == [doc["id"]]
+        assert ids(await second.list_workflows(owner="alice", status=COMPLETED, limit=5)) == [
+            doc["id"]
+        ]
         with pytest.raises(AlreadyExists):
             await second.insert(doc)
     finally:
@@ -580,7 +587,7 @@ async def test_sqlite_memory_database_keeps_its_data() -> None:
         await store.insert(doc)
         await store.ping()
         assert await store.get(doc["id"]) == doc
-        assert ids(await store.list(owner=None, status=None, limit=5)) == [doc["id"]]
+        assert ids(await store.list_workflows(owner=None, status=None, limit=5)) == [doc["id"]]
     finally:
         await store.close()
 

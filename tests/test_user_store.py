@@ -90,7 +90,7 @@ async def test_users_outlive_the_connection_and_sit_beside_workflows(store_url: 
         await again.open()  # idempotent
         await again.ping()
         assert await again.user_by_name("alice") == alice
-        assert await workflows.list(owner=None, status=None, limit=10) == []
+        assert await workflows.list_workflows(owner=None, status=None, limit=10) == []
     finally:
         await again.close()
         await workflows.close()

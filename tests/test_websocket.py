@@ -450,14 +450,14 @@ async def test_a_client_gone_while_its_snapshot_loads_is_not_kept(
     async with gateway(tmp_path) as (gw, client):
         orchestrator = gw.gateway.orchestrator
         loading, release = asyncio.Event(), asyncio.Event()
-        real_list = orchestrator.list
+        real_list = orchestrator.list_workflows
 
         async def slow_list(*args: Any, **kwargs: Any) -> Any:
             loading.set()
             await release.wait()
             return await real_list(*args, **kwargs)
 
-        monkeypatch.setattr(orchestrator, "list", slow_list)
+        monkeypatch.setattr(orchestrator, "list_workflows", slow_list)
         conn = await client.connect(gw.token("alice"))
         await asyncio.wait_for(loading.wait(), TIMEOUT)
         assert conn.protocol is not None

@@ -67,7 +67,7 @@ class AuthCallError(Exception):
     @property
     def busy(self) -> bool:
         """The service refused for want of capacity, not because it is away."""
-        return self.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return bool(self.code == grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class AuthClient:

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -54,7 +54,7 @@ def load_private_key(pem: bytes, algorithm: str) -> PrivateKey:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise BadKey(f"not an unencrypted PEM private key ({exc})") from None
-    return _checked(key, algorithm, private=True)
+    return cast(PrivateKey, _checked(key, algorithm, private=True))
 
 
 def load_public_key(pem: bytes, algorithm: str) -> PublicKey:
@@ -63,7 +63,7 @@ def load_public_key(pem: bytes, algorithm: str) -> PublicKey:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise BadKey(f"not a PEM public key ({exc})") from None
-    return _checked(key, algorithm, private=False)
+    return cast(PublicKey, _checked(key, algorithm, private=False))
 
 
 def _checked(key: Any, algorithm: str, *, private: bool) -> Any:

@@ -25,6 +25,7 @@ def _produce_joined(self: Any) -> None:
         joined = b"".join(buffers)
         buffers.clear()
         buffers.append(joined)
+    assert _original is not None  # coalesce() installs this only where pika has it
     _original(self)
 
 

@@ -283,7 +283,7 @@ class RabbitMQBus:
         )
         mandatory = self._routes_to_a_durable_queue(event.routing_key)
         attempts = 1 + max(0, self.max_retries)
-        problem = "not attempted"
+        problem: str | None = "not attempted"
         for attempt in range(1, attempts + 1):
             problem = await self._publish_once(
                 self.exchange, event.routing_key, body, properties, mandatory

@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import cast
+from typing import Any, cast
 
 from stox.store import mongo_url, sqlite_db
 from stox.store.base import AlreadyExists, NewEvent, StoreError, UserStore, WorkflowStore
@@ -80,6 +80,6 @@ def _backend(url: str) -> _Backend:
     raise ValueError(f"storage.url: expected {expected}, got {url!r}")
 
 
-def _store_class(backend: _Backend, name: str) -> type:
-    module = importlib.import_module(backend.stores)
-    return cast(type, getattr(module, name))
+def _store_class(backend: _Backend, name: str) -> Any:
+    """The class; its `from_url` makes the store."""
+    return getattr(importlib.import_module(backend.stores), name)

@@ -88,7 +88,7 @@ class WorkflowStore(Protocol):
     async def flush(self) -> None:
         """Write now what waits to go with a later write (`drop_published`)."""
 
-    async def list(
+    async def list_workflows(
         self,
         *,
         owner: str | None,

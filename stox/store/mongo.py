@@ -283,7 +283,7 @@ class MongoStore(MongoCollection):
             raise StoreError(f"MongoDB: {exc}") from exc
         return bool(result.matched_count == 1)
 
-    async def list(
+    async def list_workflows(
         self,
         *,
         owner: str | None,

@@ -152,8 +152,10 @@ class SQLiteStore(SQLiteDatabase):
             events = [NewEvent.of(entry) for entry in doc["outbox"]]
         workflow_id = doc["id"]
         state, product = _state(doc), _encode(doc["product"])
-        row = (workflow_id, doc["owner"], doc["status"], doc["created_at"], doc["version"])
-        row += (doc.get("wake_at"), state, product)
+        row = (
+            *(workflow_id, doc["owner"], doc["status"], doc["created_at"], doc["version"]),
+            *(doc.get("wake_at"), state, product),
+        )
         rows = _events(workflow_id, events)
 
         def write(conn: sqlite3.Connection) -> None:
@@ -211,7 +213,7 @@ class SQLiteStore(SQLiteDatabase):
         docs = await self.run(self._select_sync, _GET, (workflow_id,))
         return docs[0] if docs else None
 
-    async def list(
+    async def list_workflows(
         self,
         *,
         owner: str | None,

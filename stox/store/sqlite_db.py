@@ -240,7 +240,7 @@ class _OneFailed(Exception):
 def _together(conn: sqlite3.Connection, batch: Batch) -> list[Outcome]:
     conn.execute("BEGIN")
     try:
-        results = [(future, work(conn), None) for work, future in batch]
+        results: list[Outcome] = [(future, work(conn), None) for work, future in batch]
     except Exception as exc:
         conn.execute("ROLLBACK")
         raise _OneFailed from exc

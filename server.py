@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+import handlers
 import settings as settings_module
 from handlers.server import make_http_server
 from stox import gc_tuning
@@ -19,9 +20,9 @@ log = logging.getLogger("stox.server")
 
 
 async def serve(settings: settings_module.Settings) -> None:
-    gateway = Gateway(settings)
-    app = await gateway.start()
-    server = make_http_server(app, settings.server)
+    gateway = Gateway(settings, completion_path=handlers.completion_path())
+    await gateway.start()
+    server = make_http_server(handlers.make_app(gateway), settings.server)
     server.listen(settings.server.port, settings.server.host)
     gc_tuning.tune()
     log.info(

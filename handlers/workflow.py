@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import tornado.web
+
 from handlers.base import ApiError, BaseHandler, requires
 from stox.orchestrator import Contention, NotFound
 from stox.schemas import (
@@ -15,6 +17,8 @@ from stox.schemas import (
     workflow_id_schema,
 )
 from stox.workflow import NotAllowed, Report, StaleReport, Workflow
+
+STEP_COMPLETED = "step_completed"  # the route's name: the dispatches' HTTP reply address
 
 
 def _not_found(workflow_id: str) -> ApiError:
@@ -133,7 +137,7 @@ class RetryHandler(WorkflowHandler):
 routes = [
     (r"/api/v1/workflow/upload", UploadHandler),
     (r"/api/v1/workflow/status", StatusHandler),
-    (r"/api/v1/workflow/step-completed", StepCompletedHandler),
+    tornado.web.url(r"/api/v1/workflow/step-completed", StepCompletedHandler, name=STEP_COMPLETED),
     (r"/api/v1/workflow/list", ListHandler),
     (r"/api/v1/workflow/cancel", CancelHandler),
     (r"/api/v1/workflow/retry", RetryHandler),

@@ -143,9 +143,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def stox_environ(**env: str) -> dict[str, str]:
-    """This process's environment without STOX_* variables, plus `env`; imports this tree."""
+    """This process's environment without STOX_* variables, plus `env` (the project is
+    installed in the test venv, so `python -m stox` runs from any directory)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("STOX_")}
-    environ["PYTHONPATH"] = str(ROOT)
     environ.update(env)
     return environ
 

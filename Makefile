@@ -20,9 +20,12 @@ $(INTERPRETER):
 	$(PYTHON) -m venv $(VENV)
 	touch $@
 
-$(VENV)/.runtime: $(INTERPRETER) requirements.txt
+# the project itself too, editable: the `stox` command, and imports of stox, handlers,
+# settings… from any directory (the tests' subprocesses, bench/)
+$(VENV)/.runtime: $(INTERPRETER) requirements.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt

@@ -1,15 +1,22 @@
 """Entry point: load settings, start the gateway on one IOLoop (uvloop's by default), serve,
-shut down cleanly."""
+shut down cleanly.
+
+`python server.py [flags]` serves; the installed `stox` command (`cli`) is `stox serve [flags]`
+beside `stox token`, `stox user` and `stox auth-service` (stox/__main__.py's commands).
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
 import sys
 
+import handlers
 import settings as settings_module
 from handlers.server import make_http_server
+from stox import __main__ as commands
 from stox import gc_tuning
 from stox.app import Gateway
 from stox.logs import configure
@@ -19,9 +26,9 @@ log = logging.getLogger("stox.server")
 
 
 async def serve(settings: settings_module.Settings) -> None:
-    gateway = Gateway(settings)
-    app = await gateway.start()
-    server = make_http_server(app, settings.server)
+    gateway = Gateway(settings, completion_path=handlers.completion_path())
+    await gateway.start()
+    server = make_http_server(handlers.make_app(gateway), settings.server)
     server.listen(settings.server.port, settings.server.host)
     gc_tuning.tune()
     log.info(
@@ -60,6 +67,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stox: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The `stox` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="stox", description="The Stox gateway and its tools.")
+    subcommands = parser.add_subparsers(dest="command", required=True)
+    subcommands.add_parser(
+        "serve",
+        parents=[settings_module.parser()],
+        add_help=False,  # the parent's -h
+        help="run the gateway (python server.py)",
+        description=settings_module.parser().description,
+    )
+    commands.add_commands(subcommands)
+    args = parser.parse_args(argv)
+    if args.command == "serve":  # its flags are the settings' own, which `main` reads
+        return main(argv[1:])
+    return commands.dispatch(args)
 
 
 if __name__ == "__main__":

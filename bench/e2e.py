@@ -75,11 +75,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from stox.auth.tokens import SERVICE, USER, TokenAuthority
 
-from stox.auth.tokens import SERVICE, USER, TokenAuthority  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 UPLOAD_PATH = "/api/v1/workflow/upload"
 STEP_PATH = "/api/v1/workflow/step-completed"
@@ -96,7 +94,6 @@ THREAD_CPU_PROFILER = """
 import cProfile, runpy, sys, time
 out = sys.argv[1]
 sys.argv = sys.argv[2:]
-sys.path.insert(0, ".")
 profiler = cProfile.Profile(time.thread_time)
 profiler.enable()
 try:

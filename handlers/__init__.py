@@ -1,1 +1,63 @@
-"""Tornado handlers; each module exports `routes`, joined in `handlers.routes`."""
+"""Tornado handlers; each module exports `routes`, joined in `handlers.routes`.
+
+`make_app` builds the tornado.web.Application that serves them for a started Gateway;
+`completion_path` is where services report, the path of the route named STEP_COMPLETED.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tornado.web
+
+from handlers import auth, health, static, workflow, ws
+from handlers.base import NotFoundHandler
+from handlers.workflow import STEP_COMPLETED
+from stox.app import Gateway
+from stox.logs import log_request
+
+routes: list[Any] = [
+    *auth.routes,
+    *health.routes,
+    *workflow.routes,
+    *ws.routes,
+    *static.routes,  # `/`; `/static/…` comes from its app_settings
+]
+
+
+def path_of(name: str) -> str:
+    """The path of the route named `name` (one without arguments): what the application's
+    `reverse_url(name)` answers, known before there is an application."""
+    for route in routes:
+        if isinstance(route, tornado.web.URLSpec) and route.name == name:
+            return route.reverse()
+    raise KeyError(f"no route named {name!r}")
+
+
+def completion_path() -> str:
+    """The path services report step completions to (the dispatches' `reply_to.http`)."""
+    return path_of(STEP_COMPLETED)
+
+
+def make_app(gateway: Gateway) -> tornado.web.Application:
+    """The application serving `routes` with the gateway's parts (read back by the handlers'
+    typed properties)."""
+    settings = gateway.settings
+    return tornado.web.Application(
+        routes,
+        default_handler_class=NotFoundHandler,
+        log_function=log_request,
+        **static.app_settings(static.STATIC_DIR),
+        orchestrator=gateway.orchestrator,
+        tokens=gateway.tokens,
+        auth=gateway.auth,
+        store=gateway.store,
+        bus=gateway.bus,
+        hub=gateway.hub,
+        max_body_size=settings.server.max_body_size,
+        max_drain_size=settings.server.max_drain_size,
+        allowed_origins=settings.allowed_origins,
+        websocket_send_buffer=settings.websocket.kernel_send_buffer,
+        websocket_ping_interval=20,
+        websocket_ping_timeout=20,  # Tornado caps it at the ping interval
+    )

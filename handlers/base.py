@@ -2,7 +2,8 @@
 
 Every handler reads its request body through `BoundedBody`. API errors leave as
 `{"error": {"code", "message", "fields"?}}`; unexpected exceptions become a 500 that reveals
-nothing of the internals (and are logged with the request id).
+nothing of the internals (and are logged with the request id). Handlers let the domain's
+errors propagate: `DOMAIN_ERRORS` is the one place they become HTTP answers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 import json
 import logging
 import sys
+from asyncio import Future
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from types import TracebackType
@@ -25,8 +27,9 @@ from stox.auth.tokens import ADMIN, SERVICE, USER, InvalidToken, Principal, Toke
 from stox.codec import dumps
 from stox.ids import random16
 from stox.logs import log_exception
-from stox.orchestrator import Orchestrator
+from stox.orchestrator import Contention, NotFound, Orchestrator
 from stox.schemas import nested_beyond
+from stox.workflow import NotAllowed, StaleReport
 
 log = logging.getLogger("stox.http")
 
@@ -52,7 +55,7 @@ class ApiError(tornado.web.HTTPError):
         self.headers = headers or {}
 
 
-def write_json_error(handler: tornado.web.RequestHandler, error: ApiError) -> None:
+def write_json_error(handler: tornado.web.RequestHandler, error: ApiError) -> Future[None]:
     body: dict[str, Any] = {"code": error.code, "message": error.message}
     if error.fields:
         body["fields"] = error.fields
@@ -60,7 +63,69 @@ def write_json_error(handler: tornado.web.RequestHandler, error: ApiError) -> No
         handler.set_header(name, value)
     handler.set_header("Content-Type", "application/json")
     # the standard library: marshmallow's messages may have whole-number keys (list indexes)
-    handler.finish(json.dumps({"error": body}, separators=(",", ":")))
+    return handler.finish(json.dumps({"error": body}, separators=(",", ":")))
+
+
+def status_error(status: int, message: str | None = None) -> ApiError:
+    """An error with no code of its own: the status's phrase is its code (`method_not_allowed`)."""
+    phrase = HTTPStatus(status).phrase
+    return ApiError(status, phrase.lower().replace(" ", "_"), message or phrase)
+
+
+def unauthorized() -> ApiError:
+    """No bearer token."""
+    return ApiError(
+        401,
+        "unauthorized",
+        "send Authorization: Bearer <token>",
+        headers={"WWW-Authenticate": 'Bearer realm="stox"'},
+    )
+
+
+def invalid_token() -> ApiError:
+    return ApiError(
+        401,
+        "invalid_token",
+        "the token is invalid or has expired",
+        headers={"WWW-Authenticate": 'Bearer realm="stox", error="invalid_token"'},
+    )
+
+
+def _not_found(exc: Exception) -> ApiError:
+    return ApiError(404, "not_found", f"no workflow {exc}", {"workflow_id": "not found"})
+
+
+def _conflict(exc: Exception) -> ApiError:
+    return ApiError(409, cast(str, exc.code), str(exc))
+
+
+def _contended(exc: Exception) -> ApiError:
+    return ApiError(
+        503,
+        "contention",
+        "the workflow is changing too fast; try again",
+        headers={"Retry-After": "1"},
+    )
+
+
+# Each domain error's answer, the one place they are translated (as Starlette's exception
+# handlers are one dict): handlers raise them, JsonErrors answers them. A subclass takes its
+# nearest listed base's answer. NotFound carries the workflow id; the others their message.
+DOMAIN_ERRORS: dict[type[Exception], Callable[[Exception], ApiError]] = {
+    NotFound: _not_found,
+    NotAllowed: _conflict,
+    StaleReport: _conflict,
+    Contention: _contended,
+}
+
+
+def domain_error(exc: BaseException) -> ApiError | None:
+    """The ApiError that answers `exc`, if it is a domain error."""
+    for cls in type(exc).__mro__:
+        answer = DOMAIN_ERRORS.get(cls)
+        if answer is not None:
+            return answer(cast(Exception, exc))
+    return None
 
 
 def requires(role: str) -> Callable[[F], F]:
@@ -186,7 +251,43 @@ class BoundedBody(tornado.web.RequestHandler):
             super().write_error(status_code, **kwargs)
 
 
-class BaseHandler(PathOnlyErrorLog, BoundedBody):
+class JsonErrors(tornado.web.RequestHandler):
+    """The one error path: a domain error becomes its ApiError (`DOMAIN_ERRORS`) before
+    Tornado logs and answers it, and every error is answered in the JSON shape, with the
+    request's id."""
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        self.set_header("X-Request-Id", self.request_id)
+
+    @property
+    def request_id(self) -> str:
+        if not hasattr(self, "_request_id"):
+            self._request_id = self.request.headers.get("X-Request-Id") or random16().hex()
+        return self._request_id
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        answer = domain_error(e)
+        if answer is None:
+            super()._handle_request_exception(e)
+            return
+        try:  # Tornado reads what it handles from sys.exc_info()
+            raise answer from e
+        except ApiError as error:
+            super()._handle_request_exception(error)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if not isinstance(exc, ApiError):
+            if status_code >= 500:
+                log.error("request %s failed", self.request_id, exc_info=kwargs.get("exc_info"))
+                exc = ApiError(500, "internal", "internal error; see the server log")
+            else:
+                exc = status_error(status_code)
+        write_json_error(self, exc)
+
+
+class BaseHandler(JsonErrors, PathOnlyErrorLog, BoundedBody):
     """The API's handlers: JSON in and out, the principal from the bearer token."""
 
     def initialize(self) -> None:
@@ -203,15 +304,6 @@ class BaseHandler(PathOnlyErrorLog, BoundedBody):
         return cast(TokenAuthority, self.settings["tokens"])
 
     # -- request ----------------------------------------------------------------------------
-
-    def set_default_headers(self) -> None:
-        self.set_header("X-Request-Id", self.request_id)
-
-    @property
-    def request_id(self) -> str:
-        if not hasattr(self, "_request_id"):
-            self._request_id = self.request.headers.get("X-Request-Id") or random16().hex()
-        return self._request_id
 
     def json_body(self) -> dict[str, Any]:
         raw = self.request_body() or b"null"
@@ -253,12 +345,7 @@ class BaseHandler(PathOnlyErrorLog, BoundedBody):
         header = self.request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(
-                401,
-                "unauthorized",
-                "send Authorization: Bearer <token>",
-                headers={"WWW-Authenticate": 'Bearer realm="stox"'},
-            )
+            raise unauthorized()
         return token.strip()
 
     def _authenticate(self) -> Principal:
@@ -266,12 +353,7 @@ class BaseHandler(PathOnlyErrorLog, BoundedBody):
         try:
             return self.tokens.verify(token)
         except InvalidToken:
-            raise ApiError(
-                401,
-                "invalid_token",
-                "the token is invalid or has expired",
-                headers={"WWW-Authenticate": 'Bearer realm="stox", error="invalid_token"'},
-            ) from None
+            raise invalid_token() from None
 
     # -- responses ------------------------------------------------------------------------
 
@@ -289,17 +371,9 @@ class BaseHandler(PathOnlyErrorLog, BoundedBody):
         self.finish(dumps(body))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
         if status_code == 405:
             self.set_header("Allow", ", ".join(self.allowed_methods()))
-        if not isinstance(exc, ApiError):
-            if status_code >= 500:
-                log.error("request %s failed", self.request_id, exc_info=kwargs.get("exc_info"))
-                exc = ApiError(500, "internal", "internal error; see the server log")
-            else:
-                phrase = HTTPStatus(status_code).phrase
-                exc = ApiError(status_code, phrase.lower().replace(" ", "_"), phrase)
-        write_json_error(self, exc)
+        super().write_error(status_code, **kwargs)
 
 
 def invalid(exc: ValidationError) -> ApiError:

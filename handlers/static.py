@@ -20,6 +20,7 @@ import tornado.web
 
 from handlers.base import BoundedBody, PathOnlyErrorLog
 
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"  # installed beside handlers/
 YEAR = 365 * 24 * 3600
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 

@@ -1,11 +1,15 @@
-"""Workflow endpoints: upload, status, step-completed, list, cancel, retry."""
+"""Workflow endpoints: upload, status, step-completed, list, cancel, retry.
+
+The orchestrator's NotFound, NotAllowed, StaleReport and Contention propagate: the base
+handler's error path answers them (`handlers.base.DOMAIN_ERRORS`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from handlers.base import ApiError, BaseHandler, requires
-from stox.orchestrator import Contention, NotFound
+import tornado.web
+
+from handlers.base import BaseHandler, requires
 from stox.schemas import (
     completion_schema,
     decode_cursor,
@@ -14,20 +18,9 @@ from stox.schemas import (
     upload_schema,
     workflow_id_schema,
 )
-from stox.workflow import NotAllowed, Report, StaleReport, Workflow
+from stox.workflow import Report, Workflow
 
-
-def _not_found(workflow_id: str) -> ApiError:
-    return ApiError(404, "not_found", f"no workflow {workflow_id}", {"workflow_id": "not found"})
-
-
-def _contended() -> ApiError:
-    return ApiError(
-        503,
-        "contention",
-        "the workflow is changing too fast; try again",
-        headers={"Retry-After": "1"},
-    )
+STEP_COMPLETED = "step_completed"  # the route's name: the dispatches' HTTP reply address
 
 
 class WorkflowHandler(BaseHandler):
@@ -38,14 +31,7 @@ class WorkflowHandler(BaseHandler):
     async def change(self, action: str) -> None:
         workflow_id = self.load(workflow_id_schema, self.json_body())["workflow_id"]
         command = getattr(self.orchestrator, action)
-        try:
-            workflow: Workflow = await command(workflow_id, self.owner_filter())
-        except NotFound:
-            raise _not_found(workflow_id) from None
-        except NotAllowed as exc:
-            raise ApiError(409, exc.code, str(exc)) from None
-        except Contention:
-            raise _contended() from None
+        workflow: Workflow = await command(workflow_id, self.owner_filter())
         self.render(200, workflow.public())
 
 
@@ -68,10 +54,7 @@ class StatusHandler(WorkflowHandler):
     @requires("user")
     async def get(self) -> None:
         workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
-        try:
-            workflow = await self.orchestrator.get(workflow_id, self.owner_filter())
-        except NotFound:
-            raise _not_found(workflow_id) from None
+        workflow = await self.orchestrator.get(workflow_id, self.owner_filter())
         self.render(200, workflow.public())
 
 
@@ -79,14 +62,7 @@ class StepCompletedHandler(BaseHandler):
     @requires("service")
     async def post(self) -> None:
         report = Report(**self.load(completion_schema, self.json_body()))
-        try:
-            outcome = await self.orchestrator.report(report)
-        except NotFound:
-            raise _not_found(report.workflow_id) from None
-        except StaleReport as exc:
-            raise ApiError(409, exc.code, str(exc)) from None
-        except Contention:
-            raise _contended() from None
+        outcome = await self.orchestrator.report(report)
         workflow = outcome.workflow
         self.render(
             200,
@@ -133,7 +109,7 @@ class RetryHandler(WorkflowHandler):
 routes = [
     (r"/api/v1/workflow/upload", UploadHandler),
     (r"/api/v1/workflow/status", StatusHandler),
-    (r"/api/v1/workflow/step-completed", StepCompletedHandler),
+    tornado.web.url(r"/api/v1/workflow/step-completed", StepCompletedHandler, name=STEP_COMPLETED),
     (r"/api/v1/workflow/list", ListHandler),
     (r"/api/v1/workflow/cancel", CancelHandler),
     (r"/api/v1/workflow/retry", RetryHandler),

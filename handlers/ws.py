@@ -1,8 +1,10 @@
 """GET /ws: live workflow changes over a WebSocket (DESIGN §6).
 
 Authenticated before the upgrade (`Sec-WebSocket-Protocol: bearer, <jwt>` or `?token=`),
-Origin checked against `cors.allowed_origins`. Refusals a browser must be able to tell
-apart come after the upgrade, as close codes: 4029 for a socket over the user's limit,
+Origin checked against `cors.allowed_origins`; a handshake refused before the upgrade is
+answered in the API's JSON error shape, like every other endpoint. Refusals a browser must be
+able to tell apart (it cannot read a refused handshake's answer) come after the upgrade, as
+close codes: 4029 for a socket over the user's limit,
 4401 when the token expires (the socket is closed at its `exp`), 4404 for a workflow the
 user may not see. The hub bounds what each socket may queue (4008, too slow).
 """
@@ -22,11 +24,21 @@ import tornado.websocket
 from marshmallow import ValidationError
 from tornado.iostream import StreamClosedError
 
-from handlers.base import BoundedBody, PathOnlyErrorLog
+from handlers.base import (
+    ApiError,
+    BoundedBody,
+    JsonErrors,
+    PathOnlyErrorLog,
+    invalid,
+    invalid_token,
+    status_error,
+    unauthorized,
+    write_json_error,
+)
 from stox.auth.tokens import SERVICE, InvalidToken, Principal, TokenAuthority
 from stox.hub import Hub, Subscription, TooManySockets
 from stox.orchestrator import NotFound
-from stox.schemas import HEX_ID
+from stox.schemas import workflow_id_schema
 
 CLOSE_TOO_MANY = 4029
 CLOSE_EXPIRED = 4401
@@ -34,8 +46,9 @@ CLOSE_NOT_FOUND = 4404
 MAX_CLIENT_MESSAGE = 64 * 1024  # clients only listen: a larger message closes with 1009
 
 
-class WorkflowSocket(PathOnlyErrorLog, BoundedBody, tornado.websocket.WebSocketHandler):
+class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocket.WebSocketHandler):
     def initialize(self) -> None:
+        self._error_written = False  # an error answer, in the JSON shape, is being written
         self.principal: Principal | None = None
         self.subscription: Subscription | None = None
         self.workflow_id: str | None = None
@@ -71,21 +84,36 @@ class WorkflowSocket(PathOnlyErrorLog, BoundedBody, tornado.websocket.WebSocketH
     async def get(self, *args: Any, **kwargs: Any) -> None:
         token = self._token()
         if not token:
-            raise tornado.web.HTTPError(401, reason="send a bearer token")
+            raise unauthorized()
         try:
             self.principal = cast(TokenAuthority, self.settings["tokens"]).verify(token)
         except InvalidToken:
-            raise tornado.web.HTTPError(401, reason="invalid or expired token") from None
+            raise invalid_token() from None
         if self.principal.role == SERVICE:
-            raise tornado.web.HTTPError(403, reason="services do not subscribe")
+            raise ApiError(403, "forbidden", "services do not subscribe")
         workflow_id = self.get_query_argument("workflow_id", None)
         if workflow_id is not None:
             try:
-                HEX_ID(workflow_id)
-            except ValidationError:
-                raise tornado.web.HTTPError(400, reason="workflow_id: expected a hex id") from None
+                workflow_id_schema.load({"workflow_id": workflow_id})
+            except ValidationError as exc:
+                raise invalid(exc) from None
         self.workflow_id = workflow_id
         await super().get(*args, **kwargs)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self._error_written = True
+        super().write_error(status_code, **kwargs)
+
+    def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> asyncio.Future[None]:
+        """Tornado refuses a handshake it cannot take (no `Upgrade: websocket`, an origin
+        `check_origin` refuses, missing WebSocket headers: a plain-text message; a version
+        it does not speak: 426 and no body). Those answers leave in the JSON error shape."""
+        status = self.get_status()
+        if status < 400 or self._error_written:
+            return super().finish(chunk)
+        self._error_written = True
+        message = chunk if isinstance(chunk, str) else None  # Tornado's words, when it has any
+        return write_json_error(self, status_error(status, message))
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         # echo the client's own spelling: tornado insists the answer is one it offered

@@ -1,4 +1,4 @@
-"""The command line beside the server:
+"""The command line beside the server (also the `stox` command's, see `server.cli`):
 
 - `python -m stox token --user NAME [--role admin]` / `--service NAME`: print a signed token.
 - `python -m stox user create NAME [--role admin] [--password-stdin]`: add a user to the
@@ -35,9 +35,8 @@ log = logging.getLogger("stox.auth_service")
 DEFAULT_AUTH_PORT = 50051
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stox")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `token`, `user` and `auth-service` to `commands` (here, and the `stox` command's)."""
     token = commands.add_parser("token", help="print a signed bearer token")
     who = token.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="a user name")
@@ -63,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for command in (token, create, service):
         command.add_argument("--config", help="the gateway's YAML settings file")
-    args = parser.parse_args(argv)
 
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the command that `add_commands`' parsers read into `args`."""
     try:
         settings = settings_module.load(["--config", args.config] if args.config else [])
         if args.command == "token":
@@ -75,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except settings_module.SettingsError as exc:
         print(f"stox: configuration error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stox")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return dispatch(parser.parse_args(argv))
 
 
 def _token(args: argparse.Namespace, settings: settings_module.Settings) -> int:

@@ -1,8 +1,9 @@
-"""Wiring: open the store, bus and token authority on the running loop, build the app.
+"""Wiring: open the store, bus and token authority on the running loop.
 
 `Gateway.start()` must run inside the loop that will serve (PyMongo's async client and
 pika's TornadoConnection bind to it). It declares the queue topology, consumes completion
-reports and change notifications, and runs the timer sweeper and the outbox relay.
+reports and change notifications, and runs the timer sweeper and the outbox relay. The web
+layer (`handlers.make_app`) is built on a started Gateway; this package never imports it.
 """
 
 from __future__ import annotations
@@ -13,17 +14,8 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Any
 
-import tornado.web
-
-import handlers.auth
-import handlers.health
-import handlers.static
-import handlers.workflow
-import handlers.ws
-from handlers.base import NotFoundHandler
 from settings import Settings, SettingsError
 from stox.auth import secret
 from stox.auth.client import AuthClient
@@ -34,25 +26,24 @@ from stox.bus.journal import SQLiteJournal
 from stox.changes import CHANGES_ROUTING_KEY
 from stox.completions import completion_handler
 from stox.hub import Hub
-from stox.logs import log_request
 from stox.orchestrator import Orchestrator
 from stox.store import WorkflowStore, make_store
 from stox.workflow import CHANGE_ROUTING_KEY, Pipeline, StepSpec
 
 log = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 JOURNAL_FILE = "stox-bus.db"  # the in-process bus's journal, where the store is not SQLite
 RETIRED_IDS_LOGGED = 20  # workflow ids named in the warning about a step no longer configured
 
 
-def make_pipeline(settings: Settings) -> Pipeline:
+def make_pipeline(settings: Settings, completion_path: str) -> Pipeline:
+    """The configured pipeline; services reply at `completion_path` under the public URL."""
     return Pipeline(
         steps=tuple(
             StepSpec(s.name, s.routing_key, s.timeout, s.max_attempts, s.backoff)
             for s in settings.pipeline.steps
         ),
-        completion_url=f"{settings.public_url}/api/v1/workflow/step-completed",
+        completion_url=f"{settings.public_url}{completion_path}",
         completion_routing_key=settings.rabbitmq.routing_key,
     )
 
@@ -115,12 +106,17 @@ class Topology:
 
 
 class Gateway:
-    """Everything one gateway process runs, started and stopped in order."""
+    """Everything one gateway process runs, started and stopped in order.
+
+    `completion_path`: where the web layer takes step completions (`handlers.completion_path`),
+    named in every dispatch as the HTTP reply address.
+    """
 
     def __init__(
         self,
         settings: Settings,
         *,
+        completion_path: str,
         store: WorkflowStore | None = None,
         bus: EventBus | None = None,
         clock: Callable[[], float] = time.time,
@@ -139,7 +135,7 @@ class Gateway:
         self.auth = AuthClient.from_settings(
             settings.auth, f"{remote.host}:{remote.port}" if remote.host else ""
         )
-        self.pipeline = make_pipeline(settings)
+        self.pipeline = make_pipeline(settings, completion_path)
         self.orchestrator = Orchestrator(
             self.store,
             self.bus,
@@ -152,16 +148,16 @@ class Gateway:
         self.topology = Topology(settings.rabbitmq.prefix, self.instance_id)
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> tornado.web.Application:
+    async def start(self) -> None:
         try:
-            return await self._start()
+            await self._start()
         except BaseException:
             # a start that fails half-way (an unreachable broker) leaves nothing running
             with contextlib.suppress(Exception):
                 await self.stop()
             raise
 
-    async def _start(self) -> tornado.web.Application:
+    async def _start(self) -> None:
         await self.store.open()
         if self.auth_server is not None:  # on a free port of 127.0.0.1
             port = await self.auth_server.start("127.0.0.1", 0)
@@ -184,7 +180,6 @@ class Gateway:
         server = self.settings.server
         self._every(server.sweep_interval, self.orchestrator.sweep)
         self._every(server.relay_interval, lambda: self.orchestrator.relay(server.relay_interval))
-        return self.make_app()
 
     async def _steps_to_serve(self) -> list[str]:
         """The pipeline's steps, then any step that running workflows still need although it
@@ -224,34 +219,6 @@ class Gateway:
         await self.bus.declare(topo.hub, [CHANGES_ROUTING_KEY, CHANGE_ROUTING_KEY], exclusive=True)
         await self.bus.consume(topo.completions, completion_handler(self.orchestrator, self.tokens))
         await self.bus.consume(topo.hub, self.hub.on_change)
-
-    def make_app(self) -> tornado.web.Application:
-        settings = self.settings
-        routes: list[Any] = [
-            *handlers.auth.routes,
-            *handlers.health.routes,
-            *handlers.workflow.routes,
-            *handlers.ws.routes,
-            *handlers.static.routes,  # `/`; `/static/…` comes from its app_settings
-        ]
-        return tornado.web.Application(
-            routes,
-            default_handler_class=NotFoundHandler,
-            log_function=log_request,
-            **handlers.static.app_settings(STATIC_DIR),
-            orchestrator=self.orchestrator,
-            tokens=self.tokens,
-            auth=self.auth,
-            store=self.store,
-            bus=self.bus,
-            hub=self.hub,
-            max_body_size=settings.server.max_body_size,
-            max_drain_size=settings.server.max_drain_size,
-            allowed_origins=settings.allowed_origins,
-            websocket_send_buffer=settings.websocket.kernel_send_buffer,
-            websocket_ping_interval=20,
-            websocket_ping_timeout=20,  # Tornado caps it at the ping interval
-        )
 
     def _every(self, interval: float, job: Callable[[], Awaitable[Any]]) -> None:
         async def loop() -> None:

@@ -20,6 +20,7 @@ import tornado.httpclient
 import tornado.netutil
 import tornado.websocket
 
+import handlers
 import settings as settings_module
 from handlers.server import make_http_server
 from stox.app import Gateway
@@ -142,9 +143,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def stox_environ(**env: str) -> dict[str, str]:
-    """This process's environment without STOX_* variables, plus `env`; imports this tree."""
+    """This process's environment without STOX_* variables, plus `env` (the project is
+    installed in the test venv, so `python -m stox` runs from any directory)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("STOX_")}
-    environ["PYTHONPATH"] = str(ROOT)
     environ.update(env)
     return environ
 
@@ -242,13 +243,15 @@ async def running_gateway(
     try:
         if configure is not None:
             configure(settings)
-        gateway = Gateway(settings, **(gateway_options or {}))
-        app = await gateway.start()
+        gateway = Gateway(
+            settings, completion_path=handlers.completion_path(), **(gateway_options or {})
+        )
+        await gateway.start()
     except BaseException:
         for sock in sockets:
             sock.close()
         raise
-    server = make_http_server(app, settings.server)
+    server = make_http_server(handlers.make_app(gateway), settings.server)
     server.add_sockets(sockets)
     try:
         yield RunningGateway(gateway, port)

@@ -33,6 +33,7 @@ from support import (
     write_key_pair,
 )
 
+from handlers import completion_path
 from settings import Endpoint, SettingsError
 from stox.app import Gateway
 from stox.auth.tokens import CannotIssue, TokenAuthority, load_private_key
@@ -411,7 +412,8 @@ def test_a_gateway_running_the_auth_service_needs_the_private_key(
     settings = gateway_settings(tmp_path, jwt__secret="", jwt__algorithm="EdDSA")
     settings.jwt.public_key_file = str(pair.public_file)
     with pytest.raises(SettingsError, match=r"jwt\.private_key_file"):
-        Gateway(settings)  # the built-in AuthService would have to sign tokens
+        # the built-in AuthService would have to sign tokens
+        Gateway(settings, completion_path=completion_path())
 
 
 async def test_a_bad_token_is_401_with_a_key_pair(

@@ -36,7 +36,9 @@ from support import (
 
 import settings as settings_module
 from stox.bus.base import Event
+from stox.orchestrator import Contention, NotFound
 from stox.schemas import MAX_JSON_DEPTH
+from stox.workflow import NotAllowed, StaleReport
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 STEPS = ["image_processing", "ai_enhancement", "seo_generation"]
@@ -554,6 +556,93 @@ async def test_cancel_and_retry_of_an_unknown_workflow_are_404(gw: RunningGatewa
     for path in (CANCEL, RETRY):
         response = await gw.fetch("POST", path, {"workflow_id": "1" * 32}, token=gw.token())
         assert_error(response, 404, "not_found", "workflow_id")
+
+
+# -- domain errors: one mapping to HTTP ----------------------------------------------------
+
+WORKFLOW_ID = "1" * 32
+# what each orchestrator call answers when it raises a domain error
+DOMAIN_CALLS = {
+    "get": ("GET", f"{STATUS}?workflow_id={WORKFLOW_ID}", None),
+    "cancel": ("POST", CANCEL, {"workflow_id": WORKFLOW_ID}),
+    "retry": ("POST", RETRY, {"workflow_id": WORKFLOW_ID}),
+    "report": (
+        "POST",
+        COMPLETED,
+        {"workflow_id": WORKFLOW_ID, "step_id": "2" * 32, "success": True, "result": {}},
+    ),
+}
+
+
+@pytest.mark.parametrize("call", sorted(DOMAIN_CALLS))
+@pytest.mark.parametrize(
+    ("error", "status", "code", "retry_after"),
+    [
+        pytest.param(NotFound(WORKFLOW_ID), 404, "not_found", None, id="NotFound"),
+        pytest.param(NotAllowed("not in this state"), 409, "not_allowed", None, id="NotAllowed"),
+        pytest.param(StaleReport("an older attempt"), 409, "stale_report", None, id="Stale"),
+        pytest.param(Contention(WORKFLOW_ID), 503, "contention", "1", id="Contention"),
+    ],
+)
+async def test_each_domain_error_has_one_answer_on_every_endpoint(
+    gw: RunningGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    call: str,
+    error: Exception,
+    status: int,
+    code: str,
+    retry_after: str | None,
+) -> None:
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(gw.gateway.orchestrator, call, refuse)
+    method, path, body = DOMAIN_CALLS[call]
+    token = gw.service_token() if call == "report" else gw.token()
+    with caplog.at_level("WARNING"):
+        response = await gw.fetch(method, path, body, token=token)
+    answer = assert_error(response, status, code)
+    assert response.headers.get("Retry-After") == retry_after
+    if status == 409:
+        assert answer["message"] == str(error)
+    if status == 404:
+        assert answer["message"] == f"no workflow {WORKFLOW_ID}"
+        assert answer["fields"] == {"workflow_id": "not found"}
+    # an answered refusal, not an uncaught exception (the access log's line aside)
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name != "stox.access"]
+    assert errors == [], caplog.text
+
+
+async def test_a_subclass_of_a_domain_error_gets_its_answer(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Gone(NotFound):
+        pass
+
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise Gone(WORKFLOW_ID)
+
+    monkeypatch.setattr(gw.gateway.orchestrator, "get", refuse)
+    response = await gw.fetch("GET", f"{STATUS}?workflow_id={WORKFLOW_ID}", token=gw.token())
+    assert_error(response, 404, "not_found", "workflow_id")
+
+
+async def test_a_workflow_that_keeps_losing_its_compare_and_swap_is_503_with_retry_after(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workflow_id = await gw.upload(gw.token())
+    before = await gw.status(workflow_id)
+
+    async def lost(*args: Any, **kwargs: Any) -> int:
+        return 0  # another writer won, every time
+
+    monkeypatch.setattr(gw.gateway.store, "replace", lost)
+    response = await gw.fetch("POST", CANCEL, {"workflow_id": workflow_id}, token=gw.token())
+    assert_error(response, 503, "contention")
+    assert response.headers["Retry-After"] == "1"
+    monkeypatch.undo()
+    assert (await gw.status(workflow_id))["version"] == before["version"]
 
 
 # -- list ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from procs import gateway_config, remote, start_gateway, wait_ready
 from support import RunningGateway, completion, free_port, gateway_settings, running_gateway
 
 import settings as settings_module
+from handlers import completion_path
 from stox import workflow as w
 from stox.app import make_pipeline
 from stox.bus.base import Event
@@ -117,7 +118,7 @@ async def test_startup_relay_publishes_what_a_crashed_gateway_left_in_the_outbox
 
     settings = gateway_settings(tmp_path)
     configure(settings)
-    pipeline = make_pipeline(settings)
+    pipeline = make_pipeline(settings, completion_path())
     now = time.time() - 1
     # what a gateway that crashed right after its store write leaves behind:
     # an upload whose events never went out ...

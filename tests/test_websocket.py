@@ -189,11 +189,31 @@ async def test_the_bearer_subprotocol_is_matched_case_insensitively(tmp_path: Pa
         assert (await receive(conn))["type"] == "snapshot"
 
 
-async def handshake_error(gw: RunningGateway, token: str | None, **kw: Any) -> int:
+def refusal(status: int, headers: Any, body: bytes | None) -> dict[str, Any]:
+    """The `error` of a refused handshake, in the shape every endpoint answers errors in."""
+    assert headers.get("Content-Type", "").startswith("application/json"), (status, body)
+    assert len(headers.get("X-Request-Id", "")) == 32, headers
+    answer = json.loads(body or b"null")
+    assert isinstance(answer, dict) and set(answer) == {"error"}, answer
+    error = answer["error"]
+    assert set(error) <= {"code", "message", "fields"} and error["code"] and error["message"]
+    return dict(error)
+
+
+async def handshake_refusal(
+    gw: RunningGateway, token: str | None, **kw: Any
+) -> tuple[int, dict[str, Any]]:
+    """A WebSocket client's refused handshake: the status and the JSON error."""
     with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
         conn = await gw.ws_connect(token, **kw)
         conn.close()
-    return refused.value.code
+    response = refused.value.response
+    assert response is not None
+    return refused.value.code, refusal(response.code, response.headers, response.body)
+
+
+async def handshake_error(gw: RunningGateway, token: str | None, **kw: Any) -> int:
+    return (await handshake_refusal(gw, token, **kw))[0]
 
 
 @pytest.mark.parametrize("via", ["protocol", "query"])
@@ -223,6 +243,58 @@ async def test_a_foreign_origin_is_refused_with_403(tmp_path: Path) -> None:
         # the server's own origin is allowed
         conn = await client.connect(token, origin=gw.base_url)
         await assert_silent(conn, 0.05)  # no workflows: no snapshot
+
+
+async def test_each_refusal_names_its_reason_in_the_json_error_shape(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, _):
+        status, error = await handshake_refusal(gw, None)
+        assert (status, error["code"]) == (401, "unauthorized")
+        status, error = await handshake_refusal(gw, "not-a-jwt", via="query")
+        assert (status, error["code"]) == (401, "invalid_token")
+        status, error = await handshake_refusal(gw, gw.service_token())
+        assert (status, error["code"]) == (403, "forbidden")
+        status, error = await handshake_refusal(gw, gw.token(), origin="http://evil.example")
+        assert (status, error["code"]) == (403, "forbidden")
+        status, error = await handshake_refusal(gw, gw.token(), workflow_id="not-hex")
+        assert (status, error["code"]) == (400, "invalid_input")
+        assert error["fields"] == {"workflow_id": "expected a 32-character hex id"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "code"),
+    [
+        pytest.param({}, 400, "bad_request", id="no-upgrade"),
+        pytest.param(
+            {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"},
+            400,
+            "bad_request",
+            id="no-key",
+        ),
+        pytest.param(
+            {
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Version": "8",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            },
+            426,
+            "upgrade_required",
+            id="old-version",
+        ),
+    ],
+)
+async def test_what_tornado_refuses_is_answered_in_the_json_error_shape(
+    tmp_path: Path, headers: dict[str, str], status: int, code: str
+) -> None:
+    async with gateway(tmp_path) as (gw, _):
+        token = gw.token()
+        headers = {"Sec-WebSocket-Protocol": f"bearer, {token}", "Origin": gw.base_url, **headers}
+        request = tornado.httpclient.HTTPRequest(gw.ws_url.replace("ws:", "http:"), headers=headers)
+        response = await tornado.httpclient.AsyncHTTPClient().fetch(request, raise_error=False)
+        assert response.code == status
+        assert refusal(response.code, response.headers, response.body)["code"] == code
+        if status == 426:
+            assert response.headers["Sec-WebSocket-Version"] == "13"
 
 
 @pytest.mark.parametrize("workflow_id", ["not-hex", "ABCDEF" + "0" * 26, "a" * 31, "a" * 33])

@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` runs the gateway with demo workers on the
-# embedded defaults; `make test` runs lint and the whole test suite. Both create .venv.
+# embedded defaults; `make test` runs lint, the type checker and the whole test suite. Both create .venv.
 # The interpreter is the newest CPython 3.12+ found (scripts/find_python), else python3;
 # `make PYTHON=/path/to/python3 VENV=.venv311 test` chooses another, in a venv of its own.
 PYTHON ?= $(shell scripts/find_python)
@@ -38,6 +38,7 @@ demo: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 format: $(VENV)/.dev

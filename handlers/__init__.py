@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import tornado.routing
 import tornado.web
 
 from handlers import auth, health, static, workflow, ws
@@ -29,8 +30,10 @@ def path_of(name: str) -> str:
     """The path of the route named `name` (one without arguments): what the application's
     `reverse_url(name)` answers, known before there is an application."""
     for route in routes:
-        if isinstance(route, tornado.web.URLSpec) and route.name == name:
-            return route.reverse()
+        if isinstance(route, tornado.routing.URLSpec) and route.name == name:
+            path = route.reverse()
+            assert path is not None  # a route without arguments reverses to its path
+            return path
     raise KeyError(f"no route named {name!r}")
 
 

@@ -62,14 +62,14 @@ class RegisterHandler(AuthHandler):
     async def post(self) -> None:
         body = self.load(register_schema, self.json_body())
         register = self.auth.register(body["username"], body["password"], self.address)
-        self.render(201, await self.call(register))
+        self.write_json(201, await self.call(register))
 
 
 class LoginHandler(AuthHandler):
     async def post(self) -> None:
         body = self.load(login_schema, self.json_body())
         login = self.auth.login(body["username"], body["password"], self.address)
-        self.render(
+        self.write_json(
             200, await self.call(login, ("invalid_credentials", "wrong user name or password"))
         )
 
@@ -78,13 +78,15 @@ class ValidateHandler(AuthHandler):
     async def post(self) -> None:
         token = self.load(token_schema, self.json_body())["token"]
         reply = await self.call(self.auth.validate(token))
-        self.render(200, {"valid": True, "user": reply["user"], "expires_at": reply["expires_at"]})
+        self.write_json(
+            200, {"valid": True, "user": reply["user"], "expires_at": reply["expires_at"]}
+        )
 
 
 class ProfileHandler(AuthHandler):
     @requires("user")
     async def get(self) -> None:
-        self.render(200, await self.call(self.auth.profile(self.bearer_token)))
+        self.write_json(200, await self.call(self.auth.profile(self.bearer_token)))
 
 
 routes = [

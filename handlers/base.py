@@ -96,7 +96,7 @@ def _not_found(exc: Exception) -> ApiError:
 
 
 def _conflict(exc: Exception) -> ApiError:
-    return ApiError(409, cast(str, exc.code), str(exc))
+    return ApiError(409, str(getattr(exc, "code", "conflict")), str(exc))
 
 
 def _contended(exc: Exception) -> ApiError:
@@ -365,7 +365,8 @@ class BaseHandler(JsonErrors, PathOnlyErrorLog, BoundedBody):
             if getattr(type(self), method.lower()) is not getattr(base, method.lower())
         ]
 
-    def render(self, status: int, body: Any) -> None:
+    def write_json(self, status: int, body: Any) -> None:
+        """Answer `status` with `body` as JSON (not Tornado's `render`, which takes a template)."""
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.finish(dumps(body))

@@ -12,7 +12,7 @@ from stox.store.base import WorkflowStore
 
 class HealthHandler(BaseHandler):
     async def get(self) -> None:
-        self.render(200, {"status": "ok"})
+        self.write_json(200, {"status": "ok"})
 
 
 class ReadyHandler(BaseHandler):
@@ -31,7 +31,9 @@ class ReadyHandler(BaseHandler):
         auth = cast(AuthClient, self.settings["auth"])
         checks["auth"] = "ok" if await auth.check() else "unavailable"
         ready = all(value == "ok" for value in checks.values())
-        self.render(200 if ready else 503, {"status": "ready" if ready else "unready", **checks})
+        self.write_json(
+            200 if ready else 503, {"status": "ready" if ready else "unready", **checks}
+        )
 
 
 routes = [

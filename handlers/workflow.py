@@ -32,7 +32,7 @@ class WorkflowHandler(BaseHandler):
         workflow_id = self.load(workflow_id_schema, self.json_body())["workflow_id"]
         command = getattr(self.orchestrator, action)
         workflow: Workflow = await command(workflow_id, self.owner_filter())
-        self.render(200, workflow.public())
+        self.write_json(200, workflow.public())
 
 
 class UploadHandler(WorkflowHandler):
@@ -40,7 +40,7 @@ class UploadHandler(WorkflowHandler):
     async def post(self) -> None:
         product = self.load(upload_schema, self.json_body())
         workflow = await self.orchestrator.upload(self.principal.id, product)
-        self.render(
+        self.write_json(
             202,
             {
                 "workflow_id": workflow.id,
@@ -55,7 +55,7 @@ class StatusHandler(WorkflowHandler):
     async def get(self) -> None:
         workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
         workflow = await self.orchestrator.get(workflow_id, self.owner_filter())
-        self.render(200, workflow.public())
+        self.write_json(200, workflow.public())
 
 
 class StepCompletedHandler(BaseHandler):
@@ -64,7 +64,7 @@ class StepCompletedHandler(BaseHandler):
         report = Report(**self.load(completion_schema, self.json_body()))
         outcome = await self.orchestrator.report(report)
         workflow = outcome.workflow
-        self.render(
+        self.write_json(
             200,
             {
                 "result": "applied" if outcome.applied else "duplicate",
@@ -91,7 +91,7 @@ class ListHandler(WorkflowHandler):
                 encode_cursor(page[-1].created_at, page[-1].id) if len(workflows) > limit else None
             ),
         }
-        self.render(200, body)
+        self.write_json(200, body)
 
 
 class CancelHandler(WorkflowHandler):

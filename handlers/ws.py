@@ -198,7 +198,7 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
     def write_messages(self, messages: list[bytes]) -> asyncio.Future[None]:
         """Write the frames of `messages` at once; resolves once they are flushed."""
         connection = self.ws_connection
-        if connection is None or connection.is_closing():
+        if connection is None or connection.is_closing() or connection.stream is None:
             raise tornado.websocket.WebSocketClosedError()
         return connection.stream.write(b"".join(map(text_frame, messages)))
 

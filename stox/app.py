@@ -74,15 +74,18 @@ def make_journal(settings: Settings, store: WorkflowStore | None) -> SQLiteJourn
 
 def make_tokens(settings: Settings, *, issuing: bool = False) -> TokenAuthority:
     """The token authority; `issuing`: it must sign tokens, not only verify them."""
-    options = {
-        "issuer": settings.jwt.issuer,
-        "audience": settings.jwt.audience,
-        "expiry": settings.jwt.expiry,
-    }
-    if settings.jwt.algorithm != HS256:
+    jwt = settings.jwt
+    if jwt.algorithm != HS256:
         try:
-            keys = secret.key_pair(settings.jwt, issuing=issuing)
-            return TokenAuthority(algorithm=settings.jwt.algorithm, **keys, **options)
+            keys = secret.key_pair(jwt, issuing=issuing)
+            return TokenAuthority(
+                algorithm=jwt.algorithm,
+                private_key=keys.get("private_key"),
+                public_key=keys.get("public_key"),
+                issuer=jwt.issuer,
+                audience=jwt.audience,
+                expiry=jwt.expiry,
+            )
         except BadKey as exc:  # a private and a public key that do not belong together
             raise SettingsError(f"jwt.public_key_file: {exc}") from None
     key = settings.jwt.secret
@@ -90,7 +93,7 @@ def make_tokens(settings: Settings, *, issuing: bool = False) -> TokenAuthority:
         if settings.server.environment == "production":
             raise SettingsError("jwt.secret: required in production (set STOX_JWT_SECRET)")
         key = secret.load_or_create(secret.data_dir(settings.storage.url))
-    return TokenAuthority(key, **options)
+    return TokenAuthority(key, issuer=jwt.issuer, audience=jwt.audience, expiry=jwt.expiry)
 
 
 class Topology:

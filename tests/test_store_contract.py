@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import eventually
 
 from stox.store import AlreadyExists, NewEvent, StoreError, WorkflowStore, make_store
 from stox.store.mongo import MongoStore
@@ -29,7 +30,6 @@ from stox.workflow import (
     isoformat,
     start,
 )
-from tests.support import eventually
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 

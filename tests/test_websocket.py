@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import tornado.httpclient
 import tornado.websocket
+from support import RunningGateway, running_gateway
 
 import settings as settings_module
-from tests.support import RunningGateway, running_gateway
 
 Connection = tornado.websocket.WebSocketClientConnection
 

@@ -151,7 +151,7 @@ class AuthServer:
             )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             try:
-                bound = server.add_insecure_port(f"{host}:{port}")
+                bound = int(server.add_insecure_port(f"{host}:{port}"))
             except RuntimeError as exc:  # grpcio's "Failed to bind to address"
                 raise OSError(f"cannot listen on {host}:{port}") from exc
             await server.start()

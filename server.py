@@ -36,7 +36,7 @@ async def serve(settings: settings_module.Settings) -> None:
         gateway.instance_id,
         settings.public_url,
         settings.storage.url.split("@")[-1],
-        "rabbitmq" if settings.rabbitmq.url else "in-process",
+        gateway.bus.kind,
         running_loop(),
         ", demo workers" if settings.demo_workers else "",
     )

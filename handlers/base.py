@@ -23,6 +23,7 @@ import tornado.web
 from marshmallow import Schema, ValidationError
 from tornado.http1connection import HTTP1Connection
 
+from stox.auth import bearer
 from stox.auth.tokens import ADMIN, SERVICE, USER, InvalidToken, Principal, TokenAuthority
 from stox.codec import dumps
 from stox.ids import random16
@@ -89,6 +90,14 @@ def invalid_token() -> ApiError:
         "the token is invalid or has expired",
         headers={"WWW-Authenticate": 'Bearer realm="stox", error="invalid_token"'},
     )
+
+
+def verified(tokens: TokenAuthority, token: str) -> Principal:
+    """Who `token` speaks for; 401 invalid_token when it does not verify."""
+    try:
+        return tokens.verify(token)
+    except InvalidToken:
+        raise invalid_token() from None
 
 
 def _not_found(exc: Exception) -> ApiError:
@@ -342,18 +351,13 @@ class BaseHandler(JsonErrors, PathOnlyErrorLog, BoundedBody):
     @property
     def bearer_token(self) -> str:
         """The token of the Authorization header; 401 when there is none."""
-        header = self.request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer.from_authorization(self.request.headers.get("Authorization"))
+        if token is None:
             raise unauthorized()
-        return token.strip()
+        return token
 
     def _authenticate(self) -> Principal:
-        token = self.bearer_token
-        try:
-            return self.tokens.verify(token)
-        except InvalidToken:
-            raise invalid_token() from None
+        return verified(self.tokens, self.bearer_token)
 
     # -- responses ------------------------------------------------------------------------
 

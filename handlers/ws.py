@@ -30,12 +30,13 @@ from handlers.base import (
     JsonErrors,
     PathOnlyErrorLog,
     invalid,
-    invalid_token,
     status_error,
     unauthorized,
+    verified,
     write_json_error,
 )
-from stox.auth.tokens import SERVICE, InvalidToken, Principal, TokenAuthority
+from stox.auth import bearer
+from stox.auth.tokens import SERVICE, Principal, TokenAuthority
 from stox.hub import Hub, Subscription, TooManySockets
 from stox.orchestrator import NotFound
 from stox.schemas import workflow_id_schema
@@ -74,21 +75,14 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
         }
 
     def _token(self) -> str | None:
-        protocols = [
-            p.strip() for p in self.request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-        ]
-        if len(protocols) == 2 and protocols[0].lower() == "bearer":
-            return protocols[1]
-        return self.get_query_argument("token", None)
+        protocols = self.request.headers.get("Sec-WebSocket-Protocol", "")
+        return bearer.from_subprotocols(protocols) or self.get_query_argument("token", None)
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         token = self._token()
         if not token:
             raise unauthorized()
-        try:
-            self.principal = cast(TokenAuthority, self.settings["tokens"]).verify(token)
-        except InvalidToken:
-            raise invalid_token() from None
+        self.principal = verified(cast(TokenAuthority, self.settings["tokens"]), token)
         if self.principal.role == SERVICE:
             raise ApiError(403, "forbidden", "services do not subscribe")
         workflow_id = self.get_query_argument("workflow_id", None)

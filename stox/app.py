@@ -210,7 +210,7 @@ class Gateway:
 
     async def _declare_and_consume(self, steps: list[str]) -> None:
         topo = self.topology
-        if self.settings.rabbitmq.url or self.settings.demo_workers:
+        if self.bus.remote_consumers or self.settings.demo_workers:
             # only declared where a service will consume them: an in-process queue that
             # nobody reads would grow without bound
             for name in steps:

@@ -13,6 +13,7 @@ import logging
 
 from marshmallow import ValidationError
 
+from stox.auth import bearer
 from stox.auth.tokens import SERVICE, InvalidToken, TokenAuthority
 from stox.bus.base import Event, Handler, Rejected
 from stox.orchestrator import NotFound, Orchestrator
@@ -42,11 +43,11 @@ def completion_handler(orchestrator: Orchestrator, tokens: TokenAuthority) -> Ha
 def authorize(tokens: TokenAuthority, event: Event) -> None:
     """Rejected unless the event carries a valid service token (the reason names no token)."""
     header = next((v for k, v in event.headers.items() if k.lower() == AUTHORIZATION), None)
-    scheme, _, token = header.partition(" ") if isinstance(header, str) else ("", "", "")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer.from_authorization(header)
+    if token is None:
         raise Rejected(f"completion {event.message_id} has no authorization: Bearer header")
     try:
-        principal = tokens.verify(token.strip())
+        principal = tokens.verify(token)
     except InvalidToken as exc:
         raise Rejected(f"completion {event.message_id}: invalid service token ({exc})") from None
     if principal.role != SERVICE:

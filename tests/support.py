@@ -338,6 +338,9 @@ def unbatched(event: Event) -> list[Event]:
 class RecordingBus:
     """An EventBus that confirms into `events`, or raises PublishError when told to."""
 
+    kind = "recording"
+    remote_consumers = False
+
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.fail = False

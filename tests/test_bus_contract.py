@@ -111,6 +111,13 @@ async def publish(bus: EventBus, routing_key: str, **payload: object) -> Event:
 # -- routing -----------------------------------------------------------------------------
 
 
+async def test_the_bus_says_what_it_is_and_who_can_consume(bus: EventBus) -> None:
+    """The gateway asks the bus (not the settings) whether services can read its queues."""
+    expected = {LocalBus: ("in-process", False)}
+    kind, remote = expected.get(type(bus), ("rabbitmq", True))
+    assert (bus.kind, bus.remote_consumers) == (kind, remote)
+
+
 async def test_exact_binding_receives_only_its_routing_key(bus: EventBus, ns: str) -> None:
     inbox = Inbox()
     await bus.declare(f"{ns}.q", [f"{ns}.step.image", f"{ns}.barrier"], exclusive=True)

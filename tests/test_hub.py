@@ -140,6 +140,9 @@ class FakeStore:
 class FakeBus:
     """Confirms every publish and keeps the events, as a broker would deliver them (JSON)."""
 
+    kind = "fake"
+    remote_consumers = False
+
     def __init__(self) -> None:
         self.published: list[Event] = []
 

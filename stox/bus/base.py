@@ -97,6 +97,16 @@ class EventBus(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def kind(self) -> str:
+        """What carries the events, for the start-up line and readiness: `rabbitmq`, ..."""
+
+    @property
+    def remote_consumers(self) -> bool:
+        """Whether processes other than this one can consume its queues (services, other
+        gateway instances); without them a queue only this process reads is the only kind
+        worth declaring."""
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...

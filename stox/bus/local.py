@@ -112,6 +112,9 @@ class LocalBus:
     or dead-lettered). Dead letters are kept in `dead_letters` as (queue, event, reason).
     """
 
+    kind = "in-process"
+    remote_consumers = False  # only this process reaches its queues
+
     def __init__(
         self,
         *,

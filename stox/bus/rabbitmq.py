@@ -160,6 +160,9 @@ class _Link:
 class RabbitMQBus:
     """An `EventBus` on RabbitMQ; one connection, named `connection_name` in the broker."""
 
+    kind = "rabbitmq"
+    remote_consumers = True  # services and other gateway instances share the broker
+
     def __init__(
         self,
         url: str,

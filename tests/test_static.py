@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from support import RunningGateway, running_gateway
+from support import RunningGateway
 
 from handlers.static import content_security_policy
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 YEAR = 365 * 24 * 3600
-
-
-@pytest.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    async with running_gateway(tmp_path) as gateway:
-        yield gateway
 
 
 def directives(policy: str) -> dict[str, list[str]]:

@@ -191,6 +191,7 @@ def completion(
 # -- the tests' toolbox: one copy of each helper ---------------------------------------------
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, where a test's Clock starts
 
 # a product as a shop uploads it, every field filled in (callers that change it copy it first)
 PRODUCT: dict[str, Any] = {
@@ -206,7 +207,7 @@ PRODUCT: dict[str, Any] = {
 class Clock:
     """A clock for the code under test (`clock=`) that moves only when the test moves it."""
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float = T0) -> None:
         self.now = now
 
     def __call__(self) -> float:

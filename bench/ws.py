@@ -61,28 +61,30 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
-from e2e import (
-    STEP_PATH,
-    HttpClient,
+from figures import counts, millis, ms_at
+from httpclient import STEP_PATH, UPLOAD_PATH, HttpClient, auth_headers
+from processes import (
     Target,
-    auth_headers,
     check_loopback,
     count_lines,
     cpu_seconds,
-    free_port,
     host_busy_seconds,
     loopback_target,
-    percentile,
-    product,
+    open_fds,
     rss_mib,
-    spawn,
+    start_gateway,
     stop,
     tail,
     wait_ready,
 )
-from wsclient import UPLOAD_PATH, raise_open_files, worker_main
+from roles import product
+from wsclient import raise_open_files, worker_main
 
-from stox.auth.tokens import ADMIN, SERVICE, USER, TokenAuthority
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from stox.auth.tokens import ADMIN, SERVICE, USER, TokenAuthority  # noqa: E402
 
 DEFAULT_PER_USER = 10  # websocket.max_sockets_per_user's default
 FD_MARGIN = 128  # descriptors kept free on the gateway (HTTP connections, the store, …)
@@ -106,20 +108,10 @@ def split(items: list[T], parts: int) -> list[list[T]]:
     return [items[i::parts] for i in range(parts)]
 
 
-def ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
-
-
 def spread(values: list[float]) -> str:
     if not values:
         return "-"
-    return (
-        f"p50 {ms(percentile(values, 50))}, p99 {ms(percentile(values, 99))}, max {ms(max(values))}"
-    )
-
-
-def counts(counter: dict[str, int] | Counter[str]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(counter.items())) or "none"
+    return f"p50 {ms_at(values, 50)}, p99 {ms_at(values, 99)}, max {millis(max(values))}"
 
 
 def merged(dicts: Iterable[dict[str, int]]) -> Counter[str]:
@@ -410,7 +402,7 @@ async def fanout_phase(bench: Bench) -> None:
         await fanout_round(bench, tally, n, owner, admins, service)
     changes = tally.changes
     print(
-        f"  {n:,} subscribers opened in {ms(percentile(tally.opening, 50))} (median of "
+        f"  {n:,} subscribers opened in {ms_at(tally.opening, 50)} (median of "
         f"{len(tally.opening)}), as {len(admins)} admins of {args.per_user} sockets each"
     )
     print(
@@ -540,29 +532,17 @@ async def stream_phase(bench: Bench) -> None:
 PHASES = {"1": idle_phase, "2": fanout_phase, "3": stream_phase}
 
 
-def start_gateway(args: argparse.Namespace, tmpdir: Path) -> tuple[Target, str]:
+def own_gateway(args: argparse.Namespace, tmpdir: Path) -> tuple[Target, str]:
+    """A gateway started here for this run, and the secret its tokens are signed with."""
     secret = "wsbench-" + uuid.uuid4().hex + uuid.uuid4().hex
-    port = args.port or free_port()
-    target = Target(f"http://127.0.0.1:{port}", "127.0.0.1", port, "")
-    target.origin = args.origin or target.base_url
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STOX_")}
-    env.update(STOX_JWT_SECRET=secret, STOX_LOG_LEVEL="warning")
-    cmd = [sys.executable, "server.py", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--storage-url", f"sqlite:///{tmpdir}/ws.db"]
+    server_args = []
     if args.per_user != DEFAULT_PER_USER:
         config = tmpdir / "ws.yaml"
         config.write_text(f"websocket:\n  max_sockets_per_user: {args.per_user}\n")
-        cmd += ["--config", str(config)]
-    target.log_path = tmpdir / "gateway.log"
-    target.process = spawn([*cmd, *args.gateway_arg], env, target.log_path)
+        server_args += ["--config", str(config)]
+    server_args += args.gateway_arg
+    target = start_gateway(tmpdir, "ws", secret, server_args, port=args.port, origin=args.origin)
     return target, secret
-
-
-def open_fds(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
 
 
 async def run(bench: Bench) -> None:
@@ -672,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         target, secret = loopback_target(args.url, args.origin), args.jwt_secret
     else:
-        target, secret = start_gateway(args, tmpdir)
+        target, secret = own_gateway(args, tmpdir)
     ipv4 = target.host.count(".") == 3 and target.host.startswith("127.")
     config = {
         "host": target.host,

@@ -36,9 +36,16 @@ from collections import Counter
 from multiprocessing.connection import Connection
 from typing import Any
 
-from e2e import STEP_PATH, TRANSPORT_ERRORS, HttpClient, auth_headers, error_name, product
+from httpclient import (
+    STEP_PATH,
+    TRANSPORT_ERRORS,
+    UPLOAD_PATH,
+    HttpClient,
+    auth_headers,
+    error_name,
+)
+from roles import product
 
-UPLOAD_PATH = "/api/v1/workflow/upload"
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 MAX_HEAD = 16 * 1024
 # the hub encodes the head of every message first, in this order (stox/hub.py `encode`)

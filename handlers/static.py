@@ -2,8 +2,11 @@
 
 Caching: index.html is revalidated on every load (`Cache-Control: no-cache` + ETag, so a
 reload costs a 304), and it names app.js and style.css by `static_url` (`?v=<hash>`), which
-may then be cached for a year: a new release changes the hash, hence the URL. Anything asked
-for without a version (the modules app.js imports) is revalidated like the page.
+may then be cached for a year: a new release changes the hash, hence the URL. The modules
+app.js imports are versioned the same way: a module is served with each `from "./x.js"`
+naming x.js by its version, and its own version is the hash of what is served, so a change
+anywhere below app.js changes app.js's URL too (the imports must not form a cycle). Anything
+asked for without a version is revalidated like the page.
 
 Security headers go on every response of these handlers, errors included: a
 Content-Security-Policy that allows no inline script or style and no framing, nosniff and
@@ -13,6 +16,7 @@ no referrer. The page never builds HTML from strings, so Trusted Types can be re
 from __future__ import annotations
 
 import re
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,8 @@ from handlers.base import BoundedBody, PathOnlyErrorLog
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"  # installed beside handlers/
 YEAR = 365 * 24 * 3600
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+# a module's static import of a sibling module: `from "./x.js"`, or `import "./x.js"`
+_SIBLING_IMPORT = re.compile(rb'(?P<head>\b(?:from|import)\s*)"\./(?P<name>[\w-]+\.js)"')
 
 
 def content_security_policy(protocol: str, host: str) -> str:
@@ -59,6 +65,37 @@ class SecurityHeaders(tornado.web.RequestHandler):
 
 class StaticHandler(SecurityHeaders, PathOnlyErrorLog, BoundedBody, tornado.web.StaticFileHandler):
     """`/static/…`: a year for versioned URLs, revalidation (ETag) for the rest."""
+
+    @classmethod
+    def get_content(
+        cls, abspath: str, start: int | None = None, end: int | None = None
+    ) -> Generator[bytes, None, None]:
+        if abspath.endswith(".js"):
+            yield cls.module_source(abspath)[start:end]
+        else:
+            yield from super().get_content(abspath, start, end)
+
+    @classmethod
+    def module_source(cls, abspath: str) -> bytes:
+        """A module as served: its imports of sibling modules carry their versions."""
+        source = b"".join(super().get_content(abspath))
+        folder = Path(abspath).parent
+
+        def versioned(match: re.Match[bytes]) -> bytes:
+            sibling = folder / match["name"].decode()
+            if not sibling.is_file():
+                return match[0]  # a missing module: the browser's 404 says so
+            # not get_version: Tornado holds its (non-reentrant) lock while versioning this one
+            version = cls.get_content_version(str(sibling)).encode()
+            return b'%s"./%s?v=%s"' % (match["head"], match["name"], version)
+
+        return _SIBLING_IMPORT.sub(versioned, source)
+
+    def get_content_size(self) -> int:
+        assert self.absolute_path is not None
+        if self.absolute_path.endswith(".js"):
+            return len(self.module_source(self.absolute_path))
+        return super().get_content_size()
 
     def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
         if Path(absolute_path).name == "index.html":

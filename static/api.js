@@ -1,5 +1,7 @@
 // Talking to the gateway: JSON over HTTP (DESIGN §5) and the one live WebSocket (§6).
 
+export const API = "/api/v1";
+
 export class ApiError extends Error {
   constructor(status, code, message, fields = null, retryAfter = null) {
     super(message);

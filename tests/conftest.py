@@ -21,6 +21,7 @@ import uvloop
 
 if TYPE_CHECKING:
     import rabbit
+    from support import RunningGateway
 
     from stox.auth.passwords import Passwords
     from stox.store import WorkflowStore
@@ -60,12 +61,6 @@ def pytest_asyncio_loop_factories(
 
 MONGO_URL_ENV = "STOX_TEST_MONGO_URL"
 NX_START_TIMEOUT = 15.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _nx_27017_command() -> str:
@@ -125,8 +120,10 @@ def mongo_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if configured:
         yield configured
         return
+    from support import free_port
+
     workdir = tmp_path_factory.mktemp("nx-27017")
-    port = _free_port()
+    port = free_port()
     log = workdir / "nx-27017.log"
     command = [
         _nx_27017_command(),
@@ -261,4 +258,24 @@ async def passwords() -> AsyncIterator[Passwords]:
 
 # ======================================================================================
 # End of auth
+# ======================================================================================
+
+
+# ======================================================================================
+# Gateways: `gw`, a real gateway on the test settings (support.running_gateway)
+# ======================================================================================
+#
+# A module that needs other settings defines a `gw` of its own, which takes precedence.
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[RunningGateway]:
+    from support import running_gateway
+
+    async with running_gateway(tmp_path) as gateway:
+        yield gateway
+
+
+# ======================================================================================
+# End of gateways
 # ======================================================================================

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -166,9 +167,15 @@ def run_cli(
 
 
 def completion(
-    workflow_id: str, step_id: str, step_type: str, success: bool = True
+    workflow_id: str,
+    step_id: str,
+    step_type: str,
+    success: bool = True,
+    *,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
 ) -> dict[str, Any]:
-    """A step-completed body: a small result, or the error "boom"."""
+    """A step-completed body: `result` (by default a small one), or `error` (default "boom")."""
     body: dict[str, Any] = {
         "workflow_id": workflow_id,
         "step_id": step_id,
@@ -176,25 +183,108 @@ def completion(
         "success": success,
     }
     if success:
-        body["result"] = {"done": step_type}
+        body["result"] = result if result is not None else {"done": step_type}
     else:
-        body["error"] = "boom"
+        body["error"] = error or "boom"
     return body
 
 
-async def eventually(check: Callable[[], Any], within: float = 10.0) -> None:
-    """Poll `check` (a function, or a coroutine function) until it returns true."""
-    async with asyncio.timeout(within):
-        while True:
-            result = check()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.02)
+# -- the tests' toolbox: one copy of each helper ---------------------------------------------
+
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, where a test's Clock starts
+
+# a product as a shop uploads it, every field filled in (callers that change it copy it first)
+PRODUCT: dict[str, Any] = {
+    "name": "Desk lamp",
+    "description": "A brass desk lamp",
+    "images": ["https://img.example/lamp.jpg"],
+    "category": "home",
+    "price": 19.5,
+    "metadata": {"sku": "L-1"},
+}
+
+
+class Clock:
+    """A clock for the code under test (`clock=`) that moves only when the test moves it."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def assert_error(
+    response: Response, status: int, code: str | None = None, field: str | None = None
+) -> dict[str, Any]:
+    """The response is the one JSON error shape, with a request id, naming `field`; the error."""
+    assert response.status == status, response.body
+    assert response.headers.get("Content-Type", "").startswith("application/json")
+    assert HEX32.match(response.headers.get("X-Request-Id", "")), response.headers
+    assert isinstance(response.body, dict) and set(response.body) == {"error"}, response.body
+    error = response.body["error"]
+    assert set(error) <= {"code", "message", "fields"}
+    assert isinstance(error["code"], str) and error["code"]
+    assert isinstance(error["message"], str) and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    if field is not None:
+        assert field in error.get("fields", {}), error
+    return dict(error)
+
+
+async def report(
+    gw: RunningGateway,
+    workflow_id: str,
+    step: Mapping[str, Any],
+    *,
+    success: bool = True,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+    step_type: str | None = None,
+    token: str | None = None,
+) -> Response:
+    """POST a service's report on `step` (a step of a workflow document: its `step_id`, and its
+    `name` unless `step_type` is given); a service token unless `token` is given."""
+    body = completion(
+        workflow_id,
+        step["step_id"],
+        step_type or step["name"],
+        success,
+        result=result,
+        error=error,
+    )
+    return await gw.fetch("POST", COMPLETED, body, token=token or gw.service_token())
+
+
+async def eventually(
+    probe: Callable[[], Any], check: Callable[[Any], object] = bool, within: float = 10.0
+) -> Any:
+    """Poll `probe` (a function, or a coroutine function) until `check` holds for what it
+    returns, and return that; fail the test, with the last value, after `within` seconds."""
+    value: Any = None
+    limit = asyncio.timeout(within)
+    try:
+        async with limit:
+            while True:
+                value = probe()
+                if inspect.isawaitable(value):
+                    value = await value
+                if check(value):
+                    return value
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        if not limit.expired():
+            raise
+        raise AssertionError(f"not reached within {within:g} s; last value: {value!r}") from None
 
 
 def free_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -8,7 +8,6 @@ import base64
 import hashlib
 import hmac
 import json
-import re
 import time
 import warnings
 from collections.abc import AsyncIterator
@@ -25,8 +24,8 @@ from support import (
     RETRY,
     STATUS,
     UPLOAD,
-    Response,
     RunningGateway,
+    assert_error,
     free_port,
     gateway_settings,
     running_gateway,
@@ -39,7 +38,6 @@ from stox.app import Gateway
 from stox.auth.tokens import CannotIssue, TokenAuthority, load_private_key
 
 SECRET = "test-secret-" + "x" * 32  # the harness's jwt.secret
-HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
 # (method, path, body) of every endpoint that needs a token
@@ -52,24 +50,6 @@ PROTECTED = [
     ("POST", RETRY, {"workflow_id": "a" * 32}),
 ]
 PROTECTED_IDS = [f"{m} {p.split('?')[0].rsplit('/', 1)[-1]}" for m, p, _ in PROTECTED]
-
-
-@pytest.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    async with running_gateway(tmp_path) as gateway:
-        yield gateway
-
-
-def assert_error(response: Response, status: int, code: str | None = None) -> dict[str, Any]:
-    assert response.status == status, response.body
-    assert HEX32.match(response.headers.get("X-Request-Id", ""))
-    assert response.headers.get("Content-Type", "").startswith("application/json")
-    assert set(response.body) == {"error"}, response.body
-    error = response.body["error"]
-    assert isinstance(error["code"], str) and isinstance(error["message"], str)
-    if code is not None:
-        assert error["code"] == code, error
-    return error
 
 
 def claims(**changes: Any) -> dict[str, Any]:

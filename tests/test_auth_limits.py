@@ -4,19 +4,13 @@ address), per name and per address; registrations per address."""
 from __future__ import annotations
 
 import pytest
+from support import Clock
 
 from settings import AuthSettings, Duration
 from stox.auth.limits import LoginLimiter, RegistrationLimiter, TooManyAttempts, Window
 
 OWNER, ATTACKER, ELSEWHERE = "198.51.100.4", "203.0.113.9", "192.0.2.1"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+START = 1000.0  # what the clock reads when a test begins
 
 
 def fail(limiter: LoginLimiter, username: str, address: str) -> None:
@@ -39,7 +33,7 @@ def refused(limiter: LoginLimiter, username: str, address: str) -> int:
 
 
 def test_the_attempt_past_the_limit_waits_for_the_oldest_to_age_out() -> None:
-    clock = Clock()
+    clock = Clock(START)
     window = Window(300, "tries", clock=clock)
     for _ in range(10):
         window.begin([(("k",), 10)])
@@ -56,7 +50,7 @@ def test_the_attempt_past_the_limit_waits_for_the_oldest_to_age_out() -> None:
 
 
 def test_any_key_at_its_limit_refuses_and_counts_nothing() -> None:
-    window = Window(60, "tries", clock=Clock())
+    window = Window(60, "tries", clock=Clock(START))
     for name in ("a", "b", "c"):
         window.begin([((name,), 3), (("shared",), 3)])
     with pytest.raises(TooManyAttempts):
@@ -65,7 +59,7 @@ def test_any_key_at_its_limit_refuses_and_counts_nothing() -> None:
 
 
 def test_an_attempt_counts_until_it_is_cancelled() -> None:
-    window = Window(60, "tries", clock=Clock())
+    window = Window(60, "tries", clock=Clock(START))
     first = window.begin([(("k",), 2)])
     second = window.begin([(("k",), 2)])
     with pytest.raises(TooManyAttempts):  # two in flight fill the limit
@@ -81,7 +75,7 @@ def test_an_attempt_counts_until_it_is_cancelled() -> None:
 
 
 def test_the_number_of_keys_is_bounded_least_recently_used_first() -> None:
-    clock = Clock()
+    clock = Clock(START)
     window = Window(60, "tries", max_keys=3, clock=clock)
     for name in ("a", "b", "c", "d"):
         window.begin([((name,), 1)])
@@ -93,7 +87,7 @@ def test_the_number_of_keys_is_bounded_least_recently_used_first() -> None:
 
 
 def test_old_attempts_are_dropped() -> None:
-    clock = Clock()
+    clock = Clock(START)
     window = Window(60, "tries", clock=clock)
     window.begin([(("a",), 5)])
     clock.now += 61
@@ -103,7 +97,7 @@ def test_old_attempts_are_dropped() -> None:
 
 
 def test_a_limit_of_zero_is_no_limit() -> None:
-    window = Window(60, "tries", clock=Clock())
+    window = Window(60, "tries", clock=Clock(START))
     for _ in range(100):
         window.begin([(("k",), 0)])
     assert len(window) == 0
@@ -125,7 +119,7 @@ def test_the_limits_come_from_the_settings() -> None:
 
 
 def test_an_attacker_elsewhere_cannot_lock_the_owner_out() -> None:
-    limiter = LoginLimiter(clock=Clock())
+    limiter = LoginLimiter(clock=Clock(START))
     for _ in range(10):
         fail(limiter, "alice", ATTACKER)
     assert 0 < refused(limiter, "alice", ATTACKER) <= 300  # even with the right password
@@ -134,7 +128,7 @@ def test_an_attacker_elsewhere_cannot_lock_the_owner_out() -> None:
 
 
 def test_the_owners_own_failures_lock_only_the_owners_address() -> None:
-    limiter = LoginLimiter(clock=Clock())
+    limiter = LoginLimiter(clock=Clock(START))
     for _ in range(10):
         fail(limiter, "alice", OWNER)
     refused(limiter, "alice", OWNER)
@@ -142,7 +136,7 @@ def test_the_owners_own_failures_lock_only_the_owners_address() -> None:
 
 
 def test_the_per_name_ceiling_stops_guesses_from_many_addresses() -> None:
-    clock = Clock()
+    clock = Clock(START)
     limiter = LoginLimiter(clock=clock)
     for i in range(100):
         fail(limiter, "alice", f"10.0.{i // 250}.{i % 250}")
@@ -152,7 +146,7 @@ def test_the_per_name_ceiling_stops_guesses_from_many_addresses() -> None:
 
 
 def test_an_address_the_name_signed_in_from_passes_the_per_name_ceiling() -> None:
-    clock = Clock()
+    clock = Clock(START)
     limiter = LoginLimiter(clock=clock)
     succeed(limiter, "alice", OWNER)
     clock.now += 3600  # an hour later, the guessing starts
@@ -166,7 +160,7 @@ def test_an_address_the_name_signed_in_from_passes_the_per_name_ceiling() -> Non
 
 
 def test_a_remembered_address_is_forgotten_after_a_while_and_only_so_many_are_kept() -> None:
-    clock = Clock()
+    clock = Clock(START)
     limiter = LoginLimiter(per_name=1, known_for=3600, max_known=2, clock=clock)
     succeed(limiter, "alice", OWNER)
     clock.now += 3599
@@ -183,7 +177,7 @@ def test_a_remembered_address_is_forgotten_after_a_while_and_only_so_many_are_ke
 
 
 def test_the_per_address_ceiling_stops_trying_many_names() -> None:
-    limiter = LoginLimiter(clock=Clock())
+    limiter = LoginLimiter(clock=Clock(START))
     for i in range(100):
         fail(limiter, f"guess{i}", ATTACKER)
     refused(limiter, "alice", ATTACKER)
@@ -191,7 +185,7 @@ def test_the_per_address_ceiling_stops_trying_many_names() -> None:
 
 
 def test_successes_and_calls_not_answered_do_not_count() -> None:
-    limiter = LoginLimiter(clock=Clock())
+    limiter = LoginLimiter(clock=Clock(START))
     for _ in range(20):
         succeed(limiter, "alice", OWNER)
         limiter.begin("alice", OWNER).cancel()  # the AuthService was unavailable
@@ -208,7 +202,7 @@ def test_successes_and_calls_not_answered_do_not_count() -> None:
 )
 def test_each_limit_of_zero_is_no_limit(zero: str, attempts: list[tuple[str, str]]) -> None:
     """Attempts past that limit's default, within the others'."""
-    limiter = LoginLimiter(clock=Clock())
+    limiter = LoginLimiter(clock=Clock(START))
     setattr(limiter, zero, 0)
     for username, address in attempts:
         fail(limiter, username, address)
@@ -218,7 +212,7 @@ def test_each_limit_of_zero_is_no_limit(zero: str, attempts: list[tuple[str, str
 
 
 def test_registrations_are_limited_per_address() -> None:
-    clock = Clock()
+    clock = Clock(START)
     limiter = RegistrationLimiter(3, 3600, clock=clock)
     for _ in range(3):
         limiter.begin(ATTACKER)

@@ -8,12 +8,13 @@ that holds one answer back: the uploads after it must still leave on time.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import importlib
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -84,13 +85,14 @@ def test_the_open_loop_on_rabbitmq(rabbitmq_url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def e2e() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_e2e", E2E)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def modules() -> Iterator[SimpleNamespace]:
+    """bench/e2e.py's modules, imported with bench/ on sys.path as when it runs."""
+    sys.path.insert(0, str(E2E.parent))
+    try:
+        names = ("e2e", "processes", "roles")
+        yield SimpleNamespace(**{name: importlib.import_module(name) for name in names})
+    finally:
+        sys.path.remove(str(E2E.parent))
 
 
 class UploadServer:
@@ -129,24 +131,26 @@ class UploadServer:
             writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\n{}")
 
 
-async def drive(e2e: ModuleType, connections: int) -> Any:
+async def drive(modules: SimpleNamespace, connections: int) -> Any:
     server = UploadServer(hold_first=0.3)
     port = await server.start()
-    args = e2e.parse_args(["--open-loop-workflows", "10", "--uploaders", "1"])
+    args = modules.e2e.parse_args(["--open-loop-workflows", "10", "--uploaders", "1"])
     args.request_timeout = 5.0
-    target = e2e.Target(f"http://127.0.0.1:{port}", "127.0.0.1", port, "")
-    shared = e2e.Shared()
+    target = modules.processes.Target(f"http://127.0.0.1:{port}", "127.0.0.1", port, "")
+    shared = modules.roles.Shared()
     shared.ws_closed = "no WebSocket here"  # nothing to wait for once the uploads are answered
-    loop = e2e.OpenLoop(50.0, "test", e2e.Phase("open loop", 10), connections)
+    loop = modules.roles.OpenLoop(50.0, "test", modules.roles.Phase("open loop", 10), connections)
     try:
-        await e2e.run_open_loop(loop, target, shared, args, "token")
+        await modules.roles.run_open_loop(loop, target, shared, args, "token")
     finally:
         await server.close()
     return loop
 
 
-async def test_an_answer_held_back_does_not_delay_the_next_uploads(e2e: ModuleType) -> None:
-    loop = await drive(e2e, connections=64)
+async def test_an_answer_held_back_does_not_delay_the_next_uploads(
+    modules: SimpleNamespace,
+) -> None:
+    loop = await drive(modules, connections=64)
 
     phase = loop.phase
     assert phase.uploaded == 10 and not phase.errors
@@ -155,8 +159,10 @@ async def test_an_answer_held_back_does_not_delay_the_next_uploads(e2e: ModuleTy
     assert max(phase.upload_latency) >= 0.3  # the held one, from its scheduled time
 
 
-async def test_the_safety_valve_is_counted_and_its_wait_is_latency(e2e: ModuleType) -> None:
-    loop = await drive(e2e, connections=1)
+async def test_the_safety_valve_is_counted_and_its_wait_is_latency(
+    modules: SimpleNamespace,
+) -> None:
+    loop = await drive(modules, connections=1)
 
     phase = loop.phase
     assert phase.uploaded == 10

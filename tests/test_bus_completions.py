@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import rabbit
-from support import RunningGateway, eventually, running_gateway
+from support import RunningGateway, completion, eventually, running_gateway
 
 from stox import workflow as w
 from stox.auth.tokens import ADMIN, SERVICE
@@ -85,15 +85,13 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         yield Harness(gw, send_amqp, dead_amqp)
 
 
-def report(step: dict[str, Any], workflow_id: str, /, **changes: Any) -> dict[str, Any]:
+def completed_event(step: dict[str, Any], workflow_id: str, /, **changes: Any) -> dict[str, Any]:
+    """The `step.completed` message a service publishes on `step`, changed as given (None
+    removes a field)."""
     body = {
         "event": "step.completed",
-        "workflow_id": workflow_id,
         "occurred_at": w.isoformat(0),
-        "step_id": step["step_id"],
-        "step_type": step["name"],
-        "success": True,
-        "result": {"ok": True},
+        **completion(workflow_id, step["step_id"], step["name"], result={"ok": True}),
     }
     body.update(changes)
     return {k: v for k, v in body.items() if v is not None}
@@ -104,7 +102,7 @@ async def test_a_service_report_applies_like_the_http_endpoint(harness: Harness)
 
     # the header name is matched in any case, as HTTP's is
     headers = {"Authorization": f"Bearer {harness.gw.service_token()}"}
-    await harness.send(report(first, workflow_id), headers)
+    await harness.send(completed_event(first, workflow_id), headers)
 
     async def moved_on() -> bool:
         return (await harness.current_step(workflow_id))["name"] == "ai_enhancement"
@@ -134,7 +132,7 @@ async def test_reports_without_a_service_token_are_dead_lettered_once(
     }
     with caplog.at_level(logging.INFO):
         for n, headers in enumerate(refused.values()):
-            await harness.send(report(step, workflow_id, result={"n": n}), headers)
+            await harness.send(completed_event(step, workflow_id, result={"n": n}), headers)
 
         async def all_dead() -> bool:
             return len(await harness.dead()) >= len(refused)
@@ -152,7 +150,7 @@ async def test_reports_without_a_service_token_are_dead_lettered_once(
     assert not any(gw.service_token() in m or expired in m for m in messages)  # no token logged
 
     # the gateway keeps serving: a good report still applies
-    await harness.send(report(step, workflow_id), harness.service_headers())
+    await harness.send(completed_event(step, workflow_id), harness.service_headers())
 
     async def applied() -> bool:
         return (await harness.gw.status(workflow_id))["steps"][0]["status"] == w.COMPLETED
@@ -175,7 +173,7 @@ async def test_malformed_reports_are_dead_lettered_once(
     harness: Harness, change: dict[str, Any]
 ) -> None:
     workflow_id, step = await harness.started()
-    await harness.send(report(step, workflow_id, **change), harness.service_headers())
+    await harness.send(completed_event(step, workflow_id, **change), harness.service_headers())
 
     async def dead() -> bool:
         return len(await harness.dead()) == 1
@@ -191,8 +189,10 @@ async def test_stale_and_unknown_reports_are_acknowledged_not_dead_lettered(
 ) -> None:
     workflow_id, step = await harness.started()
     with caplog.at_level(logging.INFO, logger="stox.completions"):
-        await harness.send(report(step, workflow_id, step_id="ab" * 16), harness.service_headers())
-        await harness.send(report(step, "cd" * 16), harness.service_headers())
+        await harness.send(
+            completed_event(step, workflow_id, step_id="ab" * 16), harness.service_headers()
+        )
+        await harness.send(completed_event(step, "cd" * 16), harness.service_headers())
 
         async def both_logged() -> bool:
             return sum("ignored" in r.getMessage() for r in caplog.records) == 2
@@ -245,7 +245,7 @@ async def test_a_poison_body_is_dead_lettered_and_the_connection_stays(
 
             assert [m.body for m in await ns.drained(ns.dead)] == [poison]
             # the next report still flows, over the same connection
-            body = json.dumps(report(step, workflow_id)).encode()
+            body = json.dumps(completed_event(step, workflow_id)).encode()
             await asyncio.to_thread(ns.publish, "step.completed", body, headers)
 
             async def moved_on() -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import rabbit
-from support import Calls, eventually
+from support import PRODUCT, Calls, eventually
 
 from stox import codec
 from stox.bus import rabbitmq
@@ -30,7 +30,6 @@ PIPELINE = Pipeline(
     steps=(StepSpec("image_processing"), StepSpec("ai_enhancement"), StepSpec("seo_generation")),
     completion_url="http://127.0.0.1/api/v1/workflow/step-completed",
 )
-PRODUCT = {"name": "Shirt", "description": "cotton", "images": [], "metadata": {"sku": "1"}}
 WORKFLOWS = 20
 TRANSITIONS = 4  # the upload and three completions
 # a socket message per change: the first dispatch; then each completion and what followed it

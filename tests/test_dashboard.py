@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from support import RunningGateway, eventually, free_port, running_gateway
+from support import Clock, RunningGateway, eventually, free_port, report, running_gateway
 
 import settings as settings_module
 from stox.auth.tokens import TokenAuthority
@@ -764,21 +764,14 @@ async def test_keyboard_only_at_360_pixels(browser: Browser, tmp_path: Path) -> 
 
 
 def _reports(gw: RunningGateway) -> Callable[..., Any]:
+    """Reports on a workflow's current step with what the demo workers would have made of it,
+    or the failure `fail`."""
     service = gw.service_token("demo")
-    user = gw.token("alice")
 
-    async def report(workflow_id: str, *, fail: str | None = None) -> None:
-        status = await gw.fetch(
-            "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=user
-        )
-        doc = status.body
+    async def report_current(workflow_id: str, *, fail: str | None = None) -> None:
+        doc = await gw.status(workflow_id)
         step = doc["steps"][doc["current_step"]]
-        body: dict[str, Any] = {
-            "workflow_id": workflow_id,
-            "step_id": step["step_id"],
-            "step_type": step["name"],
-            "success": fail is None,
-        }
+        result = None
         if fail is None:
             results = {s["name"]: s["result"] for s in doc["steps"] if s["result"]}
             work = {
@@ -786,13 +779,13 @@ def _reports(gw: RunningGateway) -> Callable[..., Any]:
                 "ai_enhancement": enhance,
                 "seo_generation": seo,
             }
-            body["result"] = work[step["name"]](workflow_id, doc["product"], results)
-        else:
-            body["error"] = fail
-        answer = await gw.fetch("POST", "/api/v1/workflow/step-completed", body, token=service)
+            result = work[step["name"]](workflow_id, doc["product"], results)
+        answer = await report(
+            gw, workflow_id, step, success=fail is None, result=result, error=fail, token=service
+        )
         assert answer.status == 200, answer.body
 
-    return report
+    return report_current
 
 
 PRODUCTS = {
@@ -823,16 +816,6 @@ PRODUCTS = {
 }
 
 
-class Clock:
-    """The orchestrator's clock, set back so that the picture shows a plausible morning."""
-
-    def __init__(self) -> None:
-        self.behind = 0.0
-
-    def __call__(self) -> float:
-        return time.time() - self.behind
-
-
 async def test_a_dashboard_with_every_kind_of_workflow(browser: Browser, tmp_path: Path) -> None:
     """Every state on one page; the picture in the README is taken from it."""
 
@@ -842,9 +825,9 @@ async def test_a_dashboard_with_every_kind_of_workflow(browser: Browser, tmp_pat
             step.backoff = settings_module.Duration(600)
         settings.pipeline.steps[2].max_attempts = 1
 
-    clock = Clock()
+    clock = Clock(time.time())  # set back for each event, so the picture shows a plausible morning
     async with running_gateway(tmp_path, pipeline, {"clock": clock}) as gw:
-        report = _reports(gw)
+        report_current = _reports(gw)
         token = gw.token("alice")
         ids: dict[str, str] = {}
         # seconds ago, what happened to which product
@@ -860,7 +843,7 @@ async def test_a_dashboard_with_every_kind_of_workflow(browser: Browser, tmp_pat
             (65, "upload", "mug"), (50, "image service timed out", "mug"),  # to be retried
         ]  # fmt: skip
         for ago, what, key in timeline:
-            clock.behind = ago
+            clock.now = time.time() - ago
             if what == "upload":
                 name, category, price, description, images = PRODUCTS[key]
                 ids[key] = await gw.upload(
@@ -875,8 +858,8 @@ async def test_a_dashboard_with_every_kind_of_workflow(browser: Browser, tmp_pat
                 body = {"workflow_id": ids[key]}
                 await gw.fetch("POST", "/api/v1/workflow/cancel", body, token=token)
             else:
-                await report(ids[key], fail=None if what == "done" else what)
-        clock.behind = 0
+                await report_current(ids[key], fail=None if what == "done" else what)
+        clock.now = time.time()
         lamp, board_, shelf, apron, throw, mug = (ids[key] for key in PRODUCTS)
 
         async with dashboard(browser, gw, width=1440, height=900) as board:

@@ -8,29 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
-import random
-import re
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
-import tornado.httpclient
-from procs import gateway_config, remote, start_gateway, wait_ready
 from support import (
     CANCEL,
     COMPLETED,
+    HEX32,
     LIST,
     RETRY,
     STATUS,
     UPLOAD,
-    Response,
     RunningGateway,
-    free_port,
+    assert_error,
+    eventually,
+    report,
     running_gateway,
 )
 
@@ -40,17 +35,10 @@ from stox.orchestrator import Contention, NotFound
 from stox.schemas import MAX_JSON_DEPTH
 from stox.workflow import NotAllowed, StaleReport
 
-HEX32 = re.compile(r"^[0-9a-f]{32}$")
 STEPS = ["image_processing", "ai_enhancement", "seo_generation"]
 
 
 # -- fixtures and helpers ------------------------------------------------------------------
-
-
-@pytest.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    async with running_gateway(tmp_path) as gateway:
-        yield gateway
 
 
 def configure_steps(**changes: Any) -> Callable[[settings_module.Settings], None]:
@@ -63,25 +51,6 @@ def configure_steps(**changes: Any) -> Callable[[settings_module.Settings], None
                 setattr(step, name, kind(value))
 
     return configure
-
-
-def assert_error(
-    response: Response, status: int, code: str | None = None, field: str | None = None
-) -> dict[str, Any]:
-    """The response is the one JSON error shape, with a request id, naming `field`."""
-    assert response.status == status, response.body
-    assert response.headers.get("Content-Type", "").startswith("application/json")
-    assert HEX32.match(response.headers.get("X-Request-Id", "")), response.headers
-    assert isinstance(response.body, dict) and set(response.body) == {"error"}, response.body
-    error = response.body["error"]
-    assert set(error) <= {"code", "message", "fields"}
-    assert isinstance(error["code"], str) and error["code"]
-    assert isinstance(error["message"], str) and error["message"]
-    if code is not None:
-        assert error["code"] == code, error
-    if field is not None:
-        assert field in error.get("fields", {}), error
-    return error
 
 
 async def stored(gw: RunningGateway, workflow_id: str) -> dict[str, Any]:
@@ -102,44 +71,6 @@ async def status_of(gw: RunningGateway, workflow_id: str, token: str) -> dict[st
     response = await gw.fetch("GET", f"{STATUS}?workflow_id={workflow_id}", token=token)
     assert response.status == 200, response.body
     return dict(response.body)
-
-
-async def report(
-    gw: RunningGateway,
-    workflow_id: str,
-    step: dict[str, Any],
-    *,
-    success: bool = True,
-    result: dict[str, Any] | None = None,
-    error: str | None = None,
-    step_type: str | None = None,
-    token: str | None = None,
-) -> Response:
-    body: dict[str, Any] = {
-        "workflow_id": workflow_id,
-        "step_id": step["step_id"],
-        "step_type": step_type or step["name"],
-        "success": success,
-    }
-    if success:
-        body["result"] = result if result is not None else {"by": step["name"]}
-    else:
-        body["error"] = error or "it broke"
-    return await gw.fetch("POST", COMPLETED, body, token=token or gw.service_token())
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[Any]], check: Callable[[Any], bool], within: float = 5.0
-) -> Any:
-    """Poll `probe` until `check` holds for its value (the sweeper runs every 0.05 s)."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if check(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached; last value: {value!r}")
-        await asyncio.sleep(0.02)
 
 
 class Spy:
@@ -164,7 +95,7 @@ class Spy:
         return [event.routing_key for event in self.events]
 
     async def wait_for(self, count: int) -> None:
-        await eventually(lambda: asyncio.sleep(0, len(self.events)), lambda n: n >= count)
+        await eventually(lambda: len(self.events), lambda n: n >= count, within=5)
 
 
 # -- upload and status ---------------------------------------------------------------------
@@ -445,6 +376,7 @@ async def test_a_failure_is_retried_after_backoff_then_fails_then_retry_restarts
         body = await eventually(
             lambda: status_of(gw, workflow_id, token),
             lambda b: b["steps"][0]["status"] == "dispatched",
+            within=5,
         )
         attempt2 = body["steps"][0]
         assert attempt2["attempt"] == 2
@@ -504,7 +436,9 @@ async def test_a_passed_deadline_is_retried_then_fails_the_workflow(tmp_path: Pa
 
         # the sweeper fails attempt 1 at its deadline and dispatches attempt 2 after backoff
         body = await eventually(
-            lambda: status_of(gw, workflow_id, token), lambda b: b["steps"][0]["attempt"] == 2
+            lambda: status_of(gw, workflow_id, token),
+            lambda b: b["steps"][0]["attempt"] == 2,
+            within=5,
         )
         assert body["steps"][0]["attempts"][0]["step_id"] == attempt1["step_id"]
         assert body["steps"][0]["attempts"][0]["outcome"] == "timed_out"
@@ -512,7 +446,9 @@ async def test_a_passed_deadline_is_retried_then_fails_the_workflow(tmp_path: Pa
 
         # attempt 2 times out too, and that was the last one
         body = await eventually(
-            lambda: status_of(gw, workflow_id, token), lambda b: b["status"] != "running"
+            lambda: status_of(gw, workflow_id, token),
+            lambda b: b["status"] != "running",
+            within=5,
         )
         assert body["status"] == "failed"
         assert body["steps"][0]["status"] == "failed"
@@ -936,308 +872,6 @@ async def test_cancel_rejects_unknown_fields(gw: RunningGateway) -> None:
     assert (await status_of(gw, workflow_id, token))["status"] == "running"
 
 
-# -- body size -----------------------------------------------------------------------------
-
-MAX_BODY = 1024 * 1024
-MiB = 1024 * 1024
-WS_HANDSHAKE = (
-    "Upgrade: websocket",
-    "Connection: Upgrade",
-    "Sec-WebSocket-Version: 13",
-    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-)
-
-
-class RawConnection:
-    """A client connection that writes each request whole before it reads the answer.
-
-    That is what urllib and most simple clients do: a server that answers early and closes
-    with the body unread resets the connection under them, and they never see its answer.
-    """
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def to(cls, gw: RunningGateway) -> AsyncIterator[RawConnection]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        try:
-            yield cls(reader, writer)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    async def send(self, *parts: bytes) -> None:
-        for part in parts:
-            self.writer.write(part)
-            await self.writer.drain()
-
-    async def answer(self) -> tuple[int, dict[str, str], bytes]:
-        """The status, headers (lower-case names) and body of the next answer."""
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        body = await asyncio.wait_for(self.reader.readexactly(int(headers["content-length"])), 10)
-        return status, headers, body
-
-    async def exchange(self, *parts: bytes) -> tuple[int, dict[str, str], bytes]:
-        await self.send(*parts)
-        return await self.answer()
-
-    async def closed_by_server(self) -> bool:
-        return await asyncio.wait_for(self.reader.read(1), 10) == b""
-
-
-async def raw_exchange(gw: RunningGateway, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send bytes on a fresh connection; the status, headers and body of the answer."""
-    async with RawConnection.to(gw) as conn:
-        return await conn.exchange(request)
-
-
-def request_head(method: str, path: str, *headers: str) -> bytes:
-    return "\r\n".join([f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""]).encode()
-
-
-def chunks(size: int, piece: int = 65536) -> bytes:
-    """`size` bytes of chunked body, without the last (empty) chunk."""
-    whole, rest = divmod(size, piece)
-    body = b"%x\r\n%s\r\n" % (piece, b"a" * piece) * whole
-    return body + (b"%x\r\n%s\r\n" % (rest, b"a" * rest) if rest else b"")
-
-
-def assert_too_large(status: int, headers: dict[str, str], body: bytes) -> None:
-    assert status == 413, body[:300]
-    assert headers["content-type"].startswith("application/json")
-    assert json.loads(body)["error"]["code"] == "body_too_large"
-
-
-async def test_a_body_over_the_limit_with_content_length_is_413(gw: RunningGateway) -> None:
-    token = gw.token()
-    padding = MAX_BODY - len(b'{"name":"x","description":""}')
-    exactly = b'{"name":"x","description":"' + b"a" * padding + b'"}'
-    assert len(exactly) == MAX_BODY
-    # the size limit comes before the field checks: a body at the limit is read and checked
-    at_limit = await gw.fetch("POST", UPLOAD, raw=exactly, token=token)
-    assert_error(at_limit, 400, "invalid_input", "description")
-
-    over = await gw.fetch("POST", UPLOAD, raw=exactly + b" ", token=token)
-    assert_error(over, 413, "body_too_large")
-    listed = await gw.fetch("GET", LIST, token=token)
-    assert listed.body["workflows"] == []
-
-
-@pytest.mark.parametrize(
-    ("method", "path", "size", "chunked", "role"),
-    [
-        ("POST", COMPLETED, 10_000_000, False, "service"),
-        ("POST", UPLOAD, 5 * MiB, False, "user"),
-        ("POST", UPLOAD, 6 * MiB, True, "user"),
-        ("GET", "/", 5 * MiB, False, None),
-        ("GET", "/ws", 5 * MiB, True, "user"),
-        ("POST", "/nowhere", 5 * MiB, False, None),
-    ],
-    ids=["10MB-step-completed", "5MiB-upload", "6MiB-chunked-upload", "index", "ws", "unknown"],
-)
-async def test_an_oversized_body_is_read_then_answered_413_and_the_connection_stays_open(
-    gw: RunningGateway, method: str, path: str, size: int, chunked: bool, role: str | None
-) -> None:
-    headers = [
-        "Content-Type: application/json",
-        "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}",
-    ]
-    if role is not None:
-        token = gw.service_token() if role == "service" else gw.token()
-        headers.append(f"Authorization: Bearer {token}")
-    if path == "/ws":
-        headers += [
-            *WS_HANDSHAKE,
-            f"Origin: {gw.base_url}",
-            f"Sec-WebSocket-Protocol: bearer, {token}",
-        ]
-    body = chunks(size) + b"0\r\n\r\n" if chunked else b"a" * size
-
-    async with RawConnection.to(gw) as conn:
-        assert_too_large(*await conn.exchange(request_head(method, path, *headers), body))
-        # the whole body was read: the connection serves the next request
-        status, _, health = await conn.exchange(request_head("GET", "/healthz"))
-        assert status == 200 and json.loads(health) == {"status": "ok"}
-
-
-@pytest.mark.parametrize("path", [UPLOAD, "/", "/ws"])
-async def test_a_streamed_chunked_body_over_the_limit_is_413(gw: RunningGateway, path: str) -> None:
-    async def produce(write: Callable[[bytes], Awaitable[None]]) -> None:
-        for _ in range(96):  # 6 MiB
-            await write(b"a" * 65536)
-
-    request = tornado.httpclient.HTTPRequest(
-        gw.base_url + path,
-        method="POST",  # tornado's client sends no other method's body chunked
-        headers={"Authorization": f"Bearer {gw.token()}"},
-        body_producer=produce,  # no length: chunked
-        request_timeout=20,
-    )
-    response = await tornado.httpclient.AsyncHTTPClient().fetch(request, raise_error=False)
-    assert response.code == 413, response.error
-    assert json.loads(response.body)["error"]["code"] == "body_too_large"
-
-
-async def test_a_chunked_body_over_the_limit_is_413(gw: RunningGateway) -> None:
-    request = request_head(
-        "POST",
-        UPLOAD,
-        f"Authorization: Bearer {gw.token()}",
-        "Content-Type: application/json",
-        "Transfer-Encoding: chunked",
-    )
-    status, headers, body = await raw_exchange(gw, request + chunks(17 * 65536) + b"0\r\n\r\n")
-
-    assert_too_large(status, headers, body)
-    assert HEX32.match(headers["x-request-id"])
-    listed = await gw.fetch("GET", LIST, token=gw.token())
-    assert listed.body["workflows"] == []
-
-
-async def test_a_small_chunked_body_is_accepted(gw: RunningGateway) -> None:
-    payload = b'{"name":"chunked mug"}'
-    request = (
-        f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gw.token()}\r\n"
-        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-    ).encode() + b"".join(b"%x\r\n%s\r\n" % (1, payload[i : i + 1]) for i in range(len(payload)))
-    status, _, body = await raw_exchange(gw, request + b"0\r\n\r\n")
-    assert status == 202
-    assert json.loads(body)["status"] == "running"
-
-
-# a gateway with small limits, to cross the drain limit cheaply
-SMALL = {"server__max_body_size": settings_module.Size(1024)}
-DRAIN = 64 * 1024
-
-
-@pytest.fixture
-async def small(tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    limits = {**SMALL, "server__max_drain_size": settings_module.Size(DRAIN)}
-    async with running_gateway(tmp_path, **limits) as gateway:
-        yield gateway
-
-
-async def test_a_body_up_to_the_drain_limit_is_read_then_answered(small: RunningGateway) -> None:
-    upload = request_head("POST", UPLOAD, f"Authorization: Bearer {small.token()}")
-    async with RawConnection.to(small) as conn:
-        sized = upload[:-2] + f"Content-Length: {DRAIN}\r\n\r\n".encode()
-        assert_too_large(*await conn.exchange(sized, b"a" * DRAIN))
-        streamed = upload[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
-        status, headers, body = await conn.exchange(streamed, chunks(DRAIN) + b"0\r\n\r\n")
-        assert_too_large(status, headers, body)
-        assert "connection" not in headers
-        assert (await conn.exchange(request_head("GET", "/healthz")))[0] == 200
-
-
-async def test_a_body_declared_over_the_drain_limit_is_answered_at_once_then_closed(
-    small: RunningGateway,
-) -> None:
-    head = request_head(
-        "POST", UPLOAD, f"Authorization: Bearer {small.token()}", f"Content-Length: {DRAIN + 1}"
-    )
-    async with RawConnection.to(small) as conn:
-        status, headers, body = await conn.exchange(head)  # without the body
-        assert_too_large(status, headers, body)
-        assert headers["connection"] == "close"
-        assert await conn.closed_by_server()
-
-
-async def test_a_chunked_body_past_the_drain_limit_is_answered_then_closed(
-    small: RunningGateway,
-) -> None:
-    head = request_head(
-        "POST", UPLOAD, f"Authorization: Bearer {small.token()}", "Transfer-Encoding: chunked"
-    )
-    async with RawConnection.to(small) as conn:
-        status, headers, body = await conn.exchange(head, chunks(DRAIN + 1))  # and no end
-        assert_too_large(status, headers, body)
-        assert headers["connection"] == "close"
-        assert await conn.closed_by_server()
-
-
-async def test_a_client_waiting_to_continue_is_refused_before_it_sends_the_body(
-    small: RunningGateway,
-) -> None:
-    head = request_head(
-        "POST",
-        UPLOAD,
-        f"Authorization: Bearer {small.token()}",
-        "Content-Length: 2048",
-        "Expect: 100-continue",
-    )
-    async with RawConnection.to(small) as conn:
-        status, headers, body = await conn.exchange(head)  # the 413, not "100 Continue"
-        assert_too_large(status, headers, body)
-        assert headers["connection"] == "close"
-        assert await conn.closed_by_server()
-
-
-def waiting_handlers() -> list[asyncio.Task[Any]]:
-    """Tasks of handlers still running (Tornado's RequestHandler._execute)."""
-    return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.endswith("._execute")]
-
-
-@pytest.mark.parametrize(
-    ("path", "size"), [("/ws", 1000), (UPLOAD, 1000), ("/ws", 2 * MiB), (UPLOAD, 2 * MiB)]
-)
-async def test_a_client_that_leaves_mid_body_leaves_no_handler_waiting(
-    gw: RunningGateway, path: str, size: int
-) -> None:
-    head = request_head("POST", path, f"Content-Length: {size}")
-    async with RawConnection.to(gw) as conn:
-        await conn.send(head, b"a" * (size // 2 + 1))  # past the limit, for the larger ones
-        await eventually(lambda: asyncio.sleep(0.01, waiting_handlers()), lambda tasks: tasks)
-    await eventually(lambda: asyncio.sleep(0.01, waiting_handlers()), lambda tasks: not tasks)
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        line = next(line for line in status if line.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
-async def test_draining_keeps_no_body_in_memory(tmp_path: Path) -> None:
-    port = free_port()
-    config = gateway_config(port, "drain", f"sqlite:///{tmp_path}/stox.db", "")
-    proc = start_gateway(tmp_path, "gateway", config)
-    try:
-        await wait_ready(proc, port)
-        gw = remote(port)
-        size = 60 * MiB
-        head = request_head("POST", UPLOAD, f"Authorization: Bearer {gw.token()}")
-        head = head[:-2] + f"Content-Length: {size}\r\n\r\n".encode()
-        piece = b"a" * MiB
-        async with RawConnection.to(gw) as conn:
-            assert_too_large(*await conn.exchange(head, *([piece] * 60)))  # warmed up
-            before = rss_mib(proc.popen.pid)
-            for _ in range(5):
-                assert_too_large(*await conn.exchange(head, *([piece] * 60)))
-            grown = rss_mib(proc.popen.pid) - before
-    finally:
-        proc.stop()
-    # 300 MiB were read and thrown away; a process that kept one body would grow by 60 MiB
-    assert grown < 32, f"RSS grew by {grown:.0f} MiB"
-
-
-def test_the_drain_limit_is_64_mib_and_no_smaller_than_the_body_limit(tmp_path: Path) -> None:
-    assert settings_module.load([], {}).server.max_drain_size == 64 * MiB
-    config = tmp_path / "config.yaml"
-    config.write_text("server:\n  max_body_size: 2MiB\n  max_drain_size: 1MiB\n")
-    with pytest.raises(settings_module.SettingsError, match=r"^server\.max_drain_size: "):
-        settings_module.load(["--config", str(config)], {})
-
-
 # -- routing, health -----------------------------------------------------------------------
 
 
@@ -1301,112 +935,3 @@ async def test_a_client_request_id_is_echoed(gw: RunningGateway) -> None:
     response = await gw.fetch("GET", "/nope", headers={"X-Request-Id": "trace-123"})
     assert response.status == 404
     assert response.headers["X-Request-Id"] == "trace-123"
-
-
-# -- fuzz: nothing a client sends gets a 5xx -----------------------------------------------
-
-_KEYS = [
-    "name",
-    "description",
-    "images",
-    "category",
-    "price",
-    "metadata",
-    "workflow_id",
-    "step_id",
-    "step_type",
-    "success",
-    "result",
-    "error",
-    "",
-    "ünï",
-    "$where",
-    "a.b",
-]
-
-
-def _random_scalar(rng: random.Random) -> Any:
-    return rng.choice(
-        [
-            None,
-            True,
-            False,
-            0,
-            -1,
-            2**70,
-            -(2**64),
-            rng.uniform(-1e300, 1e300),
-            1e-320,
-            "",
-            "x" * rng.randint(1, 300),
-            "a" * 32,
-            "0" * 32,
-            "é😀\u202e",
-            "\x00",
-            "null",
-        ]
-    )
-
-
-def _random_value(rng: random.Random, depth: int = 0) -> Any:
-    roll = rng.random()
-    if depth > 4 or roll < 0.5:
-        return _random_scalar(rng)
-    if roll < 0.75:
-        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 5))]
-    return {rng.choice(_KEYS): _random_value(rng, depth + 1) for _ in range(rng.randint(0, 6))}
-
-
-def _random_body(rng: random.Random, template: dict[str, Any]) -> bytes:
-    """Random bytes, random JSON, or a valid body with a few fields broken."""
-    roll = rng.random()
-    if roll < 0.15:
-        return bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 200)))
-    if roll < 0.35:
-        return json.dumps(_random_value(rng)).encode()
-    body = dict(template)
-    for _ in range(rng.randint(1, 3)):
-        key = rng.choice(list(template) + _KEYS)
-        if rng.random() < 0.2:
-            body.pop(key, None)
-        else:
-            body[key] = _random_value(rng)
-    text = json.dumps(body)
-    if rng.random() < 0.15:  # things json.dumps will not write: NaN, lone surrogates, depth
-        text = text.replace("null", rng.choice(["NaN", '"\\ud800"', "[" * 50 + "]" * 50]), 1)
-    return text.encode()
-
-
-async def test_random_input_never_gets_a_5xx(gw: RunningGateway) -> None:
-    rng = random.Random(20260514)
-    user, service = gw.token(), gw.service_token()
-    workflow_id = await gw.upload(user)
-    step = (await status_of(gw, workflow_id, user))["steps"][0]
-    templates = {
-        UPLOAD: ({"name": "Mug", "price": 1.5, "images": ["i.png"], "metadata": {}}, user),
-        COMPLETED: (
-            {"workflow_id": workflow_id, "step_id": step["step_id"], "success": False},
-            service,
-        ),
-        CANCEL: ({"workflow_id": workflow_id}, user),
-        RETRY: ({"workflow_id": workflow_id}, user),
-    }
-    statuses: list[int] = []
-    for path, (template, token) in templates.items():
-        for _ in range(80):
-            raw = _random_body(rng, template)
-            response = await gw.fetch("POST", path, raw=raw, token=token)
-            assert response.status < 500, (path, raw[:300], response.body)
-            if response.status >= 400:
-                assert_error(response, response.status)
-            statuses.append(response.status)
-    for _ in range(40):
-        value = rng.choice(
-            [quote(str(_random_scalar(rng))), "%ff", "%00", "%ed%a0%80", "a" * 32, "-5", "1e3"]
-        )
-        for query in ("workflow_id", "status", "limit", "cursor"):
-            path = STATUS if query == "workflow_id" else LIST
-            response = await gw.fetch("GET", f"{path}?{query}={value}", token=user)
-            assert response.status < 500, (path, query, value, response.body)
-    assert 400 in statuses and any(s < 300 for s in statuses)  # both kinds were reached
-    assert (await gw.fetch("GET", "/readyz")).status == 200

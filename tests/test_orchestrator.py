@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any, TypeVar
 
 import pytest
-from support import RecordingBus
+from support import PRODUCT, T0, Clock, RecordingBus
 
 from stox import workflow as w
 from stox.bus.base import Event
@@ -27,15 +27,6 @@ from stox.orchestrator import NotFound, Orchestrator
 from stox.store import WorkflowStore, make_store
 from stox.workflow import NotAllowed, Pipeline, Report, StaleReport, StepSpec
 
-T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
-PRODUCT = {
-    "name": "Desk lamp",
-    "description": "A brass desk lamp",
-    "images": ["https://img.example/lamp.jpg"],
-    "category": "home",
-    "price": 19.5,
-    "metadata": {"sku": "L-1"},
-}
 # image: 2 attempts, immediate retry; ai: 2 attempts, 5 s backoff; seo: one attempt.
 PIPELINE = Pipeline(
     steps=(
@@ -47,17 +38,6 @@ PIPELINE = Pipeline(
 )
 T = TypeVar("T")
 STEP_KEYS = {spec.routing_key for spec in PIPELINE.steps}
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class CountingStore:

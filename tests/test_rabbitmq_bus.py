@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import rabbit
-from support import eventually
+from support import eventually, free_port
 
 from settings import Duration, RabbitMQSettings
 from stox.bus import pika_writes
@@ -125,45 +125,31 @@ def test_parameters_turn_heartbeats_on_and_name_the_connection() -> None:
 
 
 def test_the_server_says_why_it_cannot_start_without_its_broker(tmp_path: Path) -> None:
-    with socket_closed_port() as port:
-        url = f"amqp://guest:guest@127.0.0.1:{port}/"
-        store = f"sqlite:///{tmp_path}/s.db"
-        done = subprocess.run(
-            [sys.executable, "server.py", "--storage-url", store, "--rabbitmq-url", url],
-            cwd=Path(__file__).resolve().parent.parent,
-            env={**os.environ, "STOX_JWT_SECRET": "x" * 40},
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+    port = free_port()
+    url = f"amqp://guest:guest@127.0.0.1:{port}/"
+    store = f"sqlite:///{tmp_path}/s.db"
+    done = subprocess.run(
+        [sys.executable, "server.py", "--storage-url", store, "--rabbitmq-url", url],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "STOX_JWT_SECRET": "x" * 40},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 1
     assert f"stox: cannot start: cannot use RabbitMQ at 127.0.0.1:{port}/" in done.stderr
     assert "Traceback" not in done.stderr
 
 
 async def test_an_unreachable_broker_fails_start_quickly() -> None:
-    with socket_closed_port() as port:
-        bus = RabbitMQBus(f"amqp://guest:guest@127.0.0.1:{port}/")
-        started = time.monotonic()
-        with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
-            await bus.start()
-        assert time.monotonic() - started < 5
-        assert not bus.connected
-        await bus.close()
-
-
-class socket_closed_port:
-    """A local port nothing listens on (bound, then released)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
-    def __exit__(self, *_: object) -> None:
-        pass
+    port = free_port()
+    bus = RabbitMQBus(f"amqp://guest:guest@127.0.0.1:{port}/")
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
+        await bus.start()
+    assert time.monotonic() - started < 5
+    assert not bus.connected
+    await bus.close()
 
 
 async def test_a_queue_declared_before_with_other_arguments_is_refused_clearly(

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from procs import gateway_config, remote, start_gateway, wait_ready
-from support import RunningGateway, completion, free_port, gateway_settings, running_gateway
+from support import (
+    PRODUCT,
+    RunningGateway,
+    free_port,
+    gateway_settings,
+    report,
+    running_gateway,
+)
 
 import settings as settings_module
 from handlers import completion_path
@@ -24,14 +31,6 @@ from stox.bus.base import Event
 from stox.bus.local import LocalBus
 from stox.store import make_store
 
-PRODUCT = {
-    "name": "Desk lamp",
-    "description": "A brass desk lamp",
-    "images": ["https://img.example/lamp.jpg"],
-    "category": "home",
-    "price": 19.5,
-    "metadata": {},
-}
 STEPS = ("image_processing", "ai_enhancement", "seo_generation")
 TIMEOUT = 5.0
 
@@ -90,18 +89,11 @@ async def status(gw: RunningGateway, workflow_id: str) -> dict[str, Any]:
     return await gw.status(workflow_id)
 
 
-async def report(
-    gw: RunningGateway, workflow_id: str, step_id: str, step_type: str, success: bool = True
-) -> Any:
-    body = completion(workflow_id, step_id, step_type, success)
-    return await gw.fetch("POST", "/api/v1/workflow/step-completed", body, token=gw.service_token())
-
-
 async def complete_current_step(gw: RunningGateway, workflow_id: str) -> dict[str, Any]:
     doc = await status(gw, workflow_id)
     step = doc["steps"][doc["current_step"]]
     assert step["status"] == w.DISPATCHED, doc
-    response = await report(gw, workflow_id, step["step_id"], step["name"])
+    response = await report(gw, workflow_id, step)
     assert response.status == 200, response.body
     assert response.body["result"] == "applied"
     return await status(gw, workflow_id)
@@ -198,7 +190,7 @@ async def test_a_restarted_gateway_finishes_every_workflow_once(tmp_path: Path) 
         assert (await status(gw, ids[3]))["version"] == before[ids[3]]["version"]
         # ... and reporting its last step again changes nothing
         last = before[ids[3]]["steps"][-1]
-        again = await report(gw, ids[3], last["step_id"], last["name"])
+        again = await report(gw, ids[3], last)
         assert again.status == 200
         assert again.body["result"] == "duplicate"
         await gw.gateway.orchestrator.drain()
@@ -257,7 +249,7 @@ async def test_a_deadline_passed_while_down_is_retried_after_restart(tmp_path: P
             }
         ]
         # the timed-out attempt's late report is refused; the new attempt's is applied
-        late = await report(gw, workflow_id, first["step_id"], "image_processing")
+        late = await report(gw, workflow_id, first)
         assert late.status == 409
         doc = await complete_current_step(gw, workflow_id)
         assert doc["steps"][0]["status"] == w.COMPLETED

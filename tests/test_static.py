@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from support import RunningGateway, running_gateway
+from support import RunningGateway
 
-from handlers.static import content_security_policy
+from handlers.static import StaticHandler, content_security_policy
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 YEAR = 365 * 24 * 3600
-
-
-@pytest.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    async with running_gateway(tmp_path) as gateway:
-        yield gateway
 
 
 def directives(policy: str) -> dict[str, list[str]]:
@@ -111,6 +104,43 @@ async def test_versioned_assets_are_cached_for_a_year(gw: RunningGateway) -> Non
         name = url.split("?")[0].rsplit("/", 1)[-1]
         assert response.headers["Content-Type"].startswith(types[name])
         assert_security_headers(response.headers, gw.port)
+
+
+async def test_every_module_is_imported_by_a_versioned_url(gw: RunningGateway) -> None:
+    """From app.js down, each import names its module by version: none is revalidated on a
+    reload, and every module of static/ is reached."""
+    page = Assets()
+    page.feed((await gw.fetch("GET", "/")).body)
+    todo = [url for url in page.urls if url.startswith("/static/app.js?v=")]
+    reached = set()
+    while todo:
+        url = todo.pop()
+        response = await gw.fetch("GET", url)
+        assert response.status == 200, url
+        assert response.headers["Cache-Control"] == f"public, max-age={YEAR}, immutable"
+        assert int(response.headers["Content-Length"]) == len(response.body.encode()), url
+        reached.add(url.split("?")[0])
+        for name, version in re.findall(
+            r'from "\./([\w-]+\.js)(\?v=[0-9a-f]{16,})?"', response.body
+        ):
+            assert version, f"{url} imports {name} without a version"
+            todo.append(f"/static/{name}{version}")
+    assert reached == {f"/static/{path.name}" for path in STATIC.glob("*.js")}
+
+
+def test_a_change_in_an_imported_module_changes_the_importers_version(tmp_path: Path) -> None:
+    (tmp_path / "b.js").write_text("export const b = 1;\n")
+    (tmp_path / "a.js").write_text('import { b } from "./b.js";\nexport const a = b;\n')
+    a, b = str(tmp_path / "a.js"), str(tmp_path / "b.js")
+    version = StaticHandler.get_content_version(a)
+
+    served = b"".join(StaticHandler.get_content(a)).decode()
+    b_version = StaticHandler.get_content_version(b)
+    assert served == f'import {{ b }} from "./b.js?v={b_version}";\nexport const a = b;\n'
+    assert b"".join(StaticHandler.get_content(a, 7, 10)) == served.encode()[7:10]  # ranges
+
+    (tmp_path / "b.js").write_text("export const b = 2;\n")
+    assert StaticHandler.get_content_version(a) != version
 
 
 async def test_unversioned_assets_are_revalidated(gw: RunningGateway) -> None:

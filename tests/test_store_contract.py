@@ -6,14 +6,13 @@ import asyncio
 import copy
 import gc
 import json
-import socket
 import sqlite3
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import eventually
+from support import T0, eventually, free_port
 
 from stox.store import AlreadyExists, NewEvent, StoreError, WorkflowStore, make_store
 from stox.store.mongo import MongoStore
@@ -30,8 +29,6 @@ from stox.workflow import (
     isoformat,
     start,
 )
-
-T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 
 def new_doc(
@@ -633,9 +630,7 @@ def test_mongo_database_from_url(url: str, database: str) -> None:
 
 
 async def test_mongo_unreachable_server_raises_store_error() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens here once the socket is closed
+    port = free_port()
     store = MongoStore.from_url(f"mongodb://127.0.0.1:{port}/x?serverSelectionTimeoutMS=200")
     with pytest.raises(StoreError):
         await store.open()

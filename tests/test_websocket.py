@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 import tornado.httpclient
 import tornado.websocket
-from support import RunningGateway, running_gateway
+from support import RunningGateway, eventually, report, running_gateway
 
 import settings as settings_module
 
@@ -63,13 +62,6 @@ async def closed_with(conn: Connection) -> int | None:
             return conn.close_code
 
 
-async def poll(condition: Callable[[], bool], within: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 def assert_change(message: dict[str, Any], kind: str, workflow_id: str, step: str | None) -> None:
     assert message["type"] == kind, message["type"]
     assert message["workflow_id"] == workflow_id
@@ -115,7 +107,7 @@ async def gateway(
         finally:
             client.close()
             # let the close handshakes finish before the server goes away
-            await poll(lambda: gw.gateway.hub.subscriber_count == 0)
+            await eventually(lambda: gw.gateway.hub.subscriber_count == 0, within=TIMEOUT)
 
 
 async def settled_upload(gw: RunningGateway, token: str, **product: Any) -> dict[str, Any]:
@@ -133,25 +125,12 @@ async def status(gw: RunningGateway, token: str, workflow_id: str) -> dict[str, 
     return dict(response.body)
 
 
-async def report(
-    gw: RunningGateway, workflow: dict[str, Any], *, success: bool = True, **extra: Any
+async def report_current(
+    gw: RunningGateway, workflow: dict[str, Any], *, success: bool = True
 ) -> None:
-    """Report on the current attempt of `workflow` (as seen in a message or a status)."""
+    """Report on the current attempt of `workflow` (as a message or a status shows it)."""
     step = workflow["steps"][workflow["current_step"]]
-    body: dict[str, Any] = {
-        "workflow_id": workflow["id"],
-        "step_id": step["step_id"],
-        "step_type": step["name"],
-        "success": success,
-    }
-    if success:
-        body["result"] = {"done": step["name"]}
-    else:
-        body["error"] = "the service broke"
-    body.update(extra)
-    response = await gw.fetch(
-        "POST", "/api/v1/workflow/step-completed", body, token=gw.service_token()
-    )
+    response = await report(gw, workflow["id"], step, success=success)
     assert response.status == 200, response.body
 
 
@@ -317,8 +296,8 @@ async def test_another_users_workflow_is_closed_with_4404(tmp_path: Path) -> Non
         assert await closed_with(missing) == 4404
 
         # bob's workflow keeps changing; alice's closed socket saw none of it
-        await report(gw, bobs)
-        await poll(lambda: gw.gateway.hub.subscriber_count == 0)
+        await report_current(gw, bobs)
+        await eventually(lambda: gw.gateway.hub.subscriber_count == 0, within=TIMEOUT)
 
 
 async def test_an_admin_may_subscribe_to_anyones_workflow(tmp_path: Path) -> None:
@@ -349,7 +328,7 @@ async def test_one_workflow_snapshot_then_every_change_to_completion(tmp_path: P
         changes: list[dict[str, Any]] = []
         current = snapshot["data"]
         for index in range(len(STEPS)):
-            await report(gw, current)
+            await report_current(gw, current)
             last = "workflow_completed" if index == len(STEPS) - 1 else "step_dispatched"
             batch = await receive_until(conn, last)
             changes += batch
@@ -386,7 +365,7 @@ async def test_two_sockets_on_one_workflow_receive_identical_bytes(tmp_path: Pat
         two = await client.connect(token, wf["id"], via="query")
         assert (await receive(one))["type"] == (await receive(two))["type"] == "snapshot"
 
-        await report(gw, wf)
+        await report_current(gw, wf)
         first = [await receive_raw(one), await receive_raw(one)]
         second = [await receive_raw(two), await receive_raw(two)]
         assert first == second
@@ -400,16 +379,16 @@ async def test_a_failure_is_retried_and_then_fails_the_workflow(tmp_path: Path) 
         conn = await client.connect(token, wf["id"])
         snapshot = await receive(conn)
 
-        await report(gw, snapshot["data"], success=False)
+        await report_current(gw, snapshot["data"], success=False)
         retrying, dispatched = await receive(conn), await receive(conn)
         assert_change(retrying, "step_retrying", wf["id"], "image_processing")
-        assert retrying["data"]["workflow"]["steps"][0]["error"] == "the service broke"
+        assert retrying["data"]["workflow"]["steps"][0]["error"] == "boom"  # support.report's
         assert_change(dispatched, "step_dispatched", wf["id"], "image_processing")
         second_attempt = dispatched["data"]["workflow"]["steps"][0]
         assert second_attempt["attempt"] == 2
         assert second_attempt["step_id"] != wf["steps"][0]["step_id"]
 
-        await report(gw, dispatched["data"]["workflow"], success=False)
+        await report_current(gw, dispatched["data"]["workflow"], success=False)
         step_failed, workflow_failed = await receive(conn), await receive(conn)
         assert_change(step_failed, "step_failed", wf["id"], "image_processing")
         assert_change(workflow_failed, "workflow_failed", wf["id"], None)
@@ -468,7 +447,7 @@ async def test_all_my_workflows_snapshots_then_only_my_changes(tmp_path: Path) -
             assert message["version"] == message["data"]["version"]
 
         # bob's changes never arrive: the next message is alice's new upload
-        await report(gw, bobs)
+        await report_current(gw, bobs)
         await settled_upload(gw, bob, name="bob's second")
         third_id = await gw.upload(alice, name="third")
         new = await receive(conn)
@@ -476,7 +455,7 @@ async def test_all_my_workflows_snapshots_then_only_my_changes(tmp_path: Path) -
         assert new["data"]["workflow"]["product"]["name"] == "third"
         assert new["data"]["workflow"]["owner"] == "alice"
 
-        await report(gw, first)
+        await report_current(gw, first)
         completed, dispatched = await receive(conn), await receive(conn)
         assert_change(completed, "step_completed", first["id"], "image_processing")
         assert_change(dispatched, "step_dispatched", first["id"], "ai_enhancement")
@@ -507,12 +486,12 @@ async def test_closing_the_client_unsubscribes(tmp_path: Path) -> None:
         assert hub.subscriber_count == 2
 
         one.close()
-        await poll(lambda: hub.subscriber_count == 1, within=2)
+        await eventually(lambda: hub.subscriber_count == 1, within=2)
         two.close(1000, "bye")
-        await poll(lambda: hub.subscriber_count == 0, within=2)
+        await eventually(lambda: hub.subscriber_count == 0, within=2)
 
         # changes after that go nowhere and break nothing
-        await report(gw, wf)
+        await report_current(gw, wf)
         assert (await status(gw, token, wf["id"]))["steps"][0]["status"] == "completed"
 
 
@@ -536,7 +515,7 @@ async def test_a_client_gone_while_its_snapshot_loads_is_not_kept(
         conn.protocol._abort()  # the client vanishes without a close handshake
         await asyncio.sleep(0.05)
         release.set()
-        await poll(lambda: gw.gateway.hub.subscriber_count == 0, within=2)
+        await eventually(lambda: gw.gateway.hub.subscriber_count == 0, within=2)
 
 
 async def test_server_shutdown_closes_sockets(tmp_path: Path) -> None:
@@ -575,8 +554,8 @@ async def test_a_socket_is_closed_with_4401_when_its_token_expires(tmp_path: Pat
         # open until exp (whole seconds, 1-2 s from now), then closed; nothing more is sent
         assert await closed_with(conn) == 4401
         assert conn.close_reason == "token expired"
-        await poll(lambda: gw.gateway.hub.subscriber_count == 0)
-        await report(gw, wf)
+        await eventually(lambda: gw.gateway.hub.subscriber_count == 0, within=TIMEOUT)
+        await report_current(gw, wf)
         # a fresh token opens a fresh socket
         again = await client.connect(gw.token("alice"))
         assert (await receive(again))["type"] == "snapshot"
@@ -608,7 +587,7 @@ async def test_sockets_over_the_per_user_limit_are_closed_with_4029(tmp_path: Pa
 
         # a socket that closes frees its place
         first.close()
-        await poll(lambda: gw.gateway.hub.subscriber_count == 4)
+        await eventually(lambda: gw.gateway.hub.subscriber_count == 4, within=TIMEOUT)
         replacement = await client.connect(alice)
         assert (await receive(replacement))["type"] == "snapshot"
 
@@ -623,4 +602,4 @@ async def test_a_client_message_over_64_kib_closes_the_socket_with_1009(tmp_path
 
         await conn.write_message("x" * (64 * 1024 + 1))
         assert await closed_with(conn) == 1009
-        await poll(lambda: gw.gateway.hub.subscriber_count == 0)
+        await eventually(lambda: gw.gateway.hub.subscriber_count == 0, within=TIMEOUT)

@@ -23,6 +23,7 @@ from hypothesis.stateful import (
     invariant,
     rule,
 )
+from support import PRODUCT
 
 from stox import workflow as w
 from stox.workflow import (
@@ -39,7 +40,6 @@ from stox.workflow import (
 
 T0 = 1_700_000_000.0
 MAX_WORKFLOWS = 3
-PRODUCT = {"name": "Lamp", "images": ["a.jpg"], "metadata": {}}
 
 step_specs = st.lists(
     st.tuples(

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import PRODUCT
 
 from stox import workflow as w
 from stox.workflow import (
@@ -30,14 +31,6 @@ from stox.workflow import (
 
 T0 = 1_700_000_000.0
 URL = "http://gateway.test/api/v1/workflow/step-completed"
-PRODUCT = {
-    "name": "Lamp",
-    "description": "A desk lamp",
-    "images": ["https://img.test/1.jpg"],
-    "category": "home",
-    "price": 19.5,
-    "metadata": {"sku": "L-1"},
-}
 WS_CHANGE_TYPES = {
     "step_dispatched",
     "step_completed",

@@ -1,0 +1,383 @@
+// The list of workflows, live: the WebSocket that feeds it (a snapshot, then every change),
+// the rows and counts it renders, older pages on demand, and what is announced to screen
+// readers as workflows change.
+
+import { API, LiveSocket, socketUrl } from "./api.js";
+import { $, h, setMessage } from "./dom.js";
+import {
+  SNAPSHOT_LIMIT,
+  STATUS_LABELS,
+  describeStep,
+  elapsedMs,
+  formatDuration,
+  formatPrice,
+  parseTime,
+  progress,
+  stepLongName,
+  stepShortName,
+  stepState,
+} from "./model.js";
+import { EXPIRED, call, onSignIn, onSignOut, sessionExpired, signOut } from "./session.js";
+import { markDirty, renderSoon, serverNow, state } from "./state.js";
+
+const PAGE_SIZE = 100;
+
+export const STATE_ICONS = {
+  pending: "○",
+  running: "●",
+  retrying: "↻",
+  completed: "✓",
+  failed: "✕",
+  cancelled: "–",
+};
+
+// -- the live connection --------------------------------------------------------------------------
+
+function startLive(session) {
+  state.live = new LiveSocket({
+    url: socketUrl(),
+    token: session.token,
+    onMessage: onLiveMessage,
+    onState: renderConnection,
+    onOpen: () => {
+      state.snapshotIds = new Set();
+      state.connections += 1;
+      renderSoon(); // "Loading…" ends even when there is nothing to load
+    },
+    onRefused: checkAfterRefusal,
+    onExpired: () => signOut(EXPIRED, "warning"),
+  });
+  state.live.start();
+  renderSoon(true);
+}
+
+function onLiveMessage(message) {
+  if (!message || typeof message.version !== "number") return;
+  const ts = parseTime(message.ts);
+  if (ts !== null) state.skew = ts - Date.now();
+  const isSnapshot = message.type === "snapshot";
+  const doc = isSnapshot ? message.data : message.data?.workflow;
+  if (!doc || typeof doc.id !== "string") return;
+  if (isSnapshot) {
+    state.snapshotIds.add(doc.id);
+    if (state.snapshotIds.size === SNAPSHOT_LIMIT) snapshotWindowComplete();
+  }
+  const applied = state.store.apply(doc, message.version);
+  if (!applied) return; // already showing this version or a newer one
+  announceChange(message.type, message.data?.step ?? null, applied.previous, state.store.get(doc.id));
+  markDirty(doc.id);
+}
+
+/**
+ * The snapshot covers the newest SNAPSHOT_LIMIT workflows. Older ones this page loaded may
+ * have changed while it was disconnected; those that still can change are fetched again.
+ */
+function snapshotWindowComplete() {
+  state.snapshotFull = true;
+  if (state.connections < 2) return;
+  const outside = [...state.store.byId.values()].filter(
+    (w) => !state.snapshotIds.has(w.id) && (w.status === "running" || w.status === "failed"),
+  );
+  for (const w of outside) refreshWorkflow(w.id);
+}
+
+export async function refreshWorkflow(id) {
+  try {
+    const doc = await call("GET", `${API}/workflow/status?workflow_id=${encodeURIComponent(id)}`);
+    const applied = doc && state.store.apply(doc);
+    if (applied) {
+      announceChange("refresh", null, applied.previous, state.store.get(id));
+      markDirty(id);
+    }
+    return true;
+  } catch (error) {
+    return error.status !== 404;
+  }
+}
+
+/** The socket closed before it opened: an expired token, or the server is away. */
+async function checkAfterRefusal() {
+  const session = state.session;
+  if (!session) return false;
+  if (sessionExpired(session)) {
+    signOut(EXPIRED, "warning");
+    return false;
+  }
+  try {
+    await call("GET", `${API}/workflow/list?limit=1`);
+  } catch (error) {
+    if (error.status === 403) {
+      signOut("This account cannot watch workflows. Sign in as a user.", "warning");
+      return false;
+    }
+  }
+  return state.session === session;
+}
+
+const CONNECTION_TEXT = {
+  connecting: "Connecting…",
+  live: "Live",
+  reconnecting: "Connection lost. Reconnecting…",
+  offline: "Offline",
+};
+
+const TOO_MANY_TEXT = "Too many open dashboards. Close one; retrying in a while…";
+
+function renderConnection(next) {
+  state.connection = next;
+  const box = $("connection");
+  box.dataset.state = next.state;
+  $("dashboard").dataset.connection = next.state;
+  $("connection-text").textContent =
+    next.reason === "too-many" ? TOO_MANY_TEXT : (CONNECTION_TEXT[next.state] ?? next.state);
+  $("reconnect-now").hidden = next.state !== "reconnecting";
+}
+
+// -- announcements for screen readers -------------------------------------------------------------
+
+function announce(text) {
+  state.announcements.push(text);
+  if (state.announceTimer) return;
+  state.announceTimer = setTimeout(() => {
+    const region = $("announcer");
+    const items = state.announcements.splice(0);
+    state.announceTimer = null;
+    region.textContent = items.length > 4 ? `${items.length} workflows changed.` : items.join(" ");
+  }, 400);
+}
+
+function announceChange(kind, stepName, previous, current) {
+  const name = current.product?.name ?? "A workflow";
+  if (kind === "step_retrying" && stepName) {
+    const step = current.steps.find((s) => s.name === stepName);
+    announce(`${name}: ${stepLongName(stepName)} failed, will retry${step ? ` (attempt ${step.attempt + 1})` : ""}.`);
+  } else if (!previous) {
+    if (kind === "step_dispatched") announce(`${name}: new workflow started.`);
+  } else if (previous.status !== current.status) {
+    announce(`${name}: ${STATUS_LABELS[current.status] ?? current.status}.`);
+  }
+}
+
+// -- rendering --------------------------------------------------------------------------------------
+
+/** The counts, the tab's title and the rows of the current filter. */
+export function renderList() {
+  const counts = state.store.counts();
+  for (const el of document.querySelectorAll("[data-count]")) el.textContent = counts[el.dataset.count] ?? 0;
+  renderTitle(counts);
+  renderRows();
+}
+
+function renderTitle(counts) {
+  const parts = [];
+  if (counts.running) parts.push(`${counts.running} running`);
+  if (counts.failed) parts.push(`${counts.failed} failed`);
+  document.title = parts.length ? `(${parts.join(", ")}) Stox` : "Stox";
+}
+
+function renderRows() {
+  const list = $("workflow-list");
+  const status = state.filter === "all" ? null : state.filter;
+  const workflows = state.store.list(status);
+  let cursor = list.firstElementChild;
+  for (const w of workflows) {
+    let row = state.rows.get(w.id);
+    if (!row) {
+      row = createRow(w.id);
+      state.rows.set(w.id, row);
+      updateRow(row, w);
+    } else if (state.renderAll || state.dirty.has(w.id)) {
+      updateRow(row, w);
+    }
+    if (row === cursor) cursor = cursor.nextElementSibling;
+    else list.insertBefore(row, cursor);
+  }
+  while (cursor) {
+    const next = cursor.nextElementSibling;
+    cursor.remove();
+    cursor = next;
+  }
+  renderListFooter(workflows.length);
+}
+
+function renderListFooter(shown) {
+  const total = state.store.size;
+  const empty = $("list-empty");
+  if (!state.connections && !total) {
+    setMessage(empty, "Loading workflows…");
+  } else if (!total) {
+    setMessage(empty, "No workflows yet. Upload a product to start one.");
+  } else if (!shown) {
+    setMessage(empty, `No ${state.filter} workflows among the ${total} loaded.`);
+  } else {
+    setMessage(empty, null);
+  }
+  $("list-summary").textContent =
+    state.listNote ?? (total ? `Showing ${shown} of ${total} loaded, newest first.` : "");
+  const chain = state.chains.get(state.filter);
+  const everything = state.chains.get("all")?.done;
+  const more = !everything && (chain ? !chain.done : state.snapshotFull);
+  const button = $("load-older");
+  button.hidden = !more;
+  button.disabled = state.loadingOlder;
+  button.textContent = state.loadingOlder ? "Loading…" : "Load older";
+}
+
+function createRow(id) {
+  // a click opens the workflow's detail: detail.js listens on the list
+  const open = h("button", { type: "button", class: "wf-open", "aria-controls": "detail" });
+  const row = h(
+    "li",
+    { class: "wf", dataset: { workflowId: id } },
+    h("div", { class: "wf-title" }, open, h("p", { class: "wf-meta" })),
+    h("span", { class: "badge" }),
+    h("ol", { class: "steps" }),
+    h("p", { class: "wf-elapsed" }, h("span", { class: "visually-hidden" }, "Elapsed "), h("time", { class: "elapsed" })),
+  );
+  if (state.fresh.delete(id)) row.classList.add("is-fresh");
+  return row;
+}
+
+function updateRow(row, w) {
+  row.dataset.status = w.status;
+  row.dataset.version = w.version;
+  row.classList.toggle("is-selected", state.detailId === w.id);
+  const open = row.querySelector(".wf-open");
+  open.textContent = w.product?.name ?? w.id;
+  open.setAttribute("aria-expanded", String(state.detailId === w.id));
+  const meta = [w.product?.category, w.product?.price != null ? formatPrice(w.product.price) : null]
+    .filter(Boolean)
+    .join(" · ");
+  row.querySelector(".wf-meta").replaceChildren(
+    meta ? `${meta} · ` : "",
+    h("span", { class: "mono", title: w.id }, w.id.slice(0, 8)),
+    " · ",
+    timeOf(w.created_at, formatDateTime(w.created_at)),
+  );
+  renderBadge(row.querySelector(".badge"), w.status);
+  const { done, total } = progress(w);
+  const steps = row.querySelector(".steps");
+  steps.setAttribute("aria-label", `Steps: ${done} of ${total} done`);
+  steps.replaceChildren(...w.steps.map(stepChip));
+  updateElapsed(row.querySelector(".elapsed"), w);
+}
+
+function stepChip(step) {
+  const shown = stepState(step);
+  return h(
+    "li",
+    { class: "step", dataset: { step: step.name, state: shown, attempt: step.attempt } },
+    h("span", { class: "step-bar", "aria-hidden": "true" }),
+    h(
+      "span",
+      { class: "step-label", "aria-hidden": "true" },
+      h("span", { class: "step-icon" }, STATE_ICONS[shown] ?? "·"),
+      stepShortName(step.name),
+      step.attempt > 1 ? h("span", { class: "step-attempt" }, `×${step.attempt}`) : null,
+    ),
+    h("span", { class: "visually-hidden" }, `${describeStep(step)}.`),
+  );
+}
+
+export function renderBadge(el, status) {
+  el.dataset.status = status;
+  el.textContent = STATUS_LABELS[status] ?? status;
+}
+
+export function updateElapsed(el, w) {
+  const ms = elapsedMs(w, serverNow());
+  el.textContent = formatDuration(ms);
+  el.setAttribute("datetime", `PT${Math.round(ms / 1000)}S`);
+}
+
+export function formatClock(iso) {
+  const ms = parseTime(iso);
+  if (ms === null) return "";
+  const date = new Date(ms);
+  const today = new Date();
+  const sameDay = date.toDateString() === today.toDateString();
+  return sameDay
+    ? date.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" })
+    : date.toLocaleString(undefined, { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+}
+
+export function formatDateTime(iso) {
+  const ms = parseTime(iso);
+  return ms === null ? "—" : new Date(ms).toLocaleString(undefined, { dateStyle: "medium", timeStyle: "medium" });
+}
+
+export function timeOf(iso, title) {
+  return h("time", { datetime: iso, title }, formatClock(iso));
+}
+
+/** Elapsed times of running workflows move on without asking the server anything. */
+function tick() {
+  if (!state.session || document.hidden) return;
+  for (const row of $("workflow-list").querySelectorAll('.wf[data-status="running"]')) {
+    const w = state.store.get(row.dataset.workflowId);
+    if (w) updateElapsed(row.querySelector(".elapsed"), w);
+  }
+}
+
+// -- older workflows ----------------------------------------------------------------------------------
+
+async function loadOlder() {
+  if (state.loadingOlder || !state.session) return;
+  const filter = state.filter;
+  const chain = state.chains.get(filter) ?? { cursor: null, done: false };
+  state.chains.set(filter, chain);
+  state.loadingOlder = true;
+  state.listNote = null;
+  renderSoon(true);
+  try {
+    // The first page repeats what the snapshot holds; go on until something new shows.
+    let added = 0;
+    while (!chain.done && added === 0) {
+      const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
+      if (filter !== "all") query.set("status", filter);
+      if (chain.cursor) query.set("cursor", chain.cursor);
+      const page = await call("GET", `${API}/workflow/list?${query}`);
+      if (!page) return;
+      for (const doc of page.workflows) {
+        const applied = state.store.apply(doc);
+        if (applied) {
+          markDirty(doc.id);
+          if (!applied.previous) added += 1;
+        }
+      }
+      chain.cursor = page.next_cursor;
+      chain.done = !page.next_cursor;
+    }
+    announce(added ? `Loaded ${added} older workflows.` : "No older workflows.");
+  } catch (error) {
+    state.listNote = `Could not load older workflows: ${error.message}`;
+    announce(state.listNote);
+  } finally {
+    state.loadingOlder = false;
+    renderSoon(true);
+  }
+}
+
+export function wireList() {
+  onSignIn(startLive);
+  onSignOut(() => {
+    state.store.clear();
+    state.rows.clear();
+    state.chains.clear();
+    state.snapshotFull = false;
+    state.snapshotIds = new Set();
+    state.connections = 0;
+    state.fresh.clear();
+    $("workflow-list").replaceChildren();
+  });
+  $("reconnect-now").addEventListener("click", () => state.live?.reconnectNow());
+  for (const radio of document.querySelectorAll('input[name="filter"]')) {
+    radio.addEventListener("change", () => {
+      state.filter = radio.value;
+      $("workflow-list").dataset.filter = radio.value;
+      renderSoon();
+    });
+  }
+  $("load-older").addEventListener("click", loadOlder);
+  setInterval(tick, 1000);
+}

@@ -101,11 +101,12 @@ from roles import (
     ws_reader,
 )
 
+from stox import workflow
 from stox.auth.tokens import SERVICE, USER, TokenAuthority
 
 REPO = Path(__file__).resolve().parent.parent
 
-DEFAULT_STEPS = ["image_processing", "ai_enhancement", "seo_generation"]  # the AMQP services'
+DEFAULT_STEPS = [spec.name for spec in workflow.DEFAULT_STEPS]  # the AMQP services' steps
 LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/"  # --peers' default (pika and kombu agree)
 
 # `python -c THREAD_CPU_PROFILER OUT server.py ARGS…`: cProfile on the main thread's CPU clock

@@ -73,7 +73,7 @@ def between(low: float, high: float, expected: str = "") -> Check:
 def at_least(low: float, expected: str) -> Check:
     def check(key: str, value: Any) -> None:
         if value < low:
-            raise SettingsError(f"{key}: expected {expected}")
+            raise SettingsError(f"{key}: expected {expected}, got {value!r}")
 
     return check
 
@@ -349,7 +349,7 @@ class WebSocketSettings:
         "bytes one /ws socket may have queued (not yet flushed, or waiting behind its "
         "snapshot) before it is closed with 4008",
         default=Size(2 * 1024 * 1024),
-        check=between(64 * 1024, float("inf"), "at least 64KiB"),
+        check=at_least(64 * 1024, "at least 64KiB"),
     )
     send_timeout: Duration = _help(
         "how long a snapshot waits for a socket to drain before closing it with 4008",
@@ -359,7 +359,7 @@ class WebSocketSettings:
     max_sockets_per_user: int = _help(
         "open /ws sockets per user on this instance; one more is closed with 4029",
         default=10,
-        check=between(1, float("inf"), "at least 1"),
+        check=at_least(1, "at least 1"),
     )
     snapshot_cache: Size = _help(
         "encoded workflow documents kept for snapshots, shared by every socket (0: none)",

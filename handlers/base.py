@@ -105,7 +105,7 @@ def _not_found(exc: Exception) -> ApiError:
 
 
 def _conflict(exc: Exception) -> ApiError:
-    return ApiError(409, str(getattr(exc, "code", "conflict")), str(exc))
+    return ApiError(409, cast(NotAllowed | StaleReport, exc).code, str(exc))
 
 
 def _contended(exc: Exception) -> ApiError:

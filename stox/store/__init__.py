@@ -45,37 +45,34 @@ _BACKENDS = (
 
 def check_url(url: str) -> None:
     """ValueError naming the setting and what it takes, unless a backend takes `url`."""
-    backend = _backend(url)
-    try:
-        backend.urls.data_folder(url)
-    except ValueError as exc:
-        raise ValueError(f"storage.url: {exc}") from None
+    _checked(url)
 
 
 def data_folder(url: str) -> Path | None:
     """The folder the store keeps its file in; None when it has none (a server, memory)."""
-    check_url(url)
-    return cast(Path | None, _backend(url).urls.data_folder(url))
+    return _checked(url)[1]
 
 
 def make_store(url: str) -> WorkflowStore:
     """`sqlite:///path` (or `sqlite://:memory:`) or `mongodb://…`."""
-    check_url(url)
-    backend = _backend(url)
+    backend, _ = _checked(url)
     return cast(WorkflowStore, _store_class(backend, backend.workflows).from_url(url))
 
 
 def make_user_store(url: str) -> UserStore:
     """The users of the built-in AuthService, in the same database as the workflows."""
-    check_url(url)
-    backend = _backend(url)
+    backend, _ = _checked(url)
     return cast(UserStore, _store_class(backend, backend.users).from_url(url))
 
 
-def _backend(url: str) -> _Backend:
+def _checked(url: str) -> tuple[_Backend, Path | None]:
+    """The backend that takes `url`, and its data folder (parsing the URL checks it whole)."""
     for backend in _BACKENDS:
         if url.startswith(backend.urls.SCHEMES):
-            return backend
+            try:
+                return backend, backend.urls.data_folder(url)
+            except ValueError as exc:
+                raise ValueError(f"storage.url: {exc}") from None
     expected = " or ".join(backend.urls.EXAMPLE for backend in _BACKENDS)
     raise ValueError(f"storage.url: expected {expected}, got {url!r}")
 

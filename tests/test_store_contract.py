@@ -775,6 +775,8 @@ async def test_writes_of_turns_within_a_commit_interval_share_one_commit(
 
     from stox.store import sqlite_db
 
+    # long enough that a slow or busy host still queues all three within it
+    monkeypatch.setattr(sqlite_db, "COMMIT_INTERVAL", 0.05)
     store = SQLiteStore(str(tmp_path / "stox.db"))
     await store.open()
     try:

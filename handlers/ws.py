@@ -1,4 +1,4 @@
-"""GET /ws: live workflow changes over a WebSocket (DESIGN §6).
+"""GET /ws: live workflow changes over a WebSocket (docs/architecture.md#the-hub-and-the-websocket).
 
 Authenticated before the upgrade (`Sec-WebSocket-Protocol: bearer, <jwt>` or `?token=`),
 Origin checked against `cors.allowed_origins`; a handshake refused before the upgrade is

@@ -1,4 +1,5 @@
-// Talking to the gateway: JSON over HTTP (DESIGN §5) and the one live WebSocket (§6).
+// Talking to the gateway: JSON over HTTP (docs/architecture.md#the-http-api) and the one
+// live WebSocket (docs/architecture.md#the-hub-and-the-websocket).
 
 export const API = "/api/v1";
 

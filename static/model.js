@@ -1,5 +1,6 @@
 // The dashboard's pure parts: the workflow store (applied by version), the input checks
-// the server makes (stox/schemas.py ProductSchema; the auth service's rules), and formatting.
+// the server makes (stox/schemas.py ProductSchema: tests/test_dashboard.py keeps PRODUCT_LIMITS
+// equal to its validators; the auth service's rules), and formatting.
 // No DOM here, so a test can import this module on its own.
 
 export const STATUSES = ["running", "completed", "failed", "cancelled"];

@@ -97,7 +97,8 @@ def make_tokens(settings: Settings, *, issuing: bool = False) -> TokenAuthority:
 
 
 class Topology:
-    """Queue names this gateway declares (DESIGN §4), under a configurable prefix."""
+    """Queue names this gateway declares, under a configurable prefix
+    (docs/architecture.md#events-and-the-queue-topology)."""
 
     def __init__(self, prefix: str, instance_id: str) -> None:
         self.prefix = prefix
@@ -217,8 +218,8 @@ class Gateway:
                 routing_key = self.pipeline.spec(name).routing_key
                 await self.bus.declare(topo.step_queue(name), [routing_key])
         await self.bus.declare(topo.completions, [self.pipeline.completion_routing_key])
-        # DESIGN §4 binds the hub's queue to workflow.# and step.#; it reads only the change
-        # notifications, so only those are routed to it (less traffic on every instance)
+        # the hub reads only the change notifications, so only those are routed to its
+        # queue, not every workflow.# and step.# event (less traffic on every instance)
         await self.bus.declare(topo.hub, [CHANGES_ROUTING_KEY, CHANGE_ROUTING_KEY], exclusive=True)
         await self.bus.consume(topo.completions, completion_handler(self.orchestrator, self.tokens))
         await self.bus.consume(topo.hub, self.hub.on_change)

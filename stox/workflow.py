@@ -1,4 +1,6 @@
-"""The workflow domain: pipelines as data and the transition rules of DESIGN §3. No I/O.
+"""The workflow domain: pipelines as data and their transition rules. No I/O.
+
+The model and its rules: docs/architecture.md#the-workflow-model.
 
 Every transition mutates a freshly loaded `Workflow` in place, bumps its `version`, and
 appends the events it causes to the workflow's `outbox`, so the caller saves state and

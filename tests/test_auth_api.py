@@ -1,4 +1,5 @@
-"""The auth endpoints (DESIGN §5) through the built-in gRPC AuthService, end to end."""
+"""The auth endpoints (docs/architecture.md#the-http-api) through the built-in gRPC AuthService, end
+to end."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Who may call what (DESIGN §5): 401 without valid credentials, 403 for the wrong role,
-and 404 (never 403) for another user's workflow."""
+"""Who may call what (docs/architecture.md#the-http-api): 401 without valid credentials, 403 for the
+wrong role, and 404 (never 403) for another user's workflow."""
 
 from __future__ import annotations
 

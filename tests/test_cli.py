@@ -1,4 +1,5 @@
-"""`python -m stox token` (DESIGN §7): tokens the gateway built from the same settings accepts."""
+"""`python -m stox token` (docs/architecture.md#settings-and-the-command-line): tokens the gateway
+built from the same settings accepts."""
 
 from __future__ import annotations
 

@@ -14,12 +14,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
+from marshmallow import fields, validate
 from support import Clock, RunningGateway, eventually, free_port, report, running_gateway
 
 import settings as settings_module
+from stox import schemas
 from stox.auth.tokens import TokenAuthority
 from stox.demo_workers import enhance, process_images, seo
 
@@ -406,6 +408,32 @@ async def test_the_browser_refuses_exactly_what_the_server_refuses(
                     "POST", "/api/v1/workflow/upload", checked["product"], token=token
                 )
                 assert answer.status == 202, (raw, answer.body)
+
+
+def schema_limit(field: Any, kind: type) -> Any:
+    """The `max` of the field's one validator of `kind` (marshmallow's Length or Range)."""
+    (found,) = [v for v in field.validators if isinstance(v, kind)]
+    return found.max
+
+
+async def test_the_dashboards_upload_limits_are_the_servers(
+    browser: Browser, tmp_path: Path
+) -> None:
+    product = schemas.ProductSchema().fields
+    images = cast(fields.List, product["images"])
+    expected = {
+        "name": schema_limit(product["name"], validate.Length),
+        "description": schema_limit(product["description"], validate.Length),
+        "category": schema_limit(product["category"], validate.Length),
+        "images": schema_limit(images, validate.Length),
+        "image": schema_limit(images.inner, validate.Length),
+        "price": schema_limit(product["price"], validate.Range),
+    }
+    async with running_gateway(tmp_path) as gw, dashboard(browser, gw) as board:
+        limits = await board.page.evaluate(
+            "async () => (await import('/static/model.js')).PRODUCT_LIMITS"
+        )
+    assert limits == expected
 
 
 async def test_changes_apply_by_version(browser: Browser, tmp_path: Path) -> None:

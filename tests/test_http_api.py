@@ -1,4 +1,4 @@
-"""The HTTP API of DESIGN §5 against a real gateway (SQLite, in-process bus).
+"""The HTTP API (docs/architecture.md#the-http-api) against a real gateway (SQLite, in-process bus).
 
 Every test talks to the gateway over HTTP as clients and services do, and checks answers,
 the error shape, and what was stored.

@@ -1,5 +1,5 @@
-"""Settings (DESIGN §7): defaults < YAML < STOX_* environment < flags, and refusals that
-name the offending key."""
+"""Settings (docs/architecture.md#settings-and-the-command-line): defaults < YAML < STOX_*
+environment < flags, and refusals that name the offending key."""
 
 from __future__ import annotations
 

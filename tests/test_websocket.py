@@ -1,4 +1,5 @@
-"""GET /ws end to end (DESIGN §6): a real gateway, real WebSocket clients, HTTP to drive it."""
+"""GET /ws end to end (docs/architecture.md#the-hub-and-the-websocket): a real gateway, real
+WebSocket clients, HTTP to drive it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Stateful property test of the workflow rules (DESIGN §3) over random interleavings.
+"""Stateful property test of the workflow rules (docs/architecture.md#the-workflow-model) over
+random interleavings.
 
 A hypothesis state machine runs up to three workflows on a small random pipeline (few
 attempts, short timeouts, some zero backoffs) and applies, in any order: reports for the

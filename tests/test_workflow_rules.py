@@ -1,4 +1,5 @@
-"""One test (or a small group) per rule of DESIGN §3, against the pure domain in stox.workflow.
+"""One test (or a small group) per rule of the workflow model, against the pure domain in
+stox.workflow (the rules: docs/architecture.md#the-workflow-model).
 
 Every transition mutates the Workflow in place, so "nothing changed" is checked by comparing a
 deep copy of `to_doc()` taken before the call with the document after it.

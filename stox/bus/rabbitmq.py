@@ -1,4 +1,5 @@
-"""The RabbitMQ bus: pika's `TornadoConnection` on the server's own IOLoop (DESIGN §4).
+"""The RabbitMQ bus: pika's `TornadoConnection` on the server's own IOLoop; the exchange,
+queues and messages it carries: docs/architecture.md#events-and-the-queue-topology.
 
 It keeps the promises of `LocalBus`, so the same contract suite runs on both:
 

@@ -178,7 +178,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """`storage.url` of an empty store, once for each kind of store."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'stox.db'}"
-    return request.getfixturevalue("mongo_url")
+    url: str = request.getfixturevalue("mongo_url")
+    return url
 
 
 @pytest.fixture

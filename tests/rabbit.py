@@ -146,7 +146,7 @@ class Namespace:
         """Every message in `queue` now, acknowledged (removed)."""
 
         def work(channel: Any) -> list[Message]:
-            got = []
+            got: list[Message] = []
             while True:
                 method, properties, body = channel.basic_get(queue, auto_ack=True)
                 if method is None:

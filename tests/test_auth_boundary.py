@@ -93,7 +93,7 @@ def bad_tokens() -> dict[str, str]:
         "another secret": other.issue("alice", "alice", "user"),
         "tampered payload": f"{head}.{b64(json.dumps(claims(role='admin')).encode())}.{signature}",
         "truncated signature": f"{head}.{body}.{signature[:-4]}",
-        "alg none (pyjwt)": jwt.encode(claims(), None, algorithm="none"),
+        "alg none (pyjwt)": jwt.encode(claims(), "", algorithm="none"),
         "alg none (by hand)": unsigned(claims()),
         "HS512 with the right secret": hs512,
         "missing exp": jwt.encode(claims(exp=None), SECRET, algorithm="HS256"),

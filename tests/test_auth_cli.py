@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass as getpass_module
 import json
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ def test_the_password_is_prompted_for_twice(
         prompts.append(prompt)
         return next(answers)
 
-    monkeypatch.setattr(cli.getpass, "getpass", getpass)
+    monkeypatch.setattr(getpass_module, "getpass", getpass)
     assert cli.main(["user", "create", "alice", "--config", str(config)]) == 0
     assert prompts == ["Password: ", "Password again: "]
     assert json.loads(capsys.readouterr().out)["username"] == "alice"

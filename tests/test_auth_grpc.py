@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import grpc.aio
@@ -23,7 +23,7 @@ from stox.auth.client import SERVICE_NAME
 REGISTER = "/api/v1/auth/register"
 LOGIN = "/api/v1/auth/login"
 CREDENTIALS = {"username": "alice", "password": "correct horse battery"}
-Code = grpc.StatusCode
+Code: TypeAlias = grpc.StatusCode
 
 pytestmark = pytest.mark.uvloop  # grpc.aio, client and server, on both event loops
 
@@ -41,10 +41,10 @@ class Scripted(auth_pb2_grpc.AuthServiceServicer):
         self.calls.append(name)
         self.deadlines.append(context.time_remaining())
         outcome = self.script.pop(0) if self.script else None
-        if isinstance(outcome, Code):
-            await context.abort(outcome, f"scripted {outcome.name}")
         if isinstance(outcome, float):
             await asyncio.sleep(outcome)
+        elif outcome is not None:  # a status code
+            await context.abort(outcome, f"scripted {outcome.name}")
         return reply
 
     async def Register(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -68,7 +68,7 @@ class Fake:
 @pytest.fixture
 async def fake(tmp_path: Path) -> AsyncIterator[Fake]:
     """A gateway whose AuthService (services.auth) is a scripted one; 10 ms retry backoff."""
-    servicer = Scripted()
+    servicer = Scripted()  # type: ignore[abstract]  # the gateway calls Register and Login
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server()
     auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
@@ -247,7 +247,7 @@ async def test_readyz_reports_a_service_without_health_checks_unavailable(
     tmp_path: Path,
 ) -> None:
     server = grpc.aio.server()
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(Scripted(), server)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(Scripted(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

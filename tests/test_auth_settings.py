@@ -12,7 +12,9 @@ from stox.app import make_tokens
 from stox.auth.tokens import BadKey, CannotIssue, InvalidToken, TokenAuthority, load_public_key
 
 
-def keyed_env(algorithm: str, private: Path | None = None, public: Path | None = None) -> dict:
+def keyed_env(
+    algorithm: str, private: Path | None = None, public: Path | None = None
+) -> dict[str, str]:
     env = {"STOX_JWT_ALGORITHM": algorithm}
     if private:
         env["STOX_JWT_PRIVATE_KEY_FILE"] = str(private)
@@ -143,9 +145,9 @@ def test_the_password_hash_defaults_are_argon2ids_recommended_ones() -> None:
 
 def test_the_attempt_limit_defaults() -> None:
     auth = load([], {}).auth
-    assert (auth.max_login_failures, auth.login_failure_window) == (10, 300)
+    assert (auth.max_login_failures, auth.login_failure_window) == (10, 300.0)
     assert (auth.max_login_failures_per_name, auth.max_login_failures_per_address) == (100, 100)
-    assert (auth.max_registrations, auth.registration_window) == (10, 3600)
+    assert (auth.max_registrations, auth.registration_window) == (10, 3600.0)
 
 
 def test_auth_settings_from_yaml(tmp_path: Path) -> None:

@@ -105,7 +105,8 @@ async def test_a_service_report_applies_like_the_http_endpoint(harness: Harness)
     await harness.send(completed_event(first, workflow_id), headers)
 
     async def moved_on() -> bool:
-        return (await harness.current_step(workflow_id))["name"] == "ai_enhancement"
+        step = await harness.current_step(workflow_id)
+        return bool(step["name"] == "ai_enhancement")
 
     await eventually(moved_on)
     doc = await harness.gw.status(workflow_id)
@@ -120,7 +121,7 @@ async def test_reports_without_a_service_token_are_dead_lettered_once(
     gw = harness.gw
     workflow_id, step = await harness.started()
     expired = gw.gateway.tokens.issue("service:old", "old", SERVICE, expires_in=-60)
-    refused = {
+    refused: dict[str, dict[str, Any]] = {
         "no header": {},
         "not bearer": {"authorization": f"Basic {gw.service_token()}"},
         "empty bearer": {"authorization": "Bearer "},
@@ -153,7 +154,8 @@ async def test_reports_without_a_service_token_are_dead_lettered_once(
     await harness.send(completed_event(step, workflow_id), harness.service_headers())
 
     async def applied() -> bool:
-        return (await harness.gw.status(workflow_id))["steps"][0]["status"] == w.COMPLETED
+        doc = await harness.gw.status(workflow_id)
+        return bool(doc["steps"][0]["status"] == w.COMPLETED)
 
     await eventually(applied)
 

@@ -113,7 +113,7 @@ async def publish(bus: EventBus, routing_key: str, **payload: object) -> Event:
 
 async def test_the_bus_says_what_it_is_and_who_can_consume(bus: EventBus) -> None:
     """The gateway asks the bus (not the settings) whether services can read its queues."""
-    expected = {LocalBus: ("in-process", False)}
+    expected: dict[type[EventBus], tuple[str, bool]] = {LocalBus: ("in-process", False)}
     kind, remote = expected.get(type(bus), ("rabbitmq", True))
     assert (bus.kind, bus.remote_consumers) == (kind, remote)
 

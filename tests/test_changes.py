@@ -13,7 +13,11 @@ from stox.changes import CHANGES_ROUTING_KEY, MAX_BATCH_BYTES, ChangeBatcher
 
 
 def notification(n: int, size: int = 0) -> tuple[str, dict[str, object], str]:
-    payload = {"event": "workflow.changed", "workflow_id": f"w{n}", "pad": "x" * size}
+    payload: dict[str, object] = {
+        "event": "workflow.changed",
+        "workflow_id": f"w{n}",
+        "pad": "x" * size,
+    }
     return f"m{n}", payload, json.dumps(payload, separators=(",", ":"))
 
 

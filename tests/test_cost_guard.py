@@ -11,6 +11,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import rabbit
 from support import PRODUCT, Calls, eventually
@@ -60,12 +61,13 @@ class DocumentEncodings:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
-        original = codec.orjson.dumps
+        original = orjson.dumps
 
         def counted(value: Any, *args: Any) -> bytes:
             if isinstance(value, dict) and (_document(value) or _document(value.get("workflow"))):
                 self.count += 1
-            return original(value, *args)
+            encoded: bytes = original(value, *args)
+            return encoded
 
         monkeypatch.setattr(codec, "orjson", type("Spy", (), {"dumps": staticmethod(counted)}))
 

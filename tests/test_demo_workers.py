@@ -18,7 +18,7 @@ from stox.bus.base import Event
 from stox.demo_workers import DemoWorkers, ServiceToken, enhance, process_images, seo
 
 TIMEOUT = 10.0
-FAST = {"min_delay": 0.0, "max_delay": 0.01}
+FAST: dict[str, Any] = {"min_delay": 0.0, "max_delay": 0.01}
 WORKFLOW_ID = "0123456789abcdef0123456789abcdef"
 
 
@@ -181,7 +181,7 @@ def dispatch_event(step: str, product: dict[str, Any] | None = None) -> Event:
 
 def workers(bus: RecordingBus, failure_rate: float = 0.0) -> DemoWorkers:
     return DemoWorkers(
-        bus,  # type: ignore[arg-type]
+        bus,
         [f"q.{name}" for name in STEP_NAMES],
         service_token=lambda: "service-token",
         min_delay=0,
@@ -228,7 +228,7 @@ async def test_start_consumes_every_step_queue() -> None:
         async def consume(self, queue: str, handler: Any) -> None:
             consumed.append(queue)
 
-    workers = DemoWorkers(Bus(), ["q.a", "q.b"], service_token=str)  # type: ignore[arg-type]
+    workers = DemoWorkers(Bus(), ["q.a", "q.b"], service_token=str)
     await workers.start()
     assert consumed == ["q.a", "q.b"]
 
@@ -239,7 +239,7 @@ async def test_a_gateway_that_cannot_issue_tokens_refuses_demo_workers(tmp_path:
         algorithm="EdDSA", public_key=load_public_key(public.read_bytes(), "EdDSA")
     )
     workers = DemoWorkers(
-        RecordingBus(),  # type: ignore[arg-type]
+        RecordingBus(),
         ["q.a"],
         service_token=ServiceToken(verifier, "demo-workers"),
     )

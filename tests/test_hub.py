@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import tornado.httputil
@@ -45,6 +45,9 @@ MESSAGE_KEYS = {"type", "workflow_id", "version", "data", "ts"}
 # -- fakes ---------------------------------------------------------------------------------
 
 
+T = TypeVar("T")
+
+
 class FakeStore:
     """A dict of documents; `hold_next_read()` makes the next get/list wait for `release()`.
 
@@ -67,7 +70,7 @@ class FakeStore:
         assert self._holding is not None, "no read is being held"
         self._holding.set()
 
-    async def _held(self, result: Any) -> Any:
+    async def _held(self, result: T) -> T:
         hold, self._hold = self._hold, None
         if hold is not None:
             self._holding = hold
@@ -202,7 +205,7 @@ class World:
         self.clock_now = 1_700_000_000.0
         self.orchestrator = Orchestrator(
             self.store,  # type: ignore[arg-type]
-            self.bus,  # type: ignore[arg-type]
+            self.bus,
             Pipeline(),
             clock=self.clock,
         )
@@ -523,7 +526,7 @@ async def test_a_connection_that_fails_its_snapshot_is_unsubscribed(world: World
 # -- the byte bound, with the real handler on a client that never reads ---------------------
 
 
-class _StubHTTPConnection:
+class _StubHTTPConnection(tornado.httputil.HTTPConnection):
     def set_close_callback(self, callback: Any) -> None:
         pass
 
@@ -559,7 +562,7 @@ class StalledSocket(WorkflowSocket):
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         self.closed_with.append((code, reason))
 
-    async def flush(self, count: int | None = None) -> None:
+    async def let_client_read(self, count: int | None = None) -> None:
         """Let the client read the oldest `count` writes (default: all so far)."""
         for future in [f for f in self.writes if not f.done()][:count]:
             future.set_result(None)
@@ -617,7 +620,7 @@ async def test_a_message_larger_than_the_bound_goes_when_nothing_is_in_flight() 
     socket = StalledSocket(world.hub)
     sub = await world.subscribe(socket, owner="alice", workflow_id=wf.id)
     version = (await world.orchestrator.get(wf.id)).version
-    await socket.flush()
+    await socket.let_client_read()
     assert sub.backlog == 0
 
     await world.hub.on_change(sized_notification(wf.id, version + 1, 2 * BOUND))
@@ -625,7 +628,7 @@ async def test_a_message_larger_than_the_bound_goes_when_nothing_is_in_flight() 
     await asyncio.sleep(0)  # written at the end of the turn
     assert sub.backlog > BOUND
     assert socket.closed_with == []
-    await socket.flush()
+    await socket.let_client_read()
     await world.hub.on_change(sized_notification(wf.id, version + 2, 2 * BOUND))
     await asyncio.sleep(0)  # written at the end of the turn
     assert socket.closed_with == []
@@ -648,7 +651,7 @@ async def test_flushed_and_failed_writes_shrink_the_backlog() -> None:
     sizes = [len(m) for m in socket.written]
     assert sub.backlog == sum(sizes)
 
-    await socket.flush(2)
+    await socket.let_client_read(2)
     socket.writes[2].set_exception(tornado.websocket.WebSocketClosedError())
     await settle()
     assert sub.backlog == sum(sizes[3:])
@@ -685,11 +688,11 @@ async def test_a_snapshot_is_paced_by_the_socket_and_loaded_in_pages() -> None:
     # and what it waits with is one page of documents, not the 30 (or 100) of the snapshot
     assert world.store.listed == [SNAPSHOT_PAGE]
 
-    await socket.flush(1)
+    await socket.let_client_read(1)
     await settle()
     assert len(socket.written) == in_flight + 1
     while not sending.done():
-        await socket.flush()
+        await socket.let_client_read()
         await settle()
     await sending
     assert socket.closed_with == []
@@ -852,9 +855,9 @@ async def test_fifty_snapshots_encode_each_document_once_and_yield_between_messa
     await world.complete_step(wf.id)
     await world.deliver(world.new_notifications())
     before = encodings.count
-    late = [FakeConnection(), FakeConnection()]
-    for conn in late:
-        await world.subscribe(conn, owner="alice", workflow_id=wf.id)
+    late: list[FakeConnection] = [FakeConnection(), FakeConnection()]
+    for joining in late:
+        await world.subscribe(joining, owner="alice", workflow_id=wf.id)
     assert encodings.count == before + 1
     current = (await world.orchestrator.get(wf.id)).public()
     assert [conn.messages()[0]["data"] for conn in late] == [current, current]
@@ -1001,7 +1004,7 @@ async def test_the_changes_of_one_turn_go_to_a_socket_in_one_write() -> None:
     wf = await world.upload()
     socket = StalledSocket(world.hub)
     await world.subscribe(socket, owner="alice", workflow_id=wf.id)
-    await socket.flush()
+    await socket.let_client_read()
     writes = len(socket.writes)
     version = (await world.orchestrator.get(wf.id)).version
     for step in range(1, 4):

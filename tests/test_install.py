@@ -75,7 +75,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ).stdout.strip()
     ours = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
     Path(site, "dependencies.pth").write_text("\n".join(sorted(ours)) + "\n")
-    pip = [sys.executable, "-m", "pip", "--python", python, "install", "-q"]
+    pip: list[str | Path] = [sys.executable, "-m", "pip", "--python", python, "install", "-q"]
     pip += ["--no-deps", "--no-build-isolation", "--no-index", "--disable-pip-version-check"]
     run(*pip, source, cwd=base, env=dict(os.environ))
     return venv / "bin"

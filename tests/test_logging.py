@@ -179,7 +179,7 @@ async def test_passwords_and_login_tokens_never_reach_a_log_line(
     password, wrong, short = "correct horse battery", "wrong horse battery", "tiny-secret"
     register, login = "/api/v1/auth/register", "/api/v1/auth/login"
     # the test client is the trusted proxy: X-Real-IP sets the address of carol's attempts
-    trusted = {"server__trusted_proxies": ["127.0.0.1"]}
+    trusted: dict[str, Any] = {"server__trusted_proxies": ["127.0.0.1"]}
     async with running_gateway(tmp_path, auth__retry_backoff=0.01, **trusted) as gw:
         server = gw.gateway.auth_server
         assert server is not None
@@ -205,8 +205,8 @@ async def test_passwords_and_login_tokens_never_reach_a_log_line(
         ).status == 429
 
         # failures inside the AuthService are logged, by name, without the request
-        def broken(username: str, given: str) -> Any:
-            raise RuntimeError(f"failed for {username} with {given}")
+        async def broken(username: str, password: str) -> dict[str, Any]:
+            raise RuntimeError(f"failed for {username} with {password}")
 
         server.accounts.authenticate = broken  # type: ignore[method-assign]
         assert (await gw.fetch("POST", login, credentials)).status == 502

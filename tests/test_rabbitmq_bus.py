@@ -223,7 +223,7 @@ async def test_an_unconfirmed_event_times_out_then_raises(
     bus.confirm_timeout = 0.1
     link = bus._link
     assert link is not None and link.publisher is not None
-    link.publisher.channel.basic_publish = lambda *a, **k: None  # type: ignore[method-assign]
+    link.publisher.channel.basic_publish = lambda *a, **k: None
     started = time.monotonic()
     with pytest.raises(PublishError, match=r"no confirm within 0\.1s"):
         await bus.publish(event("k"))
@@ -241,7 +241,7 @@ async def test_unconfirmed_publishes_each_time_out_at_their_own_deadline(
     bus.max_retries = 0
     link = bus._link
     assert link is not None and link.publisher is not None
-    link.publisher.channel.basic_publish = lambda *a, **k: None  # type: ignore[method-assign]
+    link.publisher.channel.basic_publish = lambda *a, **k: None
     started = time.monotonic()
     first = asyncio.ensure_future(bus.publish(event("k")))
     await asyncio.sleep(0.2)

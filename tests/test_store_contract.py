@@ -400,9 +400,13 @@ async def test_keyset_pagination_walks_every_page_without_gaps_or_duplicates(
     # and (with microsecond spacing) inside one second.
     docs = []
     for i in range(23):
-        owner = ("alice", "bob", "carol")[i % 3]
-        status = FAILED if i % 4 == 0 else RUNNING
-        docs.append(new_doc(owner=owner, now=T0 + (i % 4) * spacing, status=status))
+        docs.append(
+            new_doc(
+                owner=("alice", "bob", "carol")[i % 3],
+                now=T0 + (i % 4) * spacing,
+                status=FAILED if i % 4 == 0 else RUNNING,
+            )
+        )
     await insert_all(store, docs)
     assert len({d["created_at"] for d in docs}) == 4
     for owner, status in [(None, None), ("alice", None), (None, FAILED), ("bob", RUNNING)]:
@@ -809,6 +813,8 @@ async def test_connections_to_one_file_share_one_checkpointer(tmp_path: Path) ->
         assert first is second and first is not None and first.is_alive()
     finally:
         await users.close()
-        assert first.is_alive(), "still checkpointing for the other connection"
+        assert first is not None and first.is_alive(), (
+            "still checkpointing for the other connection"
+        )
         await workflows.close()
     assert not first.is_alive()

@@ -35,7 +35,7 @@ async def receive_raw(conn: Connection) -> str:
 
 
 async def receive(conn: Connection) -> dict[str, Any]:
-    message = json.loads(await receive_raw(conn))
+    message: dict[str, Any] = json.loads(await receive_raw(conn))
     assert set(message) == MESSAGE_KEYS, message
     return message
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from support import PRODUCT
 
 from stox import workflow as w
+from stox.ids import new_id
 from stox.workflow import (
     CHANGE_ROUTING_KEY,
     COMPLETION_ROUTING_KEY,
@@ -26,6 +27,7 @@ from stox.workflow import (
     Pipeline,
     Report,
     StaleReport,
+    Step,
     StepSpec,
     Workflow,
 )
@@ -91,14 +93,20 @@ def wf(ids: Ids) -> Workflow:
     return workflow
 
 
+def attempt_of(step: Step) -> str:
+    """The step_id of `step`'s attempt in flight (a pending step has none)."""
+    assert step.step_id is not None, f"{step.name} has not been dispatched"
+    return step.step_id
+
+
 def ok(wf: Workflow, result: dict[str, Any] | None = None, **kw: Any) -> Report:
     return Report(
-        wf.id, wf.step.step_id, True, step_type=wf.step.name, result=result or {"ok": 1}, **kw
+        wf.id, attempt_of(wf.step), True, step_type=wf.step.name, result=result or {"ok": 1}, **kw
     )
 
 
 def bad(wf: Workflow, error: str = "boom") -> Report:
-    return Report(wf.id, wf.step.step_id, False, step_type=wf.step.name, error=error)
+    return Report(wf.id, attempt_of(wf.step), False, step_type=wf.step.name, error=error)
 
 
 def run(fn: Any, wf: Workflow, *args: Any) -> tuple[list[w.Change], list[dict[str, Any]]]:
@@ -246,7 +254,7 @@ def test_success_completes_step_stores_result_and_dispatches_next_with_results(
 
 
 def test_success_without_a_result_stores_an_empty_result(wf: Workflow, ids: Ids) -> None:
-    report = Report(wf.id, wf.step.step_id, True)
+    report = Report(wf.id, attempt_of(wf.step), True)
     w.complete(wf, PIPELINE, report, T0 + 1, ids)
     assert wf.steps[0].result == {}
 
@@ -368,7 +376,7 @@ def test_failure_without_attempts_left_fails_step_and_workflow(wf: Workflow, ids
 
 
 def test_failure_without_error_text_gets_a_default_message(wf: Workflow, ids: Ids) -> None:
-    w.complete(wf, PIPELINE, Report(wf.id, wf.step.step_id, False), T0 + 1, ids)
+    w.complete(wf, PIPELINE, Report(wf.id, attempt_of(wf.step), False), T0 + 1, ids)
     assert wf.step.error
 
 
@@ -490,7 +498,7 @@ def test_a_report_for_an_older_attempt_is_stale(wf: Workflow, ids: Ids) -> None:
 
 
 def test_a_report_for_another_step_is_stale(wf: Workflow, ids: Ids) -> None:
-    wrong_type = Report(wf.id, wf.step.step_id, True, step_type="ai_enhancement", result={})
+    wrong_type = Report(wf.id, attempt_of(wf.step), True, step_type="ai_enhancement", result={})
     before = snap(wf)
     with pytest.raises(StaleReport):
         w.complete(wf, PIPELINE, wrong_type, T0 + 1, ids)
@@ -498,7 +506,7 @@ def test_a_report_for_another_step_is_stale(wf: Workflow, ids: Ids) -> None:
 
     # A completed earlier step's attempt reported again as another step is stale too.
     complete_step(wf, ids, T0 + 1, {"a": 1})
-    old_id = wf.steps[0].step_id
+    old_id = attempt_of(wf.steps[0])
     before = snap(wf)
     with pytest.raises(StaleReport):
         w.complete(wf, PIPELINE, Report(wf.id, old_id, True, step_type="seo_generation"), T0, ids)
@@ -519,7 +527,7 @@ def _finish(wf: Workflow, ids: Ids, status: str) -> Report:
     if status == w.COMPLETED:
         complete_step(wf, ids, T0 + 1, {"a": 1})
         complete_step(wf, ids, T0 + 2, {"b": 2})
-        last = wf.step.step_id
+        last = attempt_of(wf.step)
         complete_step(wf, ids, T0 + 3, {"c": 3})
         return Report(wf.id, last, False, error="late")
     if status == w.CANCELLED:
@@ -527,7 +535,7 @@ def _finish(wf: Workflow, ids: Ids, status: str) -> Report:
         w.cancel(wf, PIPELINE, T0 + 1, ids)
         return current
     to_failed(wf, ids)
-    return Report(wf.id, wf.step.step_id, True, result={})
+    return Report(wf.id, attempt_of(wf.step), True, result={})
 
 
 @pytest.mark.parametrize("status", [w.COMPLETED, w.CANCELLED, w.FAILED])
@@ -538,7 +546,7 @@ def test_a_report_for_a_finished_workflow_is_stale(wf: Workflow, ids: Ids, statu
     for report in (
         opposite,
         Report(wf.id, "unknown", True, result={}),
-        Report(wf.id, wf.steps[0].step_id, True, step_type="seo_generation"),
+        Report(wf.id, attempt_of(wf.steps[0]), True, step_type="seo_generation"),
     ):
         with pytest.raises(StaleReport):
             w.complete(wf, PIPELINE, report, T0 + 500, ids)
@@ -595,7 +603,7 @@ def test_cancel_a_finished_workflow_is_not_allowed(wf: Workflow, ids: Ids, statu
 
 def test_retry_of_a_failed_workflow_restarts_from_the_failed_step(wf: Workflow, ids: Ids) -> None:
     complete_step(wf, ids, T0 + 1, {"a": 1})
-    failed_id = wf.step.step_id
+    failed_id = attempt_of(wf.step)
     w.complete(wf, PIPELINE, bad(wf), T0 + 2, ids)  # attempt 1 of 2, re-dispatched (no backoff)
     w.complete(wf, PIPELINE, bad(wf, "gave up"), T0 + 3, ids)
     assert wf.status == w.FAILED
@@ -806,7 +814,7 @@ def test_isoformat_is_fixed_width_utc_and_sorts_in_time_order() -> None:
 
 
 def test_new_ids_are_random_uuid4_hex() -> None:
-    made = [w.new_id() for _ in range(1000)]
+    made = [new_id() for _ in range(1000)]
     assert len(set(made)) == 1000
     for value in made[:50]:
         parsed = uuid.UUID(value)

@@ -146,6 +146,17 @@ class ServerSettings:
         " comes at once and the connection is closed",
         default=Size(64 * 1024 * 1024),
     )  # at least max_body_size: see check()
+    idle_timeout: Duration = _help(
+        "how long a connection may take to send a request's headers, counted from when it"
+        " opens or its previous request ends (a WebSocket handshake's too); then it is closed",
+        default=Duration(60),
+        check=at_least(0.1, "at least 100ms"),
+    )
+    body_timeout: Duration = _help(
+        "how long a request's whole body may take to arrive; then the connection is closed",
+        default=Duration(60),
+        check=at_least(0.1, "at least 100ms"),
+    )
     trusted_proxies: list[str] = _help(
         "addresses or networks (CIDR) of proxies whose X-Forwarded-For and X-Forwarded-Proto"
         " are believed; empty: nobody's",
@@ -370,6 +381,25 @@ class WebSocketSettings:
         "bounds what it queues for a client that does not read (0: the system's own)",
         default=Size(256 * 1024),
     )
+    max_sockets: int = _help(
+        "open /ws sockets on this instance, all users together; one more is closed with 1013",
+        default=1000,
+        check=at_least(1, "at least 1"),
+    )
+    ping_interval: Duration = _help(
+        "how often each /ws socket is pinged",
+        default=Duration(20),
+        check=at_least(0.1, "at least 100ms"),
+    )
+    ping_timeout: Duration = _help(
+        "a socket that has not answered a ping within this is closed (at most ping_interval)",
+        default=Duration(20),
+        check=at_least(0.1, "at least 100ms"),
+    )
+
+    def check(self, key: str) -> None:
+        if self.ping_timeout > self.ping_interval:
+            raise SettingsError(f"{key}.ping_timeout: expected at most {key}.ping_interval")
 
 
 _STEP = StepSpec("any")  # the domain's defaults of a step

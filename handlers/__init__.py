@@ -61,6 +61,6 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         max_drain_size=settings.server.max_drain_size,
         allowed_origins=settings.allowed_origins,
         websocket_send_buffer=settings.websocket.kernel_send_buffer,
-        websocket_ping_interval=20,
-        websocket_ping_timeout=20,  # Tornado caps it at the ping interval
+        websocket_ping_interval=settings.websocket.ping_interval,
+        websocket_ping_timeout=settings.websocket.ping_timeout,
     )

@@ -1,4 +1,5 @@
-"""The gateway's HTTP server: whose forwarded client addresses it believes, its body limit.
+"""The gateway's HTTP server: whose forwarded client addresses it believes, its body limit,
+how long a client may take to send a request.
 
 `X-Forwarded-For` (or `X-Real-Ip`) and `X-Forwarded-Proto` (or `X-Scheme`) are believed from
 the proxies of `server.trusted_proxies` only. For a request from one of them, the client is
@@ -34,7 +35,12 @@ def make_http_server(
     callback = ForwardedByTrustedProxies(app, trusted) if trusted else app
     # the handlers lift this limit for their own requests and enforce server.max_body_size
     # and server.max_drain_size themselves (handlers.base.BoundedBody); it bounds any other
-    return tornado.httpserver.HTTPServer(callback, max_body_size=server.max_drain_size)
+    return tornado.httpserver.HTTPServer(
+        callback,
+        max_body_size=server.max_drain_size,
+        idle_connection_timeout=server.idle_timeout,  # Tornado's bound on reading headers
+        body_timeout=server.body_timeout,
+    )
 
 
 def parse_address(text: str) -> Address | None:

@@ -4,9 +4,9 @@ Authenticated before the upgrade (`Sec-WebSocket-Protocol: bearer, <jwt>` or `?t
 Origin checked against `cors.allowed_origins`; a handshake refused before the upgrade is
 answered in the API's JSON error shape, like every other endpoint. Refusals a browser must be
 able to tell apart (it cannot read a refused handshake's answer) come after the upgrade, as
-close codes: 4029 for a socket over the user's limit,
-4401 when the token expires (the socket is closed at its `exp`), 4404 for a workflow the
-user may not see. The hub bounds what each socket may queue (4008, too slow).
+close codes: 4029 for a socket over the user's limit, 1013 (try again later) for one over
+the instance's, 4401 when the token expires (the socket is closed at its `exp`), 4404 for a
+workflow the user may not see. The hub bounds what each socket may queue (4008, too slow).
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ from handlers.base import (
 )
 from stox.auth import bearer
 from stox.auth.tokens import SERVICE, Principal, TokenAuthority
-from stox.hub import Hub, Subscription, TooManySockets
+from stox.hub import Hub, ServerFull, Subscription, TooManySockets
 from stox.orchestrator import NotFound
 from stox.schemas import workflow_id_schema
 
 CLOSE_TOO_MANY = 4029
+CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455's registry: the server is overloaded
 CLOSE_EXPIRED = 4401
 CLOSE_NOT_FOUND = 4404
 MAX_CLIENT_MESSAGE = 64 * 1024  # clients only listen: a larger message closes with 1009
@@ -124,6 +125,9 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
             )
         except TooManySockets as exc:
             self.close(CLOSE_TOO_MANY, str(exc))
+            return
+        except ServerFull as exc:
+            self.close(CLOSE_TRY_AGAIN_LATER, str(exc))
             return
         self._expiry = asyncio.get_running_loop().call_later(
             max(0.0, principal.expires_at - time.time()), self._token_expired

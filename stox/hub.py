@@ -64,6 +64,14 @@ class TooManySockets(Exception):
         self.limit = limit
 
 
+class ServerFull(Exception):
+    """This instance already has `limit` sockets open, all users together."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"server busy: at most {limit} open sockets")
+        self.limit = limit
+
+
 def encode(kind: str, workflow_id: str, version: int, *data: bytes, ts: str | None = None) -> bytes:
     """One WebSocket message whose `data` is the concatenation of `data`, already encoded:
     the workflow document inside is copied once, never encoded again. `ts`: now, unless
@@ -228,6 +236,7 @@ class Hub:
         send_timeout: float,
         max_sockets_per_user: int,
         snapshot_cache: int,
+        max_sockets: int,
         snapshot_limit: int = SNAPSHOT_LIMIT,
     ) -> None:
         """The limits are those of `websocket.*` in settings.py (see `from_settings`)."""
@@ -235,12 +244,14 @@ class Hub:
         self.max_backlog = max_backlog
         self.send_timeout = send_timeout
         self.max_sockets_per_user = max_sockets_per_user
+        self.max_sockets = max_sockets
         self.snapshot_limit = snapshot_limit
         self.documents = DocumentCache(snapshot_cache)
         self._builders = asyncio.Semaphore(SNAPSHOT_BUILDERS)
         self._by_workflow: dict[str, set[Subscription]] = {}
         self._by_owner: dict[str | None, set[Subscription]] = {}
         self._sockets: Counter[str] = Counter()  # user -> subscriptions
+        self._total = 0  # subscriptions, all users together
 
     @classmethod
     def from_settings(cls, orchestrator: Orchestrator, settings: WebSocketSettings) -> Hub:
@@ -250,6 +261,7 @@ class Hub:
             send_timeout=settings.send_timeout,
             max_sockets_per_user=settings.max_sockets_per_user,
             snapshot_cache=settings.snapshot_cache,
+            max_sockets=settings.max_sockets,
         )
 
     @property
@@ -268,6 +280,8 @@ class Hub:
         """
         if self._sockets[user] >= self.max_sockets_per_user:
             raise TooManySockets(self.max_sockets_per_user)
+        if self._total >= self.max_sockets:
+            raise ServerFull(self.max_sockets)
         sub = Subscription(
             connection,
             user=user,
@@ -276,6 +290,7 @@ class Hub:
             max_backlog=self.max_backlog,
         )
         self._sockets[user] += 1
+        self._total += 1
         if workflow_id is not None:
             self._by_workflow.setdefault(workflow_id, set()).add(sub)
         else:
@@ -365,6 +380,7 @@ class Hub:
             return
         sub.end()
         self._sockets[sub.user] -= 1
+        self._total -= 1
         if not self._sockets[sub.user]:
             del self._sockets[sub.user]
         key_sets: Iterable[tuple[dict[Any, set[Subscription]], Any]] = (

@@ -87,6 +87,7 @@ async def watched(store: SQLiteStore, bus: EventBus, watcher: Watcher) -> Orches
         send_timeout=10,
         max_sockets_per_user=1,
         snapshot_cache=1 << 24,
+        max_sockets=1,
     )
     await bus.declare("cost.hub", [CHANGES_ROUTING_KEY, CHANGE_ROUTING_KEY], exclusive=True)
     await bus.consume("cost.hub", hub.on_change)

@@ -33,6 +33,7 @@ from stox.hub import (
     Connection,
     DocumentCache,
     Hub,
+    ServerFull,
     Subscription,
     TooManySockets,
 )
@@ -767,6 +768,29 @@ async def test_sockets_per_user_are_limited_admins_too() -> None:
     await world.hub.close()
     assert world.hub.subscriber_count == 0
     await world.subscribe(FakeConnection(), owner="alice", workflow_id=None)
+
+
+async def test_sockets_of_all_users_together_are_limited_per_instance() -> None:
+    """Many users, each within max_sockets_per_user, cannot hold more than max_sockets: each
+    socket may cost up to max_backlog, so their sum is what bounds the hub's memory."""
+    world = World(max_sockets=3, max_sockets_per_user=2)
+    subs = [
+        await world.subscribe(FakeConnection(), owner=user, workflow_id=None, user=user)
+        for user in ("alice", "bob", "carol")
+    ]
+    with pytest.raises(ServerFull, match=r"^server busy: at most 3 open sockets$"):
+        world.hub.subscribe(FakeConnection(), user="dave", owner="dave", workflow_id=None)
+    with pytest.raises(ServerFull):  # a user below their own limit too
+        world.hub.subscribe(FakeConnection(), user="alice", owner="alice", workflow_id=None)
+    assert world.hub.subscriber_count == 3
+
+    world.hub.unsubscribe(subs[0])
+    world.hub.unsubscribe(subs[0])  # twice frees one slot, not two
+    await world.subscribe(FakeConnection(), owner="dave", workflow_id=None, user="dave")
+    with pytest.raises(ServerFull):
+        world.hub.subscribe(FakeConnection(), user="erin", owner="erin", workflow_id=None)
+    await world.hub.close()
+    await world.subscribe(FakeConnection(), owner="erin", workflow_id=None, user="erin")
 
 
 async def test_a_refused_snapshot_frees_the_slot() -> None:

@@ -23,7 +23,8 @@ from support import UPLOAD, RunningGateway, eventually, running_gateway
 import settings as settings_module
 from handlers.ws import CLOSE_TRY_AGAIN_LATER
 
-SHORT = settings_module.Duration(0.5)
+# short, but long enough that a request of the tests' own, on this busy loop, is not cut
+SHORT = settings_module.Duration(1)
 WITHIN = 20.0  # a generous bound on waiting for the gateway to act, not a measured time
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]

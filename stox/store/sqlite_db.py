@@ -48,6 +48,10 @@ SCHEMES = ("sqlite:",)
 EXAMPLE = "sqlite:///PATH"
 CHECKPOINT_INTERVAL = 0.5  # seconds between checkpoints of a WAL that has grown
 COMMIT_INTERVAL = 0.001  # seconds: at most a commit a millisecond (see the docstring)
+# storage.sqlite_synchronous -> the PRAGMA: in WAL mode, NORMAL syncs the WAL only at a
+# checkpoint (a process crash loses nothing committed; a power loss may lose the commits since
+# the last sync), FULL syncs it at every commit (a power loss loses nothing committed either)
+SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
 
 def path_from_url(url: str) -> str:
@@ -81,8 +85,13 @@ class SQLiteDatabase:
 
     SCHEMA: tuple[str, ...] = ()
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, synchronous: str = "normal") -> None:
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(
+                f"synchronous: expected {' or '.join(SYNCHRONOUS)}, got {synchronous!r}"
+            )
         self.path = path
+        self.synchronous = synchronous
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: Checkpointer | None = None
         self._writes: deque[tuple[Write, asyncio.Future[Any] | None]] = deque()
@@ -91,8 +100,8 @@ class SQLiteDatabase:
         self._deferred: asyncio.TimerHandle | None = None  # a flush of deferred writes alone
 
     @classmethod
-    def from_url(cls: type[D], url: str) -> D:
-        return cls(path_from_url(url))
+    def from_url(cls: type[D], url: str, synchronous: str = "normal") -> D:
+        return cls(path_from_url(url), synchronous)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
@@ -183,7 +192,7 @@ class SQLiteDatabase:
             raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.synchronous]}")
             conn.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's job
             for statement in self.SCHEMA:
                 conn.execute(statement)

@@ -209,8 +209,8 @@ class StoreFaultSettings:
         "the seed of the faults' random draws (the same seed, the same faults)", default=0
     )
     fail_share: float = _help(
-        "share of store calls that fail (a timeout or a lost connection; a failing write lands "
-        "half of the time, so its outcome is unknown)",
+        "share of store calls that fail (a timeout or a lost connection; a third of the failing "
+        "writes land first, so their outcome is unknown)",
         default=0.0,
         check=between(0, 1, "a share from 0 to 1"),
     )

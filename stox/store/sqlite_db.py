@@ -26,6 +26,7 @@ batch, or on its own after DEFER_DELAY when none comes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -162,6 +163,9 @@ class SQLiteDatabase:
                 outcomes = [(future, *_alone(conn, work)) for work, future in batch]
         except (sqlite3.Error, StoreError) as exc:
             failed = exc if isinstance(exc, StoreError) else StoreError(f"SQLite: {exc}")
+            if self._conn is not None:  # a COMMIT that failed leaves its transaction open
+                with contextlib.suppress(sqlite3.Error):
+                    _rollback(self._conn)
             outcomes = [(future, None, failed) for _, future in batch]
         _settle(outcomes)
 
@@ -185,6 +189,7 @@ class SQLiteDatabase:
             if self.path != MEMORY:
                 parent = os.path.dirname(os.path.abspath(self.path))
                 os.makedirs(parent, exist_ok=True)
+                _check_writable(self.path, parent)
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=5.0
             )
@@ -238,6 +243,17 @@ class SQLiteDatabase:
             raise StoreError(f"SQLite: {exc}") from exc
 
 
+def _check_writable(path: str, folder: str) -> None:
+    """StoreError naming what is read-only: the file, or its folder, where SQLite keeps the
+    file's -wal and -shm beside it (a read-only mount refuses even root)."""
+    for where, what in ((path, "file"), (folder, "folder")):
+        if os.path.exists(where) and not os.access(where, os.W_OK):
+            raise StoreError(
+                f"the SQLite database {path!r} cannot be written: its {what} {where!r} is "
+                "read-only (the gateway writes the file, and its -wal and -shm files beside it)"
+            )
+
+
 Outcome = tuple[asyncio.Future[Any] | None, Any, BaseException | None]
 Batch = list[tuple[Write, asyncio.Future[Any] | None]]
 
@@ -251,10 +267,10 @@ def _together(conn: sqlite3.Connection, batch: Batch) -> list[Outcome]:
     try:
         results: list[Outcome] = [(future, work(conn), None) for work, future in batch]
     except Exception as exc:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise _OneFailed from exc
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
     conn.execute("COMMIT")
     return results
@@ -267,12 +283,19 @@ def _alone(conn: sqlite3.Connection, work: Write) -> tuple[Any, BaseException | 
     try:
         result = work(conn)
     except Exception as exc:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
             return None, StoreError(f"SQLite: {exc}")
         return None, exc
     conn.execute("COMMIT")
     return result, None
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Undo the transaction under way, if any: on some errors (a full disk, an I/O error)
+    SQLite has rolled it back already, and a ROLLBACK would fail and hide that error."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def _nothing(conn: sqlite3.Connection) -> None:

@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import gateway_config, remote, start_gateway, wait_ready
 from support import (
+    COMPLETED,
     UPLOAD,
     RunningGateway,
     assert_error,
+    completion,
     eventually,
+    free_port,
     report,
     running_gateway,
 )
@@ -298,3 +302,53 @@ async def test_a_sweep_goes_on_past_a_workflow_whose_write_fails(
 
         monkeypatch.setattr(store.inner, "replace", replace)
         assert await orchestrator.sweep() == 2  # the two after the failing one
+
+
+async def test_a_gateway_process_with_faults_configured_answers_only_2xx_and_503(
+    tmp_path: Path,
+) -> None:
+    """server.py with `storage.faults` on: clients that retry each 503 get every upload and
+    report through, and a gateway started on the same file without faults has each of them,
+    applied once."""
+    port = free_port()
+    config = gateway_config(port, "faulty", f"sqlite:///{tmp_path}/stox.db", "").replace(
+        "storage:\n",
+        "storage:\n  faults: {seed: 5, fail_share: 0.3, slow_share: 0.1, slow: 20ms}\n",
+    )
+    client = remote(port)
+    token, service = client.token(), client.service_token()
+    statuses: list[int] = []
+
+    async def answered(method: str, path: str, body: Any, token: str) -> Any:
+        while True:
+            response = await client.fetch(method, path, body, token=token)
+            statuses.append(response.status)
+            if response.status != 503:
+                return response
+            assert response.headers["Retry-After"] == "1"
+
+    gateway = start_gateway(tmp_path, "gateway-faulty", config)
+    reported = {}
+    try:
+        await wait_ready(gateway, port)
+        for i in range(20):
+            response = await answered("POST", UPLOAD, {"name": f"Mug {i}"}, token)
+            assert response.status == 202, response.body
+            workflow_id = response.body["workflow_id"]
+            path = f"/api/v1/workflow/status?workflow_id={workflow_id}"
+            step = (await answered("GET", path, None, token)).body["steps"][0]
+            body = completion(workflow_id, step["step_id"], step["name"])
+            answer = await answered("POST", COMPLETED, body, service)
+            assert answer.status == 200, answer.body
+            reported[workflow_id] = step["step_id"]
+    finally:
+        gateway.stop()
+    assert set(statuses) <= {200, 202, 503} and 503 in statuses, statuses
+    assert "injecting store faults (seed 5, 0.3 failing, 0.1 slow): testing only" in gateway.log()
+
+    async with running_gateway(tmp_path) as plain:
+        for workflow_id, step_id in reported.items():
+            step = (await plain.status(workflow_id))["steps"][0]
+            assert [(a["step_id"], a["outcome"]) for a in step["attempts"]] == [
+                (step_id, w.COMPLETED)
+            ]

@@ -20,6 +20,7 @@ from typing import Any, cast
 import yaml
 
 from stox import store as stores
+from stox.store.sqlite_db import SYNCHRONOUS as SQLITE_SYNCHRONOUS
 from stox.workflow import DEFAULT_STEPS, StepSpec
 
 
@@ -250,7 +251,7 @@ class StorageSettings:
         "SQLite's synchronous level in WAL mode: normal (a process crash loses nothing "
         "acknowledged; a power loss may lose the last commits) or full (a power loss neither)",
         default="normal",
-        check=one_of("normal", "full"),
+        check=one_of(*SQLITE_SYNCHRONOUS),
     )
     faults: StoreFaultSettings = _help(
         "seeded store faults for fault runs (testing only)", default_factory=StoreFaultSettings

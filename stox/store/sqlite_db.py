@@ -6,7 +6,8 @@ the page cache, so each costs microseconds, less than handing it to a thread and
 future, a wake-up of each thread, and the GIL changing hands twice, which under load made the
 loop wait for the worker). What does wait for the disk, copying the WAL back into the
 database file and syncing it (a checkpoint), runs on a thread of its own, on a connection of
-its own (`Checkpointer`); the loop's connection never checkpoints.
+its own (`Checkpointer`); the loop's connection never checkpoints. (`synchronous=FULL`, the
+setting that survives a power loss, makes each commit wait for a sync of the WAL, on the loop.)
 
 Writes go through `write()`: every write queued in one turn of the loop is committed in one
 transaction with the others, at the start of the next turn (group commit), and at most one

@@ -21,6 +21,7 @@ from stox import gc_tuning
 from stox.app import Gateway
 from stox.logs import configure
 from stox.loops import run, running_loop
+from stox.store import StoreError
 
 log = logging.getLogger("stox.server")
 
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except settings_module.SettingsError as exc:
         print(f"stox: configuration error: {exc}", file=sys.stderr)
         return 2
-    except ConnectionError as exc:  # a broker that cannot be reached at start-up
+    # a broker that cannot be reached, a store that cannot be opened or written, a port taken
+    except (OSError, StoreError) as exc:
         print(f"stox: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

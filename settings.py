@@ -20,6 +20,7 @@ from typing import Any, cast
 import yaml
 
 from stox import store as stores
+from stox.store.sqlite_db import SYNCHRONOUS as SQLITE_SYNCHRONOUS
 from stox.workflow import DEFAULT_STEPS, StepSpec
 
 
@@ -212,6 +213,41 @@ class ServicesSettings:
 
 
 @dataclass
+class StoreFaultSettings:
+    """Seeded faults in the workflow store's calls: a testing aid for fault runs, off by
+    default (both shares 0) and refused in production."""
+
+    seed: int = _help(
+        "the seed of the faults' random draws (the same seed, the same faults)", default=0
+    )
+    fail_share: float = _help(
+        "share of store calls that fail (a timeout or a lost connection; a third of the failing "
+        "writes land first, so their outcome is unknown)",
+        default=0.0,
+        check=between(0, 1, "a share from 0 to 1"),
+    )
+    slow_share: float = _help(
+        "share of store calls that are slow",
+        default=0.0,
+        check=between(0, 1, "a share from 0 to 1"),
+    )
+    slow: Duration = _help(
+        "how long a slow call (or a timeout) waits", default=Duration(0.5), check=positive
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.fail_share > 0 or self.slow_share > 0
+
+    def check(self, key: str) -> None:
+        if self.fail_share + self.slow_share > 1:
+            raise SettingsError(
+                f"{key}: fail_share and slow_share together must be at most 1, got "
+                f"{self.fail_share + self.slow_share:g}"
+            )
+
+
+@dataclass
 class StorageSettings:
     url: str = _help("sqlite:///PATH or mongodb://…", default="sqlite:///stox.db", check=_store_url)
     cache_max_documents: int = _help(
@@ -221,6 +257,15 @@ class StorageSettings:
     )
     cache_max_bytes: Size = _help(
         "the most those cached documents may hold, by stored size", default=Size(64 * 1024**2)
+    )
+    sqlite_synchronous: str = _help(
+        "SQLite's synchronous level in WAL mode: normal (a process crash loses nothing "
+        "acknowledged; a power loss may lose the last commits) or full (a power loss neither)",
+        default="normal",
+        check=one_of(*SQLITE_SYNCHRONOUS),
+    )
+    faults: StoreFaultSettings = _help(
+        "seeded store faults for fault runs (testing only)", default_factory=StoreFaultSettings
     )
 
 
@@ -457,6 +502,12 @@ class Settings:
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     demo_workers: bool = False
 
+    def check(self, key: str) -> None:
+        if self.storage.faults.enabled and self.server.environment == "production":
+            raise SettingsError(
+                "storage.faults: fault injection is a testing aid, refused in production"
+            )
+
     @property
     def public_url(self) -> str:
         return self.server.public_url or f"http://{self.server.host}:{self.server.port}"
@@ -524,6 +575,13 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
         if isinstance(value, bool) or not match:
             raise SettingsError(f"{key}: expected a size such as 1MiB or 65536, got {value!r}")
         return Size(int(match[1]) * _SIZE_UNITS[(match[2] or "").lower() or None])
+    if kind is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(str(value).strip())
+        except ValueError:
+            raise SettingsError(f"{key}: expected a number, got {value!r}") from None
     if kind is bool:
         if isinstance(value, bool):
             return value

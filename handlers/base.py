@@ -30,6 +30,7 @@ from stox.ids import random16
 from stox.logs import log_exception
 from stox.orchestrator import Contention, NotFound, Orchestrator
 from stox.schemas import nested_beyond
+from stox.store import StoreError
 from stox.workflow import NotAllowed, StaleReport
 
 log = logging.getLogger("stox.http")
@@ -117,6 +118,16 @@ def _contended(exc: Exception) -> ApiError:
     )
 
 
+def _store_unavailable(exc: Exception) -> ApiError:
+    log.warning("store unavailable: %s", exc)  # what failed, for the operator; not the client
+    return ApiError(
+        503,
+        "store_unavailable",
+        "the store is unavailable; try again shortly",
+        headers={"Retry-After": "1"},
+    )
+
+
 # Each domain error's answer, the one place they are translated (as Starlette's exception
 # handlers are one dict): handlers raise them, JsonErrors answers them. A subclass takes its
 # nearest listed base's answer. NotFound carries the workflow id; the others their message.
@@ -125,6 +136,7 @@ DOMAIN_ERRORS: dict[type[Exception], Callable[[Exception], ApiError]] = {
     NotAllowed: _conflict,
     StaleReport: _conflict,
     Contention: _contended,
+    StoreError: _store_unavailable,  # AlreadyExists too: an id taken is for a retry as well
 }
 
 

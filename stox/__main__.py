@@ -110,7 +110,9 @@ def _create_user(args: argparse.Namespace, settings: settings_module.Settings) -
         return 1
 
     async def create() -> dict[str, str]:
-        store = make_user_store(settings.storage.url)
+        store = make_user_store(
+            settings.storage.url, sqlite_synchronous=settings.storage.sqlite_synchronous
+        )
         passwords = Passwords.from_settings(settings.auth)
         await store.open()
         try:

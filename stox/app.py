@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from settings import Settings, SettingsError
+from settings import Settings, SettingsError, StorageSettings
 from stox.auth import secret
 from stox.auth.client import AuthClient
 from stox.auth.service import AuthServer
@@ -27,7 +27,8 @@ from stox.changes import CHANGES_ROUTING_KEY
 from stox.completions import completion_handler
 from stox.hub import Hub
 from stox.orchestrator import Orchestrator
-from stox.store import WorkflowStore, make_store
+from stox.store import StoreError, WorkflowStore, make_store
+from stox.store.faulty import FaultyStore
 from stox.workflow import CHANGE_ROUTING_KEY, Pipeline, StepSpec
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,29 @@ def make_pipeline(settings: Settings, completion_path: str) -> Pipeline:
         ),
         completion_url=f"{settings.public_url}{completion_path}",
         completion_routing_key=settings.rabbitmq.routing_key,
+    )
+
+
+def make_workflow_store(storage: StorageSettings) -> WorkflowStore:
+    """The configured store, within a FaultyStore when `storage.faults` asks for faults (not
+    armed: the gateway arms it once started)."""
+    store = make_store(storage.url, sqlite_synchronous=storage.sqlite_synchronous)
+    faults = storage.faults
+    if not faults.enabled:
+        return store
+    log.warning(
+        "storage.faults: injecting store faults (seed %d, %g failing, %g slow): testing only",
+        faults.seed,
+        faults.fail_share,
+        faults.slow_share,
+    )
+    return FaultyStore(
+        store,
+        seed=faults.seed,
+        fail_share=faults.fail_share,
+        slow_share=faults.slow_share,
+        slow_seconds=faults.slow,
+        armed=False,
     )
 
 
@@ -67,6 +91,8 @@ def make_journal(settings: Settings, store: WorkflowStore | None) -> SQLiteJourn
     on its connection; otherwise (MongoDB without RabbitMQ) in `stox-bus.db` beside the data."""
     from stox.store.sqlite_db import SQLiteDatabase
 
+    if isinstance(store, FaultyStore):  # the bus's journal is not what faults are for
+        store = store.inner
     if isinstance(store, SQLiteDatabase):
         return SQLiteJournal.beside(store)
     return SQLiteJournal.at(str(secret.data_dir(settings.storage.url) / JOURNAL_FILE))
@@ -130,7 +156,7 @@ class Gateway:
         # keyword arguments for DemoWorkers (min_delay, max_delay, failure_rate, rng)
         self.demo_worker_options = dict(demo_worker_options or {})
         self.instance_id = settings.server.instance_id or uuid.uuid4().hex[:12]
-        self.store = store or make_store(settings.storage.url)
+        self.store = store or make_workflow_store(settings.storage)
         self.bus = bus or make_bus(settings, f"stox gateway {self.instance_id}", self.store)
         remote = settings.services.auth
         # the built-in AuthService signs tokens; with a remote one this gateway only verifies
@@ -184,6 +210,8 @@ class Gateway:
         server = self.settings.server
         self._every(server.sweep_interval, self.orchestrator.sweep)
         self._every(server.relay_interval, lambda: self.orchestrator.relay(server.relay_interval))
+        if isinstance(self.store, FaultyStore):
+            self.store.armed = True
 
     async def _steps_to_serve(self) -> list[str]:
         """The pipeline's steps, then any step that running workflows still need although it
@@ -230,8 +258,10 @@ class Gateway:
                 await asyncio.sleep(interval)
                 try:
                     await job()
+                except StoreError as exc:  # an outage: no traceback every round
+                    log.warning("background job %s: store unavailable: %s", _name(job), exc)
                 except Exception:  # a failed round is logged; the next one tries again
-                    log.exception("background job %s failed", getattr(job, "__name__", job))
+                    log.exception("background job %s failed", _name(job))
 
         self._tasks.append(asyncio.ensure_future(loop()))
 
@@ -247,3 +277,7 @@ class Gateway:
             await self.auth_server.stop()
         await self.bus.close()
         await self.store.close()
+
+
+def _name(job: Callable[[], Awaitable[Any]]) -> str:
+    return getattr(job, "__name__", repr(job))

@@ -19,7 +19,7 @@ from typing import Any
 from stox import workflow as wf_rules
 from stox.bus.base import Event, EventBus, PublishError
 from stox.changes import ChangeBatcher
-from stox.store.base import NewEvent, WorkflowStore, encode_json
+from stox.store.base import NewEvent, StoreError, WorkflowStore, encode_json
 from stox.workflow import CHANGE_ROUTING_KEY, Change, Pipeline, Report, Workflow
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,9 @@ class Orchestrator:
                     doc["id"], lambda wf: wf_rules.wake(wf, self.pipeline, self.clock()), doc=doc
                 )
             except (NotFound, Contention):
+                continue
+            except StoreError as exc:  # this one waits for the next round; the others go on
+                log.warning("deadline of %s left for the next sweep: %s", doc["id"], exc)
                 continue
             fired += result.written  # not when another instance fired it first
         return fired

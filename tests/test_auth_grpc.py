@@ -14,7 +14,7 @@ import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from support import RunningGateway, running_gateway
+from support import RunningGateway, eventually, running_gateway
 
 from protos import auth_pb2, auth_pb2_grpc
 from settings import Duration, Endpoint
@@ -63,6 +63,7 @@ class Fake:
     servicer: Scripted
     health: Any
     gw: RunningGateway
+    server: grpc.aio.Server
 
 
 @pytest.fixture
@@ -82,7 +83,7 @@ async def fake(tmp_path: Path) -> AsyncIterator[Fake]:
             services__auth=Endpoint("127.0.0.1", port),
             auth__retry_backoff=Duration(0.01),
         ) as gw:
-            yield Fake(servicer, health_servicer, gw)
+            yield Fake(servicer, health_servicer, gw, server)
     finally:
         await server.stop(None)
 
@@ -184,6 +185,19 @@ async def test_a_call_past_its_deadline_is_503_with_retry_after(fake: Fake) -> N
     assert response.status == 503 and response.headers["Retry-After"] == "1"
     assert time.monotonic() - started < 2.0
     assert fake.servicer.calls == ["Register"]
+
+
+async def test_a_service_that_goes_away_mid_login_is_503_with_retry_after(fake: Fake) -> None:
+    """The AuthService stops (its connections closed) while a login waits for its answer."""
+    fake.gw.gateway.auth.retries = 0
+    fake.servicer.script = [30.0]  # the login is in progress when the service goes
+    login = asyncio.ensure_future(fake.gw.fetch("POST", LOGIN, CREDENTIALS))
+    await eventually(lambda: fake.servicer.calls == ["Login"])
+    await fake.server.stop(None)  # no grace: calls under way are cancelled
+    response = await login
+    assert response.status == 503, response.body
+    assert response.body["error"]["code"] == "auth_unavailable"
+    assert response.headers["Retry-After"] == "1"
 
 
 async def test_the_deadline_bounds_the_retries_too(fake: Fake) -> None:

@@ -33,6 +33,7 @@ import settings as settings_module
 from stox.bus.base import Event
 from stox.orchestrator import Contention, NotFound
 from stox.schemas import MAX_JSON_DEPTH
+from stox.store import StoreError
 from stox.workflow import NotAllowed, StaleReport
 
 STEPS = ["image_processing", "ai_enhancement", "seo_generation"]
@@ -518,6 +519,7 @@ DOMAIN_CALLS = {
         pytest.param(NotAllowed("not in this state"), 409, "not_allowed", None, id="NotAllowed"),
         pytest.param(StaleReport("an older attempt"), 409, "stale_report", None, id="Stale"),
         pytest.param(Contention(WORKFLOW_ID), 503, "contention", "1", id="Contention"),
+        pytest.param(StoreError("MongoDB: timed out"), 503, "store_unavailable", "1", id="Store"),
     ],
 )
 async def test_each_domain_error_has_one_answer_on_every_endpoint(

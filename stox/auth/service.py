@@ -136,7 +136,11 @@ class AuthServer:
     @classmethod
     def from_settings(cls, settings: Settings, tokens: TokenAuthority) -> AuthServer:
         return cls(
-            make_user_store(settings.storage.url), Passwords.from_settings(settings.auth), tokens
+            make_user_store(
+                settings.storage.url, sqlite_synchronous=settings.storage.sqlite_synchronous
+            ),
+            Passwords.from_settings(settings.auth),
+            tokens,
         )
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:

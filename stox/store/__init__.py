@@ -53,16 +53,23 @@ def data_folder(url: str) -> Path | None:
     return _checked(url)[1]
 
 
-def make_store(url: str) -> WorkflowStore:
-    """`sqlite:///path` (or `sqlite://:memory:`) or `mongodb://…`."""
-    backend, _ = _checked(url)
-    return cast(WorkflowStore, _store_class(backend, backend.workflows).from_url(url))
+def make_store(url: str, *, sqlite_synchronous: str = "normal") -> WorkflowStore:
+    """`sqlite:///path` (or `sqlite://:memory:`) or `mongodb://…`; `sqlite_synchronous`
+    (storage.sqlite_synchronous) applies to SQLite only."""
+    return cast(WorkflowStore, _make(url, "workflows", sqlite_synchronous))
 
 
-def make_user_store(url: str) -> UserStore:
+def make_user_store(url: str, *, sqlite_synchronous: str = "normal") -> UserStore:
     """The users of the built-in AuthService, in the same database as the workflows."""
+    return cast(UserStore, _make(url, "users", sqlite_synchronous))
+
+
+def _make(url: str, kind: str, sqlite_synchronous: str) -> Any:
     backend, _ = _checked(url)
-    return cast(UserStore, _store_class(backend, backend.users).from_url(url))
+    cls = _store_class(backend, getattr(backend, kind))
+    if backend.urls is sqlite_db:
+        return cls.from_url(url, synchronous=sqlite_synchronous)
+    return cls.from_url(url)
 
 
 def _checked(url: str) -> tuple[_Backend, Path | None]:

@@ -113,8 +113,8 @@ class SQLiteStore(SQLiteDatabase):
 
     SCHEMA = _SCHEMA
 
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
+    def __init__(self, path: str, synchronous: str = "normal") -> None:
+        super().__init__(path, synchronous)
         self._drops: list[tuple[str, str]] | None = None  # outbox rows waiting to be deleted
 
     def migrate(self, conn: sqlite3.Connection) -> None:

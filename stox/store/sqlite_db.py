@@ -6,7 +6,8 @@ the page cache, so each costs microseconds, less than handing it to a thread and
 future, a wake-up of each thread, and the GIL changing hands twice, which under load made the
 loop wait for the worker). What does wait for the disk, copying the WAL back into the
 database file and syncing it (a checkpoint), runs on a thread of its own, on a connection of
-its own (`Checkpointer`); the loop's connection never checkpoints.
+its own (`Checkpointer`); the loop's connection never checkpoints. (`synchronous=FULL`, the
+setting that survives a power loss, makes each commit wait for a sync of the WAL, on the loop.)
 
 Writes go through `write()`: every write queued in one turn of the loop is committed in one
 transaction with the others, at the start of the next turn (group commit), and at most one
@@ -26,6 +27,7 @@ batch, or on its own after DEFER_DELAY when none comes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -48,6 +50,10 @@ SCHEMES = ("sqlite:",)
 EXAMPLE = "sqlite:///PATH"
 CHECKPOINT_INTERVAL = 0.5  # seconds between checkpoints of a WAL that has grown
 COMMIT_INTERVAL = 0.001  # seconds: at most a commit a millisecond (see the docstring)
+# storage.sqlite_synchronous -> the PRAGMA: in WAL mode, NORMAL syncs the WAL only at a
+# checkpoint (a process crash loses nothing committed; a power loss may lose the commits since
+# the last sync), FULL syncs it at every commit (a power loss loses nothing committed either)
+SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
 
 def path_from_url(url: str) -> str:
@@ -81,8 +87,13 @@ class SQLiteDatabase:
 
     SCHEMA: tuple[str, ...] = ()
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, synchronous: str = "normal") -> None:
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(
+                f"synchronous: expected {' or '.join(SYNCHRONOUS)}, got {synchronous!r}"
+            )
         self.path = path
+        self.synchronous = synchronous
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: Checkpointer | None = None
         self._writes: deque[tuple[Write, asyncio.Future[Any] | None]] = deque()
@@ -91,8 +102,8 @@ class SQLiteDatabase:
         self._deferred: asyncio.TimerHandle | None = None  # a flush of deferred writes alone
 
     @classmethod
-    def from_url(cls: type[D], url: str) -> D:
-        return cls(path_from_url(url))
+    def from_url(cls: type[D], url: str, synchronous: str = "normal") -> D:
+        return cls(path_from_url(url), synchronous)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
@@ -153,6 +164,9 @@ class SQLiteDatabase:
                 outcomes = [(future, *_alone(conn, work)) for work, future in batch]
         except (sqlite3.Error, StoreError) as exc:
             failed = exc if isinstance(exc, StoreError) else StoreError(f"SQLite: {exc}")
+            if self._conn is not None:  # a COMMIT that failed leaves its transaction open
+                with contextlib.suppress(sqlite3.Error):
+                    _rollback(self._conn)
             outcomes = [(future, None, failed) for _, future in batch]
         _settle(outcomes)
 
@@ -176,6 +190,7 @@ class SQLiteDatabase:
             if self.path != MEMORY:
                 parent = os.path.dirname(os.path.abspath(self.path))
                 os.makedirs(parent, exist_ok=True)
+                _check_writable(self.path, parent)
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=5.0
             )
@@ -183,7 +198,7 @@ class SQLiteDatabase:
             raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.synchronous]}")
             conn.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's job
             for statement in self.SCHEMA:
                 conn.execute(statement)
@@ -229,6 +244,17 @@ class SQLiteDatabase:
             raise StoreError(f"SQLite: {exc}") from exc
 
 
+def _check_writable(path: str, folder: str) -> None:
+    """StoreError naming what is read-only: the file, or its folder, where SQLite keeps the
+    file's -wal and -shm beside it (a read-only mount refuses even root)."""
+    for where, what in ((path, "file"), (folder, "folder")):
+        if os.path.exists(where) and not os.access(where, os.W_OK):
+            raise StoreError(
+                f"the SQLite database {path!r} cannot be written: its {what} {where!r} is "
+                "read-only (the gateway writes the file, and its -wal and -shm files beside it)"
+            )
+
+
 Outcome = tuple[asyncio.Future[Any] | None, Any, BaseException | None]
 Batch = list[tuple[Write, asyncio.Future[Any] | None]]
 
@@ -242,10 +268,10 @@ def _together(conn: sqlite3.Connection, batch: Batch) -> list[Outcome]:
     try:
         results: list[Outcome] = [(future, work(conn), None) for work, future in batch]
     except Exception as exc:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise _OneFailed from exc
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
     conn.execute("COMMIT")
     return results
@@ -258,12 +284,19 @@ def _alone(conn: sqlite3.Connection, work: Write) -> tuple[Any, BaseException | 
     try:
         result = work(conn)
     except Exception as exc:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
             return None, StoreError(f"SQLite: {exc}")
         return None, exc
     conn.execute("COMMIT")
     return result, None
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Undo the transaction under way, if any: on some errors (a full disk, an I/O error)
+    SQLite has rolled it back already, and a ROLLBACK would fail and hide that error."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def _nothing(conn: sqlite3.Connection) -> None:

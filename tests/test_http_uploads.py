@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import gateway_config, remote, start_gateway, wait_ready
 from support import (
     LIST,
     PRODUCT,
@@ -18,6 +20,7 @@ from support import (
     Response,
     RunningGateway,
     assert_error,
+    free_port,
     report,
     running_gateway,
 )
@@ -113,6 +116,30 @@ async def test_concurrent_uploads_with_one_key_create_one_workflow(
     assert {answer.status for answer in answers} == {202}
     assert len({answer.body["workflow_id"] for answer in answers}) == 1
     assert await workflows_of(gw) == [answers[0].body["workflow_id"]]
+
+
+async def test_a_key_outlives_a_gateway_killed_after_answering(
+    tmp_path: Path, store_url: str
+) -> None:
+    """SIGKILL once the upload was answered: the key was stored with the workflow, so the
+    retry against the restarted gateway finds it."""
+    port = free_port()
+    config = gateway_config(port, "idem", store_url, "")
+    client = remote(port)
+    first_answer = None
+    for run in range(2):
+        gateway = start_gateway(tmp_path, f"gateway-{run}", config)
+        try:
+            await wait_ready(gateway, port)
+            answer = await keyed_upload(client, "order-1")
+            assert answer.status == 202, answer.body
+            first_answer = first_answer or answer.body
+            assert answer.body == first_answer
+            assert await workflows_of(client) == [first_answer["workflow_id"]]
+            gateway.popen.send_signal(signal.SIGKILL)
+            gateway.popen.wait(10)
+        finally:
+            gateway.kill()
 
 
 async def test_uploads_without_a_key_are_each_a_new_workflow(gw: RunningGateway) -> None:

@@ -249,9 +249,9 @@ class MongoStore(MongoCollection):
         try:
             return await self._insert(doc, what, held)
         except AlreadyExists as exc:  # which unique index refused it: nx-27017 does not say
-            if await self._keyed(key.slot) is not None:
-                raise KeyTaken(f"idempotency key {key.key!r} is held") from exc
-            raise
+            if await self.get(doc["id"]) is not None:
+                raise
+            raise KeyTaken(f"idempotency key {key.key!r} is held") from exc
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None:
         return await self._find_one({"_id": workflow_id})

@@ -35,6 +35,8 @@ from stox.workflow import NotAllowed, StaleReport
 
 log = logging.getLogger("stox.http")
 
+IDEMPOTENCY_KEY = "Idempotency-Key"  # the upload's header (handlers/workflow.py)
+
 F = TypeVar("F", bound=Callable[..., Awaitable[None]])
 
 # which token roles each declared audience admits
@@ -136,8 +138,6 @@ def _too_many(exc: Exception) -> ApiError:
         headers={"Retry-After": str(limited.retry_after)},
     )
 
-
-IDEMPOTENCY_KEY = "Idempotency-Key"
 
 # Each domain error's answer, the one place they are translated (as Starlette's exception
 # handlers are one dict): handlers raise them, JsonErrors answers them. A subclass takes its

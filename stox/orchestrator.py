@@ -200,9 +200,13 @@ class Orchestrator:
         return fired
 
     async def expire_keys(self, limit: int = 500) -> int:
-        """Free idempotency keys past their retention (an upload that meets one frees it
-        itself); how many."""
-        return await self.store.release_keys(wf_rules.isoformat(self.clock()), limit, None)
+        """Free every idempotency key past its retention, `limit` a write (an upload that
+        meets one frees it itself); how many."""
+        now = wf_rules.isoformat(self.clock())
+        freed = 0
+        while (released := await self.store.release_keys(now, limit, None)) == limit:
+            freed += released
+        return freed + released
 
     async def relay(self, min_age: float = 5.0, limit: int = 500) -> int:
         """Re-publish outbox entries left behind (a crash, a broker outage)."""

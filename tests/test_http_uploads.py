@@ -226,13 +226,16 @@ async def test_expired_keys_are_released_so_they_do_not_accumulate(tmp_path: Pat
     ) as gw:
         store, orchestrator = gw.gateway.store, gw.gateway.orchestrator
         kept = await keyed_upload(gw, "order-1")
+        await keyed_upload(gw, "order-3", {**PRODUCT, "name": "Third"})
         clock.advance(30)
         await keyed_upload(gw, "order-2")
         clock.advance(30)
 
-        assert await orchestrator.expire_keys() == 1  # what the gateway runs every relay_interval
+        # what the gateway runs every relay_interval: every expired key, `limit` a write
+        assert await orchestrator.expire_keys(limit=1) == 2
 
         assert await store.keyed("alice", "order-1") is None
+        assert await store.keyed("alice", "order-3") is None
         assert await store.keyed("alice", "order-2") is not None
         assert await store.get(kept.body["workflow_id"]) is not None  # the workflow stays
 

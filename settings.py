@@ -164,6 +164,22 @@ class ServerSettings:
         default_factory=list,
         check=each(_ip_network),
     )
+    idempotency_retention: Duration = _help(
+        "how long an upload's Idempotency-Key answers with the workflow it made; after it, "
+        "the key may make a new one",
+        default=Duration(24 * 3600),
+        check=at_least(1, "at least 1s"),
+    )
+    max_uploads_per_user: int = _help(
+        "uploads one user may start within upload_window before 429 (0: no limit)",
+        default=300,
+        check=_NON_NEGATIVE,
+    )
+    upload_window: Duration = _help(
+        "how long an upload counts against max_uploads_per_user",
+        default=Duration(10),
+        check=positive,
+    )
     instance_id: str = _help(
         "name of this instance in logs and queues (default random)", default=""
     )
@@ -525,6 +541,7 @@ _ENV_AND_FLAGS: list[tuple[str, str | None, str | None]] = [
     ("server.public_url", "STOX_PUBLIC_URL", "--public-url"),
     ("server.trusted_proxies", "STOX_TRUSTED_PROXIES", None),
     ("server.event_loop", "STOX_EVENT_LOOP", None),
+    ("server.max_uploads_per_user", "STOX_MAX_UPLOADS_PER_USER", None),
     ("storage.url", "STOX_STORAGE_URL", "--storage-url"),
     ("rabbitmq.url", "STOX_RABBITMQ_URL", "--rabbitmq-url"),
     ("services.auth", "STOX_AUTH_ADDR", "--auth-addr"),

@@ -102,7 +102,8 @@ def start_gateway(
     port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmpdir / f"gateway-{name}.log"
-    env = clean_env(STOX_JWT_SECRET=secret, STOX_LOG_LEVEL="warning")
+    # one user uploads thousands a second here: the per-user upload limit is off
+    env = clean_env(STOX_JWT_SECRET=secret, STOX_LOG_LEVEL="warning", STOX_MAX_UPLOADS_PER_USER="0")
     cmd = [sys.executable, *(python_args or []), "server.py", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--storage-url", f"sqlite:///{tmpdir}/{name}.db", *server_args]
     return Target(base, "127.0.0.1", port, origin or base, spawn(cmd, env, log), log)

@@ -57,6 +57,7 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         store=gateway.store,
         bus=gateway.bus,
         hub=gateway.hub,
+        uploads=gateway.uploads,
         max_body_size=settings.server.max_body_size,
         max_drain_size=settings.server.max_drain_size,
         allowed_origins=settings.allowed_origins,

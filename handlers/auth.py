@@ -7,7 +7,6 @@ from typing import TypeVar, cast
 
 from handlers.base import ApiError, BaseHandler, requires
 from stox.auth.client import AuthCallError, AuthClient
-from stox.auth.limits import TooManyAttempts
 from stox.schemas import login_schema, register_schema, token_schema
 
 T = TypeVar("T")
@@ -35,17 +34,10 @@ class AuthHandler(BaseHandler):
         return self.request.remote_ip or ""
 
     async def call(self, call: Awaitable[T], unauthenticated: tuple[str, str] | None = None) -> T:
-        """The call's result; its failure as the ApiError of the fixed status mapping, and a
-        limit reached as 429 with Retry-After."""
+        """The call's result; its failure as the ApiError of the fixed status mapping (a limit
+        reached, TooManyAttempts, is a domain error: 429 with Retry-After)."""
         try:
             return await call
-        except TooManyAttempts as exc:
-            raise ApiError(
-                429,
-                "too_many_attempts",
-                f"too many {exc.what}; try again later",
-                headers={"Retry-After": str(exc.retry_after)},
-            ) from None
         except AuthCallError as exc:
             status = exc.http_status
             if status == 400:

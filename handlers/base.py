@@ -24,16 +24,19 @@ from marshmallow import Schema, ValidationError
 from tornado.http1connection import HTTP1Connection
 
 from stox.auth import bearer
+from stox.auth.limits import TooManyAttempts
 from stox.auth.tokens import ADMIN, SERVICE, USER, InvalidToken, Principal, TokenAuthority
 from stox.codec import dumps
 from stox.ids import random16
 from stox.logs import log_exception
-from stox.orchestrator import Contention, NotFound, Orchestrator
+from stox.orchestrator import Contention, KeyReused, NotFound, Orchestrator
 from stox.schemas import nested_beyond
 from stox.store import StoreError
 from stox.workflow import NotAllowed, StaleReport
 
 log = logging.getLogger("stox.http")
+
+IDEMPOTENCY_KEY = "Idempotency-Key"  # the upload's header (handlers/workflow.py)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[None]])
 
@@ -128,6 +131,25 @@ def _store_unavailable(exc: Exception) -> ApiError:
     )
 
 
+def _key_reused(exc: Exception) -> ApiError:
+    return ApiError(
+        422,
+        "idempotency_key_reused",
+        "this Idempotency-Key was sent before with a different body; use a new key",
+        {IDEMPOTENCY_KEY: "used before with a different body"},
+    )
+
+
+def _too_many(exc: Exception) -> ApiError:
+    limited = cast(TooManyAttempts, exc)
+    return ApiError(
+        429,
+        "too_many_attempts",
+        f"too many {limited.what}; try again later",
+        headers={"Retry-After": str(limited.retry_after)},
+    )
+
+
 # Each domain error's answer, the one place they are translated (as Starlette's exception
 # handlers are one dict): handlers raise them, JsonErrors answers them. A subclass takes its
 # nearest listed base's answer. NotFound carries the workflow id; the others their message.
@@ -137,6 +159,8 @@ DOMAIN_ERRORS: dict[type[Exception], Callable[[Exception], ApiError]] = {
     StaleReport: _conflict,
     Contention: _contended,
     StoreError: _store_unavailable,  # AlreadyExists too: an id taken is for a retry as well
+    KeyReused: _key_reused,
+    TooManyAttempts: _too_many,
 }
 
 

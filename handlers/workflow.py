@@ -5,11 +5,13 @@ handler's error path answers them (`handlers.base.DOMAIN_ERRORS`)."""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, cast
 
 import tornado.web
 
-from handlers.base import BaseHandler, requires
+from handlers.base import IDEMPOTENCY_KEY, ApiError, BaseHandler, requires
+from stox.auth.limits import UploadLimiter
 from stox.schemas import (
     completion_schema,
     decode_cursor,
@@ -18,9 +20,11 @@ from stox.schemas import (
     upload_schema,
     workflow_id_schema,
 )
-from stox.workflow import Report, Workflow
+from stox.workflow import RUNNING, Report, Workflow
 
 STEP_COMPLETED = "step_completed"  # the route's name: the dispatches' HTTP reply address
+MAX_KEY_LENGTH = 255
+_KEY = re.compile(rf"[\x20-\x7e]{{1,{MAX_KEY_LENGTH}}}")  # printable ASCII, as Stripe's
 
 
 class WorkflowHandler(BaseHandler):
@@ -36,17 +40,40 @@ class WorkflowHandler(BaseHandler):
 
 
 class UploadHandler(WorkflowHandler):
+    @property
+    def uploads(self) -> UploadLimiter:
+        return cast(UploadLimiter, self.settings["uploads"])
+
     @requires("user")
     async def post(self) -> None:
+        self.uploads.begin(self.principal.id)
+        key = self.idempotency_key()
         product = self.load(upload_schema, self.json_body())
-        workflow = await self.orchestrator.upload(self.principal.id, product)
+        workflow = await self.orchestrator.upload(self.principal.id, product, key)
+        # the answer as the upload that made it gave it (a retry with its key gets the same)
         self.write_json(
             202,
             {
                 "workflow_id": workflow.id,
-                "status": workflow.status,
-                "message": f"workflow accepted; {workflow.step.name} dispatched",
+                "status": RUNNING,
+                "message": f"workflow accepted; {workflow.steps[0].name} dispatched",
             },
+        )
+
+    def idempotency_key(self) -> str | None:
+        """The Idempotency-Key header; 400 naming it unless it is one of 1-255 printable
+        ASCII characters."""
+        values = self.request.headers.get_list(IDEMPOTENCY_KEY)
+        if not values:
+            return None
+        if len(values) == 1 and _KEY.fullmatch(values[0]):
+            return values[0]
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            f"{IDEMPOTENCY_KEY}: expected one header of 1-{MAX_KEY_LENGTH} printable ASCII "
+            "characters",
+            {IDEMPOTENCY_KEY: f"expected 1-{MAX_KEY_LENGTH} printable ASCII characters"},
         )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from settings import Settings, SettingsError, StorageSettings
 from stox.auth import secret
 from stox.auth.client import AuthClient
+from stox.auth.limits import UploadLimiter
 from stox.auth.service import AuthServer
 from stox.auth.tokens import HS256, BadKey, TokenAuthority
 from stox.bus.base import EventBus
@@ -173,7 +174,9 @@ class Gateway:
             clock=clock,
             cache_size=settings.storage.cache_max_documents,
             cache_bytes=settings.storage.cache_max_bytes,
+            idempotency_retention=settings.server.idempotency_retention,
         )
+        self.uploads = UploadLimiter.from_settings(settings.server)
         self.hub = Hub.from_settings(self.orchestrator, settings.websocket)
         self.topology = Topology(settings.rabbitmq.prefix, self.instance_id)
         self._tasks: list[asyncio.Task[None]] = []
@@ -212,6 +215,7 @@ class Gateway:
         self._every(server.relay_interval, lambda: self.orchestrator.relay(server.relay_interval))
         if isinstance(self.store, FaultyStore):
             self.store.armed = True
+        self._every(server.relay_interval, self.orchestrator.expire_keys)
 
     async def _steps_to_serve(self) -> list[str]:
         """The pipeline's steps, then any step that running workflows still need although it

@@ -26,3 +26,8 @@ def dumps(value: Any) -> bytes:
 def dumps_text(value: Any) -> str:
     """`value` as compact JSON text (for a TEXT column or a str body)."""
     return orjson.dumps(value).decode()
+
+
+def canonical(value: Any) -> bytes:
+    """`value` as compact JSON with sorted keys: equal values, equal bytes (to hash them)."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)

@@ -9,6 +9,7 @@ compare-and-swap race reloads the workflow and decides again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -19,7 +20,15 @@ from typing import Any
 from stox import workflow as wf_rules
 from stox.bus.base import Event, EventBus, PublishError
 from stox.changes import ChangeBatcher
-from stox.store.base import NewEvent, StoreError, WorkflowStore, encode_json
+from stox.codec import canonical
+from stox.store.base import (
+    IdempotencyKey,
+    KeyTaken,
+    NewEvent,
+    StoreError,
+    WorkflowStore,
+    encode_json,
+)
 from stox.workflow import CHANGE_ROUTING_KEY, Change, Pipeline, Report, Workflow
 
 log = logging.getLogger(__name__)
@@ -33,6 +42,14 @@ class NotFound(Exception):
 
 class Contention(Exception):
     """The compare-and-swap kept losing; the caller may try again."""
+
+
+class KeyReused(Exception):
+    """An idempotency key sent again with a different body."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +75,7 @@ class Orchestrator:
         max_races: int = 50,
         cache_size: int = 10_000,
         cache_bytes: int = 64 * 1024 * 1024,
+        idempotency_retention: float = 24 * 3600.0,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -67,6 +85,7 @@ class Orchestrator:
         self.max_races = max_races
         self.cache_size = cache_size  # documents
         self.cache_bytes = cache_bytes  # their size, all together
+        self.idempotency_retention = idempotency_retention  # seconds a key finds its workflow
         self._recent: OrderedDict[str, _Cached] = OrderedDict()
         self._recent_bytes = 0
         self._bodies: dict[str, str] = {}  # message id -> its payload, encoded (see _keep_bodies)
@@ -76,14 +95,49 @@ class Orchestrator:
 
     # -- commands -------------------------------------------------------------------------
 
-    async def upload(self, owner: str, product: dict[str, Any]) -> Workflow:
-        workflow, _ = wf_rules.start(self.pipeline, owner, product, self.clock())
+    async def upload(self, owner: str, product: dict[str, Any], key: str | None = None) -> Workflow:
+        """A new workflow; or, when `owner` sent `key` within the retention before, the one
+        that upload made (KeyReused if its body differed). The key is stored with the
+        workflow in one insert, unique per owner, so concurrent uploads with one key, on any
+        instance, make one workflow, and a crash cannot separate them."""
+        now = self.clock()
+        workflow, _ = wf_rules.start(self.pipeline, owner, product, now)
         doc = workflow.to_doc()
         events = [NewEvent.of(entry) for entry in doc["outbox"]]
-        self._remember(doc, base=await self.store.insert(doc, events), latest=0)
+        if key is None:
+            base = await self.store.insert(doc, events)
+        else:
+            expires_at = wf_rules.isoformat(now + self.idempotency_retention)
+            held = IdempotencyKey(owner, key, body_hash(product), expires_at)
+            for _ in range(self.max_races):
+                try:
+                    base = await self.store.insert(doc, events, held)
+                    break
+                except KeyTaken:
+                    first = await self._first_upload(held)
+                    if first is not None:
+                        return first
+            else:  # released and taken again each time
+                raise Contention(workflow.id)
+        self._remember(doc, base=base, latest=0)
         self._keep_bodies(events)
         self._publish_soon(workflow)
         return workflow
+
+    async def _first_upload(self, key: IdempotencyKey) -> Workflow | None:
+        """The workflow holding `key` (KeyReused when its body differed), or None when no
+        workflow holds it (any more: an expired key is released here)."""
+        found = await self.store.keyed(key.owner, key.key)
+        if found is None:
+            return None
+        doc, held = found
+        now = wf_rules.isoformat(self.clock())
+        if held.expires_at <= now:
+            await self.store.release_keys(now, 1, (key.owner, key.key))
+            return None
+        if held.body_hash != key.body_hash:
+            raise KeyReused(key.key)
+        return Workflow.from_doc(doc)
 
     async def report(self, report: Report) -> Outcome:
         """Apply a completion; DuplicateReport is answered as applied=False."""
@@ -154,6 +208,15 @@ class Orchestrator:
                 continue
             fired += result.written  # not when another instance fired it first
         return fired
+
+    async def expire_keys(self, limit: int = 500) -> int:
+        """Free every idempotency key past its retention, `limit` a write (an upload that
+        meets one frees it itself); how many."""
+        now = wf_rules.isoformat(self.clock())
+        freed = 0
+        while (released := await self.store.release_keys(now, limit, None)) == limit:
+            freed += released
+        return freed + released
 
     async def relay(self, min_age: float = 5.0, limit: int = 500) -> int:
         """Re-publish outbox entries left behind (a crash, a broker outage)."""
@@ -370,6 +433,11 @@ class Orchestrator:
         kept = wf_rules.unpublished(cached.doc["outbox"], confirmed)
         if len(kept) < len(cached.doc["outbox"]):
             cached.doc = {**cached.doc, "outbox": kept, "outbox_at": wf_rules.outbox_at(kept)}
+
+
+def body_hash(product: dict[str, Any]) -> str:
+    """What tells two uploads' bodies apart: the validated product, keys sorted."""
+    return hashlib.sha256(canonical(product)).hexdigest()
 
 
 @dataclass(slots=True)

@@ -14,10 +14,18 @@ from typing import Any
 import pytest
 from support import T0, eventually, free_port
 
-from stox.store import AlreadyExists, NewEvent, StoreError, WorkflowStore, make_store
+from stox.store import (
+    AlreadyExists,
+    IdempotencyKey,
+    KeyTaken,
+    NewEvent,
+    StoreError,
+    WorkflowStore,
+    make_store,
+)
 from stox.store.mongo import MongoStore
 from stox.store.mongo_url import database_from_url
-from stox.store.sqlite import SQLiteStore
+from stox.store.sqlite import LAYOUT, SQLiteStore
 from stox.workflow import (
     COMPLETED,
     FAILED,
@@ -102,6 +110,116 @@ async def test_duplicate_insert_raises_already_exists(store: WorkflowStore) -> N
         await store.insert(other)
     assert issubclass(AlreadyExists, StoreError)
     assert await store.get(doc["id"]) == doc
+
+
+# -- idempotency keys ----------------------------------------------------------------------
+
+
+def held(owner: str = "alice", key: str = "order-1", expires: float = T0 + 3600) -> IdempotencyKey:
+    return IdempotencyKey(owner, key, "hash-of-the-body", isoformat(expires))
+
+
+async def test_a_key_is_held_by_the_workflow_inserted_with_it(store: WorkflowStore) -> None:
+    doc = new_doc()
+    await store.insert(doc, None, held())
+    assert await store.get(doc["id"]) == doc  # the key is not part of the document
+    assert await store.keyed("alice", "order-1") == (doc, held())
+    assert await store.keyed("alice", "order-2") is None
+    assert await store.list_workflows(owner="alice", status=None, limit=10) == [doc]
+
+
+async def test_a_held_key_refuses_another_workflow(store: WorkflowStore) -> None:
+    first, second = new_doc(), new_doc()
+    await store.insert(first, None, held())
+    with pytest.raises(KeyTaken):
+        await store.insert(second, None, held())
+    assert issubclass(KeyTaken, AlreadyExists)
+    assert await store.get(second["id"]) is None  # nothing of it was written
+    assert await store.unpublished(isoformat(T0 + 10), 10) == [first]
+    await store.insert(second)  # without the key it may be inserted
+    with pytest.raises(AlreadyExists) as info:  # its id taken: not the key
+        await store.insert(new_doc(id=first["id"]), None, held(key="order-2"))
+    assert not isinstance(info.value, KeyTaken)
+    assert await store.keyed("alice", "order-2") is None
+
+
+async def test_keys_are_per_owner(store: WorkflowStore) -> None:
+    alices, bobs = new_doc(), new_doc(owner="bob")
+    await store.insert(alices, None, held())
+    await store.insert(bobs, None, held(owner="bob"))
+    assert await store.keyed("alice", "order-1") == (alices, held())
+    assert await store.keyed("bob", "order-1") == (bobs, held(owner="bob"))
+    # the owner and the key are kept apart: no concatenation makes another pair
+    await store.insert(new_doc(owner="ali"), None, held(owner="ali", key="ceorder-1"))
+    assert await store.keyed("alice", "order-1") == (alices, held())
+
+
+async def test_many_workflows_without_keys_never_conflict(store: WorkflowStore) -> None:
+    """A unique index that indexed the documents without a key would refuse the second."""
+    docs = [new_doc(now=T0 + i) for i in range(3)]
+    await insert_all(store, docs)
+    await store.insert(new_doc(), None, held())
+    assert len(await store.list_workflows(owner="alice", status=None, limit=10)) == 4
+
+
+async def test_concurrent_inserts_with_one_key_store_one_workflow(store: WorkflowStore) -> None:
+    docs = [new_doc() for _ in range(5)]
+    outcomes = await asyncio.gather(
+        *(store.insert(doc, None, held()) for doc in docs), return_exceptions=True
+    )
+    won = [doc for doc, outcome in zip(docs, outcomes, strict=True) if isinstance(outcome, int)]
+    assert len(won) == 1, outcomes
+    assert all(isinstance(o, KeyTaken) for o in outcomes if not isinstance(o, int)), outcomes
+    assert await store.list_workflows(owner="alice", status=None, limit=10) == won
+    assert await store.keyed("alice", "order-1") == (won[0], held())
+
+
+async def test_release_keys_frees_the_expired_ones_and_keeps_the_workflows(
+    store: WorkflowStore,
+) -> None:
+    soon, later, other = new_doc(), new_doc(), new_doc()
+    await store.insert(soon, None, held(key="soon", expires=T0 + 10))
+    await store.insert(later, None, held(key="later", expires=T0 + 100))
+    await store.insert(other, None, held(key="other", expires=T0 + 10))
+    assert await store.release_keys(isoformat(T0 + 9.5), 10, None) == 0  # none expired yet
+    assert await store.release_keys(isoformat(T0 + 10), 10, ("alice", "soon")) == 1
+    assert await store.keyed("alice", "soon") is None
+    assert await store.keyed("alice", "other") is not None  # not the one named
+    assert await store.release_keys(isoformat(T0 + 50), 10, None) == 1
+    assert await store.keyed("alice", "other") is None
+    assert await store.keyed("alice", "later") == (later, held(key="later", expires=T0 + 100))
+    assert await store.get(soon["id"]) == soon and await store.get(other["id"]) == other
+    again = new_doc()
+    await store.insert(again, None, held(key="soon"))  # a freed key may be held again
+    assert await store.keyed("alice", "soon") == (again, held(key="soon"))
+    assert await store.release_keys(isoformat(T0 + 50), 10, None) == 0
+
+
+async def test_release_keys_takes_at_most_limit(store: WorkflowStore) -> None:
+    for i in range(3):
+        await store.insert(new_doc(), None, held(key=f"k{i}", expires=T0 + i))
+    assert await store.release_keys(isoformat(T0 + 10), 2, None) == 2
+    assert await store.release_keys(isoformat(T0 + 10), 0, None) == 0
+    assert await store.release_keys(isoformat(T0 + 10), 2, None) == 1
+
+
+async def test_a_key_outlives_the_store_process(store_url: str) -> None:
+    """Written with the workflow, in the store: a restarted gateway still finds it."""
+    doc = new_doc()
+    first = make_store(store_url)
+    await first.open()
+    try:
+        await first.insert(doc, None, held())
+    finally:
+        await first.close()
+    second = make_store(store_url)
+    await second.open()
+    try:
+        assert await second.keyed("alice", "order-1") == (doc, held())
+        with pytest.raises(KeyTaken):
+            await second.insert(new_doc(), None, held())
+    finally:
+        await second.close()
 
 
 # -- compare-and-swap ----------------------------------------------------------------------
@@ -741,10 +859,48 @@ async def test_a_file_of_the_earlier_layout_is_moved_to_the_new_one_once(tmp_pat
             await store.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == LAYOUT
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(workflows)")}
         assert "idx_workflows_outbox_at" not in indexes
         assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == len(pending["outbox"])
+    finally:
+        conn.close()
+
+
+async def test_a_file_of_layout_1_takes_idempotency_keys(tmp_path: Path) -> None:
+    """Layout 1 had no key columns: they are added on open, and its workflows hold none."""
+    path = tmp_path / "stox.db"
+    old = new_doc()
+    conn = sqlite3.connect(path)
+    conn.execute(
+        """CREATE TABLE workflows (id TEXT PRIMARY KEY, owner TEXT, status TEXT,
+        created_at TEXT, version INTEGER, wake_at TEXT NULL, doc TEXT, product TEXT)"""
+    )
+    state = {k: v for k, v in old.items() if k not in ("product", "outbox", "outbox_at")}
+    conn.execute(
+        "INSERT INTO workflows VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            *(old["id"], old["owner"], old["status"], old["created_at"], old["version"]),
+            *(old["wake_at"], json.dumps(state), json.dumps(old["product"])),
+        ),
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        assert await store.get(old["id"]) == dict(old, outbox=[], outbox_at=None)
+        keyed = new_doc()
+        await store.insert(keyed, None, held())
+        assert await store.keyed("alice", "order-1") == (keyed, held())
+        with pytest.raises(KeyTaken):
+            await store.insert(new_doc(), None, held())
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == LAYOUT == 2
     finally:
         conn.close()
 

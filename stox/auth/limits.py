@@ -1,4 +1,5 @@
-"""Attempt limits of the auth endpoints: failed logins and registrations, in memory, bounded.
+"""Attempt limits, in memory, bounded: the auth endpoints' failed logins and registrations, and
+uploads per user.
 
 A `Window` keeps, per key, the times of its recent attempts (none older than its window); a
 key with as many as its limit is refused until the oldest ages out. An attempt counts from
@@ -20,7 +21,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 
-from settings import AuthSettings
+from settings import AuthSettings, ServerSettings
 
 Key = tuple[str, ...]
 KNOWN_FOR = 30 * 24 * 3600.0  # how long a successful (name, address) is remembered
@@ -196,3 +197,26 @@ class RegistrationLimiter:
     def begin(self, address: str) -> Attempt:
         """Start a registration, counted until cancelled; TooManyAttempts at the limit."""
         return self.registrations.begin([(("address", address), self.max_registrations)])
+
+
+class UploadLimiter:
+    """Uploads per user (a flood from one user is refused; others upload on)."""
+
+    def __init__(
+        self,
+        max_uploads: int = 300,
+        window: float = 10.0,
+        *,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_uploads = max_uploads
+        self.uploads = Window(window, "uploads", max_keys=max_keys, clock=clock)
+
+    @classmethod
+    def from_settings(cls, server: ServerSettings) -> UploadLimiter:
+        return cls(server.max_uploads_per_user, server.upload_window)
+
+    def begin(self, user_id: str) -> Attempt:
+        """Count an upload of `user_id`; TooManyAttempts at the limit."""
+        return self.uploads.begin([(("user", user_id), self.max_uploads)])

@@ -14,10 +14,20 @@ from types import ModuleType
 from typing import Any, cast
 
 from stox.store import mongo_url, sqlite_db
-from stox.store.base import AlreadyExists, NewEvent, StoreError, UserStore, WorkflowStore
+from stox.store.base import (
+    AlreadyExists,
+    IdempotencyKey,
+    KeyTaken,
+    NewEvent,
+    StoreError,
+    UserStore,
+    WorkflowStore,
+)
 
 __all__ = [
     "AlreadyExists",
+    "IdempotencyKey",
+    "KeyTaken",
     "NewEvent",
     "StoreError",
     "UserStore",

@@ -37,6 +37,30 @@ class AlreadyExists(StoreError):
     pass
 
 
+class KeyTaken(AlreadyExists):
+    """Another workflow holds the idempotency key (expired or not: see `release_keys`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """A client's `Idempotency-Key`, held by the workflow its upload created, with a hash of
+    that upload's body, until `expires_at` (an ISO timestamp, as the documents' own)."""
+
+    owner: str
+    key: str
+    body_hash: str
+    expires_at: str
+
+    @property
+    def slot(self) -> str:
+        """What a store keeps unique: the owner and the key, unambiguously (JSON text)."""
+        return slot(self.owner, self.key)
+
+
+def slot(owner: str, key: str) -> str:
+    return encode_json([owner, key])
+
+
 class WorkflowStore(Protocol):
     """Keeps workflow documents (the shape `Workflow.to_doc` produces) and their outboxes.
 
@@ -56,12 +80,26 @@ class WorkflowStore(Protocol):
     async def ping(self) -> None:
         """Raise StoreError when the store cannot serve."""
 
-    async def insert(self, doc: dict[str, Any], events: Sequence[NewEvent] | None = None) -> int:
+    async def insert(
+        self,
+        doc: dict[str, Any],
+        events: Sequence[NewEvent] | None = None,
+        key: IdempotencyKey | None = None,
+    ) -> int:
         """Add a new workflow with its outbox (`events`: the entries of `doc["outbox"]`,
-        encoded; by default encoded here); its stored size. AlreadyExists if its id is
-        taken."""
+        encoded; by default encoded here) and, in the same atomic write, the idempotency
+        `key` it holds; its stored size. AlreadyExists if its id is taken, KeyTaken if
+        another workflow holds `key` (one owner's key is unique, an index decides)."""
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None: ...
+
+    async def keyed(self, owner: str, key: str) -> tuple[dict[str, Any], IdempotencyKey] | None:
+        """The workflow that holds `owner`'s idempotency `key`, and the key as stored."""
+
+    async def release_keys(self, now: str, limit: int, owner_key: tuple[str, str] | None) -> int:
+        """Free up to `limit` idempotency keys that expired at or before `now` (only
+        `owner_key`, (owner, key), when given), so they may be used again; how many.
+        The workflows stay."""
 
     async def replace(
         self, doc: dict[str, Any], expected_version: int, new_events: Sequence[NewEvent]

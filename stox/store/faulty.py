@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from stox.store.base import NewEvent, StoreError, WorkflowStore
+from stox.store.base import IdempotencyKey, NewEvent, StoreError, WorkflowStore
 
 T = TypeVar("T")
 
@@ -103,11 +103,24 @@ class FaultyStore:
     async def ping(self) -> None:
         await self._call("ping", self.inner.ping, write=False)
 
-    async def insert(self, doc: dict[str, Any], events: Sequence[NewEvent] | None = None) -> int:
-        return await self._call("insert", lambda: self.inner.insert(doc, events), write=True)
+    async def insert(
+        self,
+        doc: dict[str, Any],
+        events: Sequence[NewEvent] | None = None,
+        key: IdempotencyKey | None = None,
+    ) -> int:
+        return await self._call("insert", lambda: self.inner.insert(doc, events, key), write=True)
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None:
         return await self._call("get", lambda: self.inner.get(workflow_id), write=False)
+
+    async def keyed(self, owner: str, key: str) -> tuple[dict[str, Any], IdempotencyKey] | None:
+        return await self._call("keyed", lambda: self.inner.keyed(owner, key), write=False)
+
+    async def release_keys(self, now: str, limit: int, owner_key: tuple[str, str] | None) -> int:
+        return await self._call(
+            "release_keys", lambda: self.inner.release_keys(now, limit, owner_key), write=True
+        )
 
     async def replace(
         self, doc: dict[str, Any], expected_version: int, new_events: Sequence[NewEvent]

@@ -10,9 +10,10 @@ in one `bulk_write` with the other workflows' drops.
 Only operations that behave the same on MongoDB and on nx-27017 (a MongoDB wire-protocol
 server on SQLite, used by the tests) are used: insert_one, find_one, update_one with $set on
 {_id, version} (no upsert; not $push or $pull, which nx-27017 gets wrong on arrays of
-documents), find with $lte, a sort on one or two keys, limit, create_index,
-an aggregation of $match, $unwind and $group with $push (nx-27017's `distinct`, projections
-and $elemMatch on array elements do not match MongoDB's), and the `ping` command. Two
+documents), $unset of top-level fields, find with $lte, a sort on one or two keys, limit,
+create_index (unique, sparse on one field), an aggregation of $match, $unwind and $group
+with $push (nx-27017's `distinct`, projections and $elemMatch on array elements do not match
+MongoDB's), and the `ping` command. Two
 nx-27017 quirks shape the queries:
 
 - A secondary index that names `_id` makes every later insert fail ("JSON path error near
@@ -24,6 +25,14 @@ nx-27017 quirks shape the queries:
   queried inclusively, which gives a superset on both servers, and the extra documents
   (which sort at one end of the result) are filtered out here. On MongoDB that filter
   drops at most the page cursor's own document and its exact-timestamp ties.
+
+An upload's idempotency key is three fields of its document (`_KEY_FIELDS`), written by its
+insert, never by a change, `$unset` once expired, and hidden from reads. The key field is one
+string (owner and key) under a unique *sparse* index: documents without it are not indexed,
+on MongoDB, and on nx-27017 (which does not pass `sparse` on to its SQLite index, whose unique
+indexes let rows without the value be many anyway). Not a partial index: nx-27017 ignores
+`partialFilterExpression`, and a compound sparse index would still index every document by
+its owner.
 
 `MongoUserStore` keeps the AuthService's users in the collection `users` (`_id` the user id,
 a unique index on `username`).
@@ -42,7 +51,15 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from stox.store.base import DEFER_DELAY, AlreadyExists, NewEvent, StoreError
+from stox.store.base import (
+    DEFER_DELAY,
+    AlreadyExists,
+    IdempotencyKey,
+    KeyTaken,
+    NewEvent,
+    StoreError,
+    slot,
+)
 from stox.store.mongo_url import database_from_url
 from stox.workflow import DISPATCHED, PENDING, RUNNING, outbox_at, unpublished
 
@@ -82,8 +99,21 @@ def _bson(doc: dict[str, Any]) -> RawBSONDocument:
         raise StoreError(f"MongoDB: cannot encode the document: {exc}") from exc
 
 
+_KEY, _KEY_HASH, _KEY_EXPIRES = _KEY_FIELDS = (
+    "idempotency_key",
+    "idempotency_hash",
+    "idempotency_expires_at",
+)
+_KEY_INDEXES = (
+    ([(_KEY, ASCENDING)], {"unique": True, "sparse": True}),
+    ([(_KEY_EXPIRES, ASCENDING)], {"sparse": True}),
+)
+
+
 def _from_mongo(doc: dict[str, Any]) -> dict[str, Any]:
     del doc["_id"]
+    for name in _KEY_FIELDS:
+        doc.pop(name, None)
     return doc
 
 
@@ -151,10 +181,13 @@ class MongoCollection:
         except PyMongoError as exc:
             raise StoreError(f"MongoDB: {exc}") from exc
 
-    async def _insert(self, doc: dict[str, Any], what: str) -> int:
-        """Insert with `_id` set to the document's id; the size of the stored BSON."""
+    async def _insert(
+        self, doc: dict[str, Any], what: str, extra: dict[str, Any] | None = None
+    ) -> int:
+        """Insert with `_id` set to the document's id (and the fields `extra`); the size of
+        the stored BSON."""
         col = self._col()
-        raw = _bson({"_id": doc["id"], **doc})
+        raw = _bson({"_id": doc["id"], **doc, **(extra or {})})
         try:
             await col.insert_one(raw)
         except DuplicateKeyError as exc:
@@ -189,7 +222,7 @@ class _Drop:
 class MongoStore(MongoCollection):
     """WorkflowStore on the MongoDB collection `workflows`."""
 
-    INDEXES = tuple((keys, {}) for keys in _INDEXES)
+    INDEXES = (*((keys, {}) for keys in _INDEXES), *_KEY_INDEXES)
 
     def __init__(self, url: str, database: str | None = None) -> None:
         super().__init__(url, database)
@@ -203,11 +236,65 @@ class MongoStore(MongoCollection):
 
     # -- documents -----------------------------------------------------------------------
 
-    async def insert(self, doc: dict[str, Any], events: Sequence[NewEvent] | None = None) -> int:
-        return await self._insert(doc, f"workflow {doc['id']}")
+    async def insert(
+        self,
+        doc: dict[str, Any],
+        events: Sequence[NewEvent] | None = None,
+        key: IdempotencyKey | None = None,
+    ) -> int:
+        what = f"workflow {doc['id']}"
+        if key is None:
+            return await self._insert(doc, what)
+        held = {_KEY: key.slot, _KEY_HASH: key.body_hash, _KEY_EXPIRES: key.expires_at}
+        try:
+            return await self._insert(doc, what, held)
+        except AlreadyExists as exc:  # which unique index refused it: nx-27017 does not say
+            if await self.get(doc["id"]) is not None:
+                raise
+            raise KeyTaken(f"idempotency key {key.key!r} is held") from exc
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None:
         return await self._find_one({"_id": workflow_id})
+
+    async def keyed(self, owner: str, key: str) -> tuple[dict[str, Any], IdempotencyKey] | None:
+        doc = await self._keyed(slot(owner, key))
+        if doc is None:
+            return None
+        held = IdempotencyKey(owner, key, doc[_KEY_HASH], doc[_KEY_EXPIRES])
+        return _from_mongo(doc), held
+
+    async def _keyed(self, key_slot: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] | None = await self._col().find_one({_KEY: key_slot})
+        except PyMongoError as exc:
+            raise StoreError(f"MongoDB: {exc}") from exc
+        return found
+
+    async def release_keys(self, now: str, limit: int, owner_key: tuple[str, str] | None) -> int:
+        # inclusive, then filtered here: nx-27017 compares timestamps to the second (above);
+        # each update names the key and expiry it saw, so a key taken again meanwhile stays
+        query: dict[str, Any] = {_KEY_EXPIRES: {"$lte": now}}
+        if owner_key is not None:
+            query[_KEY] = slot(*owner_key)
+        if limit <= 0:
+            return 0
+        col = self._col()
+        try:
+            found = await col.find(query, sort=[(_KEY_EXPIRES, ASCENDING)], limit=limit).to_list()
+            updates = [
+                UpdateOne(
+                    {"_id": doc["_id"], _KEY: doc[_KEY], _KEY_EXPIRES: doc[_KEY_EXPIRES]},
+                    {"$unset": dict.fromkeys(_KEY_FIELDS, "")},
+                )
+                for doc in found
+                if doc[_KEY_EXPIRES] <= now
+            ]
+            if not updates:
+                return 0
+            result = await col.bulk_write(updates, ordered=False)
+        except PyMongoError as exc:
+            raise StoreError(f"MongoDB: {exc}") from exc
+        return int(result.modified_count)
 
     async def replace(
         self, doc: dict[str, Any], expected_version: int, new_events: Sequence[NewEvent]

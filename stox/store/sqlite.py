@@ -6,7 +6,8 @@ Its outbox is rows of `outbox`, one per event, inserted in the same transaction 
 that caused them and deleted once published, so a transition rewrites only the small state,
 touches only the indexes whose columns it changes (status, wake_at), and publishing costs a
 delete instead of another rewrite of the document. Reads put the document back together in
-the shape `Workflow.to_doc` makes.
+the shape `Workflow.to_doc` makes. An upload's idempotency key is three columns of its row
+(written with it, unique per owner by a partial index, set to NULL once expired).
 
 `SQLiteStore` keeps workflows; `SQLiteUserStore` keeps the AuthService's users in the same
 file (a table of its own, the user name unique), on a connection of its own.
@@ -19,11 +20,19 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from stox.codec import loads
-from stox.store.base import AlreadyExists, NewEvent, encode_json
+from stox.store.base import (
+    AlreadyExists,
+    IdempotencyKey,
+    KeyTaken,
+    NewEvent,
+    encode_json,
+    slot,
+)
 from stox.store.sqlite_db import SQLiteDatabase, rowcount
 from stox.workflow import DISPATCHED, PENDING, RUNNING
 
-LAYOUT = 1  # PRAGMA user_version: 0 was the whole document in `doc`, outbox included
+LAYOUT = 2  # PRAGMA user_version: 0 was the whole document in `doc`, outbox included; 1 had
+# no idempotency keys
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS workflows (
@@ -34,7 +43,10 @@ _SCHEMA = (
         version INTEGER,
         wake_at TEXT NULL,
         doc TEXT,
-        product TEXT
+        product TEXT,
+        idem_key TEXT NULL,
+        idem_hash TEXT NULL,
+        idem_expires TEXT NULL
     )""",
     """CREATE TABLE IF NOT EXISTS outbox (
         seq INTEGER PRIMARY KEY,
@@ -50,10 +62,18 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS idx_workflows_wake_at ON workflows (wake_at)",
     "CREATE INDEX IF NOT EXISTS idx_outbox_workflow ON outbox (workflow_id)",
 )
+# after `migrate`, which adds their columns to an older file; only the rows holding a key
+_KEY_INDEXES = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS idx_workflows_idem_key ON workflows (idem_key)"
+    " WHERE idem_key IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS idx_workflows_idem_expires ON workflows (idem_expires)"
+    " WHERE idem_expires IS NOT NULL",
+)
+_KEY_COLUMNS = ("idem_key", "idem_hash", "idem_expires")
 
 _INSERT = (
-    "INSERT INTO workflows (id, owner, status, created_at, version, wake_at, doc, product)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO workflows (id, owner, status, created_at, version, wake_at, doc, product,"
+    " idem_key, idem_hash, idem_expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # owner and created_at never change: leaving them out spares their indexes on every write
 _REPLACE = (
@@ -80,6 +100,12 @@ _STEPS_IN_USE = (
     "SELECT json_extract(step.value, '$.name'), w.id"
     " FROM workflows AS w, json_each(w.doc, '$.steps') AS step"
     " WHERE w.status = ? AND json_extract(step.value, '$.status') IN (?, ?)"
+)
+_KEY_HELD = "SELECT id, idem_hash, idem_expires FROM workflows WHERE idem_key = ?"
+_RELEASE_KEYS = (
+    "UPDATE workflows SET idem_key = NULL, idem_hash = NULL, idem_expires = NULL"
+    " WHERE id IN (SELECT id FROM workflows WHERE idem_expires <= ?{} ORDER BY idem_expires"
+    " LIMIT ?)"
 )
 _AT_ONCE = 500  # bound parameters in one IN (…), well under SQLite's limit
 
@@ -119,12 +145,24 @@ class SQLiteStore(SQLiteDatabase):
 
     def migrate(self, conn: sqlite3.Connection) -> None:
         """A file of layout 0 kept each whole document, outbox included, in `doc` and indexed
-        `outbox_at`: its products move to their column and its pending events to `outbox`,
-        once, in one transaction."""
-        if conn.execute("PRAGMA user_version").fetchone()[0] >= LAYOUT:
-            return
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(workflows)")}
-        conn.execute("BEGIN")
+        `outbox_at`: its products move to their column and its pending events to `outbox`.
+        One of layout 1 lacks the idempotency key columns (its workflows hold none). Once, in
+        one transaction; then the key indexes."""
+        layout = conn.execute("PRAGMA user_version").fetchone()[0]
+        if layout < LAYOUT:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(workflows)")}
+            conn.execute("BEGIN")
+            if layout < 1:
+                self._layout_1(conn, columns)
+            for column in _KEY_COLUMNS:
+                if column not in columns:
+                    conn.execute(f"ALTER TABLE workflows ADD COLUMN {column} TEXT NULL")
+            conn.execute(f"PRAGMA user_version = {LAYOUT}")
+            conn.execute("COMMIT")
+        for statement in _KEY_INDEXES:
+            conn.execute(statement)
+
+    def _layout_1(self, conn: sqlite3.Connection, columns: set[str]) -> None:
         if "product" not in columns:
             conn.execute("ALTER TABLE workflows ADD COLUMN product TEXT")
         if "outbox_at" in columns:
@@ -142,19 +180,23 @@ class SQLiteStore(SQLiteDatabase):
                     "UPDATE workflows SET doc = ?, product = ? WHERE id = ?",
                     (_state(doc), _encode(doc["product"]), workflow_id),
                 )
-        conn.execute(f"PRAGMA user_version = {LAYOUT}")
-        conn.execute("COMMIT")
 
     # -- writes --------------------------------------------------------------------------
 
-    async def insert(self, doc: dict[str, Any], events: Sequence[NewEvent] | None = None) -> int:
+    async def insert(
+        self,
+        doc: dict[str, Any],
+        events: Sequence[NewEvent] | None = None,
+        key: IdempotencyKey | None = None,
+    ) -> int:
         if events is None:
             events = [NewEvent.of(entry) for entry in doc["outbox"]]
         workflow_id = doc["id"]
         state, product = _state(doc), _encode(doc["product"])
+        held = (None, None, None) if key is None else (key.slot, key.body_hash, key.expires_at)
         row = (
             *(workflow_id, doc["owner"], doc["status"], doc["created_at"], doc["version"]),
-            *(doc.get("wake_at"), state, product),
+            *(doc.get("wake_at"), state, product, *held),
         )
         rows = _events(workflow_id, events)
 
@@ -162,6 +204,8 @@ class SQLiteStore(SQLiteDatabase):
             try:
                 conn.execute(_INSERT, row)
             except sqlite3.IntegrityError as exc:
+                if key is not None and conn.execute(_KEY_HELD, (key.slot,)).fetchone():
+                    raise KeyTaken(f"idempotency key {key.key!r} is held") from exc
                 raise AlreadyExists(f"workflow {workflow_id} already exists") from exc
             conn.executemany(_INSERT_EVENT, rows)
 
@@ -207,7 +251,32 @@ class SQLiteStore(SQLiteDatabase):
             self.defer(write)
         rows.extend((workflow_id, message_id) for message_id in message_ids)
 
+    async def release_keys(self, now: str, limit: int, owner_key: tuple[str, str] | None) -> int:
+        if limit <= 0:
+            return 0
+        params: tuple[Any, ...]
+        if owner_key is None:
+            sql, params = _RELEASE_KEYS.format(""), (now, limit)
+        else:
+            sql, params = _RELEASE_KEYS.format(" AND idem_key = ?"), (now, slot(*owner_key), limit)
+
+        def write(conn: sqlite3.Connection) -> int:
+            return conn.execute(sql, params).rowcount
+
+        return await self.write(write)
+
     # -- reads ---------------------------------------------------------------------------
+
+    async def keyed(self, owner: str, key: str) -> tuple[dict[str, Any], IdempotencyKey] | None:
+        return await self.run(self._keyed_sync, owner, key)
+
+    def _keyed_sync(self, owner: str, key: str) -> tuple[dict[str, Any], IdempotencyKey] | None:
+        row = self.query(_KEY_HELD, (slot(owner, key),), sqlite3.Cursor.fetchone)
+        if row is None:
+            return None
+        workflow_id, body_hash, expires_at = row
+        docs = self._select_sync(_GET, (workflow_id,))
+        return docs[0], IdempotencyKey(owner, key, body_hash, expires_at)
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None:
         docs = await self.run(self._select_sync, _GET, (workflow_id,))

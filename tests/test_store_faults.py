@@ -4,6 +4,7 @@ store fails, is slow, or lands a write and then fails (an unknown outcome)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import random
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from procs import gateway_config, remote, start_gateway, wait_ready
 from support import (
     COMPLETED,
     UPLOAD,
+    Response,
     RunningGateway,
     assert_error,
     completion,
@@ -31,6 +33,27 @@ from stox.store import StoreError, make_store
 from stox.store.faulty import LANDED, LOST, SLOW, TIMEOUT, FaultyStore, InjectedFault
 
 Faulty = tuple[RunningGateway, FaultyStore]
+
+
+class Retrying:
+    """A client that sends each request again while it is answered 503 (the JSON error, with
+    Retry-After), as a well-behaved one does; `statuses` keeps every answer's status. Uploads
+    carry an Idempotency-Key, so one whose write landed before its 503 is not made twice."""
+
+    def __init__(self, client: RunningGateway) -> None:
+        self.client = client
+        self.statuses: list[int] = []
+        self._keys = itertools.count()
+
+    async def fetch(self, method: str, path: str, body: Any, token: str) -> Response:
+        headers = {"Idempotency-Key": f"try-{next(self._keys)}"} if path == UPLOAD else {}
+        while True:
+            response = await self.client.fetch(method, path, body, token=token, headers=headers)
+            self.statuses.append(response.status)
+            if response.status != 503:
+                return response
+            assert_error(response, 503)
+            assert response.headers["Retry-After"] == "1"
 
 
 def faulty(tmp_path: Path, **options: Any) -> FaultyStore:
@@ -206,25 +229,17 @@ async def test_accepted_workflows_survive_a_seeded_run_of_faults(gw: Faulty) -> 
     token, service = client.token(), client.service_token()
     store.fail_share, store.slow_share = 0.3, 0.1
     rng = random.Random(11)
-    statuses: list[int] = []
-
-    async def until_answered(method: str, path: str, body: Any, token: str) -> Any:
-        while True:
-            response = await client.fetch(method, path, body, token=token)
-            statuses.append(response.status)
-            if response.status != 503:
-                return response
-            assert_error(response, 503)
+    retrying = Retrying(client)
 
     accepted = []
     for i in range(30):
-        response = await until_answered("POST", UPLOAD, {"name": f"Mug {i}"}, token)
+        response = await retrying.fetch("POST", UPLOAD, {"name": f"Mug {i}"}, token)
         assert response.status == 202, response.body
         accepted.append(response.body["workflow_id"])
     for workflow_id in rng.sample(accepted, len(accepted)):
         while True:
             path = f"/api/v1/workflow/status?workflow_id={workflow_id}"
-            doc = (await until_answered("GET", path, None, token)).body
+            doc = (await retrying.fetch("GET", path, None, token)).body
             if doc["status"] != w.RUNNING:
                 break
             step = doc["steps"][doc["current_step"]]
@@ -237,11 +252,13 @@ async def test_accepted_workflows_survive_a_seeded_run_of_faults(gw: Faulty) -> 
                 "success": True,
                 "result": {"done": step["name"]},
             }
-            answer = await until_answered("POST", "/api/v1/workflow/step-completed", body, service)
+            answer = await retrying.fetch("POST", "/api/v1/workflow/step-completed", body, service)
             assert answer.status == 200, answer.body
-    assert set(statuses) <= {200, 202, 503}, statuses
-    assert statuses.count(503) > 0 and store.counts[LANDED] > 0
+    assert set(retrying.statuses) <= {200, 202, 503}, retrying.statuses
+    assert retrying.statuses.count(503) > 0 and store.counts[LANDED] > 0
     store.fail_share = store.slow_share = 0.0
+    every = await store.list_workflows(owner=None, status=None, limit=1000)
+    assert sorted(d["id"] for d in every) == sorted(accepted), "a retried upload made another"
     for workflow_id in accepted:
         doc = await stored(store, workflow_id)
         assert doc is not None and doc["status"] == w.COMPLETED
@@ -317,33 +334,25 @@ async def test_a_gateway_process_with_faults_configured_answers_only_2xx_and_503
     )
     client = remote(port)
     token, service = client.token(), client.service_token()
-    statuses: list[int] = []
-
-    async def answered(method: str, path: str, body: Any, token: str) -> Any:
-        while True:
-            response = await client.fetch(method, path, body, token=token)
-            statuses.append(response.status)
-            if response.status != 503:
-                return response
-            assert response.headers["Retry-After"] == "1"
+    retrying = Retrying(client)
 
     gateway = start_gateway(tmp_path, "gateway-faulty", config)
     reported = {}
     try:
         await wait_ready(gateway, port)
         for i in range(20):
-            response = await answered("POST", UPLOAD, {"name": f"Mug {i}"}, token)
+            response = await retrying.fetch("POST", UPLOAD, {"name": f"Mug {i}"}, token)
             assert response.status == 202, response.body
             workflow_id = response.body["workflow_id"]
             path = f"/api/v1/workflow/status?workflow_id={workflow_id}"
-            step = (await answered("GET", path, None, token)).body["steps"][0]
+            step = (await retrying.fetch("GET", path, None, token)).body["steps"][0]
             body = completion(workflow_id, step["step_id"], step["name"])
-            answer = await answered("POST", COMPLETED, body, service)
+            answer = await retrying.fetch("POST", COMPLETED, body, service)
             assert answer.status == 200, answer.body
             reported[workflow_id] = step["step_id"]
     finally:
         gateway.stop()
-    assert set(statuses) <= {200, 202, 503} and 503 in statuses, statuses
+    assert set(retrying.statuses) <= {200, 202, 503} and 503 in retrying.statuses
     assert "injecting store faults (seed 5, 0.3 failing, 0.1 slow): testing only" in gateway.log()
 
     async with running_gateway(tmp_path) as plain:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import random
 import shutil
@@ -42,13 +43,13 @@ from typing import Any
 from broker import BrokerNames, close_connection, open_channel
 from e2e import DEFAULT_STEPS, LOCAL_BROKER, tokens_for
 from httpclient import STEP_PATH, TRANSPORT_ERRORS, UPLOAD_PATH, HttpClient, auth_headers
-from processes import REPO, Target, free_port, spawn, start_gateway, stop, tail, wait_ready
+from processes import REPO, Target, free_port, spawn, start_gateway, stop, wait_ready
 from roles import open_ws, product_fields, step_result
 
 from stox.workflow import isoformat
 
 sys.path.insert(0, str(REPO / "tests"))
-from rabbit import close_connections  # noqa: E402  (tests/rabbit.py: rabbitmqctl by name)
+from rabbit import close_connections  # tests/rabbit.py: rabbitmqctl by connection name
 
 STEP_TIMEOUT = 2.0  # seconds an attempt may take: the silent reports' deadline fires soon
 MAX_ATTEMPTS = 4
@@ -127,7 +128,6 @@ class Chaos:
         self.stopping = asyncio.Event()
         self.uploads_done = asyncio.Event()
         self.tasks: set[asyncio.Future[Any]] = set()
-        self.ended_at = 0.0
 
     # -- processes ----------------------------------------------------------------------
 
@@ -462,9 +462,10 @@ class Chaos:
         try:
             await self.uploads()
             await asyncio.gather(*faults)
-            while time.monotonic() < deadline and not await self.settled():
+            while time.monotonic() < deadline:
+                if await self.settled():
+                    break
                 await asyncio.sleep(0.5)
-            self.ended_at = time.monotonic()
             await asyncio.sleep(2 * RELAY_INTERVAL + 0.5)  # the relay's turn, twice
         finally:
             self.stopping.set()
@@ -534,7 +535,7 @@ def audit(chaos: Chaos, store: dict[str, Any]) -> list[tuple[str, int, bool]]:
             ids = [a["step_id"] for a in step["attempts"]]
             twice.update(i for i in ids if ids.count(i) > 1)
             numbers = [a["attempt"] for a in step["attempts"]]
-            overlapping += sum(1 for a, b in zip(numbers, numbers[1:], strict=False) if b <= a)
+            overlapping += sum(1 for a, b in itertools.pairwise(numbers) if b <= a)
             known.update(ids)
             if step.get("step_id"):
                 known.add(step["step_id"])
@@ -623,12 +624,15 @@ def run(argv: list[str] | None = None) -> tuple[int, list[tuple[str, int, bool]]
         for gw in chaos.gateways:
             stop(gw.target.process)
         stop(chaos.mongo)
+        errors = sum(
+            line.count('"level": "error"')
+            for log in tmpdir.glob("gateway-*.log")
+            for line in log.read_text(errors="replace").splitlines()
+        )
+        rows.append(("gateway log lines at level error (all incarnations)", errors, False))
         if chaos.amqp:
             with contextlib.suppress(Exception):
                 chaos.broker.delete(args.rabbitmq_url, DEFAULT_STEPS)
-        for gw in chaos.gateways:
-            for line in tail(gw.target.log_path, 3):
-                print(f"  gateway {gw.name} log: {line[:200]}")
         if args.keep:
             print(f"  kept {tmpdir}")
         else:

@@ -54,7 +54,8 @@ from rabbit import close_connections  # tests/rabbit.py: rabbitmqctl by connecti
 STEP_TIMEOUT = 2.0  # seconds an attempt may take: the silent reports' deadline fires soon
 MAX_ATTEMPTS = 4
 RELAY_INTERVAL = 1.0
-GIVE_UP = 60.0  # a request retried this long (transport errors, 503s) is abandoned
+GIVE_UP = 60.0  # a request retried this long (transport errors, 5xx) is abandoned
+REQUEST_TIMEOUT = 30.0  # an answer not back by then counts as lost: the request is sent again
 
 # the share of workflows given each fate (the rest complete without a planned failure)
 FATES = (("doomed", 0.01), ("silent", 0.01), ("retry", 0.05), ("stale", 0.05))
@@ -206,21 +207,24 @@ class Chaos:
         """(status, JSON) of the first answer that is not a 503 or a broken connection, or
         None after GIVE_UP seconds. Each 5xx is counted."""
         deadline = time.monotonic() + GIVE_UP
+        pause = 0.2  # doubling to 2 s: a fleet that backs off, as services should
         while time.monotonic() < deadline:
             gw = self.alive()
-            client = HttpClient(gw.target.host, gw.target.port, 10.0)
+            client = HttpClient(gw.target.host, gw.target.port, REQUEST_TIMEOUT)
             try:
                 status, data = await client.request("POST", path, body, headers)
             except TRANSPORT_ERRORS:
                 self.rec.faults[f"{endpoint} answer lost, sent again"] += 1
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(pause)
+                pause = min(2.0, 2 * pause)
                 continue
             finally:
                 client.close()
             self.rec.statuses[f"{endpoint} {status}"] += 1
             if status >= 500:
                 self.rec.server_errors[f"{endpoint} {status}"] += 1
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(pause)
+                pause = min(2.0, 2 * pause)
                 continue
             try:
                 return status, json.loads(data or b"{}")
@@ -597,12 +601,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kills", type=int, default=5, help="gateway SIGKILLs (5)")
     parser.add_argument("--drops", type=int, default=5, help="broker drops, RabbitMQ mode (5)")
     parser.add_argument("--seed", type=int, default=1, help="seeds every choice (1)")
-    parser.add_argument("--rate", type=float, default=100.0, help="uploads per second (100)")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="uploads per second (100; 25 on nx-27017)"
+    )
     parser.add_argument("--watchers", type=int, default=3, help="WebSocket watchers (3)")
     parser.add_argument("--timeout", type=float, default=240.0, help="overall bound (240 s)")
     parser.add_argument("--rabbitmq-url", default=LOCAL_BROKER, help="RabbitMQ mode's broker")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
+    args.rate = args.rate or (25.0 if args.mode == "rabbitmq-mongo" else 100.0)
     if args.workflows < 1 or args.rate <= 0 or args.kills < 0 or args.drops < 0:
         parser.error("--workflows and --rate must be positive, --kills and --drops not negative")
     if not 0 <= args.watchers <= 8:

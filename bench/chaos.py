@@ -78,6 +78,7 @@ class Watch:
     out_of_order: int = 0
     missed: int = 0
     sessions: int = 0
+    messages: int = 0
 
 
 @dataclass
@@ -411,6 +412,7 @@ class Chaos:
         workflow_id, version = msg.get("workflow_id"), msg.get("version")
         if not isinstance(workflow_id, str) or not isinstance(version, int):
             return
+        watch.messages += 1
         last = watch.session.get(workflow_id)
         if last is not None and version < last:
             watch.out_of_order += 1
@@ -570,6 +572,7 @@ def audit(chaos: Chaos, store: dict[str, Any]) -> list[tuple[str, int, bool]]:
     ]
     rows += [(f"fault: {kind}", count, False) for kind, count in sorted(rec.faults.items())]
     rows.append(("watcher sessions", sum(w.sessions for w in rec.watches), False))
+    rows.append(("watcher messages checked", sum(w.messages for w in rec.watches), False))
     return rows
 
 

@@ -86,7 +86,6 @@ class Record:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     accepted: dict[int, set[str]] = field(default_factory=dict)  # n -> workflow ids answered
     uploads_abandoned: int = 0
-    numbers: dict[str, int] = field(default_factory=dict)  # workflow id -> n
     # (workflow id, step, attempt) -> the step_ids dispatched for it
     dispatches: dict[tuple[str, str, int], set[str]] = field(default_factory=dict)
     first_step_id: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -94,7 +93,6 @@ class Record:
     applied: Counter[str] = field(default_factory=Counter)  # step_id -> answers "applied"
     stale_applied: int = 0
     reports_abandoned: int = 0
-    statuses: Counter[str] = field(default_factory=Counter)  # "endpoint status"
     server_errors: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     watches: list[Watch] = field(default_factory=list)
@@ -128,7 +126,6 @@ class Chaos:
         self.storage_url = ""
         self.mongo: Any = None  # the nx-27017 process
         self.stopping = asyncio.Event()
-        self.uploads_done = asyncio.Event()
         self.tasks: set[asyncio.Future[Any]] = set()
 
     # -- processes ----------------------------------------------------------------------
@@ -221,7 +218,6 @@ class Chaos:
                 continue
             finally:
                 client.close()
-            self.rec.statuses[f"{endpoint} {status}"] += 1
             if status >= 500:
                 self.rec.server_errors[f"{endpoint} {status}"] += 1
                 await asyncio.sleep(pause)
@@ -246,7 +242,6 @@ class Chaos:
             return
         workflow_id = answer[1]["workflow_id"]
         self.rec.accepted.setdefault(n, set()).add(workflow_id)
-        self.rec.numbers[workflow_id] = n
 
     async def uploads(self) -> None:
         start = time.monotonic()
@@ -257,13 +252,11 @@ class Chaos:
                 await asyncio.sleep(delay)
             pending.append(asyncio.ensure_future(self.upload(n)))
         await asyncio.gather(*pending)
-        self.uploads_done.set()
 
     # -- the fleet ----------------------------------------------------------------------
 
     def dispatched(self, workflow_id: str, n: int, name: str, step_id: str, attempt: int) -> None:
         """A dispatch seen (on /ws or a step queue): serve it once per step_id."""
-        self.rec.numbers.setdefault(workflow_id, n)
         self.rec.dispatches.setdefault((workflow_id, name, attempt), set()).add(step_id)
         if attempt == 1:
             self.rec.first_step_id.setdefault((workflow_id, name), step_id)

@@ -93,6 +93,7 @@ class Record:
     applied: Counter[str] = field(default_factory=Counter)  # step_id -> answers "applied"
     stale_applied: int = 0
     reports_abandoned: int = 0
+    restarts_failed: int = 0  # a gateway that would not start again on the same data
     server_errors: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     watches: list[Watch] = field(default_factory=list)
@@ -166,16 +167,26 @@ class Chaos:
         return Gateway(name, target)
 
     async def restart(self, gw: Gateway) -> None:
-        gw.incarnation += 1
-        log = gw.target.log_path
-        if log is not None and log.exists():  # start_gateway writes the log afresh
-            log.rename(log.with_name(f"{log.stem}.{gw.incarnation}.log"))
-        fresh = start_gateway(
-            self.tmpdir, gw.name, self.secret, self.server_args(gw.name), port=gw.target.port
-        )
-        gw.target = fresh
-        await wait_ready(fresh, "/readyz", 30.0)
-        gw.alive = True
+        """Start `gw` again on its port and data; a start that fails is counted and tried
+        again (up to 5 times), its log kept beside the others."""
+        for _ in range(5):
+            gw.incarnation += 1
+            log = gw.target.log_path
+            if log is not None and log.exists():  # start_gateway writes the log afresh
+                log.rename(log.with_name(f"{log.stem}.{gw.incarnation}.log"))
+            gw.target = start_gateway(
+                self.tmpdir, gw.name, self.secret, self.server_args(gw.name), port=gw.target.port
+            )
+            try:
+                await wait_ready(gw.target, "/readyz", 30.0)
+            except RuntimeError:
+                self.rec.restarts_failed += 1
+                stop(gw.target.process)
+                await asyncio.sleep(1.0)
+                continue
+            gw.alive = True
+            return
+        raise RuntimeError(f"gateway {gw.name} would not start again")
 
     async def start_mongo(self) -> None:
         nx = Path(sys.executable).with_name("nx-27017")
@@ -560,6 +571,7 @@ def audit(chaos: Chaos, store: dict[str, Any]) -> list[tuple[str, int, bool]]:
         (f"outbox entries unpublished after {RELAY_INTERVAL:g} s", unpublished, True),
         ("versions a watcher saw out of order or missed", out_of_order, True),
         ("HTTP 5xx answered", sum(rec.server_errors.values()), True),
+        ("gateway restarts that failed (started again)", rec.restarts_failed, True),
         ("reports abandoned (no answer within 60 s)", rec.reports_abandoned, True),
         ("duplicates created by upload retries", duplicates, True),
     ]

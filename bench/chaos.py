@@ -79,6 +79,7 @@ class Watch:
     missed: int = 0
     sessions: int = 0
     messages: int = 0
+    examples: list[str] = field(default_factory=list)  # the first few, printed
 
 
 @dataclass
@@ -418,11 +419,15 @@ class Chaos:
             return
         watch.messages += 1
         last = watch.session.get(workflow_id)
-        if last is not None and version < last:
-            watch.out_of_order += 1
-        elif last is not None and version > last + 1:
-            watch.missed += version - last - 1
         watch.session[workflow_id] = max(version, last or 0)
+        if last is None or last <= version <= last + 1:
+            return
+        if version < last:
+            watch.out_of_order += 1
+        else:
+            watch.missed += version - last - 1
+        if len(watch.examples) < 5:
+            watch.examples.append(f"{msg.get('type')} {workflow_id} v{version} after v{last}")
 
     # -- kills and drops ----------------------------------------------------------------
 
@@ -590,6 +595,9 @@ def print_table(chaos: Chaos, rows: list[tuple[str, int, bool]], wall: float) ->
     for name, figure, must_be_0 in rows:
         flag = ("ok" if figure == 0 else "FAIL") if must_be_0 else ""
         print(f"  {name:<58} {figure:>7}  {'(must be 0) ' + flag if must_be_0 else ''}")
+    for watch in chaos.rec.watches:
+        for example in watch.examples:
+            print(f"  watcher saw {example}")
     if chaos.rec.server_errors:
         print(
             "  5xx by endpoint: "

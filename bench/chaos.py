@@ -42,7 +42,14 @@ from typing import Any
 
 from broker import BrokerNames, close_connection, open_channel
 from e2e import DEFAULT_STEPS, LOCAL_BROKER, tokens_for
-from httpclient import STEP_PATH, TRANSPORT_ERRORS, UPLOAD_PATH, HttpClient, auth_headers
+from httpclient import (
+    STEP_PATH,
+    TRANSPORT_ERRORS,
+    UPLOAD_PATH,
+    HttpClient,
+    auth_headers,
+    error_name,
+)
 from processes import REPO, Target, free_port, spawn, start_gateway, stop, wait_ready
 from roles import open_ws, product_fields, step_result
 
@@ -223,8 +230,8 @@ class Chaos:
             client = HttpClient(gw.target.host, gw.target.port, REQUEST_TIMEOUT)
             try:
                 status, data = await client.request("POST", path, body, headers)
-            except TRANSPORT_ERRORS:
-                self.rec.faults[f"{endpoint} answer lost, sent again"] += 1
+            except TRANSPORT_ERRORS as exc:
+                self.rec.faults[f"{endpoint} answer lost ({error_name(exc)}), sent again"] += 1
                 await asyncio.sleep(pause)
                 pause = min(2.0, 2 * pause)
                 continue

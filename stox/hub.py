@@ -335,6 +335,8 @@ class Hub:
         Only the encoded documents outlive the page: the decoded ones are dropped here.
         """
         async with self._builders:
+            if not sub.active:  # closed while it waited for a builder: the store may be too
+                return [], None
             if sub.workflow_id is not None:
                 workflows = [await self.orchestrator.get(sub.workflow_id, sub.owner)]
             else:

@@ -117,7 +117,8 @@ class EventBus(Protocol):
     async def declare(
         self, queue: str, bindings: Sequence[str], *, exclusive: bool = False
     ) -> None:
-        """A queue that keeps matching events until consumed (exclusive: this instance's)."""
+        """A queue that keeps matching events until consumed (exclusive: this instance's own,
+        not kept across its restarts, nor given to other instances)."""
 
     async def consume(self, queue: str, handler: Handler) -> None:
         """Deliver the queue's events to `handler`; consumers of one queue compete."""

@@ -5,7 +5,11 @@ It keeps the promises of `LocalBus`, so the same contract suite runs on both:
 
 * topology: a durable topic exchange (`rabbitmq.exchange`); every queue declared through
   `declare()` is dead-lettered to `<prefix>.dead` (a fanout exchange and a durable queue of
-  that name); an `exclusive` queue belongs to this connection and goes with it;
+  that name); an `exclusive` queue is this instance's own: not durable, and not tied to the
+  connection either, so that what is routed to it while a reconnect is under way waits there
+  (a connection-exclusive queue would go with the dropped connection, and the hub would miss
+  the changes published meanwhile). `close()` deletes it; if the instance dies, the broker
+  does, once it has gone unused for `private_queue_expires` (`x-expires`);
 * publishing: persistent JSON with `message_id`, `correlation_id`, `timestamp` (AMQP carries
   whole seconds, so the exact float travels in the `x-stox-timestamp` header too) and
   `content_type`. `publish()` returns once the broker confirms; a nack, a timeout, a lost
@@ -180,6 +184,7 @@ class RabbitMQBus:
         redelivery: Redelivery | None = None,
         reconnect_delay: float = 0.2,
         max_reconnect_delay: float = 30.0,
+        private_queue_expires: float = 120.0,
     ) -> None:
         if not url:
             raise ValueError("rabbitmq.url is required")
@@ -196,6 +201,7 @@ class RabbitMQBus:
         self.redelivery = redelivery or Redelivery()
         self.reconnect_delay = reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
+        self.private_queue_expires = private_queue_expires
         self._declared: dict[str, _Declared] = {}
         self._consumers: list[_Consumer] = []
         self._must_route: dict[str, bool] = {}
@@ -266,6 +272,7 @@ class RabbitMQBus:
         self._handlers.clear()
         link, self._link = self._link, None
         if link is not None:
+            await self._delete_private_queues(link)
             link.closing = True
             link.close("stox bus closed")
             await asyncio.wait({link.lost}, timeout=5)
@@ -438,7 +445,7 @@ class RabbitMQBus:
 
     def _restart(self, link: _Link, why: str) -> None:
         """A channel of `link` is gone or a consumer cancelled: reconnect from scratch."""
-        if link.open:
+        if link.open and not self._closed:  # closing deletes private queues: no reconnect
             log.warning("RabbitMQ: %s; reconnecting", why)
             link.close(why[:200])
 
@@ -464,17 +471,27 @@ class RabbitMQBus:
 
     async def _declare_queue(self, chan: OpenChannel, queue: _Declared) -> None:
         ch = chan.channel
+        arguments: dict[str, object] = {"x-dead-letter-exchange": self.dead_letters}
+        if queue.exclusive:
+            arguments["x-expires"] = max(1, round(self.private_queue_expires * 1000))
         await call(
-            chan,
-            ch.queue_declare,
-            queue.name,
-            durable=not queue.exclusive,
-            exclusive=queue.exclusive,
-            auto_delete=queue.exclusive,
-            arguments={"x-dead-letter-exchange": self.dead_letters},
+            chan, ch.queue_declare, queue.name, durable=not queue.exclusive, arguments=arguments
         )
         for binding in queue.bindings:
             await call(chan, ch.queue_bind, queue.name, self.exchange, routing_key=binding)
+
+    async def _delete_private_queues(self, link: _Link) -> None:
+        """This instance's own queues go with it (if the broker cannot be asked now, they
+        expire)."""
+        private = [q.name for q in self._declared.values() if q.exclusive]
+        if not private or not link.open:
+            return
+        try:
+            async with temporary_channel(link.connection, link.lost) as chan:
+                for name in private:
+                    await call(chan, chan.channel.queue_delete, name)
+        except Lost as exc:
+            log.warning("deleting this instance's queues failed (they expire): %s", exc)
 
     async def _redeclare(self) -> None:
         """Declare everything again (after a return: a queue was deleted under us)."""

@@ -3,8 +3,7 @@ RabbitMQ + MongoDB, 2 broker drops and two gateways); every must-be-0 row of its
 
 The audit's own checks are tested first, on made-up records: each must-be-0 row counts what
 it names. The run is a subprocess (real gateways, as the fault run always starts them); its table is
-parsed. "duplicates created by upload retries" waits for `Idempotency-Key` support on upload
-(issue 11 item 6): until it lands that row is checked by its own test, marked xfail.
+parsed.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from support import stox_environ
 REPO = Path(__file__).resolve().parent.parent
 CHAOS = REPO / "bench" / "chaos.py"
 CI_SIZED = ["--workflows", "150", "--kills", "2", "--drops", "2", "--rate", "50"]
-DUPLICATES = "duplicates created by upload retries"
 ROW = re.compile(r"^  (.+?) +(\d+)  \(must be 0\) (ok|FAIL)$", re.MULTILINE)
 
 Table = dict[str, int]
@@ -122,24 +120,16 @@ def chaos(mode: str, *extra: str) -> tuple[Table, str]:
     return _runs[mode]
 
 
-def check_all_but_duplicates(rows: Table, output: str) -> None:
+def check_every_row(rows: Table, output: str) -> None:
     assert "completed" in output and "fault: gateway SIGKILLed" in output, output
-    wrong = {name: figure for name, figure in rows.items() if figure and name != DUPLICATES}
+    wrong = {name: figure for name, figure in rows.items() if figure}
     assert wrong == {}, output
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_embedded_fault_run_keeps_every_guarantee() -> None:
-    check_all_but_duplicates(*chaos("embedded"))
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(60)
-@pytest.mark.xfail(reason="Idempotency-Key on upload (issue 11 item 6) is not merged yet")
-def test_embedded_fault_run_creates_no_duplicate_on_upload_retries() -> None:
-    rows, output = chaos("embedded")
-    assert rows[DUPLICATES] == 0, output
+    check_every_row(*chaos("embedded"))
 
 
 @pytest.mark.slow
@@ -147,4 +137,4 @@ def test_embedded_fault_run_creates_no_duplicate_on_upload_retries() -> None:
 @pytest.mark.mongo
 @pytest.mark.timeout(60)
 def test_rabbitmq_mongo_fault_run_keeps_every_guarantee(rabbitmq_url: str) -> None:
-    check_all_but_duplicates(*chaos("rabbitmq-mongo", "--rabbitmq-url", rabbitmq_url))
+    check_every_row(*chaos("rabbitmq-mongo", "--rabbitmq-url", rabbitmq_url))

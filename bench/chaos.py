@@ -156,6 +156,12 @@ class Chaos:
         )
         if self.amqp:
             text += self.broker.config() + "  retry_delay: 500ms\n  heartbeat: 5s\n"
+        if self.args.store_faults:
+            share = self.args.store_faults
+            text += (
+                f"storage:\n  faults: {{seed: {self.args.seed}, fail_share: {share:g},"
+                f" slow_share: {share / 2:g}, slow: 50ms}}\n"
+            )
         path = self.tmpdir / f"{instance}.yaml"
         path.write_text(text)
         return path
@@ -232,20 +238,20 @@ class Chaos:
                 status, data = await client.request("POST", path, body, headers)
             except TRANSPORT_ERRORS as exc:
                 self.rec.faults[f"{endpoint} answer lost ({error_name(exc)}), sent again"] += 1
-                await asyncio.sleep(pause)
-                pause = min(2.0, 2 * pause)
-                continue
+                status, data = 0, b""
             finally:
                 client.close()
-            if status >= 500:
+            if status == 503 and self.args.store_faults:  # expected: the store is failing
+                self.rec.faults[f"{endpoint} answered 503 (store faults), sent again"] += 1
+            elif status >= 500:
                 self.rec.server_errors[f"{endpoint} {status}"] += 1
-                await asyncio.sleep(pause)
-                pause = min(2.0, 2 * pause)
-                continue
-            try:
-                return status, json.loads(data or b"{}")
-            except ValueError:
-                return status, {}
+            elif status:
+                try:
+                    return status, json.loads(data or b"{}")
+                except ValueError:
+                    return status, {}
+            await asyncio.sleep(pause)
+            pause = min(2.0, 2 * pause)
         return None
 
     # -- uploads ------------------------------------------------------------------------
@@ -630,11 +636,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--watchers", type=int, default=3, help="WebSocket watchers (3)")
     parser.add_argument("--timeout", type=float, default=240.0, help="overall bound (240 s)")
     parser.add_argument("--rabbitmq-url", default=LOCAL_BROKER, help="RabbitMQ mode's broker")
+    parser.add_argument(
+        "--store-faults",
+        type=float,
+        default=0.0,
+        help="share of store calls that fail (storage.faults; half as many are slow): 0",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     args.rate = args.rate or (25.0 if args.mode == "rabbitmq-mongo" else 100.0)
     if args.workflows < 1 or args.rate <= 0 or args.kills < 0 or args.drops < 0:
         parser.error("--workflows and --rate must be positive, --kills and --drops not negative")
+    if not 0 <= args.store_faults < 1:
+        parser.error("--store-faults must be a share, 0 to under 1")
     if not 0 <= args.watchers <= 8:
         parser.error("--watchers must be 0 to 8 (10 sockets per user per instance)")
     return args

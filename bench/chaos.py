@@ -62,6 +62,7 @@ STEP_TIMEOUT = 2.0  # seconds an attempt may take: the silent reports' deadline 
 MAX_ATTEMPTS = 4
 RELAY_INTERVAL = 1.0
 GIVE_UP = 60.0  # a request retried this long (transport errors, 5xx) is abandoned
+HEALTH_TIMEOUT = 10.0  # a /healthz probe of a live gateway must be answered within this
 REQUEST_TIMEOUT = 30.0  # an answer not back by then counts as lost: the request is sent again
 
 # the share of workflows given each fate (the rest complete without a planned failure)
@@ -102,6 +103,8 @@ class Record:
     stale_applied: int = 0
     reports_abandoned: int = 0
     restarts_failed: int = 0  # a gateway that would not start again on the same data
+    health_answered: int = 0  # /healthz probes answered 200
+    health_failed: int = 0  # /healthz probes of a gateway alive throughout, not answered 200
     server_errors: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     watches: list[Watch] = field(default_factory=list)
@@ -407,6 +410,25 @@ class Chaos:
 
     # -- watchers -----------------------------------------------------------------------
 
+    async def health_prober(self) -> None:
+        """Ask each gateway's /healthz every 0.25 s; a probe that is not answered 200 by a
+        gateway alive (the same incarnation) from before it was sent until after counts."""
+        while not self.stopping.is_set():
+            for gw in self.gateways:
+                before = (gw.alive, gw.incarnation)
+                client = HttpClient(gw.target.host, gw.target.port, HEALTH_TIMEOUT)
+                try:
+                    status, _ = await client.request("GET", "/healthz")
+                except TRANSPORT_ERRORS:
+                    status = 0
+                finally:
+                    client.close()
+                if status == 200:
+                    self.rec.health_answered += 1
+                elif before == (True, gw.incarnation) and gw.alive:
+                    self.rec.health_failed += 1
+            await asyncio.sleep(0.25)
+
     async def watcher(self, i: int) -> None:
         watch = Watch()
         self.rec.watches.append(watch)
@@ -482,6 +504,7 @@ class Chaos:
         self.gateways = [await self.start(name) for name in names]
         roles = [self.ws_feed() if not self.amqp else self.amqp_feed()]
         roles += [self.watcher(i) for i in range(self.args.watchers)]
+        roles.append(self.health_prober())
         background = [asyncio.ensure_future(r) for r in roles]
         faults = [asyncio.ensure_future(self.killer())]
         if self.amqp:
@@ -590,10 +613,12 @@ def audit(chaos: Chaos, store: dict[str, Any]) -> list[tuple[str, int, bool]]:
         ("versions a watcher saw out of order or missed", out_of_order, True),
         ("HTTP 5xx answered", sum(rec.server_errors.values()), True),
         ("gateway restarts that failed (started again)", rec.restarts_failed, True),
+        (f"/healthz of a live gateway not 200 in {HEALTH_TIMEOUT:g} s", rec.health_failed, True),
         ("reports abandoned (no answer within 60 s)", rec.reports_abandoned, True),
         ("duplicates created by upload retries", duplicates, True),
     ]
     rows += [(f"fault: {kind}", count, False) for kind, count in sorted(rec.faults.items())]
+    rows.append(("/healthz probes answered 200", rec.health_answered, False))
     rows.append(("watcher sessions", sum(w.sessions for w in rec.watches), False))
     rows.append(("watcher messages checked", sum(w.messages for w in rec.watches), False))
     return rows

@@ -64,6 +64,7 @@ def test_the_audit_counts_each_violation_it_names(bench: Any, tmp_path: Path) ->
     run.rec.applied["s1"] = 2  # answered "applied" twice
     run.rec.dispatches[("w1", "ai_enhancement", 1)] = {"s2", "s3"}  # two live attempts
     run.rec.server_errors["upload 500"] = 1
+    run.rec.health_failed = 1
     steps = [
         step("image_processing", [("s1", 1, "completed")], "s1"),
         step("ai_enhancement", [("s2", 1, "completed")], "s2"),
@@ -79,6 +80,7 @@ def test_the_audit_counts_each_violation_it_names(bench: Any, tmp_path: Path) ->
         "attempts dispatched while another of the step was live": 2,  # and s3 is unknown
         "outbox entries unpublished after 1 s": 1,
         "HTTP 5xx answered": 1,
+        "/healthz of a live gateway not 200 in 10 s": 1,
         "duplicates created by upload retries": 1,
     }
 

@@ -6,15 +6,17 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import tornado.routing
 import tornado.web
 
-from handlers import auth, health, static, workflow, ws
+from handlers import auth, health, openapi, static, workflow, ws
 from handlers.base import NotFoundHandler
 from handlers.workflow import STEP_COMPLETED
 from stox.app import Gateway
+from stox.codec import dumps
 from stox.logs import log_request
 
 routes: list[Any] = [
@@ -22,6 +24,7 @@ routes: list[Any] = [
     *health.routes,
     *workflow.routes,
     *ws.routes,
+    *openapi.routes,
     *static.routes,  # `/`; `/static/…` comes from its app_settings
 ]
 
@@ -42,6 +45,12 @@ def completion_path() -> str:
     return path_of(STEP_COMPLETED)
 
 
+@functools.cache
+def openapi_document() -> bytes:
+    """The OpenAPI document of `routes`, built and encoded once."""
+    return dumps(openapi.build(routes))
+
+
 def make_app(gateway: Gateway) -> tornado.web.Application:
     """The application serving `routes` with the gateway's parts (read back by the handlers'
     typed properties)."""
@@ -58,6 +67,7 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         bus=gateway.bus,
         hub=gateway.hub,
         uploads=gateway.uploads,
+        openapi=openapi_document(),
         max_body_size=settings.server.max_body_size,
         max_drain_size=settings.server.max_drain_size,
         allowed_origins=settings.allowed_origins,

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TypeVar, cast
 
+from handlers import responses
 from handlers.base import ApiError, BaseHandler, requires
+from handlers.openapi import operation
 from stox.auth.client import AuthCallError, AuthClient
 from stox.schemas import login_schema, register_schema, token_schema
 
@@ -51,6 +53,17 @@ class AuthHandler(BaseHandler):
 
 
 class RegisterHandler(AuthHandler):
+    @operation(
+        "Register a user",
+        body=register_schema,
+        answers={201: ("the new user's profile", responses.ProfileSchema())},
+        errors={
+            409: "`already_exists`: the name is taken",
+            429: "`too_many_attempts` from this address, with `Retry-After`",
+            503: "`auth_unavailable`, or `auth_busy`, with `Retry-After`",
+            502: "`auth_failed`",
+        },
+    )
     async def post(self) -> None:
         body = self.load(register_schema, self.json_body())
         register = self.auth.register(body["username"], body["password"], self.address)
@@ -58,6 +71,17 @@ class RegisterHandler(AuthHandler):
 
 
 class LoginHandler(AuthHandler):
+    @operation(
+        "Sign in: a user token",
+        body=login_schema,
+        answers={200: ("a bearer token", responses.LoginAnswerSchema())},
+        errors={
+            401: "`invalid_credentials`: wrong name or password (the same for both)",
+            429: "`too_many_attempts`, with `Retry-After`",
+            503: "`auth_unavailable`, or `auth_busy`, with `Retry-After`",
+            502: "`auth_failed`",
+        },
+    )
     async def post(self) -> None:
         body = self.load(login_schema, self.json_body())
         login = self.auth.login(body["username"], body["password"], self.address)
@@ -67,6 +91,16 @@ class LoginHandler(AuthHandler):
 
 
 class ValidateHandler(AuthHandler):
+    @operation(
+        "Who a token speaks for",
+        body=token_schema,
+        answers={200: ("the token is valid", responses.ValidateAnswerSchema())},
+        errors={
+            401: "`invalid_token`",
+            503: "`auth_unavailable`, or `auth_busy`, with `Retry-After`",
+            502: "`auth_failed`",
+        },
+    )
     async def post(self) -> None:
         token = self.load(token_schema, self.json_body())["token"]
         reply = await self.call(self.auth.validate(token))
@@ -76,6 +110,15 @@ class ValidateHandler(AuthHandler):
 
 
 class ProfileHandler(AuthHandler):
+    @operation(
+        "The token's user's profile",
+        answers={200: ("the profile (never the hash)", responses.ProfileSchema())},
+        errors={
+            404: "`not_found`: the token's user is not a registered one",
+            503: "`auth_unavailable`, or `auth_busy`, with `Retry-After`",
+            502: "`auth_failed`",
+        },
+    )
     @requires("user")
     async def get(self) -> None:
         self.write_json(200, await self.call(self.auth.profile(self.bearer_token)))

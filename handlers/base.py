@@ -185,6 +185,7 @@ def requires(role: str) -> Callable[[F], F]:
                 raise ApiError(403, "forbidden", f"this endpoint needs a {role} token")
             await method(self, *args, **kwargs)
 
+        wrapper.required_role = role  # type: ignore[attr-defined]  # read by handlers/openapi.py
         return cast(F, wrapper)
 
     return decorate

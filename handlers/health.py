@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import cast
 
+from handlers import responses
 from handlers.base import BaseHandler
+from handlers.openapi import operation
 from stox.auth.client import AuthClient
 from stox.bus.base import EventBus
 from stox.store.base import WorkflowStore
 
 
 class HealthHandler(BaseHandler):
+    @operation("Liveness", answers={200: ("the process serves", responses.HealthSchema())})
     async def get(self) -> None:
         self.write_json(200, {"status": "ok"})
 
@@ -18,6 +21,13 @@ class HealthHandler(BaseHandler):
 class ReadyHandler(BaseHandler):
     """Ready when the store answers, the bus is connected and the AuthService is serving."""
 
+    @operation(
+        "Readiness of the store, the bus and the AuthService",
+        answers={
+            200: ("ready", responses.ReadySchema()),
+            503: ("not ready: which part is not", responses.ReadySchema()),
+        },
+    )
     async def get(self) -> None:
         store = cast(WorkflowStore, self.settings["store"])
         bus = cast(EventBus, self.settings["bus"])

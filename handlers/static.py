@@ -23,6 +23,7 @@ from typing import Any
 import tornado.web
 
 from handlers.base import BoundedBody, PathOnlyErrorLog
+from handlers.openapi import operation
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"  # installed beside handlers/
 YEAR = 365 * 24 * 3600
@@ -116,10 +117,16 @@ class IndexHandler(SecurityHeaders, PathOnlyErrorLog, BoundedBody):
     def get_template_path(self) -> str:
         return str(self.settings["static_path"])
 
+    @operation(
+        "The dashboard",
+        answers={200: ("the dashboard's HTML page", None)},
+        media_type="text/html",
+    )
     def get(self) -> None:
         self.set_header("Cache-Control", "no-cache")
         self.render("index.html")
 
+    @operation("The dashboard's headers", answers={200: ("the page's headers", None)})
     def head(self) -> None:
         self.get()
 

@@ -10,7 +10,9 @@ from typing import Any, cast
 
 import tornado.web
 
+from handlers import responses
 from handlers.base import IDEMPOTENCY_KEY, ApiError, BaseHandler, requires
+from handlers.openapi import operation
 from stox.auth.limits import UploadLimiter
 from stox.schemas import (
     completion_schema,
@@ -44,6 +46,26 @@ class UploadHandler(WorkflowHandler):
     def uploads(self) -> UploadLimiter:
         return cast(UploadLimiter, self.settings["uploads"])
 
+    @operation(
+        "Upload a product: start its workflow",
+        body=upload_schema,
+        parameters=(
+            {
+                "in": "header",
+                "name": IDEMPOTENCY_KEY,
+                "required": False,
+                "description": "the same key again gets the first answer (see the README)",
+                "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+            },
+        ),
+        answers={202: ("accepted; the first step is dispatched", responses.UploadAnswerSchema())},
+        errors={
+            400: "`invalid_json`, `invalid_input` or `invalid_idempotency_key`",
+            422: "`idempotency_key_reused` with a different body",
+            429: "`too_many_attempts`: over `server.max_uploads_per_user`, with `Retry-After`",
+            503: "`store_unavailable` or `contention`, with `Retry-After`",
+        },
+    )
     @requires("user")
     async def post(self) -> None:
         self.uploads.begin(self.principal.id)
@@ -78,6 +100,16 @@ class UploadHandler(WorkflowHandler):
 
 
 class StatusHandler(WorkflowHandler):
+    @operation(
+        "A workflow's state",
+        query=workflow_id_schema,
+        description="Admins see any workflow; users their own.",
+        answers={200: ("the workflow", responses.WorkflowSchema())},
+        errors={
+            404: "`not_found`: no such workflow, or another user's",
+            503: "`store_unavailable` or `contention`, with `Retry-After`",
+        },
+    )
     @requires("user")
     async def get(self) -> None:
         workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
@@ -86,6 +118,18 @@ class StatusHandler(WorkflowHandler):
 
 
 class StepCompletedHandler(BaseHandler):
+    @operation(
+        "A service reports a step attempt's outcome",
+        body=completion_schema,
+        answers={
+            200: ("`applied`, or `duplicate` (changed nothing)", responses.ReportAnswerSchema())
+        },
+        errors={
+            404: "`not_found`: no such workflow",
+            409: "a stale report (an older attempt, another step) or not allowed now",
+            503: "`store_unavailable` or `contention`, with `Retry-After`",
+        },
+    )
     @requires("service")
     async def post(self) -> None:
         report = Report(**self.load(completion_schema, self.json_body()))
@@ -103,6 +147,13 @@ class StepCompletedHandler(BaseHandler):
 
 
 class ListHandler(WorkflowHandler):
+    @operation(
+        "Workflows, newest first, a page at a time",
+        query=list_query_schema,
+        description="Admins see every workflow; users their own. Follow `next_cursor`.",
+        answers={200: ("a page", responses.WorkflowPageSchema())},
+        errors={503: "`store_unavailable` or `contention`, with `Retry-After`"},
+    )
     @requires("user")
     async def get(self) -> None:
         query = self.load(list_query_schema, self.query())
@@ -122,12 +173,32 @@ class ListHandler(WorkflowHandler):
 
 
 class CancelHandler(WorkflowHandler):
+    @operation(
+        "Cancel a workflow",
+        body=workflow_id_schema,
+        answers={200: ("the cancelled workflow", responses.WorkflowSchema())},
+        errors={
+            404: "`not_found`: no such workflow, or another user's",
+            409: "not allowed in its state",
+            503: "`store_unavailable` or `contention`, with `Retry-After`",
+        },
+    )
     @requires("user")
     async def post(self) -> None:
         await self.change("cancel")
 
 
 class RetryHandler(WorkflowHandler):
+    @operation(
+        "Retry a failed workflow from the step that failed",
+        body=workflow_id_schema,
+        answers={200: ("the restarted workflow", responses.WorkflowSchema())},
+        errors={
+            404: "`not_found`: no such workflow, or another user's",
+            409: "not allowed in its state",
+            503: "`store_unavailable` or `contention`, with `Retry-After`",
+        },
+    )
     @requires("user")
     async def post(self) -> None:
         await self.change("retry")

@@ -35,6 +35,7 @@ from handlers.base import (
     verified,
     write_json_error,
 )
+from handlers.openapi import operation
 from stox.auth import bearer
 from stox.auth.tokens import SERVICE, Principal, TokenAuthority
 from stox.hub import Hub, ServerFull, Subscription, TooManySockets
@@ -79,6 +80,44 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
         protocols = self.request.headers.get("Sec-WebSocket-Protocol", "")
         return bearer.from_subprotocols(protocols) or self.get_query_argument("token", None)
 
+    @operation(
+        "Live workflow changes over a WebSocket",
+        role="user",
+        description=(
+            "A WebSocket upgrade (`Upgrade: websocket`). Send the token as "
+            "`Sec-WebSocket-Protocol: bearer, <jwt>` (browsers) or `?token=`; the `Origin` must "
+            "be one of `cors.allowed_origins`. The gateway sends text frames of JSON, "
+            "`WebSocketMessage` in the components: first a `snapshot` of each workflow "
+            "subscribed to (data: the workflow), then every change in `version` order: "
+            "`step_dispatched`, `step_completed`, `step_retrying`, `step_failed`, "
+            "`workflow_completed`, `workflow_failed`, `workflow_cancelled` (data: "
+            "`{step, workflow}`). Clients only listen; a message over 64 KiB closes with 1009. "
+            "Close codes: 4008 too slow, 4029 too many sockets for the user, 1013 too many for "
+            "the instance, 4401 the token expired, 4404 no such workflow."
+        ),
+        parameters=(
+            {
+                "in": "query",
+                "name": "workflow_id",
+                "required": False,
+                "description": "follow one workflow (default: all of the user's)",
+                "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+            },
+            {
+                "in": "query",
+                "name": "token",
+                "required": False,
+                "description": "the bearer token, for clients that cannot set the subprotocol",
+                "schema": {"type": "string"},
+            },
+        ),
+        answers={101: ("switching to the WebSocket protocol", None)},
+        errors={
+            400: "`invalid_input` (a malformed `workflow_id`) or not a WebSocket handshake",
+            403: "`forbidden`: a service token, or an origin not allowed",
+            426: "another WebSocket protocol version",
+        },
+    )
     async def get(self, *args: Any, **kwargs: Any) -> None:
         token = self._token()
         if not token:

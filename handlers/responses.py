@@ -1,0 +1,143 @@
+"""Marshmallow schemas of the answers, for the OpenAPI document only (handlers/openapi.py).
+
+Input is checked by stox/schemas.py; these describe what the handlers write, and
+tests/test_openapi.py checks real answers against them.
+"""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields, validate
+
+from stox.auth.tokens import ADMIN, SERVICE, USER
+from stox.schemas import ProductSchema
+from stox.workflow import WORKFLOW_STATUSES
+
+_ROLE = fields.String(required=True, validate=validate.OneOf([USER, ADMIN, SERVICE]))
+_STATUS = fields.String(required=True, validate=validate.OneOf(WORKFLOW_STATUSES))
+
+
+def _nullable_time() -> fields.String:
+    return fields.String(required=True, allow_none=True, metadata={"format": "date-time"})
+
+
+class ErrorDetailSchema(Schema):
+    code = fields.String(required=True, metadata={"example": "invalid_input"})
+    message = fields.String(required=True)
+    # `fields` would shadow Schema.fields
+    fields_ = fields.Dict(
+        data_key="fields",
+        metadata={"description": "what was wrong, by field (marshmallow's messages)"},
+    )
+
+
+class ErrorSchema(Schema):
+    error = fields.Nested(ErrorDetailSchema, required=True)
+
+
+class ProfileSchema(Schema):
+    id = fields.String(required=True)
+    username = fields.String(required=True)
+    role = _ROLE
+    created_at = fields.String(required=True, metadata={"format": "date-time"})
+
+
+class LoginAnswerSchema(Schema):
+    access_token = fields.String(required=True)
+    token_type = fields.String(required=True, validate=validate.OneOf(["bearer"]))
+    expires_in = fields.Integer(required=True, metadata={"description": "seconds"})
+
+
+class TokenUserSchema(Schema):
+    id = fields.String(required=True)
+    username = fields.String(required=True)
+    role = _ROLE
+
+
+class ValidateAnswerSchema(Schema):
+    valid = fields.Boolean(required=True)
+    user = fields.Nested(TokenUserSchema, required=True)
+    expires_at = fields.Integer(required=True, metadata={"description": "Unix time"})
+
+
+class StepSchema(Schema):
+    name = fields.String(required=True)
+    status = fields.String(required=True)
+    step_id = fields.String(required=True, allow_none=True)
+    attempt = fields.Integer(required=True)
+    dispatched_at = _nullable_time()
+    deadline = _nullable_time()
+    completed_at = _nullable_time()
+    result = fields.Dict(required=True, allow_none=True)
+    error = fields.String(required=True, allow_none=True)
+    retry_at = _nullable_time()
+    attempts = fields.List(fields.Dict(), required=True, metadata={"description": "finished"})
+
+
+class WorkflowSchema(Schema):
+    id = fields.String(required=True)
+    owner = fields.String(required=True)
+    status = _STATUS
+    product = fields.Nested(ProductSchema, required=True)
+    steps = fields.List(fields.Nested(StepSchema), required=True)
+    current_step = fields.Integer(required=True)
+    version = fields.Integer(required=True)
+    created_at = fields.String(required=True, metadata={"format": "date-time"})
+    updated_at = fields.String(required=True, metadata={"format": "date-time"})
+    wake_at = _nullable_time()
+    outbox_at = _nullable_time()
+
+
+class UploadAnswerSchema(Schema):
+    workflow_id = fields.String(required=True)
+    status = _STATUS
+    message = fields.String(required=True)
+
+
+class ReportAnswerSchema(Schema):
+    result = fields.String(required=True, validate=validate.OneOf(["applied", "duplicate"]))
+    workflow_id = fields.String(required=True)
+    status = _STATUS
+    version = fields.Integer(required=True)
+
+
+class WorkflowPageSchema(Schema):
+    workflows = fields.List(fields.Nested(WorkflowSchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True, validate=validate.OneOf(["ok"]))
+
+
+class ReadySchema(Schema):
+    status = fields.String(required=True, validate=validate.OneOf(["ready", "unready"]))
+    store = fields.String(required=True, metadata={"description": '"ok" or why not'})
+    bus = fields.String(required=True, validate=validate.OneOf(["ok", "disconnected"]))
+    auth = fields.String(required=True, validate=validate.OneOf(["ok", "unavailable"]))
+
+
+class WebSocketMessageSchema(Schema):
+    """One message the gateway sends on /ws (a text frame of JSON)."""
+
+    type = fields.String(
+        required=True,
+        validate=validate.OneOf(
+            [
+                "snapshot",
+                "step_dispatched",
+                "step_completed",
+                "step_retrying",
+                "step_failed",
+                "workflow_completed",
+                "workflow_failed",
+                "workflow_cancelled",
+            ]
+        ),
+    )
+    workflow_id = fields.String(required=True)
+    version = fields.Integer(required=True)
+    data = fields.Dict(
+        required=True,
+        metadata={"description": "snapshot: the workflow; the others: {step, workflow}"},
+    )
+    ts = fields.String(required=True, metadata={"format": "date-time"})

@@ -1,0 +1,142 @@
+"""The OpenAPI document (handlers/openapi.py): valid OpenAPI 3.1, one operation for each routed
+method and no other, roles and errors declared, and real answers that conform to it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import tornado.web
+from openapi_schema_validator import OAS31Validator
+from openapi_spec_validator import validate
+from support import COMPLETED, LIST, STATUS, UPLOAD, Response, RunningGateway, report
+
+import handlers
+from handlers import openapi
+
+DOCUMENT_PATH = "/api/v1/openapi.json"
+
+
+@pytest.fixture(scope="module")
+def document() -> dict[str, Any]:
+    return openapi.build(handlers.routes)
+
+
+def test_the_document_is_valid_openapi_3_1(document: dict[str, Any]) -> None:
+    assert document["openapi"] == "3.1.0"
+    validate(document)
+
+
+def test_every_routed_method_is_an_operation_and_there_are_no_others(
+    document: dict[str, Any],
+) -> None:
+    routed = {
+        (path, method) for path, ms in openapi.paths(handlers.routes).items() for method in ms
+    }
+    documented = {(path, method) for path, ops in document["paths"].items() for method in ops}
+    assert routed == documented
+    assert ("/ws", "get") in documented and (DOCUMENT_PATH, "get") in documented
+
+
+def test_a_routed_method_without_a_declaration_fails_the_build() -> None:
+    class Undocumented(tornado.web.RequestHandler):
+        def get(self) -> None:
+            self.finish("")
+
+    with pytest.raises(openapi.Undeclared, match="GET /extra"):
+        openapi.build([*handlers.routes, (r"/extra", Undocumented)])
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "role"),
+    [
+        (UPLOAD, "post", "user"),
+        (STATUS, "get", "user"),
+        (COMPLETED, "post", "service"),
+        ("/api/v1/auth/profile", "get", "user"),
+        ("/ws", "get", "user"),
+        ("/api/v1/auth/login", "post", None),
+        ("/healthz", "get", None),
+        (DOCUMENT_PATH, "get", None),
+    ],
+)
+def test_each_operation_states_the_role_it_needs(
+    document: dict[str, Any], path: str, method: str, role: str | None
+) -> None:
+    operation = document["paths"][path][method]
+    assert operation.get("x-required-role") == role
+    assert operation["security"] == ([{"bearer": []}] if role else [])
+    if role:
+        assert {"401", "403"} <= set(operation["responses"])
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+def test_every_error_answer_has_the_error_shape(document: dict[str, Any]) -> None:
+    error = document["components"]["schemas"]["Error"]
+    assert error["required"] == ["error"]
+    detail = document["components"]["schemas"]["ErrorDetail"]
+    assert set(detail["properties"]) == {"code", "message", "fields"}
+    assert set(detail["required"]) == {"code", "message"}
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            assert "500" in operation["responses"], (path, method)
+            for status, answer in operation["responses"].items():
+                if int(status) >= 400 and not (path == "/readyz" and status == "503"):
+                    schema = answer["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/Error"}, (path, status)
+
+
+def test_inputs_come_from_the_handlers_schemas(document: dict[str, Any]) -> None:
+    upload = document["paths"][UPLOAD]["post"]
+    body = upload["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/Product"}
+    assert document["components"]["schemas"]["Product"]["required"] == ["name"]
+    assert "Idempotency-Key" in {p["name"] for p in upload["parameters"]}
+    listed = {p["name"] for p in document["paths"][LIST]["get"]["parameters"]}
+    assert listed == {"status", "limit", "cursor"}
+    ws = document["paths"]["/ws"]["get"]
+    assert (
+        "snapshot" in ws["description"] and "WebSocketMessage" in document["components"]["schemas"]
+    )
+
+
+def conforms(document: dict[str, Any], path: str, method: str, response: Response) -> None:
+    """The answer's status is documented for the operation, and its body matches the schema."""
+    answers = document["paths"][path][method]["responses"]
+    assert str(response.status) in answers, (path, method, response.status)
+    schema = answers[str(response.status)]["content"]["application/json"]["schema"]
+    OAS31Validator({**schema, "components": document["components"]}).validate(response.body)
+
+
+async def test_the_endpoint_is_public_and_serves_the_document(
+    gw: RunningGateway, document: dict[str, Any]
+) -> None:
+    response = await gw.fetch("GET", DOCUMENT_PATH)
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.body == document
+
+
+async def test_real_answers_conform_to_the_document(
+    gw: RunningGateway, document: dict[str, Any]
+) -> None:
+    token = gw.token("alice")
+    uploaded = await gw.fetch("POST", UPLOAD, {"name": "Mug"}, token=token)
+    conforms(document, UPLOAD, "post", uploaded)
+    workflow_id = uploaded.body["workflow_id"]
+    status = await gw.fetch("GET", f"{STATUS}?workflow_id={workflow_id}", token=token)
+    conforms(document, STATUS, "get", status)
+    reported = await report(gw, workflow_id, status.body["steps"][0])
+    conforms(document, COMPLETED, "post", reported)
+    conforms(document, LIST, "get", await gw.fetch("GET", f"{LIST}?limit=1", token=token))
+    conforms(document, "/healthz", "get", await gw.fetch("GET", "/healthz"))
+    conforms(document, "/readyz", "get", await gw.fetch("GET", "/readyz"))
+    # errors: no token, a bad body, a missing workflow, another role
+    conforms(document, STATUS, "get", await gw.fetch("GET", f"{STATUS}?workflow_id=x"))
+    conforms(document, UPLOAD, "post", await gw.fetch("POST", UPLOAD, {}, token=token))
+    missing = await gw.fetch("GET", f"{STATUS}?workflow_id={'0' * 32}", token=token)
+    assert missing.status == 404
+    conforms(document, STATUS, "get", missing)
+    forbidden = await report(gw, workflow_id, status.body["steps"][0], token=token)
+    assert forbidden.status == 403
+    conforms(document, COMPLETED, "post", forbidden)

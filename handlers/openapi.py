@@ -45,6 +45,7 @@ class Operation:
     role: str | None = None  # for a handler that checks the role itself, without @requires
     description: str = ""
     media_type: str = "application/json"
+    json_errors: bool = True  # False: an unexpected failure is Tornado's HTML page (the dashboard)
 
 
 def operation(summary: str, **declared: Any) -> Callable[[F], F]:
@@ -67,7 +68,9 @@ def _error(when: str) -> dict[str, Any]:
 
 
 def _describe(op: Operation, role: str | None) -> dict[str, Any]:
-    errors = {500: "an unexpected failure (`internal`; details only in the server log)"}
+    errors: dict[int, str] = {}
+    if op.json_errors:
+        errors[500] = "an unexpected failure (`internal`; details only in the server log)"
     if op.body is not None:
         errors[400] = "`invalid_json`, or `invalid_input` naming the fields in `fields`"
         errors[413] = "`body_too_large`: over `server.max_body_size`"

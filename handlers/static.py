@@ -121,12 +121,17 @@ class IndexHandler(SecurityHeaders, PathOnlyErrorLog, BoundedBody):
         "The dashboard",
         answers={200: ("the dashboard's HTML page", None)},
         media_type="text/html",
+        json_errors=False,
     )
     def get(self) -> None:
         self.set_header("Cache-Control", "no-cache")
         self.render("index.html")
 
-    @operation("The dashboard's headers", answers={200: ("the page's headers", None)})
+    @operation(
+        "The dashboard's headers",
+        answers={200: ("the page's headers", None)},
+        json_errors=False,
+    )
     def head(self) -> None:
         self.get()
 

@@ -51,7 +51,7 @@ from httpclient import (
     error_name,
 )
 from processes import REPO, Target, free_port, spawn, start_gateway, stop, wait_ready
-from roles import open_ws, product_fields, step_result
+from roles import open_ws, product_fields, report_body
 
 from stox.workflow import isoformat
 
@@ -302,15 +302,15 @@ class Chaos:
         rec, seed = self.rec, self.args.seed
         kind, strikes = fate(seed, n)
         rng = random.Random(f"{seed}:report:{n}:{name}:{attempt}")
-        success = True
+        error = None
         if DEFAULT_STEPS.index(name) == strikes:
             if kind == "doomed" or (kind in ("retry", "stale") and attempt == 1):
-                success = False
+                error = "chaos: the service failed on purpose"
                 rec.faults["failure reported"] += 1
             elif kind == "silent" and attempt == 1:
                 rec.faults["never answered (deadline)"] += 1
                 return
-        body = self.report_body(workflow_id, name, step_id, success)
+        body = report_body(workflow_id, step_id, name, error)
         rec.busy += 1
         try:
             old = rec.first_step_id.get((workflow_id, name))
@@ -319,7 +319,7 @@ class Chaos:
                 answer = await self.send(
                     "stale",
                     STEP_PATH,
-                    self.report_body(workflow_id, name, old, True),
+                    report_body(workflow_id, old, name),
                     self.service_headers,
                 )
                 if answer is not None and answer[0] == 200:
@@ -335,19 +335,6 @@ class Chaos:
             await asyncio.gather(*copies)
         finally:
             rec.busy -= 1
-
-    def report_body(self, workflow_id: str, name: str, step_id: str, success: bool) -> bytes:
-        report: dict[str, Any] = {
-            "workflow_id": workflow_id,
-            "step_id": step_id,
-            "step_type": name,
-            "success": success,
-        }
-        if success:
-            report["result"] = step_result(name, workflow_id)
-        else:
-            report["error"] = "chaos: the service failed on purpose"
-        return json.dumps(report).encode()
 
     async def report(self, step_id: str, body: bytes, delay: float = 0.0) -> None:
         if delay:

@@ -181,6 +181,22 @@ def step_result(name: str, workflow_id: str) -> dict[str, Any]:
     return {"ok": True}
 
 
+def report_body(workflow_id: str, step_id: str, name: str, error: str | None = None) -> bytes:
+    """A step-completed report as a service POSTs it: a success with `step_result`, or, given
+    `error`, a failure."""
+    report: dict[str, Any] = {
+        "workflow_id": workflow_id,
+        "step_id": step_id,
+        "step_type": name,
+        "success": error is None,
+    }
+    if error is None:
+        report["result"] = step_result(name, workflow_id)
+    else:
+        report["error"] = error
+    return json.dumps(report, separators=(",", ":")).encode()
+
+
 async def uploader(
     client: HttpClient, phase: Phase, numbers: itertools.count[int], headers: bytes, delay: float
 ) -> None:
@@ -215,16 +231,7 @@ async def service(client: HttpClient, shared: Shared, headers: bytes, attempts: 
     while True:
         phase, workflow_id, step_id, name, seen_at = await shared.queue.get()
         phase.service_wait.append(now() - seen_at)
-        body = json.dumps(
-            {
-                "workflow_id": workflow_id,
-                "step_id": step_id,
-                "step_type": name,
-                "success": True,
-                "result": step_result(name, workflow_id),
-            },
-            separators=(",", ":"),
-        ).encode()
+        body = report_body(workflow_id, step_id, name)
         for attempt in range(attempts):
             t0 = now()
             try:
@@ -438,16 +445,7 @@ class Ceiling:
 
 async def drive_ceiling(host: str, port: int, ceiling: Ceiling, request_timeout: float) -> None:
     headers = b"Content-Type: application/json\r\n"
-    body = json.dumps(
-        {
-            "workflow_id": uuid.uuid4().hex,
-            "step_id": uuid.uuid4().hex,
-            "step_type": "ai_enhancement",
-            "success": True,
-            "result": step_result("ai_enhancement", "0" * 32),
-        },
-        separators=(",", ":"),
-    ).encode()
+    body = report_body(uuid.uuid4().hex, uuid.uuid4().hex, "ai_enhancement")
 
     async def worker(client: HttpClient, numbers: itertools.count[int], total: int, record: bool):
         for n in numbers:

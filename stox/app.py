@@ -27,6 +27,7 @@ from stox.bus.journal import SQLiteJournal
 from stox.changes import CHANGES_ROUTING_KEY
 from stox.completions import completion_handler
 from stox.hub import Hub
+from stox.observe import Observers
 from stox.orchestrator import Orchestrator
 from stox.store import StoreError, WorkflowStore, make_store
 from stox.store.faulty import FaultyStore
@@ -167,6 +168,7 @@ class Gateway:
             settings.auth, f"{remote.host}:{remote.port}" if remote.host else ""
         )
         self.pipeline = make_pipeline(settings, completion_path)
+        self.observers = Observers()  # metrics and traces add themselves
         self.orchestrator = Orchestrator(
             self.store,
             self.bus,
@@ -175,6 +177,7 @@ class Gateway:
             cache_size=settings.storage.cache_max_documents,
             cache_bytes=settings.storage.cache_max_bytes,
             idempotency_retention=settings.server.idempotency_retention,
+            observers=self.observers,
         )
         self.uploads = UploadLimiter.from_settings(settings.server)
         self.hub = Hub.from_settings(self.orchestrator, settings.websocket)

@@ -20,6 +20,7 @@ from typing import Any
 from stox import workflow as wf_rules
 from stox.bus.base import Event, EventBus, PublishError
 from stox.changes import ChangeBatcher
+from stox import observe
 from stox.codec import canonical
 from stox.store.base import (
     IdempotencyKey,
@@ -76,6 +77,7 @@ class Orchestrator:
         cache_size: int = 10_000,
         cache_bytes: int = 64 * 1024 * 1024,
         idempotency_retention: float = 24 * 3600.0,
+        observers: observe.Observers | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -86,6 +88,7 @@ class Orchestrator:
         self.cache_size = cache_size  # documents
         self.cache_bytes = cache_bytes  # their size, all together
         self.idempotency_retention = idempotency_retention  # seconds a key finds its workflow
+        self.observers = observers if observers is not None else observe.Observers()
         self._recent: OrderedDict[str, _Cached] = OrderedDict()
         self._recent_bytes = 0
         self._bodies: dict[str, str] = {}  # message id -> its payload, encoded (see _keep_bodies)
@@ -101,7 +104,7 @@ class Orchestrator:
         workflow in one insert, unique per owner, so concurrent uploads with one key, on any
         instance, make one workflow, and a crash cannot separate them."""
         now = self.clock()
-        workflow, _ = wf_rules.start(self.pipeline, owner, product, now)
+        workflow, changes = wf_rules.start(self.pipeline, owner, product, now)
         doc = workflow.to_doc()
         events = [NewEvent.of(entry) for entry in doc["outbox"]]
         if key is None:
@@ -121,6 +124,7 @@ class Orchestrator:
                 raise Contention(workflow.id)
         self._remember(doc, base=base, latest=0)
         self._keep_bodies(events)
+        self.observers.transitioned(workflow, changes, observe.UPLOAD)
         self._publish_soon(workflow)
         return workflow
 
@@ -145,15 +149,21 @@ class Orchestrator:
             result = await self._apply(
                 report.workflow_id,
                 lambda wf: wf_rules.complete(wf, self.pipeline, report, self.clock()),
+                cause=observe.REPORT,
             )
         except wf_rules.DuplicateReport:
+            self.observers.report_refused(report, observe.DUPLICATE)
             return Outcome(await self.get(report.workflow_id), applied=False)
+        except wf_rules.StaleReport:
+            self.observers.report_refused(report, observe.STALE)
+            raise
         return Outcome(result.workflow, applied=True)
 
     async def cancel(self, workflow_id: str, owner: str | None) -> Workflow:
         result = await self._apply(
             workflow_id,
             lambda wf: wf_rules.cancel(wf, self.pipeline, self.clock()),
+            cause=observe.CANCEL,
             doc=await self._load(workflow_id, owner),
         )
         return result.workflow
@@ -162,6 +172,7 @@ class Orchestrator:
         result = await self._apply(
             workflow_id,
             lambda wf: wf_rules.retry(wf, self.pipeline, self.clock()),
+            cause=observe.RETRY,
             doc=await self._load(workflow_id, owner),
         )
         return result.workflow
@@ -199,7 +210,10 @@ class Orchestrator:
         for doc in await self.store.due(wf_rules.isoformat(now), limit):
             try:
                 result = await self._apply(
-                    doc["id"], lambda wf: wf_rules.wake(wf, self.pipeline, self.clock()), doc=doc
+                    doc["id"],
+                    lambda wf: wf_rules.wake(wf, self.pipeline, self.clock()),
+                    cause=observe.WAKE,
+                    doc=doc,
                 )
             except (NotFound, Contention):
                 continue
@@ -246,7 +260,7 @@ class Orchestrator:
         workflow_id: str,
         decide: Decide,
         *,
-        publish: bool = True,
+        cause: str,
         doc: dict[str, Any] | None = None,
     ) -> Applied:
         """Decide on the workflow, then compare-and-swap; a lost race reloads and decides again.
@@ -286,8 +300,8 @@ class Orchestrator:
                 written = self._published_meanwhile(workflow, written, expected, published_before)
                 self._remember(written, base=self._base_size(written), latest=size)
                 self._keep_bodies(new_events)
-                if publish:
-                    self._publish_soon(workflow)
+                self.observers.transitioned(workflow, changes, cause)
+                self._publish_soon(workflow)
                 return Applied(workflow, written=True)
             doc = None
         self._forget(workflow_id)

@@ -23,6 +23,7 @@ from support import PRODUCT, T0, Clock, RecordingBus
 from stox import workflow as w
 from stox.bus.base import Event
 from stox.bus.local import LocalBus
+from stox.observe import Observers
 from stox.orchestrator import NotFound, Orchestrator
 from stox.store import WorkflowStore, make_store
 from stox.workflow import NotAllowed, Pipeline, Report, StaleReport, StepSpec
@@ -744,3 +745,60 @@ async def test_a_document_larger_than_the_byte_bound_is_not_cached(
     await orch.upload("alice", {"name": "Mug", "images": ["i" * 2048] * 50})
     count, size = orch.cached
     assert count == 1 and size < 50_000  # the big one stayed out; the small one is still there
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, list[str]]] = []
+        self.refused: list[tuple[str, str]] = []
+
+    def transitioned(self, workflow: w.Workflow, changes: Any, cause: str) -> None:
+        self.seen.append((cause, workflow.version, [c.type for c in changes]))
+
+    def report_refused(self, report: Report, reason: str) -> None:
+        self.refused.append((report.step_id, reason))
+
+
+class BrokenObserver:
+    def transitioned(self, workflow: w.Workflow, changes: Any, cause: str) -> None:
+        raise RuntimeError("observer bug")
+
+    def report_refused(self, report: Report, reason: str) -> None:
+        raise RuntimeError("observer bug")
+
+
+async def test_observers_hear_each_committed_transition_with_its_cause_and_refused_reports(
+    store: WorkflowStore, bus: RecordingBus, clock: Clock
+) -> None:
+    recorder = RecordingObserver()
+    # one that raises is logged; the write stands and the next observer still hears
+    orch = Orchestrator(
+        store, bus, PIPELINE, clock=clock, observers=Observers([BrokenObserver(), recorder])
+    )
+    wf = await orch.upload("alice", copy.deepcopy(PRODUCT))
+    first = ok(wf)
+    await orch.report(first)
+    await orch.report(first)  # a duplicate: acknowledged, no transition
+    with pytest.raises(StaleReport):
+        await orch.report(Report(wf.id, first.step_id, False, error="late"))
+    clock.advance(31)
+    assert await orch.sweep() == 1  # ai_enhancement timed out: retried after its backoff
+    await orch.cancel(wf.id, "alice")
+    other = await orch.upload("bob", copy.deepcopy(PRODUCT))
+    for _ in range(2):  # image_processing: two attempts, then the workflow fails
+        other = (await orch.report(Report(other.id, other.step.step_id or "", False))).workflow
+    await orch.retry(other.id, "bob")
+    await orch.drain()
+
+    assert recorder.seen == [
+        ("upload", 1, ["step_dispatched"]),
+        ("report", 2, ["step_completed", "step_dispatched"]),
+        ("wake", 3, ["step_retrying"]),
+        ("cancel", 4, ["workflow_cancelled"]),
+        ("upload", 1, ["step_dispatched"]),
+        ("report", 2, ["step_retrying", "step_dispatched"]),
+        ("report", 3, ["step_failed", "workflow_failed"]),
+        ("retry", 4, ["step_dispatched"]),
+    ]
+    assert recorder.refused == [(first.step_id, "duplicate"), (first.step_id, "stale")]
+    assert (await orch.get(wf.id)).status == w.CANCELLED

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from stox import observe
 from stox import workflow as wf_rules
 from stox.bus.base import Event, EventBus, PublishError
 from stox.changes import ChangeBatcher
-from stox import observe
 from stox.codec import canonical
 from stox.store.base import (
     IdempotencyKey,

@@ -241,11 +241,12 @@ class ChosenIds(IdGenerator):
 def _exporter(name: str) -> SpanExporter:
     if name == "console":
         return ConsoleSpanExporter()
-    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", OTLP_PROTOCOL
-    )
-    if protocol != OTLP_PROTOCOL:
-        raise SettingsError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r}; only {OTLP_PROTOCOL}")
+    for variable in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = os.environ.get(variable)
+        if protocol:
+            if protocol != OTLP_PROTOCOL:
+                raise SettingsError(f"{variable}: {protocol!r} not available ({OTLP_PROTOCOL})")
+            break
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     return OTLPSpanExporter()

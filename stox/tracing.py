@@ -126,7 +126,8 @@ class Tracing:
             "stox.changes": [change.type for change in changes],
         }
         if cause == observe.UPLOAD:
-            span = self._start("upload", None, start, attributes, chosen=root)
+            ids = (root.trace_id, root.span_id)
+            span = self._start("upload", None, start, attributes, ids=ids)
         else:
             parent, links = _parent(root, tracecontext.parse(tracecontext.continued()))
             name = _name(changes, cause)
@@ -158,7 +159,6 @@ class Tracing:
 
     def _dispatched(self, inside: Context, step: Step, start: int, end: int) -> None:
         assert step.step_id is not None  # a dispatched step has its attempt's id
-        chosen = SpanContext("", tracecontext.dispatch_span_id(step.step_id), "")
         attributes: dict[str, AnyValue] = {
             "stox.step": step.name,
             "stox.step.id": step.step_id,
@@ -170,7 +170,7 @@ class Tracing:
             inside,
             start,
             attributes,
-            chosen=chosen,
+            ids=(None, tracecontext.dispatch_span_id(step.step_id)),
             kind=SpanKind.PRODUCER,
         )
         span.end(end)
@@ -191,15 +191,19 @@ class Tracing:
         start: int,
         attributes: Attributes,
         *,
-        chosen: SpanContext | None = None,
+        ids: tuple[str | None, str] | None = None,
         links: Sequence[Link] = (),
         kind: SpanKind = SpanKind.INTERNAL,
     ) -> trace.Span:
         """A span started at `start` (ns) under `parent` (a context, a SpanContext named by
-        a traceparent, or None for a root); `chosen`: the ids it must have."""
-        context = _remote(parent) if isinstance(parent, SpanContext) else parent
-        if chosen is not None:
-            self._ids.choose(int(chosen.trace_id, 16) if chosen.trace_id else None, chosen.span_id)
+        a traceparent, or None for a root, whatever span is current); `ids`: the trace id
+        (of a root) and span id it must have, in hex."""
+        if parent is None:
+            context = Context()  # a root, even inside another span (an instrumented request)
+        else:
+            context = _remote(parent) if isinstance(parent, SpanContext) else parent
+        if ids is not None:
+            self._ids.choose(*ids)
         try:
             return self._tracer.start_span(name, context, kind, attributes, links, start)
         finally:
@@ -216,8 +220,9 @@ class ChosenIds(IdGenerator):
         self._trace_id: int | None = None
         self._span_id: int | None = None
 
-    def choose(self, trace_id: int | None, span_id: str) -> None:
-        self._trace_id, self._span_id = trace_id, int(span_id, 16)
+    def choose(self, trace_id: str | None, span_id: str) -> None:
+        self._trace_id = int(trace_id, 16) if trace_id is not None else None
+        self._span_id = int(span_id, 16)
 
     def clear(self) -> None:
         self._trace_id = self._span_id = None

@@ -194,6 +194,46 @@ async def test_one_workflow_is_one_trace_with_the_workers_spans_inside(
         assert parsed is not None and int(parsed.trace_id, 16) in trace_ids(spans)
 
 
+def test_without_opentelemetry_the_worker_sends_the_dispatchs_traceparent_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)  # as if it were not installed
+    bare = load_worker()
+    assert bare.trace is None
+    args = bare.parse_args(["--step", "image_processing", "--min-delay", "0", "--max-delay", "0"])
+    reporter = bare.Worker(args, "a-service-token")
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03"
+    job = {"workflow_id": "w" * 32, "step_id": "s" * 32, "product": {"name": "Mug"}}
+    channel = Channel()
+    props = SimpleNamespace(headers={tracecontext.HEADER: traceparent})
+    body = json.dumps({**job, tracecontext.HEADER: traceparent}).encode()
+    reporter.handle(Connection(), channel, SimpleNamespace(delivery_tag=3), props, body)
+    [(_, _, properties)] = channel.published
+    assert properties.headers[tracecontext.HEADER] == traceparent
+    assert properties.headers["authorization"] == "Bearer a-service-token"
+
+
+async def test_the_demo_workers_reports_join_the_trace(tmp_path: Path) -> None:
+    tracing, exporter = recorded()
+
+    def with_demo_workers(settings: Any) -> None:
+        settings.demo_workers = True
+
+    options = {
+        "tracing": tracing,
+        "demo_worker_options": {"min_delay": 0.0, "max_delay": 0.0, "failure_rate": 0.0},
+    }
+    async with running_gateway(tmp_path, with_demo_workers, options) as gw:
+        workflow_id = await gw.upload(gw.token())
+        docs = await gw.wait_finished([workflow_id])
+    assert docs[workflow_id]["status"] == "completed"
+    spans = exporter.get_finished_spans()
+    assert len(trace_ids(spans)) == 1
+    for step in ("image_processing", "ai_enhancement", "seo_generation"):
+        assert_chain(spans, [f"dispatch {step}", f"report {step}"])
+    one(spans, "workflow completed")
+
+
 # -- across instances, timeouts, duplicates, cancel and retry -------------------------------
 
 

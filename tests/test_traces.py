@@ -8,6 +8,7 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,10 @@ from typing import Any, NamedTuple
 
 import pytest
 import rabbit
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -34,11 +39,11 @@ from support import (
 from settings import SettingsError
 from stox import tracecontext
 from stox.bus.base import Event
-from stox.observe import Observers
+from stox.observe import UPLOAD, Observers
 from stox.orchestrator import Orchestrator
 from stox.store import WorkflowStore, make_store
 from stox.tracing import Tracing
-from stox.workflow import Pipeline, Report, StepSpec
+from stox.workflow import Pipeline, Report, StepSpec, start
 
 worker = load_worker()
 
@@ -466,6 +471,41 @@ def test_otel_traces_exporter_turns_traces_on(tmp_path: Path) -> None:
     assert shown == {"payload": True, "header": True, "document": True, "opentelemetry": True}
     assert '"name": "upload"' in stdout and '"name": "dispatch image_processing"' in stdout
     assert '"service.name": "stox-under-test"' in stdout
+
+
+async def test_the_otlp_exporter_sends_the_spans_to_the_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OTLP over HTTP/protobuf (with the pinned protobuf) to a collector stand-in."""
+    received: list[bytes] = []
+
+    class Collector(tornado.web.RequestHandler):
+        def post(self) -> None:
+            received.append(self.request.body)
+
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([("/v1/traces", Collector)]))
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "stox-otlp-test")
+    try:
+        tracing = Tracing.from_env("instance-1")
+        wf, changes = start(
+            PIPELINE, "alice", {"name": "Mug"}, time.time(), trace=tracing.new_root()
+        )
+        tracing.transitioned(wf, changes, UPLOAD)
+        await tracing.close()  # exports what is queued
+    finally:
+        server.stop()
+    request = ExportTraceServiceRequest.FromString(b"".join(received))
+    [resource_spans] = request.resource_spans
+    service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert (
+        service[SERVICE_NAME] == "stox-otlp-test" and service["service.instance.id"] == "instance-1"
+    )
+    names = {span.name for scope in resource_spans.scope_spans for span in scope.spans}
+    assert names == {"upload", "dispatch image_processing"}
 
 
 @pytest.mark.parametrize(

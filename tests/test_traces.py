@@ -25,12 +25,14 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from procs import start_worker
 from support import (
     COMPLETED,
     PRODUCT,
     ROOT,
     Clock,
     RecordingBus,
+    eventually,
     load_worker,
     running_gateway,
     stox_environ,
@@ -405,6 +407,50 @@ async def test_a_dispatch_on_rabbitmq_carries_its_traceparent_header(
         dispatch.context.trace_id,
         dispatch.context.span_id,
     )
+
+
+def console_spans(output: str) -> list[dict[str, Any]]:
+    """The spans OpenTelemetry's console exporter printed among other lines of `output`."""
+    spans, block = [], None
+    for line in output.splitlines():
+        if line == "{":
+            block = [line]
+        elif block is not None:
+            block.append(line)
+            if line == "}":
+                spans.append(json.loads("\n".join(block)))
+                block = None
+    return spans
+
+
+@pytest.mark.rabbitmq
+async def test_the_reference_worker_process_continues_the_trace(
+    tmp_path: Path, rabbit_ns: rabbit.Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the worker's own set-up, from the standard variables (the gateway here is given its own)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    tracing, exporter = recorded()
+    options = {"tracing": tracing}
+    async with running_gateway(tmp_path, gateway_options=options, **rabbit_ns.settings()) as gw:
+        ns, step = rabbit_ns, "image_processing"
+        proc = start_worker(tmp_path, ns.url, ns.exchange, ns.prefix, step, gw.service_token())
+        try:
+            workflow_id = await gw.upload(gw.token())
+            await eventually(
+                lambda: gw.status(workflow_id),
+                lambda doc: doc["steps"][0]["status"] == "completed",
+                within=30,
+            )
+        finally:
+            assert proc.stop() == 0, proc.log()
+    spans = exporter.get_finished_spans()
+    dispatch, report = one(spans, f"dispatch {step}"), one(spans, f"report {step}")
+    [worker_span] = [s for s in console_spans(proc.log()) if s["name"] == f"step {step}"]
+    assert worker_span["parent_id"] == f"0x{span_id(dispatch):016x}"
+    assert worker_span["context"]["trace_id"] == f"0x{trace_ids([dispatch]).pop():032x}"
+    assert worker_span["resource"]["attributes"][SERVICE_NAME] == f"stox-worker-{step}"
+    assert parent_id(report) == int(worker_span["context"]["span_id"], 16)
 
 
 # -- off by default, on by the OTEL_* variables ---------------------------------------------

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import nginx
 import pytest
@@ -167,9 +166,11 @@ class Watcher:
             await asyncio.sleep(0.2)  # the page's backoff, shortened
 
     def latest(self, workflow_id: str) -> int:
-        return max(
-            (v for s in self.sessions for wid, v, _ in s if wid == workflow_id), default=0
-        )
+        return max((v for s in self.sessions for wid, v, _ in s if wid == workflow_id), default=0)
+
+    def caught_up(self, finals: dict[str, int]) -> bool:
+        """Whether it has seen each workflow at its final version."""
+        return all(self.latest(workflow_id) == final for workflow_id, final in finals.items())
 
     def out_of_order(self) -> list[str]:
         """Within a session each workflow's versions go up one at a time (one transition may
@@ -180,7 +181,9 @@ class Watcher:
             for workflow_id, version, kind in session:
                 before = last.get(workflow_id)
                 if before is not None and not before <= version <= before + 1:
-                    problems.append(f"session {number}: {kind} {workflow_id} v{version} after v{before}")
+                    problems.append(
+                        f"session {number}: {kind} {workflow_id} v{version} after v{before}"
+                    )
                 last[workflow_id] = version
         return problems
 
@@ -294,8 +297,8 @@ async def test_two_instances_behind_nginx_survive_one_killed(
         polling = asyncio.ensure_future(poll(client, token, traffic))
         try:
             await asyncio.gather(killer(), *(uploader() for _ in range(3)))
-            ids = [silent_id, *traffic.ids]
-            docs = await client.wait_finished(ids, within=STEP_TIMEOUT * 4)
+            ids = list(traffic.ids)
+            docs = await client.wait_finished([silent_id, *ids], within=STEP_TIMEOUT * 4)
         finally:
             polling.cancel()
 
@@ -316,19 +319,19 @@ async def test_two_instances_behind_nginx_survive_one_killed(
 
         # the watchers: the one on the dead instance reconnected through nginx and resynced
         # from a snapshot; both saw every version, in order, or one superseding it
-        for watcher in watchers:
-            for workflow_id, doc in docs.items():
-                await eventually(lambda: watcher.latest(workflow_id) == doc["version"])
+        finals = {workflow_id: doc["version"] for workflow_id, doc in docs.items()}
+        await eventually(lambda: all(watcher.caught_up(finals) for watcher in watchers))
         for task in watching:
             task.cancel()
-        assert sorted(len(watcher.sessions) for watcher in watchers)[-1] >= 2
         for watcher in watchers:
             assert watcher.out_of_order() == []
-            for workflow_id, doc in docs.items():
-                assert watcher.unaccounted(workflow_id, doc["version"]) == set(), workflow_id
-        stayed = min(watchers, key=lambda watcher: len(watcher.sessions))
-        if len(stayed.sessions) == 1:  # it saw each change itself, none from a snapshot
-            assert all(kind != "snapshot" for wid, _, kind in stayed.sessions[0] if wid in traffic.ids)
+            for workflow_id, final in finals.items():
+                assert watcher.unaccounted(workflow_id, final) == set(), workflow_id
+        moved, stayed = sorted(watchers, key=lambda watcher: len(watcher.sessions), reverse=True)
+        assert len(moved.sessions) >= 2, "the watcher on the killed instance never reconnected"
+        assert moved.sessions[1][0][2] == "snapshot", "its new socket did not start from one"
+        if len(stayed.sessions) == 1:  # on the live instance throughout: it saw each version
+            assert all(kind != "snapshot" for wid, _, kind in stayed.sessions[0] if wid in ids)
 
         # nginx found the dead instance by itself (passive health) and left it out
         assert "upstream server temporarily disabled" in nginx.error_log(d.folder / "nginx")

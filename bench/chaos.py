@@ -30,6 +30,7 @@ import itertools
 import json
 import random
 import shutil
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -179,9 +180,13 @@ class Chaos:
         return args
 
     async def start(self, name: str, port: int = 0) -> Gateway:
+        """A new gateway, in `self.gateways` from its spawn on (so that a run stopped while
+        it starts stops it too)."""
         target = start_gateway(self.tmpdir, name, self.secret, self.server_args(name), port=port)
+        gw = Gateway(name, target)
+        self.gateways.append(gw)
         await wait_ready(target, "/readyz", 30.0)
-        return Gateway(name, target)
+        return gw
 
     async def restart(self, gw: Gateway) -> None:
         """Start `gw` again on its port and data; a start that fails is counted and tried
@@ -213,6 +218,7 @@ class Chaos:
         port = free_port()
         cmd = [command, "--host", "127.0.0.1", "--port", str(port), "--db", "memory"]
         cmd += ["--log-file", str(self.tmpdir / "nx-27017.log")]
+        cmd += ["--pid-file", str(self.tmpdir / "nx-27017.pid")]  # not the one default of all
         self.mongo = spawn(cmd, {}, self.tmpdir / "nx-27017.out")
         for _ in range(150):
             with contextlib.suppress(OSError):
@@ -488,7 +494,8 @@ class Chaos:
         if self.amqp:
             await self.start_mongo()
         names = ["a", "b"] if self.amqp else ["a"]
-        self.gateways = [await self.start(name) for name in names]
+        for name in names:
+            await self.start(name)
         roles = [self.ws_feed() if not self.amqp else self.amqp_feed()]
         roles += [self.watcher(i) for i in range(self.args.watchers)]
         roles.append(self.health_prober())
@@ -669,6 +676,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(argv: list[str] | None = None) -> tuple[int, list[tuple[str, int, bool]]]:
     """Run and print; (exit status, the table's rows)."""
     args = parse_args(argv)
+    # stopped by SIGTERM (a test's timeout), still stop the gateways and nx-27017 it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     tmpdir = Path(tempfile.mkdtemp(prefix="stox-chaos-"))
     chaos = Chaos(args, tmpdir)
     t0 = time.monotonic()

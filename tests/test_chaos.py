@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,16 +109,21 @@ def chaos(mode: str, *extra: str) -> tuple[Table, str]:
     """The must-be-0 rows of one CI-sized run of `mode` (run once per session), and its
     output."""
     if mode not in _runs:
-        result = subprocess.run(
+        run = subprocess.Popen(
             [sys.executable, str(CHAOS), "--mode", mode, *CI_SIZED, "--timeout", "45", *extra],
             cwd=REPO,
             env=stox_environ(),
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=58,
         )
-        output = result.stdout + result.stderr
-        rows = {name: int(figure) for name, figure, _ in ROW.findall(result.stdout)}
+        try:
+            stdout, stderr = run.communicate(timeout=50)
+        except subprocess.TimeoutExpired:  # SIGTERM: the run stops what it started
+            run.terminate()
+            stdout, stderr = run.communicate(timeout=15)
+        output = stdout + stderr
+        rows = {name: int(figure) for name, figure, _ in ROW.findall(stdout)}
         assert rows, output
         _runs[mode] = rows, output
     return _runs[mode]
@@ -129,7 +136,7 @@ def check_every_row(rows: Table, output: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(80)
 def test_embedded_fault_run_keeps_every_guarantee() -> None:
     check_every_row(*chaos("embedded"))
 
@@ -137,6 +144,40 @@ def test_embedded_fault_run_keeps_every_guarantee() -> None:
 @pytest.mark.slow
 @pytest.mark.rabbitmq
 @pytest.mark.mongo
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(80)
 def test_rabbitmq_mongo_fault_run_keeps_every_guarantee(rabbitmq_url: str) -> None:
     check_every_row(*chaos("rabbitmq-mongo", "--rabbitmq-url", rabbitmq_url))
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_a_terminated_run_stops_the_processes_it_started() -> None:
+    """A test's timeout sends SIGTERM: the gateways the run started do not outlive it."""
+    run = subprocess.Popen(
+        [sys.executable, str(CHAOS), "--mode", "embedded", *CI_SIZED],
+        cwd=REPO,
+        env=stox_environ(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (started := children_of(run.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert started, "the run started no process"
+        run.terminate()
+        assert run.wait(30) == 128 + signal.SIGTERM
+    finally:
+        run.kill()
+        run.wait()
+    assert all(not Path(f"/proc/{pid}").exists() for pid in started), started

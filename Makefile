@@ -13,7 +13,7 @@ $(error $(PYTHON) does not run)
 endif
 INTERPRETER := $(VENV)/.python-$(PYTHON_VERSION)
 
-.PHONY: demo test lint format bench bench-ws
+.PHONY: demo test lint format bench bench-ws fuzz
 
 $(INTERPRETER):
 	rm -rf $(VENV)
@@ -56,3 +56,8 @@ bench: $(VENV)/.bench
 # WebSocket scale (issue 9, item 4): idle sockets, fan-out, streams; its own gateway
 bench-ws: $(VENV)/.runtime
 	$(PY) bench/ws.py
+
+# Schemathesis against a real gateway (issue 12, item 2): 600 examples per operation and mode
+# (12,000+ in all) and 500 stateful scenarios along the document's links; prints the counts
+fuzz: $(VENV)/.dev
+	$(PY) tests/fuzz.py --examples 600 --scenarios 500

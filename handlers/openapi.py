@@ -31,6 +31,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 METHODS = ("get", "head", "post", "put", "patch", "delete", "options")
 ERROR = "Error"
 BEARER = "bearer"
+# headers of the answers: every JSON-error handler's carries its request id; every 429 says
+# when to try again
+REQUEST_ID = {
+    "description": "the request's id, as in the server log (the client's own, if it sent one)",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1},
+}
+RETRY_AFTER = {
+    "description": "seconds to wait before trying again",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 0},
+}
 _ROLES = {
     "user": "a `user` or `admin` token",
     "admin": "an `admin` token",
@@ -97,6 +109,12 @@ def _describe(op: Operation, role: str | None, operation_id: str) -> dict[str, A
         for status, (when, body) in op.answers.items()
     }
     answers.update({str(status): _error(when) for status, when in sorted(errors.items())})
+    for status, answer in answers.items():
+        headers = {"X-Request-Id": dict(REQUEST_ID)} if op.json_errors else {}
+        if status == "429":
+            headers["Retry-After"] = dict(RETRY_AFTER)
+        if headers:
+            answer["headers"] = headers
     doc: dict[str, Any] = {
         "operationId": operation_id,
         "summary": op.summary,

@@ -114,6 +114,20 @@ def test_operation_ids_are_unique_and_every_link_leads_to_an_input_of_its_target
     assert report["requestBody"]["step_id"] == "$response.body#/steps/0/step_id"
 
 
+def test_answers_declare_the_request_id_and_a_429_its_retry_after(
+    document: dict[str, Any],
+) -> None:
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            for status, answer in operation["responses"].items():
+                headers = answer.get("headers", {})
+                assert ("X-Request-Id" in headers) == (path != "/"), (path, status)
+                assert ("Retry-After" in headers) == (status == "429"), (path, status)
+    assert document["paths"][UPLOAD]["post"]["responses"]["429"]["headers"]["Retry-After"] == {
+        **openapi.RETRY_AFTER
+    }
+
+
 def test_inputs_come_from_the_handlers_schemas(document: dict[str, Any]) -> None:
     upload = document["paths"][UPLOAD]["post"]
     body = upload["requestBody"]["content"]["application/json"]["schema"]

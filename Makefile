@@ -13,7 +13,7 @@ $(error $(PYTHON) does not run)
 endif
 INTERPRETER := $(VENV)/.python-$(PYTHON_VERSION)
 
-.PHONY: demo test lint format bench bench-ws binary
+.PHONY: demo test lint format bench bench-ws binary fuzz
 
 $(INTERPRETER):
 	rm -rf $(VENV)
@@ -65,3 +65,8 @@ bench: $(VENV)/.bench
 # WebSocket scale (issue 9, item 4): idle sockets, fan-out, streams; its own gateway
 bench-ws: $(VENV)/.runtime
 	$(PY) bench/ws.py
+
+# Schemathesis against a real gateway (issue 12, item 2): 520 examples per operation and mode
+# (10,000+ in all) and 300 stateful scenarios along the document's links; prints the counts
+fuzz: $(VENV)/.dev
+	$(PY) tests/fuzz.py --examples 520 --scenarios 300

@@ -5,6 +5,10 @@ and its answers); `@requires` (handlers/base.py) adds the role it needs. `build`
 routes and reads both, so the document holds every route served and nothing else: a method
 without a declaration fails the build. The errors every operation of a kind can answer
 (401/403 with a role, 400/413 with a body or query, 500) are added here, once.
+
+Each operation's `operationId` is its method and its handler's name without "Handler"
+(`postUpload` for UploadHandler.post): what the `links` of an answer name, for clients and
+for Schemathesis's stateful run (tests/fuzz.py) to follow one answer to the next request.
 """
 
 from __future__ import annotations
@@ -28,6 +32,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 METHODS = ("get", "head", "post", "put", "patch", "delete", "options")
 ERROR = "Error"
 BEARER = "bearer"
+# headers of the answers: every JSON-error handler's carries its request id; every 429 says
+# when to try again
+REQUEST_ID = {
+    "description": "the request's id, as in the server log (the client's own, if it sent one)",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1},
+}
+RETRY_AFTER = {
+    "description": "seconds to wait before trying again",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 0},
+}
 _ROLES = {
     "user": "a `user` or `admin` token",
     "admin": "an `admin` token",
@@ -47,6 +63,12 @@ class Operation:
     description: str = ""
     media_type: str = "application/json"
     json_errors: bool = True  # False: an unexpected failure is Tornado's HTML page (the dashboard)
+    links: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)  # status: links
+
+
+def operation_id(method: str, handler: type[tornado.web.RequestHandler]) -> str:
+    """`postUpload` for UploadHandler's `post`."""
+    return method + handler.__name__.removesuffix("Handler")
 
 
 def operation(summary: str, **declared: Any) -> Callable[[F], F]:
@@ -68,7 +90,7 @@ def _error(when: str) -> dict[str, Any]:
     return {"description": when, "content": {"application/json": {"schema": ERROR}}}
 
 
-def _describe(op: Operation, role: str | None) -> dict[str, Any]:
+def _describe(op: Operation, role: str | None, operation_id: str) -> dict[str, Any]:
     errors: dict[int, str] = {}
     if op.json_errors:
         errors[500] = "an unexpected failure (`internal`; details only in the server log)"
@@ -84,10 +106,18 @@ def _describe(op: Operation, role: str | None) -> dict[str, Any]:
     answers: dict[str, Any] = {
         str(status): {"description": when}
         | ({"content": {op.media_type: {"schema": body}}} if body is not None else {})
+        | ({"links": op.links[status]} if status in op.links else {})
         for status, (when, body) in op.answers.items()
     }
     answers.update({str(status): _error(when) for status, when in sorted(errors.items())})
+    for status, answer in answers.items():
+        headers = {"X-Request-Id": dict(REQUEST_ID)} if op.json_errors else {}
+        if status == "429":
+            headers["Retry-After"] = dict(RETRY_AFTER)
+        if headers:
+            answer["headers"] = headers
     doc: dict[str, Any] = {
+        "operationId": operation_id,
         "summary": op.summary,
         "responses": dict(sorted(answers.items())),
         "security": [{BEARER: []}] if role else [],
@@ -160,7 +190,7 @@ def build(routes: list[Any]) -> dict[str, Any]:
                 name = handlers[path].__name__
                 raise Undeclared(f"{method.upper()} {path}: {name} has no @operation")
             role = getattr(function, "required_role", None) or declared.role
-            operations[method] = _describe(declared, role)
+            operations[method] = _describe(declared, role, operation_id(method, handlers[path]))
         spec.path(path=path, operations=operations)
     return spec.to_dict()
 

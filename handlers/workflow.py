@@ -23,11 +23,38 @@ from stox.schemas import (
     upload_schema,
     workflow_id_schema,
 )
-from stox.workflow import RUNNING, Report, Workflow
+from stox.workflow import DEFAULT_STEPS, RUNNING, Report, Workflow
 
 STEP_COMPLETED = "step_completed"  # the route's name: the dispatches' HTTP reply address
 MAX_KEY_LENGTH = 255
 _KEY = re.compile(rf"[\x20-\x7e]{{1,{MAX_KEY_LENGTH}}}")  # printable ASCII, as Stripe's
+
+
+def _follow(workflow_id: str) -> dict[str, dict[str, Any]]:
+    """The OpenAPI links from an answer naming a workflow (the runtime expression
+    `workflow_id`) to the operations on it: its status, cancel and retry."""
+    return {
+        "status": {"operationId": "getStatus", "parameters": {"workflow_id": workflow_id}},
+        "cancel": {"operationId": "postCancel", "requestBody": {"workflow_id": workflow_id}},
+        "retry": {"operationId": "postRetry", "requestBody": {"workflow_id": workflow_id}},
+    }
+
+
+_ANSWER_ID = "$response.body#/workflow_id"  # the upload's and the report's answers
+_DOCUMENT_ID = "$response.body#/id"  # a workflow document
+# a workflow document to the report on each of its steps (a step not dispatched yet has a
+# null step_id: that report is refused, 400)
+_REPORTS = {
+    f"report_step_{i}": {
+        "operationId": "postStepCompleted",
+        "requestBody": {
+            "workflow_id": _DOCUMENT_ID,
+            "step_id": f"$response.body#/steps/{i}/step_id",
+            "step_type": f"$response.body#/steps/{i}/name",
+        },
+    }
+    for i in range(len(DEFAULT_STEPS))
+}
 
 
 class WorkflowHandler(BaseHandler):
@@ -60,6 +87,7 @@ class UploadHandler(WorkflowHandler):
             },
         ),
         answers={202: ("accepted; the first step is dispatched", responses.UploadAnswerSchema())},
+        links={202: _follow(_ANSWER_ID)},
         errors={
             400: "`invalid_json`, `invalid_input` or `invalid_idempotency_key`",
             422: "`idempotency_key_reused` with a different body",
@@ -106,6 +134,7 @@ class StatusHandler(WorkflowHandler):
         query=workflow_id_schema,
         description="Admins see any workflow; users their own.",
         answers={200: ("the workflow", responses.WorkflowSchema())},
+        links={200: _follow(_DOCUMENT_ID) | _REPORTS},
         errors={
             404: "`not_found`: no such workflow, or another user's",
             503: "`store_unavailable` or `contention`, with `Retry-After`",
@@ -134,6 +163,7 @@ class StepCompletedHandler(BaseHandler):
         answers={
             200: ("`applied`, or `duplicate` (changed nothing)", responses.ReportAnswerSchema())
         },
+        links={200: _follow(_ANSWER_ID)},
         errors={
             404: "`not_found`: no such workflow",
             409: "a stale report (an older attempt, another step) or not allowed now",
@@ -188,6 +218,7 @@ class CancelHandler(WorkflowHandler):
         "Cancel a workflow",
         body=workflow_id_schema,
         answers={200: ("the cancelled workflow", responses.WorkflowSchema())},
+        links={200: _follow(_DOCUMENT_ID)},
         errors={
             404: "`not_found`: no such workflow, or another user's",
             409: "not allowed in its state",
@@ -204,6 +235,7 @@ class RetryHandler(WorkflowHandler):
         "Retry a failed workflow from the step that failed",
         body=workflow_id_schema,
         answers={200: ("the restarted workflow", responses.WorkflowSchema())},
+        links={200: _follow(_DOCUMENT_ID)},
         errors={
             404: "`not_found`: no such workflow, or another user's",
             409: "not allowed in its state",

@@ -77,15 +77,22 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
         }
 
     def _token(self) -> str | None:
-        protocols = self.request.headers.get("Sec-WebSocket-Protocol", "")
-        return bearer.from_subprotocols(protocols) or self.get_query_argument("token", None)
+        """The bearer token: `Authorization` (the document's security scheme, what clients
+        other than browsers send), else the subprotocols (browsers), else `?token=`."""
+        headers = self.request.headers
+        return (
+            bearer.from_authorization(headers.get("Authorization"))
+            or bearer.from_subprotocols(headers.get("Sec-WebSocket-Protocol", ""))
+            or self.get_query_argument("token", None)
+        )
 
     @operation(
         "Live workflow changes over a WebSocket",
         role="user",
         description=(
-            "A WebSocket upgrade (`Upgrade: websocket`). Send the token as "
-            "`Sec-WebSocket-Protocol: bearer, <jwt>` (browsers) or `?token=`; the `Origin` must "
+            "A WebSocket upgrade (`Upgrade: websocket`). Send the token as `Authorization: "
+            "Bearer <jwt>`, `Sec-WebSocket-Protocol: bearer, <jwt>` (browsers, which cannot set "
+            "the header) or `?token=`; the `Origin` must "
             "be one of `cors.allowed_origins`. The gateway sends text frames of JSON, "
             "`WebSocketMessage` in the components: first a `snapshot` of each workflow "
             "subscribed to (data: the workflow), then every change in `version` order: "

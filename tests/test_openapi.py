@@ -86,6 +86,48 @@ def test_every_error_answer_has_the_error_shape(document: dict[str, Any]) -> Non
                     assert schema == {"$ref": "#/components/schemas/Error"}, (path, status)
 
 
+def test_operation_ids_are_unique_and_every_link_leads_to_an_input_of_its_target(
+    document: dict[str, Any],
+) -> None:
+    operations = {
+        op["operationId"]: op for ops in document["paths"].values() for op in ops.values()
+    }
+    assert len(operations) == sum(len(ops) for ops in document["paths"].values())
+    assert document["paths"][UPLOAD]["post"]["operationId"] == "postUpload"
+    followed = set()
+    for source in operations.values():
+        for answer in source["responses"].values():
+            for link in answer.get("links", {}).values():
+                target = operations[link["operationId"]]
+                followed.add(link["operationId"])
+                names = {p["name"] for p in target.get("parameters", [])}
+                assert set(link.get("parameters", {})) <= names, link
+                if "requestBody" in link:
+                    ref = target["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+                    schema = document["components"]["schemas"][ref.rsplit("/", 1)[1]]
+                    assert set(link["requestBody"]) <= set(schema["properties"]), link
+    # upload → status → cancel → retry; status → step-completed
+    assert followed == {"getStatus", "postCancel", "postRetry", "postStepCompleted"}
+    upload_links = document["paths"][UPLOAD]["post"]["responses"]["202"]["links"]
+    assert upload_links["status"]["parameters"] == {"workflow_id": "$response.body#/workflow_id"}
+    report = document["paths"][STATUS]["get"]["responses"]["200"]["links"]["report_step_0"]
+    assert report["requestBody"]["step_id"] == "$response.body#/steps/0/step_id"
+
+
+def test_answers_declare_the_request_id_and_a_429_its_retry_after(
+    document: dict[str, Any],
+) -> None:
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            for status, answer in operation["responses"].items():
+                headers = answer.get("headers", {})
+                assert ("X-Request-Id" in headers) == (path != "/"), (path, status)
+                assert ("Retry-After" in headers) == (status == "429"), (path, status)
+    assert document["paths"][UPLOAD]["post"]["responses"]["429"]["headers"]["Retry-After"] == {
+        **openapi.RETRY_AFTER
+    }
+
+
 def test_inputs_come_from_the_handlers_schemas(document: dict[str, Any]) -> None:
     upload = document["paths"][UPLOAD]["post"]
     body = upload["requestBody"]["content"]["application/json"]["schema"]

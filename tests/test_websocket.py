@@ -156,6 +156,23 @@ async def test_a_user_token_opens_the_socket(tmp_path: Path, via: str) -> None:
         assert (snapshot["type"], snapshot["workflow_id"]) == ("snapshot", wf["id"])
 
 
+async def test_an_authorization_header_opens_the_socket(tmp_path: Path) -> None:
+    """The document's bearer scheme is the Authorization header: the fuzzer's right token
+    was refused with 401 when /ws read only the subprotocols and ?token=."""
+    async with gateway(tmp_path) as (gw, client):
+        token = gw.token("alice")
+        wf = await settled_upload(gw, token)
+        request = tornado.httpclient.HTTPRequest(
+            f"{gw.ws_url}?workflow_id={wf['id']}",
+            headers={"Origin": gw.base_url, "Authorization": f"Bearer {token}"},
+        )
+        conn = await tornado.websocket.websocket_connect(request)
+        client.sockets.append(conn)
+        assert conn.selected_subprotocol is None
+        snapshot = await receive(conn)
+        assert (snapshot["type"], snapshot["workflow_id"]) == ("snapshot", wf["id"])
+
+
 async def test_the_bearer_subprotocol_is_matched_case_insensitively(tmp_path: Path) -> None:
     async with gateway(tmp_path) as (gw, client):
         token = gw.token("alice")

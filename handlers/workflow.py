@@ -14,6 +14,7 @@ from handlers import responses
 from handlers.base import IDEMPOTENCY_KEY, ApiError, BaseHandler, requires
 from handlers.openapi import operation
 from stox.auth.limits import UploadLimiter
+from stox.logs import bind
 from stox.schemas import (
     completion_schema,
     decode_cursor,
@@ -36,6 +37,7 @@ class WorkflowHandler(BaseHandler):
 
     async def change(self, action: str) -> None:
         workflow_id = self.load(workflow_id_schema, self.json_body())["workflow_id"]
+        bind(workflow_id=workflow_id)
         command = getattr(self.orchestrator, action)
         workflow: Workflow = await command(workflow_id, self.owner_filter())
         self.write_json(200, workflow.public())
@@ -72,6 +74,7 @@ class UploadHandler(WorkflowHandler):
         key = self.idempotency_key()
         product = self.load(upload_schema, self.json_body())
         workflow = await self.orchestrator.upload(self.principal.id, product, key)
+        bind(workflow_id=workflow.id)
         # the answer as the upload that made it gave it (a retry with its key gets the same)
         self.write_json(
             202,
@@ -113,6 +116,7 @@ class StatusHandler(WorkflowHandler):
     @requires("user")
     async def get(self) -> None:
         workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
+        bind(workflow_id=workflow_id)
         workflow = await self.orchestrator.get(workflow_id, self.owner_filter())
         self.write_json(200, workflow.public())
 
@@ -133,6 +137,7 @@ class StepCompletedHandler(BaseHandler):
     @requires("service")
     async def post(self) -> None:
         report = Report(**self.load(completion_schema, self.json_body()))
+        bind(workflow_id=report.workflow_id, step=report.step_type)  # the attempt: see report()
         outcome = await self.orchestrator.report(report)
         workflow = outcome.workflow
         self.write_json(

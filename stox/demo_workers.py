@@ -21,6 +21,7 @@ from typing import Any
 from settings import SettingsError
 from stox.auth.tokens import SERVICE, CannotIssue, TokenAuthority
 from stox.bus.base import Event, EventBus
+from stox.logs import event_log_fields
 from stox.workflow import isoformat
 
 log = logging.getLogger(__name__)
@@ -176,4 +177,10 @@ class DemoWorkers:
                 headers={"authorization": f"Bearer {self.service_token()}"},
             )
         )
-        log.debug("demo %s reported %s for %s", step, report["success"], payload["workflow_id"])
+        log.debug(
+            "demo %s reported %s for %s",
+            step,
+            report["success"],
+            payload["workflow_id"],
+            extra=event_log_fields(payload),
+        )

@@ -74,7 +74,6 @@ class UploadHandler(WorkflowHandler):
         key = self.idempotency_key()
         product = self.load(upload_schema, self.json_body())
         workflow = await self.orchestrator.upload(self.principal.id, product, key)
-        bind(workflow_id=workflow.id)
         # the answer as the upload that made it gave it (a retry with its key gets the same)
         self.write_json(
             202,

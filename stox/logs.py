@@ -182,6 +182,9 @@ def configure(level: str, fmt: str, instance: str | None = None) -> None:
     # only at debug (then from warning up)
     quiet = logging.WARNING if root.level <= logging.DEBUG else logging.CRITICAL
     logging.getLogger("pika").setLevel(quiet)
+    # PyMongo's debug lines are every command and every answer, documents (products) and all,
+    # and they would double the cost of a request at debug: it speaks from info up
+    logging.getLogger("pymongo").setLevel(max(root.level, logging.INFO))
 
 
 def redact(text: str) -> str:

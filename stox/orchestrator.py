@@ -106,6 +106,7 @@ class Orchestrator:
         instance, make one workflow, and a crash cannot separate them."""
         now = self.clock()
         workflow, changes = wf_rules.start(self.pipeline, owner, product, now)
+        bind(workflow_id=workflow.id)  # on the lines its insert writes (a retry's: see below)
         doc = workflow.to_doc()
         events = [NewEvent.of(entry) for entry in doc["outbox"]]
         if key is None:
@@ -120,6 +121,7 @@ class Orchestrator:
                 except KeyTaken:
                     first = await self._first_upload(held)
                     if first is not None:
+                        bind(workflow_id=first.id)
                         return first
             else:  # released and taken again each time
                 raise Contention(workflow.id)

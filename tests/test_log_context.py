@@ -284,6 +284,8 @@ async def test_one_workflow_is_followed_through_the_logs_of_two_instances(
         step = (await a.status(workflow_id))["steps"][0]
         answer = await report(b, workflow_id, step, success=False)  # reported on B
         assert answer.status == 200, answer.body
+        # after its backoff, a sweeper (of either instance) dispatches attempt 2
+        await eventually(lambda: attempt_now(a, workflow_id), lambda n: n == 2)
         assert [proc.stop() for proc in procs] == [0, 0]
     finally:
         for proc in procs:
@@ -314,9 +316,15 @@ async def test_one_workflow_is_followed_through_the_logs_of_two_instances(
     line = one(reported, "image_processing attempt 1 failed: boom; another attempt follows")
     assert line.items() >= {"step": "image_processing", "attempt": 1}.items()
     assert "request_id" in line
+    one(lines, "step image_processing attempt 2 dispatched (wake)", attempt=2)
     every = [json.loads(ln) for log in logs for ln in log.read_text().splitlines()]
     assert {ln["instance"] for ln in every} == set(instances)  # every line names its instance
     assert [ln for ln in every if workflow_id in ln["message"] and ln not in lines] == []
+
+
+async def attempt_now(gw: RunningGateway, workflow_id: str) -> int:
+    step = (await gw.status(workflow_id))["steps"][0]
+    return int(step["attempt"]) if step["status"] == "dispatched" else 0
 
 
 # -- the pieces -------------------------------------------------------------------------------

@@ -576,7 +576,12 @@ class RabbitMQBus:
             if pending.message_id == properties.message_id and not pending.returned:
                 pending.returned = True
                 break
-        log.debug("returned %s: %s", method.routing_key, method.reply_text)
+        log.debug(
+            "returned %s: %s",
+            method.routing_key,
+            method.reply_text,
+            extra=workflow_fields(properties.correlation_id),
+        )
 
     # -- consuming ------------------------------------------------------------------------
 

@@ -396,16 +396,26 @@ async def test_a_task_inherits_the_context_and_a_detached_callback_does_not() ->
         LogContext().filter(entry)
         seen[name] = entry.__dict__.get("workflow_id")
 
+    async def child() -> None:
+        note("task")
+
     async def work() -> None:
         bind(workflow_id="w1")
+        await asyncio.ensure_future(child())
         loop = asyncio.get_running_loop()
-        await asyncio.ensure_future(asyncio.sleep(0, note("task")))
         done = loop.create_future()
-        loop.call_soon(lambda: (note("detached"), done.set_result(None)), context=detached())
+
+        def callback() -> None:
+            note("detached")
+            done.set_result(None)
+
+        loop.call_soon(callback, context=detached())
         await done
+        note("work")
 
     await asyncio.ensure_future(work())
-    assert seen == {"task": "w1", "detached": None}
+    note("test")  # the task's binding stayed in the task
+    assert seen == {"task": "w1", "detached": None, "work": "w1", "test": None}
 
 
 def test_text_lines_end_with_the_fields_before_the_traceback() -> None:

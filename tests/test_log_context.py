@@ -13,7 +13,8 @@ import logging
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from support import (
 )
 
 from stox.bus.base import Event, PublishError
+from stox.changes import ChangeBatcher
 from stox.logs import (
     CONTEXT_FIELDS,
     JSONFormatter,
@@ -46,6 +48,7 @@ from stox.logs import (
     make_handler,
     start_context,
 )
+from stox.store.sqlite_db import SQLiteDatabase
 
 Lines = Callable[[], list[dict[str, Any]]]
 WORKFLOW_FIELDS = ("workflow_id", "step", "attempt")
@@ -416,6 +419,54 @@ async def test_a_task_inherits_the_context_and_a_detached_callback_does_not() ->
     await asyncio.ensure_future(work())
     note("test")  # the task's binding stayed in the task
     assert seen == {"task": "w1", "detached": None, "work": "w1", "test": None}
+
+
+def context_now() -> dict[str, Any]:
+    entry = record()
+    LogContext().filter(entry)
+    return {k: entry.__dict__[k] for k in CONTEXT_FIELDS if k in entry.__dict__}
+
+
+async def about(workflow_id: str, work: Callable[[], Awaitable[None]]) -> None:
+    """`work()` in a task of its own about `workflow_id`, as a request's or message's is."""
+
+    async def task() -> None:
+        start_context(workflow_id=workflow_id, request_id=f"req-{workflow_id}")
+        await work()
+
+    await asyncio.ensure_future(task())
+
+
+async def test_a_batch_of_change_notifications_is_sent_in_no_workflow_s_context() -> None:
+    class Bus(RecordingBus):
+        async def publish(self, event: Event) -> None:
+            contexts.append(context_now())  # what a line the bus wrote would carry
+            await super().publish(event)
+
+    contexts: list[dict[str, Any]] = []
+    batcher = ChangeBatcher(Bus())
+    await asyncio.gather(
+        *(
+            about(i, partial(batcher.publish, f"m-{i}", {"workflow_id": i}, "{}"))
+            for i in ("w1", "w2")
+        )
+    )
+    assert contexts == [{}]  # one batch, for both
+
+
+async def test_a_group_commit_runs_in_no_workflow_s_context(tmp_path: Path) -> None:
+    db = SQLiteDatabase(str(tmp_path / "db.sqlite"))
+    await db.open()
+    contexts: list[dict[str, Any]] = []
+    try:
+
+        async def write() -> None:
+            await db.write(lambda conn: contexts.append(context_now()))
+
+        await asyncio.gather(about("w1", write), about("w2", write))
+    finally:
+        await db.close()
+    assert contexts == [{}, {}]  # committed together, for neither
 
 
 def test_text_lines_end_with_the_fields_before_the_traceback() -> None:

@@ -58,7 +58,9 @@ def bind(**fields: Any) -> None:
     """Add `fields` (those not None) to the log context of the running task, for the rest of
     it and the tasks it starts from now on. For code that runs in a task of its own (a
     request's handler, a bus message's): the context goes with the task."""
-    _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    if None in fields.values():
+        fields = {k: v for k, v in fields.items() if v is not None}
+    _context.set({**_context.get(), **fields})
 
 
 def start_context(**fields: Any) -> None:

@@ -125,6 +125,14 @@ async def test_an_upload_a_failed_and_a_stale_report_are_logged_with_their_field
         # the same attempt reported again, now as a success: it ended already, a 409
         late = completion(workflow_id, step["step_id"], "image_processing", True)
         assert await call(gw, "POST", COMPLETED, late, service, "req-stale") == 409
+        # an unexpected failure: Tornado's line about it, and the gateway's, name both
+
+        async def broken(*args: Any) -> Any:
+            raise RuntimeError("the store fell over")
+
+        gw.gateway.orchestrator.cancel = broken  # type: ignore[method-assign,assignment]
+        cancel = {"workflow_id": workflow_id}
+        assert await call(gw, "POST", "/api/v1/workflow/cancel", cancel, user, "req-bug") == 500
         # requests about no workflow, after those about one
         assert await call(gw, "GET", LIST, None, user, "req-list") == 200
         assert await call(gw, "GET", "/healthz", None, user, "req-health") == 200
@@ -150,6 +158,11 @@ async def test_an_upload_a_failed_and_a_stale_report_are_logged_with_their_field
         attempt=1,
         request_id="req-stale",
     )
+    uncaught = "Uncaught exception POST /api/v1/workflow/cancel"
+    one(
+        lines, uncaught, workflow_id=workflow_id, request_id="req-bug", logger="tornado.application"
+    )
+    one(lines, "request req-bug failed", workflow_id=workflow_id, logger="stox.http")
     # no request leaves its workflow on the lines of the next
     for request_id in ("req-list", "req-health"):
         (line,) = of(lines, request_id=request_id)
@@ -159,6 +172,7 @@ async def test_an_upload_a_failed_and_a_stale_report_are_logged_with_their_field
         "req-status",
         "req-fail",
         "req-stale",
+        "req-bug",
     }
 
 

@@ -13,6 +13,7 @@ import tornado.web
 from handlers import responses
 from handlers.base import IDEMPOTENCY_KEY, ApiError, BaseHandler, requires
 from handlers.openapi import operation
+from stox import tracecontext
 from stox.auth.limits import UploadLimiter
 from stox.logs import bind
 from stox.schemas import (
@@ -124,6 +125,15 @@ class StepCompletedHandler(BaseHandler):
     @operation(
         "A service reports a step attempt's outcome",
         body=completion_schema,
+        parameters=(
+            {
+                "in": "header",
+                "name": tracecontext.HEADER,
+                "required": False,
+                "description": "W3C Trace Context: the report's span joins the workflow's trace",
+                "schema": {"type": "string", "maxLength": tracecontext.MAX_LENGTH},
+            },
+        ),
         answers={
             200: ("`applied`, or `duplicate` (changed nothing)", responses.ReportAnswerSchema())
         },
@@ -137,7 +147,8 @@ class StepCompletedHandler(BaseHandler):
     async def post(self) -> None:
         report = Report(**self.load(completion_schema, self.json_body()))
         bind(workflow_id=report.workflow_id, step=report.step_type)  # the attempt: see report()
-        outcome = await self.orchestrator.report(report)
+        with tracecontext.continuing(self.request.headers.get(tracecontext.HEADER)):
+            outcome = await self.orchestrator.report(report)
         workflow = outcome.workflow
         self.write_json(
             200,

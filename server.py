@@ -18,7 +18,7 @@ import settings as settings_module
 from handlers.server import make_http_server
 from stox import __main__ as commands
 from stox import gc_tuning, version
-from stox.app import Gateway
+from stox.app import Gateway, new_instance_id
 from stox.logs import configure
 from stox.loops import run, running_loop
 from stox.store import StoreError
@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except settings_module.SettingsError as exc:
         print(f"stox: configuration error: {exc}", file=sys.stderr)
         return 2
-    configure(settings.logging.level, settings.logging.format)
+    # named on every JSON log line, and by the Gateway (its queue, its broker connection)
+    settings.server.instance_id = settings.server.instance_id or new_instance_id()
+    configure(settings.logging.level, settings.logging.format, settings.server.instance_id)
     try:
         run(serve(settings), settings.server.event_loop)
     except settings_module.SettingsError as exc:

@@ -28,7 +28,7 @@ from stox.auth.limits import TooManyAttempts
 from stox.auth.tokens import ADMIN, SERVICE, USER, InvalidToken, Principal, TokenAuthority
 from stox.codec import dumps
 from stox.ids import random16
-from stox.logs import log_exception
+from stox.logs import bind, log_exception
 from stox.orchestrator import Contention, KeyReused, NotFound, Orchestrator
 from stox.schemas import nested_beyond
 from stox.store import StoreError
@@ -311,6 +311,12 @@ class JsonErrors(tornado.web.RequestHandler):
         if not hasattr(self, "_request_id"):
             self._request_id = self.request.headers.get("X-Request-Id") or random16().hex()
         return self._request_id
+
+    def prepare(self) -> None:
+        # in the request's own task (Tornado runs each request's _execute as one), so the id
+        # is on every line logged about it and does not outlive it
+        bind(request_id=self.request_id)
+        super().prepare()
 
     def _handle_request_exception(self, e: BaseException) -> None:
         answer = domain_error(e)

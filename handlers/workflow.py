@@ -15,6 +15,7 @@ from handlers.base import IDEMPOTENCY_KEY, ApiError, BaseHandler, requires
 from handlers.openapi import operation
 from stox import tracecontext
 from stox.auth.limits import UploadLimiter
+from stox.logs import bind
 from stox.schemas import (
     completion_schema,
     decode_cursor,
@@ -64,6 +65,7 @@ class WorkflowHandler(BaseHandler):
 
     async def change(self, action: str) -> None:
         workflow_id = self.load(workflow_id_schema, self.json_body())["workflow_id"]
+        bind(workflow_id=workflow_id)
         command = getattr(self.orchestrator, action)
         workflow: Workflow = await command(workflow_id, self.owner_filter())
         self.write_json(200, workflow.public())
@@ -143,6 +145,7 @@ class StatusHandler(WorkflowHandler):
     @requires("user")
     async def get(self) -> None:
         workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
+        bind(workflow_id=workflow_id)
         workflow = await self.orchestrator.get(workflow_id, self.owner_filter())
         self.write_json(200, workflow.public())
 
@@ -173,6 +176,7 @@ class StepCompletedHandler(BaseHandler):
     @requires("service")
     async def post(self) -> None:
         report = Report(**self.load(completion_schema, self.json_body()))
+        bind(workflow_id=report.workflow_id, step=report.step_type)  # the attempt: see report()
         with tracecontext.continuing(self.request.headers.get(tracecontext.HEADER)):
             outcome = await self.orchestrator.report(report)
         workflow = outcome.workflow

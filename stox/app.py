@@ -33,6 +33,7 @@ from stox.observe import Observers
 from stox.orchestrator import Orchestrator
 from stox.store import StoreError, WorkflowStore, make_store
 from stox.store.faulty import FaultyStore
+from stox.transition_log import TransitionLog
 from stox.workflow import CHANGE_ROUTING_KEY, Pipeline, StepSpec
 
 if TYPE_CHECKING:
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 
 JOURNAL_FILE = "stox-bus.db"  # the in-process bus's journal, where the store is not SQLite
 RETIRED_IDS_LOGGED = 20  # workflow ids named in the warning about a step no longer configured
+
+
+def new_instance_id() -> str:
+    """An id for a gateway instance that was given none (`server.instance_id`)."""
+    return uuid.uuid4().hex[:12]
 
 
 def make_pipeline(settings: Settings, completion_path: str) -> Pipeline:
@@ -173,7 +179,7 @@ class Gateway:
         self.settings = settings
         # keyword arguments for DemoWorkers (min_delay, max_delay, failure_rate, rng)
         self.demo_worker_options = dict(demo_worker_options or {})
-        self.instance_id = settings.server.instance_id or uuid.uuid4().hex[:12]
+        self.instance_id = settings.server.instance_id or new_instance_id()
         self.store = store or make_workflow_store(settings.storage)
         self.bus = bus or make_bus(settings, f"stox gateway {self.instance_id}", self.store)
         remote = settings.services.auth
@@ -185,6 +191,7 @@ class Gateway:
         )
         self.pipeline = make_pipeline(settings, completion_path)
         self.observers = Observers()  # metrics and traces add themselves
+        self.observers.add(TransitionLog())  # a log line for each change of a workflow
         # `tracing`: a test's; else as the OTEL_* variables say
         self.tracing = tracing or make_tracing(self.instance_id)
         if self.tracing is not None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from stox.bus.base import Event, EventBus
 from stox.ids import new_id
+from stox.logs import detached
 
 CHANGES_ROUTING_KEY = "workflow.changes"
 MAX_BATCH_BYTES = 256 * 1024
@@ -43,8 +44,8 @@ class ChangeBatcher:
         confirmed; what the bus raised otherwise."""
         loop = asyncio.get_running_loop()
         confirmed: asyncio.Future[None] = loop.create_future()
-        if not self._batch:
-            loop.call_soon(self._send_batch)
+        if not self._batch:  # the batch is of many workflows: not in this one's log context
+            loop.call_soon(self._send_batch, context=detached())
         item = {"message_id": message_id, "payload": payload}
         text = f'{{"message_id":"{message_id}","payload":{body}}}'
         self._batch.append((item, text, confirmed))

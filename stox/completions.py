@@ -17,6 +17,7 @@ from stox import tracecontext
 from stox.auth import bearer
 from stox.auth.tokens import SERVICE, InvalidToken, TokenAuthority
 from stox.bus.base import Event, Handler, Rejected
+from stox.logs import bind
 from stox.orchestrator import NotFound, Orchestrator
 from stox.schemas import completion_event_schema
 from stox.workflow import Report, StaleReport
@@ -33,6 +34,7 @@ def completion_handler(orchestrator: Orchestrator, tokens: TokenAuthority) -> Ha
             report = Report(**completion_event_schema.load(event.payload))
         except ValidationError as exc:
             raise Rejected(f"malformed completion {event.message_id}: {exc.messages}") from None
+        bind(workflow_id=report.workflow_id, step=report.step_type)  # the attempt: see report()
         try:
             with tracecontext.continuing(event.headers.get(tracecontext.HEADER)):
                 await orchestrator.report(report)

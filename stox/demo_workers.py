@@ -22,6 +22,7 @@ from settings import SettingsError
 from stox import tracecontext
 from stox.auth.tokens import SERVICE, CannotIssue, TokenAuthority
 from stox.bus.base import Event, EventBus
+from stox.logs import event_log_fields
 from stox.workflow import isoformat
 
 log = logging.getLogger(__name__)
@@ -181,4 +182,10 @@ class DemoWorkers:
                 },
             )
         )
-        log.debug("demo %s reported %s for %s", step, report["success"], payload["workflow_id"])
+        log.debug(
+            "demo %s reported %s for %s",
+            step,
+            report["success"],
+            payload["workflow_id"],
+            extra=event_log_fields(payload),
+        )

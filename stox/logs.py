@@ -1,19 +1,30 @@
-"""Logging set-up (JSON or text lines), the request log, and Tornado's messages redacted.
+"""Logging set-up (JSON or text lines), the log context, the request log, and Tornado's
+messages redacted.
 
 The gateway's own lines never show a query string, a token or a password. Tornado's quote what
 a client sent (a header value it cannot parse, the start of a query value that is not UTF-8),
 so its loggers get a filter that takes those out (`redact_tornado_logs`).
+
+Every line about a workflow carries its `workflow_id` (and `step`, `attempt`, the request's
+`request_id` where there is one), whichever logger writes it: the code that handles a request,
+a bus message or one workflow's background work sets the *log context* (a contextvar, so each
+asyncio task has its own and the tasks it starts inherit it), and a filter on the handler
+copies it onto every record. Work that serves many workflows at once (a group commit, a batch
+of notifications) runs `detached()`, so its lines name none of them.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
 import sys
 import time
-from types import TracebackType
-from typing import Any
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from types import MappingProxyType, TracebackType
+from typing import IO, Any
 
 import tornado.web
 from tornado.log import app_log, gen_log
@@ -31,6 +42,92 @@ _CREDENTIALS = [
 ]
 
 
+# what the log context may hold, in the order lines show it
+CONTEXT_FIELDS = ("workflow_id", "step", "attempt", "request_id")
+INSTANCE = "instance"  # the gateway instance's id, on every JSON line
+_NOTHING: Mapping[str, Any] = MappingProxyType({})
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "stox_log_context", default=_NOTHING
+)
+# what a workflow id read from a message may look like to be logged as one (ours are 32 hex
+# digits; a client's may differ, but never holds spaces or control characters)
+_PLAIN_ID = re.compile(r"[\w.:-]{1,64}")
+
+
+def bind(**fields: Any) -> None:
+    """Add `fields` (those not None) to the log context of the running task, for the rest of
+    it and the tasks it starts from now on. For code that runs in a task of its own (a
+    request's handler, a bus message's): the context goes with the task."""
+    if None in fields.values():
+        fields = {k: v for k, v in fields.items() if v is not None}
+    _context.set({**_context.get(), **fields})
+
+
+def start_context(**fields: Any) -> None:
+    """Set the log context of the running task to exactly `fields` (those not None),
+    dropping what it inherited: the first thing a task about one workflow does."""
+    _context.set({k: v for k, v in fields.items() if v is not None})
+
+
+@contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Exactly `fields` (those not None) for the block, then the context as it was: for one
+    workflow's turn in a loop over many (the sweeper's, the relay's)."""
+    token = _context.set({k: v for k, v in fields.items() if v is not None})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def workflow_fields(workflow_id: object) -> dict[str, Any]:
+    """`{"workflow_id": workflow_id}` if what a message names (its `correlation_id`) can be
+    logged as it is; else nothing."""
+    if isinstance(workflow_id, str) and _PLAIN_ID.fullmatch(workflow_id):
+        return {"workflow_id": workflow_id}
+    return {}
+
+
+def message_context(workflow_id: object) -> None:
+    """Start a bus message's task with the workflow it names (its `correlation_id`)."""
+    _context.set(workflow_fields(workflow_id) or _NOTHING)
+
+
+def event_log_fields(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The step and attempt an event names (a dispatch does), as `extra` for a line about it."""
+    return {
+        name: payload[key]
+        for name, key in (("step", "step_type"), ("attempt", "attempt"))
+        if key in payload
+    }
+
+
+def detached() -> contextvars.Context:
+    """A copy of the current context with no log context, for a callback or task that serves
+    many workflows (`loop.call_soon(f, context=detached())`), so that it does not carry the
+    workflow or request of whoever happened to start it."""
+    context = contextvars.copy_context()
+    context.run(_context.set, _NOTHING)
+    return context
+
+
+class LogContext(logging.Filter):
+    """Copies the log context, and the instance's id, onto each record (a field given to the
+    call in `extra` is kept: it says more precisely what the line is about)."""
+
+    def __init__(self, instance: str | None = None) -> None:
+        super().__init__()
+        self.instance = instance
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = record.__dict__
+        for name, value in _context.get().items():
+            fields.setdefault(name, value)
+        if self.instance is not None:
+            fields[INSTANCE] = self.instance
+        return True
+
+
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -40,6 +137,11 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = record.__dict__
+        for name in (INSTANCE, *CONTEXT_FIELDS):
+            value = fields.get(name)
+            if value is not None:
+                entry[name] = value
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:  # as logging.Formatter does: a filter may have set it
@@ -47,20 +149,44 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JSONFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger message`, then ` workflow_id=… step=… attempt=… request_id=…` for
+    those the line has (before its traceback, if any)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        fields = record.__dict__
+        for name in CONTEXT_FIELDS:
+            value = fields.get(name)
+            if value is not None:
+                text += f" {name}={value}"
+        return text
+
+
+def make_handler(fmt: str, stream: IO[str], instance: str | None = None) -> logging.Handler:
+    """A handler writing `fmt` ("json" or "text") lines to `stream`, with the log context."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(LogContext(instance))
+    return handler
+
+
+def configure(level: str, fmt: str, instance: str | None = None) -> None:
+    """Every logger's lines to stderr as `fmt`; `instance`: the gateway's id, on each line."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [make_handler(fmt, sys.stderr, instance)]
     root.setLevel(level.upper())
     # pika narrates every channel it opens at info and every failed connection attempt in five
     # errors; the RabbitMQ bus reports each failure in one line with its cause, so pika speaks
     # only at debug (then from warning up)
     quiet = logging.WARNING if root.level <= logging.DEBUG else logging.CRITICAL
     logging.getLogger("pika").setLevel(quiet)
+    # PyMongo's debug lines are every command and every answer, documents (products) and all,
+    # and they would double the cost of a request at debug: it speaks from info up
+    logging.getLogger("pymongo").setLevel(max(root.level, logging.INFO))
 
 
 def redact(text: str) -> str:
@@ -104,6 +230,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     level = logging.DEBUG if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if not _ACCESS.isEnabledFor(level):
         return
+    request_id = handler._headers.get("X-Request-Id")
     _ACCESS.log(
         level,
         "%d %s %s %.1fms %s",
@@ -111,7 +238,9 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         handler.request.method,
         handler.request.path,
         1000.0 * handler.request.request_time(),
-        handler._headers.get("X-Request-Id", "-"),
+        request_id or "-",
+        # also where the request ends outside its handler's task (a 413 while reading)
+        extra={"request_id": request_id},
     )
 
 

@@ -22,6 +22,7 @@ from stox import workflow as wf_rules
 from stox.bus.base import Event, EventBus, PublishError
 from stox.changes import ChangeBatcher
 from stox.codec import canonical
+from stox.logs import bind, event_log_fields, log_context, start_context
 from stox.store.base import (
     IdempotencyKey,
     KeyTaken,
@@ -108,6 +109,7 @@ class Orchestrator:
         now = self.clock()
         trace = self.new_trace() if self.new_trace is not None else None
         workflow, changes = wf_rules.start(self.pipeline, owner, product, now, trace=trace)
+        bind(workflow_id=workflow.id)  # on the lines its insert writes (a retry's: see below)
         doc = workflow.to_doc()
         events = [NewEvent.of(entry) for entry in doc["outbox"]]
         if key is None:
@@ -122,6 +124,7 @@ class Orchestrator:
                 except KeyTaken:
                     first = await self._first_upload(held)
                     if first is not None:
+                        bind(workflow_id=first.id)
                         return first
             else:  # released and taken again each time
                 raise Contention(workflow.id)
@@ -148,12 +151,15 @@ class Orchestrator:
 
     async def report(self, report: Report) -> Outcome:
         """Apply a completion; DuplicateReport is answered as applied=False."""
+
+        def decide(wf: Workflow) -> list[Change]:
+            attempt = wf_rules.attempt_of(wf, report.step_id)
+            if attempt is not None:  # on the lines about the report from now on
+                bind(step=attempt[0], attempt=attempt[1])
+            return wf_rules.complete(wf, self.pipeline, report, self.clock())
+
         try:
-            result = await self._apply(
-                report.workflow_id,
-                lambda wf: wf_rules.complete(wf, self.pipeline, report, self.clock()),
-                cause=observe.REPORT,
-            )
+            result = await self._apply(report.workflow_id, decide, cause=observe.REPORT)
         except wf_rules.DuplicateReport:
             self.observers.report_refused(report, observe.DUPLICATE)
             return Outcome(await self.get(report.workflow_id), applied=False)
@@ -211,18 +217,19 @@ class Orchestrator:
         now = self.clock()
         fired = 0
         for doc in await self.store.due(wf_rules.isoformat(now), limit):
-            try:
-                result = await self._apply(
-                    doc["id"],
-                    lambda wf: wf_rules.wake(wf, self.pipeline, self.clock()),
-                    cause=observe.WAKE,
-                    doc=doc,
-                )
-            except (NotFound, Contention):
-                continue
-            except StoreError as exc:  # this one waits for the next round; the others go on
-                log.warning("deadline of %s left for the next sweep: %s", doc["id"], exc)
-                continue
+            with log_context(workflow_id=doc["id"]):
+                try:
+                    result = await self._apply(
+                        doc["id"],
+                        lambda wf: wf_rules.wake(wf, self.pipeline, self.clock()),
+                        cause=observe.WAKE,
+                        doc=doc,
+                    )
+                except (NotFound, Contention):
+                    continue
+                except StoreError as exc:  # this one waits for the next round; the others go on
+                    log.warning("deadline of %s left for the next sweep: %s", doc["id"], exc)
+                    continue
             fired += result.written  # not when another instance fired it first
         return fired
 
@@ -241,7 +248,8 @@ class Orchestrator:
         docs = await self.store.unpublished(cutoff, limit)
         for doc in docs:
             if doc["id"] not in self._newer:  # else it is being published right now
-                await self._publish(Workflow.from_doc(doc))
+                with log_context(workflow_id=doc["id"]):
+                    await self._publish(Workflow.from_doc(doc))
         if docs:  # not the hot path: what it published leaves the outbox before its next run
             await self.store.flush()
         return len(docs)
@@ -384,6 +392,8 @@ class Orchestrator:
         task.add_done_callback(self._publishing.discard)
 
     async def _publish_rounds(self, workflow: Workflow) -> None:
+        # its own task: about this workflow, not the request or report that started it
+        start_context(workflow_id=workflow.id)
         confirmed: set[str] = set()
         try:
             while True:
@@ -424,7 +434,11 @@ class Orchestrator:
                     )
             except PublishError as exc:
                 log.warning(
-                    "event %s of %s left for the relay: %s", entry["message_id"], workflow.id, exc
+                    "event %s of %s left for the relay: %s",
+                    entry["message_id"],
+                    workflow.id,
+                    exc,
+                    extra=event_log_fields(entry["payload"]),
                 )
                 break  # keep order: later events wait behind the unconfirmed one
             confirmed.add(entry["message_id"])

@@ -393,6 +393,15 @@ def _find_attempt(wf: Workflow, step_id: str) -> tuple[Step, dict[str, Any] | No
     return None
 
 
+def attempt_of(wf: Workflow, step_id: str) -> tuple[str, int] | None:
+    """The step and the number of the attempt that `step_id` names, if it is one of `wf`'s."""
+    found = _find_attempt(wf, step_id)
+    if found is None:
+        return None
+    step, record = found
+    return step.name, record["attempt"] if record is not None else step.attempt
+
+
 def complete(
     wf: Workflow, pipeline: Pipeline, report: Report, now: float, ids: IdFactory = new_id
 ) -> list[Change]:

@@ -78,13 +78,15 @@ def start_worker(
     return spawn(f"worker-{step}", [*args, *extra], log_dir)
 
 
-def gateway_config(port: int, instance_id: str, storage_url: str, rabbitmq_yaml: str) -> str:
+def gateway_config(
+    port: int, instance_id: str, storage_url: str, rabbitmq_yaml: str, log_format: str = "text"
+) -> str:
     return (
         f"server:\n  host: 127.0.0.1\n  port: {port}\n  instance_id: {instance_id}\n"
         "  sweep_interval: 100ms\n  relay_interval: 500ms\n"
         f"storage:\n  url: {storage_url}\n"
         f"jwt:\n  secret: {SECRET}\n"
-        "logging:\n  level: info\n  format: text\n" + rabbitmq_yaml
+        f"logging:\n  level: info\n  format: {log_format}\n" + rabbitmq_yaml
     )
 
 

@@ -299,12 +299,12 @@ def test_json_formatter_timestamp_is_utc_with_milliseconds() -> None:
 
 @pytest.fixture
 def restore_root_logger() -> Iterator[None]:
-    root, pika = logging.getLogger(), logging.getLogger("pika")
-    handlers, level, pika_level = root.handlers[:], root.level, pika.level
+    root, pika, pymongo = (logging.getLogger(name) for name in ("", "pika", "pymongo"))
+    handlers, levels = root.handlers[:], [logger.level for logger in (root, pika, pymongo)]
     yield
     root.handlers[:] = handlers
-    root.setLevel(level)
-    pika.setLevel(pika_level)
+    for logger, level in zip((root, pika, pymongo), levels, strict=True):
+        logger.setLevel(level)
 
 
 @pytest.mark.usefixtures("restore_root_logger")
@@ -325,6 +325,7 @@ def test_configure_leaves_pika_s_narration_to_debug() -> None:
     assert logging.getLogger("pika").level == logging.CRITICAL  # the bus says it in one line
     configure("debug", "json")
     assert logging.getLogger("pika").level == logging.WARNING
+    assert logging.getLogger("pymongo").level == logging.INFO  # not every command, documents too
 
 
 @pytest.mark.usefixtures("restore_root_logger")

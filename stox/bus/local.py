@@ -33,6 +33,7 @@ from stox.bus.base import (
 )
 from stox.bus.journal import Journal, Kept
 from stox.codec import dumps_text, loads
+from stox.logs import detached, message_context
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,7 @@ class LocalBus:
             await wakeup.wait()
 
     async def _handle(self, q: _Queue, consumer: _Consumer, message: _Message) -> None:
+        message_context(message.event.correlation_id)  # this task's lines are about it
         try:
             try:
                 event = message.materialize()
@@ -342,7 +344,8 @@ class LocalBus:
             return
         self._handled.append(message.key)
         if self._forgetting is None and self._loop is not None:
-            self._forgetting = self._loop.create_task(self._forget_soon())
+            # for the messages of many workflows: not the context of the one that started it
+            self._forgetting = self._loop.create_task(self._forget_soon(), context=detached())
 
     async def _forget_soon(self) -> None:
         try:
@@ -350,7 +353,7 @@ class LocalBus:
         finally:
             self._forgetting = None
             if self._handled and not self._closed and self._loop is not None:
-                self._forgetting = self._loop.create_task(self._forget_soon())
+                self._forgetting = self._loop.create_task(self._forget_soon(), context=detached())
 
     async def _forget_handled(self) -> None:
         keys, self._handled = self._handled, []

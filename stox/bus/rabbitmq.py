@@ -73,6 +73,7 @@ from stox.bus.pika_calls import (
     temporary_channel,
 )
 from stox.codec import dumps
+from stox.logs import message_context, workflow_fields
 
 log = logging.getLogger(__name__)
 
@@ -575,7 +576,12 @@ class RabbitMQBus:
             if pending.message_id == properties.message_id and not pending.returned:
                 pending.returned = True
                 break
-        log.debug("returned %s: %s", method.routing_key, method.reply_text)
+        log.debug(
+            "returned %s: %s",
+            method.routing_key,
+            method.reply_text,
+            extra=workflow_fields(properties.correlation_id),
+        )
 
     # -- consuming ------------------------------------------------------------------------
 
@@ -615,6 +621,7 @@ class RabbitMQBus:
                 consumer.queue,
                 properties.message_id,
                 reason,
+                extra=workflow_fields(properties.correlation_id),
             )
             _settle(channel, method.delivery_tag, "dead-letter")
             return
@@ -624,6 +631,7 @@ class RabbitMQBus:
         task.add_done_callback(self._handlers.discard)
 
     async def _handle(self, delivery: _Delivery, consumer: _Consumer, event: Event) -> None:
+        message_context(event.correlation_id)  # this task's lines are about it
         try:
             await consumer.handler(event)
         except Exception as exc:

@@ -51,6 +51,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from stox.logs import detached
 from stox.store.base import (
     DEFER_DELAY,
     AlreadyExists,
@@ -329,7 +330,8 @@ class MongoStore(MongoCollection):
             drop.ids = ids
         if self._drop_timer is None:
             loop = asyncio.get_running_loop()
-            self._drop_timer = loop.call_later(DEFER_DELAY, self._drop_soon)
+            # the drops of many workflows: not the context of the first one's
+            self._drop_timer = loop.call_later(DEFER_DELAY, self._drop_soon, context=detached())
 
     def _drop_soon(self) -> None:
         self._drop_timer = None

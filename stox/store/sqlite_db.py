@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from stox.logs import detached
 from stox.store.base import DEFER_DELAY, AlreadyExists, StoreError
 
 log = logging.getLogger(__name__)
@@ -126,10 +127,11 @@ class SQLiteDatabase:
         self._writes.append((work, future))
         if self._flush_soon is None:
             wait = self._last_flush + COMMIT_INTERVAL - loop.time()
+            # the batch's commit is for every write in it, not the first one's workflow
             if wait > 0:
-                self._flush_soon = loop.call_later(wait, self._flush)
+                self._flush_soon = loop.call_later(wait, self._flush, context=detached())
             else:
-                self._flush_soon = loop.call_soon(self._flush)
+                self._flush_soon = loop.call_soon(self._flush, context=detached())
         return await future
 
     def defer(self, work: Write) -> None:
@@ -139,7 +141,9 @@ class SQLiteDatabase:
         self.connection()
         self._writes.append((work, None))
         if self._flush_soon is None and self._deferred is None:
-            self._deferred = asyncio.get_running_loop().call_later(DEFER_DELAY, self._flush)
+            self._deferred = asyncio.get_running_loop().call_later(
+                DEFER_DELAY, self._flush, context=detached()
+            )
 
     async def flush(self) -> None:
         """Commit the deferred writes now (and whatever else is queued)."""

@@ -318,6 +318,13 @@ class RabbitMQSettings:
         default=Duration(60),
         check=positive,
     )
+    queue_type: str = _help(
+        "type of the durable queues (steps, completions, dead letters): classic, or quorum "
+        "(replicated by Raft over a cluster of 3 or more, at a cost per message); this "
+        "instance's own queue stays classic",
+        default="classic",
+        check=one_of("classic", "quorum"),
+    )
 
 
 @dataclass
@@ -545,6 +552,7 @@ _ENV_AND_FLAGS: list[tuple[str, str | None, str | None]] = [
     ("server.max_uploads_per_user", "STOX_MAX_UPLOADS_PER_USER", None),
     ("storage.url", "STOX_STORAGE_URL", "--storage-url"),
     ("rabbitmq.url", "STOX_RABBITMQ_URL", "--rabbitmq-url"),
+    ("rabbitmq.queue_type", "STOX_RABBITMQ_QUEUE_TYPE", None),
     ("services.auth", "STOX_AUTH_ADDR", "--auth-addr"),
     ("jwt.secret", "STOX_JWT_SECRET", None),
     ("jwt.algorithm", "STOX_JWT_ALGORITHM", None),

@@ -135,8 +135,7 @@ async def complete_workflows(gw: RunningGateway, ns: rabbit.Namespace, log_dir: 
     """The reference workers (over AMQP) take three workflows through every step."""
     token = gw.service_token("reference-worker")
     procs = [
-        start_worker(log_dir, ns.url, ns.exchange, ns.prefix, step, token)
-        for step in rabbit.STEPS
+        start_worker(log_dir, ns.url, ns.exchange, ns.prefix, step, token) for step in rabbit.STEPS
     ]
     try:
         ids = [await gw.upload(gw.token(), name=f"Mug {i}") for i in range(3)]

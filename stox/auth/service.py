@@ -24,6 +24,7 @@ from marshmallow import ValidationError
 
 from protos import auth_pb2, auth_pb2_grpc
 from settings import Settings
+from stox import version
 from stox.auth.accounts import Accounts, BadCredentials, UnknownUser
 from stox.auth.passwords import Busy, Passwords
 from stox.auth.tokens import InvalidToken, TokenAuthority
@@ -184,7 +185,7 @@ class AuthServer:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._server, self.port = server, bound
         tls = "TLS" if self.credentials is not None else "plaintext"
-        log.info("AuthService listening on %s:%d (%s)", host, bound, tls)
+        log.info("%s: AuthService listening on %s:%d (%s)", version.describe(), host, bound, tls)
         return bound
 
     async def stop(self, grace: float = 1.0) -> None:

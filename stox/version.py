@@ -2,7 +2,8 @@
 
 pyproject.toml reads `VERSION` (setuptools' `attr:`); /healthz, `stox --version`, the start-up
 log line and the OpenAPI document read `version()` and `commit()`. A built binary carries its
-commit in `stox/_build.py`, written by the build; a checkout asks git.
+commit in the module `stox._build`, which its build registers (packaging/build.py); a
+checkout asks git.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def version() -> str:
 def commit() -> str:
     """The short commit id ("unknown" outside a checkout and a build that did not say)."""
     try:
-        from stox import _build  # type: ignore[attr-defined]  # written by `make binary`
+        from stox import _build  # type: ignore[attr-defined]  # in a binary: packaging/build.py
 
         return str(_build.COMMIT)
     except ImportError:

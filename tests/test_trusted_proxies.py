@@ -143,6 +143,13 @@ async def test_a_peer_outside_the_trusted_networks_is_not_believed() -> None:
         # walked from the right: what the client wrote itself comes first, and is passed over
         ([("X-Forwarded-For", "198.51.100.1, 203.0.113.9")], "203.0.113.9"),
         ([("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-For", "203.0.113.9")], "203.0.113.9"),
+        # nginx's $proxy_add_x_forwarded_for appends its peer to what the client sent: a
+        # forged hop left of it counts for nothing, even one naming a trusted proxy
+        ([("X-Forwarded-For", "203.0.113.5, 10.0.0.7, 198.51.100.2")], "198.51.100.2"),
+        (
+            [("X-Forwarded-For", "127.0.0.1, 198.51.100.2"), ("X-Real-Ip", "127.0.0.1")],
+            "198.51.100.2",
+        ),
         # trusted proxies in the chain are skipped; when every hop is one, the first counts
         ([("X-Forwarded-For", "203.0.113.9, 10.1.2.3")], "203.0.113.9"),
         ([("X-Forwarded-For", "10.0.0.1, 10.1.2.3")], "10.0.0.1"),

@@ -32,7 +32,7 @@ def test_the_commit_is_the_checkouts_head() -> None:
 
 
 def test_a_build_names_its_commit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A binary has no git: the build writes stox/_build.py, which wins."""
+    """A binary has no git: its build registers the module stox._build, which wins."""
     build = types.ModuleType("stox._build")
     build.COMMIT = "feedfacecafe"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "stox._build", build)

@@ -9,7 +9,7 @@ import configparser
 import shlex
 
 import nginx
-from test_worker import load_worker
+from support import load_worker
 
 import settings as settings_module
 from stox import __main__ as commands

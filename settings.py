@@ -318,6 +318,13 @@ class RabbitMQSettings:
         default=Duration(60),
         check=positive,
     )
+    queue_type: str = _help(
+        "type of the durable queues (steps, completions, dead letters): classic, or quorum "
+        "(replicated by Raft over a cluster of 3 or more, at a cost per message); this "
+        "instance's own queue stays classic",
+        default="classic",
+        check=one_of("classic", "quorum"),
+    )
 
 
 @dataclass
@@ -394,9 +401,27 @@ class AuthSettings:
     hash_memory_cost: int = _help("argon2id memory, in KiB", default=65536)  # see check()
     hash_parallelism: int = _help("argon2id lanes", default=4, check=at_least(1, "at least 1"))
 
+    tls_ca_file: str = _help(
+        "PEM CA certificates a gateway trusts for a remote AuthService (services.auth); "
+        "set: the channel uses TLS; empty: plaintext",
+        default="",
+    )
+    tls_server_name: str = _help(
+        "the name the AuthService's certificate must carry, when not the host of services.auth",
+        default="",
+    )
+    tls_cert_file: str = _help(
+        "PEM certificate (chain) `stox auth-service` serves TLS with; empty: plaintext",
+        default="",
+    )
+    tls_key_file: str = _help("PEM private key of tls_cert_file", default="")
+
     def check(self, key: str) -> None:
         if self.hash_memory_cost < 8 * self.hash_parallelism:
             raise SettingsError(f"{key}.hash_memory_cost: expected at least 8 KiB per lane")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
+            raise SettingsError(f"{key}.{missing}: tls_cert_file and tls_key_file go together")
 
 
 @dataclass
@@ -545,7 +570,12 @@ _ENV_AND_FLAGS: list[tuple[str, str | None, str | None]] = [
     ("server.max_uploads_per_user", "STOX_MAX_UPLOADS_PER_USER", None),
     ("storage.url", "STOX_STORAGE_URL", "--storage-url"),
     ("rabbitmq.url", "STOX_RABBITMQ_URL", "--rabbitmq-url"),
+    ("rabbitmq.queue_type", "STOX_RABBITMQ_QUEUE_TYPE", None),
     ("services.auth", "STOX_AUTH_ADDR", "--auth-addr"),
+    ("auth.tls_ca_file", "STOX_AUTH_TLS_CA_FILE", None),
+    ("auth.tls_server_name", "STOX_AUTH_TLS_SERVER_NAME", None),
+    ("auth.tls_cert_file", "STOX_AUTH_TLS_CERT_FILE", None),
+    ("auth.tls_key_file", "STOX_AUTH_TLS_KEY_FILE", None),
     ("jwt.secret", "STOX_JWT_SECRET", None),
     ("jwt.algorithm", "STOX_JWT_ALGORITHM", None),
     ("jwt.private_key_file", "STOX_JWT_PRIVATE_KEY_FILE", None),

@@ -217,6 +217,7 @@ class Chaos:
             raise RuntimeError("nx-27017 is not installed (pip install nx-27017)")
         port = free_port()
         cmd = [command, "--host", "127.0.0.1", "--port", str(port), "--db", "memory"]
+        # a pid file of its own: by default nx-27017 refuses to start while another runs
         cmd += ["--log-file", str(self.tmpdir / "nx-27017.log")]
         cmd += ["--pid-file", str(self.tmpdir / "nx-27017.pid")]  # not the one default of all
         self.mongo = spawn(cmd, {}, self.tmpdir / "nx-27017.out")

@@ -24,6 +24,7 @@ from marshmallow import ValidationError
 import settings as settings_module
 from stox import version
 from stox.app import make_tokens
+from stox.auth import tls
 from stox.auth.accounts import Accounts
 from stox.auth.passwords import Passwords
 from stox.auth.service import AuthServer
@@ -141,11 +142,12 @@ def _create_user(args: argparse.Namespace, settings: settings_module.Settings) -
 
 def _auth_service(args: argparse.Namespace, settings: settings_module.Settings) -> int:
     tokens = make_tokens(settings, issuing=True)
+    credentials = tls.server_credentials(settings.auth)
     configure(settings.logging.level, settings.logging.format)
 
     async def serve() -> None:
         log.info("AuthService starting on the %s event loop", running_loop())
-        server = AuthServer.from_settings(settings, tokens)
+        server = AuthServer.from_settings(settings, tokens, credentials)
         await server.start(args.host, args.port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -186,6 +186,33 @@ class Namespace:
         return name
 
 
+def queue_types(prefix: str) -> dict[str, str]:
+    """The type (classic, quorum) of each queue whose name starts with `prefix`, as the
+    broker reports it."""
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name", "type"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    rows = (line.split("\t") for line in out.splitlines()[1:])  # after the header row
+    return {row[0]: row[1] for row in rows if len(row) == 2 and row[0].startswith(prefix)}
+
+
+def declare_queue(url: str, name: str, queue_type: str, dead_letters: str = "") -> None:
+    """A durable queue of `queue_type` declared as a gateway of another setting would
+    (dead-lettered to `dead_letters`, if given)."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        arguments: dict[str, Any] = {"x-dead-letter-exchange": dead_letters} if dead_letters else {}
+        if queue_type != "classic":
+            arguments["x-queue-type"] = queue_type
+        connection.channel().queue_declare(name, durable=True, arguments=arguments)
+    finally:
+        connection.close()
+
+
 def connections_named(name: str) -> list[str]:
     """The Erlang pids of the connections whose client-provided name is `name`."""
     out = subprocess.run(

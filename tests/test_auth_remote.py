@@ -4,6 +4,7 @@ pointed at it with services.auth (STOX_AUTH_ADDR), which then starts no AuthServ
 from __future__ import annotations
 
 import asyncio
+import datetime
 import signal
 import subprocess
 import sys
@@ -18,13 +19,15 @@ import pytest
 from support import (
     RunningGateway,
     free_port,
+    gateway_settings,
     run_cli,
     running_gateway,
     stox_environ,
     write_key_pair,
 )
 
-from settings import Duration, Endpoint
+from settings import Duration, Endpoint, SettingsError
+from stox.app import Gateway
 from stox.store import make_user_store
 
 SECRET = "test-secret-" + "x" * 32  # the harness's jwt.secret
@@ -260,3 +263,167 @@ async def test_a_taken_port_stops_the_service_with_an_error(tmp_path: Path) -> N
         )
     assert result.returncode == 1
     assert "cannot listen" in result.stderr
+
+
+# -- TLS between the gateways and the AuthService -----------------------------------------
+
+SERVER_NAME = "auth.internal"  # the only name in the test certificate; the gateway dials an IP
+
+
+def write_certificates(folder: Path, name: str) -> tuple[Path, Path, Path]:
+    """A new self-signed CA and a server certificate it signs for SERVER_NAME, as PEM files
+    named after `name`: (ca, certificate, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(
+        subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name | None
+    ) -> x509.CertificateBuilder:
+        """A day's certificate for `subject`'s `key`, issued by `issuer` (None: itself)."""
+        own = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        return (
+            x509.CertificateBuilder()
+            .subject_name(own)
+            .issuer_name(issuer or own)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        certificate(f"{name} test CA", ca_key, None)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = (
+        certificate(SERVER_NAME, key, ca.subject)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(SERVER_NAME)]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = folder / f"{name}-ca.pem", folder / f"{name}-cert.pem", folder / f"{name}-key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def serving_tls(cert: Path, key: Path) -> dict[str, str]:
+    """The AuthService process's environment for TLS."""
+    return {"STOX_AUTH_TLS_CERT_FILE": str(cert), "STOX_AUTH_TLS_KEY_FILE": str(key)}
+
+
+def trusting(ca: Path | None, server_name: str = SERVER_NAME) -> dict[str, Any]:
+    """running_gateway overrides for a client trusting `ca` (None: plaintext)."""
+    if ca is None:
+        return {}
+    return {"auth__tls_ca_file": str(ca), "auth__tls_server_name": server_name}
+
+
+async def test_a_gateway_logs_users_in_through_an_auth_service_serving_tls(
+    tmp_path: Path,
+) -> None:
+    ca, cert, key = write_certificates(tmp_path, "good")
+    port = free_port()
+    auth_dir, gw_dir = folders(tmp_path)
+    async with (
+        auth_service(auth_dir, port, **serving_tls(cert, key)) as service,
+        running_gateway(gw_dir, **remote(port, **trusting(ca))) as gw,
+    ):
+        assert gw.gateway.auth.credentials is not None  # not plaintext
+        token = await register_and_login(gw)
+        profile = await gw.fetch("GET", "/api/v1/auth/profile", token=token)
+        assert profile.status == 200 and profile.body["username"] == "alice"
+        assert (await gw.fetch("GET", "/readyz")).body["auth"] == "ok"
+    assert f"AuthService listening on 127.0.0.1:{port} (TLS)" in service.output()
+
+
+@pytest.mark.parametrize(
+    ("client", "reason"),
+    [
+        ("wrong CA", "CERTIFICATE_VERIFY_FAILED"),
+        ("wrong name", "Hostname Verification"),  # the certificate does not name 127.0.0.1
+        ("plaintext", "Socket closed"),  # the TLS server hangs up on a plaintext client
+    ],
+)
+async def test_a_gateway_that_cannot_make_the_tls_channel_answers_503(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, client: str, reason: str
+) -> None:
+    ca, cert, key = write_certificates(tmp_path, "good")
+    other_ca, _, _ = write_certificates(tmp_path, "other")
+    gateway_tls = {
+        "wrong CA": trusting(other_ca),
+        "wrong name": trusting(ca, server_name=""),
+        "plaintext": trusting(None),
+    }[client]
+    port = free_port()
+    auth_dir, gw_dir = folders(tmp_path)
+    async with (
+        auth_service(auth_dir, port, **serving_tls(cert, key)),
+        running_gateway(gw_dir, **remote(port, **gateway_tls)) as gw,
+    ):
+        body = {"username": "alice", "password": PASSWORD}
+        for response in (
+            await gw.fetch("POST", "/api/v1/auth/register", body),
+            await gw.fetch("POST", "/api/v1/auth/login", body),
+        ):
+            assert response.status == 503, response.body
+            assert response.body["error"]["code"] == "auth_unavailable"
+            assert response.headers["Retry-After"] == "1"
+        ready = await gw.fetch("GET", "/readyz")
+        assert ready.status == 503 and ready.body["auth"] == "unavailable"
+    logged = [r.getMessage() for r in caplog.records if "is unavailable" in r.getMessage()]
+    assert logged and f"the AuthService at 127.0.0.1:{port}" in logged[0]
+    assert reason in logged[0]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"STOX_AUTH_TLS_CERT_FILE": "cert.pem"}, "auth.tls_key_file: tls_cert_file and"),
+        (
+            {"STOX_AUTH_TLS_CERT_FILE": "missing.pem", "STOX_AUTH_TLS_KEY_FILE": "key.pem"},
+            "auth.tls_key_file: cannot read key.pem",
+        ),
+        (
+            {"STOX_AUTH_TLS_CERT_FILE": "auth.yaml", "STOX_AUTH_TLS_KEY_FILE": "auth.yaml"},
+            "auth.tls_key_file: auth.yaml is not a PEM file",
+        ),
+    ],
+)
+def test_the_service_refuses_tls_settings_it_cannot_use(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    (tmp_path / "auth.yaml").write_text(CHEAP_HASHES)
+    result = run_cli(
+        tmp_path,
+        "auth-service",
+        "--port",
+        "0",
+        STOX_STORAGE_URL=f"sqlite:///{tmp_path}/a.db",
+        STOX_JWT_SECRET=SECRET,
+        **env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "configuration error" in result.stderr
+
+
+def test_a_gateway_refuses_a_ca_file_it_cannot_read(tmp_path: Path) -> None:
+    settings = gateway_settings(
+        tmp_path, services__auth=Endpoint("127.0.0.1", 1), auth__tls_ca_file="missing.pem"
+    )
+    with pytest.raises(SettingsError, match=r"auth\.tls_ca_file: cannot read missing\.pem"):
+        Gateway(settings, completion_path="/done")

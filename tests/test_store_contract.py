@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
 from support import T0, eventually, free_port
 
 from stox.store import (
@@ -23,7 +25,7 @@ from stox.store import (
     WorkflowStore,
     make_store,
 )
-from stox.store.mongo import MongoStore
+from stox.store.mongo import MongoStore, MongoUserStore
 from stox.store.mongo_url import database_from_url
 from stox.store.sqlite import LAYOUT, SQLiteStore
 from stox.workflow import (
@@ -785,6 +787,33 @@ async def test_mongo_unreachable_server_raises_store_error() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
+
+
+@pytest.mark.mongo
+async def test_mongo_writes_and_reads_with_majority_concerns(mongo_url: str) -> None:
+    """Whatever the URL asks for (here w=1 and read concern local), both collections write
+    with w=majority, j=true and read with read concern majority (see stox/store/mongo.py)."""
+    url = f"{mongo_url}?w=1&readConcernLevel=local"
+    for made in (MongoStore.from_url(url), MongoUserStore.from_url(url)):
+        await made.open()
+        try:
+            collection = made._col()
+            assert collection.write_concern == WriteConcern(w="majority", j=True)
+            assert collection.write_concern.acknowledged
+            assert collection.read_concern == ReadConcern("majority")
+        finally:
+            await made.close()
+    store = MongoStore.from_url(url)  # and the server takes them: a CAS round trip
+    await store.open()
+    try:
+        doc = new_doc()
+        await store.insert(doc)
+        changed = {**doc, "version": 2, "status": COMPLETED}
+        assert await store.replace(changed, 1, []) > 0
+        assert await store.replace(changed, 1, []) == 0
+        assert (await store.get(doc["id"]) or {})["version"] == 2
+    finally:
+        await store.close()
 
 
 # -- steps running workflows still need ------------------------------------------------------

@@ -5,11 +5,17 @@ UNAVAILABLE for is retried (`auth.retries`, backoff from `auth.retry_backoff`, d
 with jitter). A failed call raises AuthCallError, whose status maps to HTTP by one fixed
 table. Logins go through the LoginLimiter first, registrations through the
 RegistrationLimiter: both know the client's address, which a remote AuthService does not.
+
+The channel to a remote AuthService is TLS when `auth.tls_ca_file` is set (stox/auth/tls.py).
+When the service cannot be reached (it is down, or the TLS handshake fails: a wrong CA, a
+plaintext server) calls fail UNAVAILABLE (HTTP 503) and the health check says so (/readyz);
+each new reason is logged once, with gRPC's own words (CERTIFICATE_VERIFY_FAILED, …).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -21,7 +27,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import auth_pb2, auth_pb2_grpc
 from settings import AuthSettings
+from stox.auth import tls
 from stox.auth.limits import LoginLimiter, RegistrationLimiter
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
@@ -80,6 +89,8 @@ class AuthClient:
         backoff: float = 0.1,
         limiter: LoginLimiter | None = None,
         registrations: RegistrationLimiter | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: list[tuple[str, str]] | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -87,14 +98,21 @@ class AuthClient:
         self.backoff = backoff
         self.limiter = limiter or LoginLimiter()
         self.registrations = registrations or RegistrationLimiter()
+        self.credentials = credentials  # None: plaintext
+        self.options = [*CHANNEL_OPTIONS, *(options or [])]
+        self._unavailable: str | None = None  # the reason last logged
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
         self._health: Any = None
 
     @classmethod
     def from_settings(cls, auth: AuthSettings, target: str = "") -> AuthClient:
+        """`target`: a remote AuthService's host:port, reached over TLS when the settings
+        say so; empty: the built-in one, plaintext on the loopback interface."""
         return cls(
             target,
+            credentials=tls.channel_credentials(auth) if target else None,
+            options=tls.channel_options(auth) if target else None,
             timeout=auth.timeout,
             retries=auth.retries,
             backoff=auth.retry_backoff,
@@ -105,7 +123,12 @@ class AuthClient:
     async def connect(self, target: str | None = None) -> None:
         """Open the channel on the running loop (it connects on the first call)."""
         self.target = target or self.target
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        if self.credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=self.options)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                self.target, self.credentials, options=self.options
+            )
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -177,9 +200,22 @@ class AuthClient:
         request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
         try:
             reply = await self._health.Check(request, timeout=HEALTH_TIMEOUT)
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as exc:
+            self._note(exc.code(), exc.details() or "")
             return False
+        self._note(None, "")
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def _note(self, code: grpc.StatusCode | None, details: str) -> None:
+        """Log why the service is unreachable, once per reason; and when it answers again
+        (`code` None: a reply; another code than UNAVAILABLE or a deadline: it answered)."""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            if details != self._unavailable:
+                log.warning("the AuthService at %s is unavailable: %s", self.target, details)
+                self._unavailable = details
+        elif code != grpc.StatusCode.DEADLINE_EXCEEDED and self._unavailable is not None:
+            log.info("the AuthService at %s answers again", self.target)
+            self._unavailable = None
 
     # -- deadlines and retries ------------------------------------------------------------
 
@@ -194,11 +230,15 @@ class AuthClient:
             if remaining <= 0:
                 break
             try:
-                return await rpc(request, timeout=remaining)
+                reply = await rpc(request, timeout=remaining)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    self._note(code, exc.details() or "")
                     raise AuthCallError(code, exc.details() or "") from None
+            else:
+                self._note(None, "")
+                return reply
             pause = min(delay * random.uniform(0.5, 1.5), deadline - loop.time())
             if pause > 0:
                 await asyncio.sleep(pause)

@@ -24,6 +24,7 @@ from marshmallow import ValidationError
 
 from protos import auth_pb2, auth_pb2_grpc
 from settings import Settings
+from stox import version
 from stox.auth.accounts import Accounts, BadCredentials, UnknownUser
 from stox.auth.passwords import Busy, Passwords
 from stox.auth.tokens import InvalidToken, TokenAuthority
@@ -122,25 +123,39 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 class AuthServer:
     """The AuthService and the health service on one grpc.aio server; owns its user store."""
 
-    def __init__(self, store: UserStore, passwords: Passwords, tokens: TokenAuthority) -> None:
+    def __init__(
+        self,
+        store: UserStore,
+        passwords: Passwords,
+        tokens: TokenAuthority,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        """`credentials`: serve TLS with them (stox/auth/tls.py); None: plaintext."""
         if not tokens.can_issue:
             raise ValueError("the AuthService needs a token authority that can issue tokens")
         self.store = store
         self.passwords = passwords
         self.tokens = tokens
+        self.credentials = credentials
         self.accounts = Accounts(store, passwords)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, tokens: TokenAuthority) -> AuthServer:
+    def from_settings(
+        cls,
+        settings: Settings,
+        tokens: TokenAuthority,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> AuthServer:
         return cls(
             make_user_store(
                 settings.storage.url, sqlite_synchronous=settings.storage.sqlite_synchronous
             ),
             Passwords.from_settings(settings.auth),
             tokens,
+            credentials,
         )
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -154,8 +169,12 @@ class AuthServer:
                 AuthServicer(self.accounts, self.tokens), server
             )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            address = f"{host}:{port}"
             try:
-                bound = int(server.add_insecure_port(f"{host}:{port}"))
+                if self.credentials is None:
+                    bound = int(server.add_insecure_port(address))
+                else:
+                    bound = int(server.add_secure_port(address, self.credentials))
             except RuntimeError as exc:  # grpcio's "Failed to bind to address"
                 raise OSError(f"cannot listen on {host}:{port}") from exc
             await server.start()
@@ -165,7 +184,8 @@ class AuthServer:
             raise
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._server, self.port = server, bound
-        log.info("AuthService listening on %s:%d", host, bound)
+        tls = "TLS" if self.credentials is not None else "plaintext"
+        log.info("%s: AuthService listening on %s:%d (%s)", version.describe(), host, bound, tls)
         return bound
 
     async def stop(self, grace: float = 1.0) -> None:

@@ -20,7 +20,12 @@ from pika.connection import Connection
 
 
 class Lost(Exception):
-    """A channel or the connection closed under an operation."""
+    """A channel or the connection closed under an operation; `reason` is what pika gave
+    for the close (a `ChannelClosedByBroker` carries the broker's reply code and text)."""
+
+    def __init__(self, message: str, reason: object = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(eq=False)
@@ -46,7 +51,7 @@ async def first(wanted: asyncio.Future[Any], *closed: asyncio.Future[Any]) -> An
     if wanted.done():
         return wanted.result()
     reason = next(f.result() for f in closed if f.done())
-    raise Lost(f"closed: {reason!r}")
+    raise Lost(f"closed: {reason!r}", reason)
 
 
 async def open_channel(connection: Connection, lost: asyncio.Future[Any]) -> OpenChannel:

@@ -10,6 +10,11 @@ It keeps the promises of `LocalBus`, so the same contract suite runs on both:
   (a connection-exclusive queue would go with the dropped connection, and the hub would miss
   the changes published meanwhile). `close()` deletes it; if the instance dies, the broker
   does, once it has gone unused for `private_queue_expires` (`x-expires`);
+* queue types: the durable queues (the dead letters' and every non-exclusive one) are of
+  `queue_type`, classic or quorum (`x-queue-type`; replicated, see the README's production
+  checklist); an instance's own queue is always classic (a quorum queue must be durable).
+  A queue that exists with another type refuses the declaration (PRECONDITION_FAILED), and
+  the bus raises `QueueTypeMismatch` naming the queue and `rabbitmq.queue_type`;
 * publishing: persistent JSON with `message_id`, `correlation_id`, `timestamp` (AMQP carries
   whole seconds, so the exact float travels in the `x-stox-timestamp` header too) and
   `content_type`. `publish()` returns once the broker confirms; a nack, a timeout, a lost
@@ -39,6 +44,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +83,10 @@ from stox.logs import message_context, workflow_fields
 
 log = logging.getLogger(__name__)
 
+CLASSIC, QUORUM = QUEUE_TYPES = ("classic", "quorum")
+# "... but current is 'classic'", "... is the value 'quorum' of type 'longstr'", "... is none"
+_CURRENT_TYPE = re.compile(r"current is (?:the value )?'?(\w+)")
+
 pika_writes.coalesce()  # the frames of a loop turn in one system call (see pika_writes.py)
 
 JSON = "application/json"
@@ -84,6 +94,28 @@ TIMESTAMP_HEADER = "x-stox-timestamp"  # the exact float; AMQP timestamps are wh
 FAILURES_HEADER = "x-stox-failures"  # how many times handlers failed on this message so far
 PERSISTENT = 2
 _DEFAULTS = RabbitMQSettings()
+
+
+class QueueTypeMismatch(Lost):
+    """A queue exists in the broker with another type than `rabbitmq.queue_type`."""
+
+
+def _type_mismatch(queue: str, wanted: str, exc: Lost) -> QueueTypeMismatch | None:
+    """The mismatch the broker's refusal of `queue`'s declaration reports, if it is one."""
+    reason = exc.reason
+    if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+        return None
+    text = str(reason.reply_text)
+    if reason.reply_code != 406 or "x-queue-type" not in text:
+        return None
+    found = _CURRENT_TYPE.search(text)
+    current = found[1] if found else "other"
+    current = CLASSIC if current == "none" else current  # declared without x-queue-type
+    return QueueTypeMismatch(
+        f"queue {queue!r} exists in RabbitMQ as a {current} queue, but rabbitmq.queue_type is "
+        f"{wanted}, and a queue's type cannot change: set rabbitmq.queue_type: {current}, or "
+        f"move its messages and delete the queue (see the README's production checklist)"
+    )
 
 
 @dataclass(eq=False)
@@ -186,9 +218,13 @@ class RabbitMQBus:
         reconnect_delay: float = 0.2,
         max_reconnect_delay: float = 30.0,
         private_queue_expires: float = 120.0,
+        queue_type: str = _DEFAULTS.queue_type,
     ) -> None:
         if not url:
             raise ValueError("rabbitmq.url is required")
+        if queue_type not in QUEUE_TYPES:
+            raise ValueError(f"queue_type: expected classic or quorum, got {queue_type!r}")
+        self.queue_type = queue_type
         self.url = url
         self.connection_name = connection_name
         self.exchange = exchange
@@ -228,6 +264,7 @@ class RabbitMQBus:
             "confirm_timeout": settings.confirm_timeout,
             "heartbeat": settings.heartbeat,
             "blocked_timeout": settings.blocked_timeout,
+            "queue_type": settings.queue_type,
         }
         return cls(settings.url, connection_name=connection_name, **{**described, **options})
 
@@ -335,6 +372,8 @@ class RabbitMQBus:
         try:
             async with temporary_channel(link.connection, link.lost) as chan:
                 await self._declare_queue(chan, wanted)
+        except QueueTypeMismatch as exc:
+            raise ConnectionError(str(exc)) from None
         except Lost as exc:  # refused (declared before with other arguments), or cut off
             raise ConnectionError(f"RabbitMQ did not declare queue {queue!r}: {exc}") from None
         self._declared[queue] = wanted
@@ -467,7 +506,7 @@ class RabbitMQBus:
         ch = chan.channel
         await call(chan, ch.exchange_declare, self.exchange, "topic", durable=True)
         await call(chan, ch.exchange_declare, self.dead_letters, "fanout", durable=True)
-        await call(chan, ch.queue_declare, self.dead_letters, durable=True)
+        await self._queue_declare(chan, self.dead_letters, {})
         await call(chan, ch.queue_bind, self.dead_letters, self.dead_letters, routing_key="")
 
     async def _declare_queue(self, chan: OpenChannel, queue: _Declared) -> None:
@@ -475,11 +514,22 @@ class RabbitMQBus:
         arguments: dict[str, object] = {"x-dead-letter-exchange": self.dead_letters}
         if queue.exclusive:
             arguments["x-expires"] = max(1, round(self.private_queue_expires * 1000))
-        await call(
-            chan, ch.queue_declare, queue.name, durable=not queue.exclusive, arguments=arguments
-        )
+            await call(chan, ch.queue_declare, queue.name, durable=False, arguments=arguments)
+        else:
+            await self._queue_declare(chan, queue.name, arguments)
         for binding in queue.bindings:
             await call(chan, ch.queue_bind, queue.name, self.exchange, routing_key=binding)
+
+    async def _queue_declare(
+        self, chan: OpenChannel, name: str, arguments: dict[str, object]
+    ) -> None:
+        """Declare a durable queue of `queue_type`; QueueTypeMismatch if it has another."""
+        if self.queue_type == QUORUM:  # classic is the default: no argument, as before
+            arguments = {**arguments, "x-queue-type": QUORUM}
+        try:
+            await call(chan, chan.channel.queue_declare, name, durable=True, arguments=arguments)
+        except Lost as exc:
+            raise _type_mismatch(name, self.queue_type, exc) or exc from None
 
     async def _delete_private_queues(self, link: _Link) -> None:
         """This instance's own queues go with it (if the broker cannot be asked now, they

@@ -34,6 +34,28 @@ indexes let rows without the value be many anyway). Not a partial index: nx-2701
 `partialFilterExpression`, and a compound sparse index would still index every document by
 its owner.
 
+Both collections are used with write concern `majority` with `j: true` and read concern
+`majority` (`WRITE_CONCERN`, `READ_CONCERN`), whatever the URL says:
+
+- A compare-and-swap acknowledged by the primary alone can be rolled back by a failover (a
+  new primary elected without it): the transition, acknowledged to its caller (a 202, a 200
+  to a service) and its events perhaps already published, would be lost. With `majority` the
+  acknowledgement waits until a majority of the replica set has the write, and a majority
+  is what any new primary must come from.
+- `j: true` has each of those members write it to its journal first, so a member that
+  crashes and restarts still has it. A replica set's default (writeConcernMajorityJournalDefault)
+  already journals majority writes; stating it keeps that true on a standalone server or a
+  set configured otherwise, at no extra cost on a default set.
+- The reads that decide a transition (the load before the compare-and-swap, the sweeper's and
+  the relay's scans, the idempotency key) see only majority-committed data: a decision is
+  never made, nor an outbox event published, from a write that a failover may still undo.
+  Such a read can be a moment behind the primary's newest write; the compare-and-swap on
+  `version` then misses and the orchestrator reloads, as after any concurrent change.
+
+nx-27017 accepts both and means the same on its one node: `w: majority` is the node itself,
+`j: true` makes it sync SQLite at each write (`synchronous=FULL`), and read concern is what it
+has committed.
+
 `MongoUserStore` keeps the AuthService's users in the collection `users` (`_id` the user id,
 a unique index on `username`).
 """
@@ -50,6 +72,8 @@ import bson.errors
 from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
 
 from stox.logs import detached
 from stox.store.base import (
@@ -69,6 +93,9 @@ log = logging.getLogger(__name__)
 COLLECTION = "workflows"
 USERS = "users"
 SERVER_SELECTION_TIMEOUT_MS = 5000
+# why: the module docstring (a failover must not roll back an acknowledged transition)
+WRITE_CONCERN = WriteConcern(w="majority", j=True)
+READ_CONCERN = ReadConcern("majority")
 M = TypeVar("M", bound="MongoCollection")
 
 # what a change writes: all but the fields fixed at upload (id, owner, product, created_at)
@@ -156,7 +183,9 @@ class MongoCollection:
             client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(self.url, **options)
         except PyMongoError as exc:  # a malformed URL or option
             raise StoreError(f"MongoDB: {exc}") from exc
-        collection = client[self.database][self.COLLECTION]
+        collection = client[self.database].get_collection(
+            self.COLLECTION, write_concern=WRITE_CONCERN, read_concern=READ_CONCERN
+        )
         try:
             for keys, options in self.INDEXES:
                 await collection.create_index(keys, **options)

@@ -89,9 +89,7 @@ def request_timer(
     return observe
 
 
-def metrics_server(
-    metrics: Metrics, settings: Settings
-) -> tornado.httpserver.HTTPServer | None:
+def metrics_server(metrics: Metrics, settings: Settings) -> tornado.httpserver.HTTPServer | None:
     """The server of /metrics alone at `metrics.listen` (a port alone: on `server.host`),
     listening; None when they are served on the API's port (or not at all)."""
     address = settings.metrics.address

@@ -188,4 +188,3 @@ class _HubMessages(Collector):
             "Messages not delivered to a slow client (closed with 4008)",
             tally.dropped,
         )
-

@@ -17,6 +17,7 @@ from stox.store.base import IdempotencyKey, NewEvent, WorkflowStore
 
 T = TypeVar("T")
 
+
 async def _timed(histogram: Histogram, call: Awaitable[T]) -> T:
     start = time.perf_counter()
     try:

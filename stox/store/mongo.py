@@ -416,9 +416,7 @@ class MongoStore(MongoCollection):
         col = self._col()
         try:
             count = await col.count_documents(waiting)
-            oldest = await col.find_one(
-                waiting, {"outbox_at": 1}, sort=[("outbox_at", ASCENDING)]
-            )
+            oldest = await col.find_one(waiting, {"outbox_at": 1}, sort=[("outbox_at", ASCENDING)])
         except PyMongoError as exc:
             raise StoreError(f"MongoDB: {exc}") from exc
         return count, None if oldest is None else oldest["outbox_at"]

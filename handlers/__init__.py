@@ -85,7 +85,7 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         websocket_ping_interval=settings.websocket.ping_interval,
         websocket_ping_timeout=settings.websocket.ping_timeout,
     )
-    if gateway.metrics is not None:
+    if gateway.metrics is not None:  # set here: the routes, static ones too, are known now
         timed = metrics.request_timer(gateway.metrics, app.wildcard_router.rules)
 
         def log_function(handler: tornado.web.RequestHandler) -> None:

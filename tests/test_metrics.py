@@ -144,6 +144,8 @@ async def test_workflow_step_report_and_http_families_move(tmp_path: Path) -> No
         assert (await report(gw, done, step)).status == 200  # a duplicate
         stale = await report(gw, done, {**step, "step_id": "0" * 32})
         assert stale.status == 409
+        unknown = await report(gw, done, step, step_type="no_such_step")
+        assert unknown.status == 409
         after = await scrape(gw)
         assert after("stox_workflows_started_total", **pipeline) == 1
         assert after("stox_workflows_completed_total", **pipeline) == 1
@@ -154,9 +156,12 @@ async def test_workflow_step_report_and_http_families_move(tmp_path: Path) -> No
         assert after("stox_step_duration_seconds_count", step=STEP, outcome="completed") == 1
         assert after("stox_reports_duplicate_total", step=STEP) == 1
         assert after("stox_reports_stale_total", step=STEP) == 1
+        # a step this gateway does not know makes no series of its own
+        assert after("stox_reports_stale_total", step="") == 1
+        assert after("stox_reports_stale_total", step="no_such_step") == 0
         http = {"route": "step_completed", "method": "POST"}
         assert after("stox_http_request_duration_seconds_count", **http, status_class="2xx") == 2
-        assert after("stox_http_request_duration_seconds_count", **http, status_class="4xx") == 1
+        assert after("stox_http_request_duration_seconds_count", **http, status_class="4xx") == 2
         assert after("stox_store_operation_duration_seconds_count", operation="insert") >= 1
         assert after("stox_store_operation_duration_seconds_count", operation="replace") >= 1
 

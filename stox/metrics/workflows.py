@@ -107,7 +107,7 @@ class WorkflowMetrics:
                     counts.dispatches.inc()
                 elif kind == "step_completed":
                     counts.completions.inc()
-                    self._ended(workflow, change.step, counts.completed)
+                    _observe_attempt(workflow, change.step, counts.completed)
                 elif kind in ("step_retrying", "step_failed"):
                     self._attempt_failed(workflow, change.step, counts)
                     if kind == "step_retrying":
@@ -117,23 +117,28 @@ class WorkflowMetrics:
                 finished.duration.observe(epoch(workflow.updated_at) - epoch(workflow.created_at))
 
     def _attempt_failed(self, workflow: Workflow, step: str, counts: _StepCounts) -> None:
-        record = _last_attempt(workflow, step)
-        if record is not None and record["outcome"] == TIMED_OUT:
+        """A timeout (the sweeper's) or a failure (a report's), as the attempt's record says."""
+        if _observe_attempt(workflow, step, counts.failed) == TIMED_OUT:
             counts.timeouts.inc()
         else:
             counts.failures.inc()
-            self._ended(workflow, step, counts.failed)
-
-    def _ended(self, workflow: Workflow, step: str, duration: Histogram) -> None:
-        """The duration of `step`'s attempt that ended with this transition."""
-        record = _last_attempt(workflow, step)
-        began = record.get("dispatched_at") if record is not None else None
-        if began:
-            duration.observe(epoch(workflow.updated_at) - epoch(began))
 
     def report_refused(self, report: Report, reason: str) -> None:
         counts = self._steps.get(report.step_type or "") or self._steps[""]
         (counts.duplicate if reason == observe.DUPLICATE else counts.stale).inc()
+
+
+def _observe_attempt(workflow: Workflow, name: str, duration: Histogram) -> str | None:
+    """The outcome of step `name`'s attempt that ended with this transition (its last
+    record); its dispatch to now into `duration`, unless it timed out (no report came)."""
+    record = _last_attempt(workflow, name)
+    if record is None:
+        return None
+    outcome: str = record["outcome"]
+    began = record.get("dispatched_at")
+    if outcome != TIMED_OUT and began:
+        duration.observe(epoch(workflow.updated_at) - epoch(began))
+    return outcome
 
 
 def _last_attempt(workflow: Workflow, name: str) -> dict[str, Any] | None:

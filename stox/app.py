@@ -96,11 +96,17 @@ def make_journal(settings: Settings, store: WorkflowStore | None) -> SQLiteJourn
     on its connection; otherwise (MongoDB without RabbitMQ) in `stox-bus.db` beside the data."""
     from stox.store.sqlite_db import SQLiteDatabase
 
-    while isinstance(store, FaultyStore | TimedStore):  # nor what faults and timings are for
-        store = store.inner
+    store = None if store is None else underlying(store)  # not what faults, timings are for
     if isinstance(store, SQLiteDatabase):
         return SQLiteJournal.beside(store)
     return SQLiteJournal.at(str(secret.data_dir(settings.storage.url) / JOURNAL_FILE))
+
+
+def underlying(store: WorkflowStore) -> WorkflowStore:
+    """The store itself, without the FaultyStore or TimedStore around it."""
+    while isinstance(store, FaultyStore | TimedStore):
+        store = store.inner
+    return store
 
 
 def make_tokens(settings: Settings, *, issuing: bool = False) -> TokenAuthority:

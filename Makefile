@@ -13,7 +13,7 @@ $(error $(PYTHON) does not run)
 endif
 INTERPRETER := $(VENV)/.python-$(PYTHON_VERSION)
 
-.PHONY: demo test lint format bench bench-ws
+.PHONY: demo test lint format bench bench-ws binary
 
 $(INTERPRETER):
 	rm -rf $(VENV)
@@ -28,7 +28,7 @@ $(VENV)/.runtime: $(INTERPRETER) requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-binary.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
@@ -40,6 +40,15 @@ test: $(VENV)/.dev
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	$(PY) -m pytest
+
+# one self-contained executable, dist/stox (interpreter, packages, dashboard, protos inside)
+$(VENV)/.binary: $(VENV)/.runtime requirements-binary.txt
+	$(PY) -m pip install -q -r requirements-binary.txt
+	touch $@
+
+binary: $(VENV)/.binary
+	$(PY) packaging/build.py
+	@ls -l dist/stox
 
 format: $(VENV)/.dev
 	$(PY) -m ruff format .

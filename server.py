@@ -17,7 +17,7 @@ import handlers
 import settings as settings_module
 from handlers.server import make_http_server
 from stox import __main__ as commands
-from stox import gc_tuning
+from stox import gc_tuning, version
 from stox.app import Gateway
 from stox.logs import configure
 from stox.loops import run, running_loop
@@ -34,7 +34,8 @@ async def serve(settings: settings_module.Settings) -> None:
     metrics = handlers.metrics_server(gateway)
     gc_tuning.tune()
     log.info(
-        "stox gateway %s listening on %s (store %s, bus %s, loop %s%s)",
+        "%s: gateway %s listening on %s (store %s, bus %s, loop %s%s)",
+        version.describe(),
         gateway.instance_id,
         settings.public_url,
         settings.storage.url.split("@")[-1],
@@ -80,6 +81,7 @@ def cli(argv: list[str] | None = None) -> int:
     """The `stox` command."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="stox", description="The Stox gateway and its tools.")
+    parser.add_argument("--version", action="version", version=version.describe())
     subcommands = parser.add_subparsers(dest="command", required=True)
     subcommands.add_parser(
         "serve",

@@ -20,6 +20,7 @@ from typing import Any, cast
 import yaml
 
 from stox import store as stores
+from stox import version
 from stox.store.sqlite_db import SYNCHRONOUS as SQLITE_SYNCHRONOUS
 from stox.workflow import DEFAULT_STEPS, StepSpec
 
@@ -721,6 +722,7 @@ def _check(section: Any, prefix: str) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="server.py", description="Run the Stox gateway.")
+    p.add_argument("--version", action="version", version=version.describe())
     p.add_argument("--config", help="a YAML settings file (see config.example.yaml)")
     p.add_argument("--host", help="address to listen on (server.host)")
     p.add_argument("--port", help="port to listen on (server.port)")

@@ -19,14 +19,21 @@ What a worker owes the gateway (the README's "Writing a worker" says the same fo
    the worker acknowledges either and moves on. This worker also remembers its recent reports
    and sends the same one again instead of redoing the work.
 5. Stop cleanly on SIGTERM: finish the job in hand, let the rest go back to the queue.
+6. Traces (optional): a dispatch of a traced workflow carries a W3C `traceparent` (the AMQP
+   header and the payload's field). With OpenTelemetry installed this worker records its
+   span as a child of it and reports with its own span's `traceparent` (the AMQP header, or
+   the HTTP header); without it, it sends the dispatch's on as it is. Either way the
+   gateway's span for the report joins the workflow's trace.
 
-Only pika and the standard library are needed. BlockingConnection is enough for a worker
-that does one job at a time; `connection.sleep` keeps heartbeats going while it works.
+Only pika and the standard library are needed (OpenTelemetry is used when installed).
+BlockingConnection is enough for a worker that does one job at a time; `connection.sleep`
+keeps heartbeats going while it works.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -38,10 +45,17 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import pika
 import pika.exceptions
+
+try:  # optional: see 6. above
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+except ImportError:  # it still works: it sends the dispatch's traceparent on
+    trace = None  # type: ignore[assignment]
 
 log = logging.getLogger("worker")
 
@@ -49,6 +63,7 @@ REMEMBERED = 10_000  # recent reports kept, by step_id, to answer a redelivery a
 SENT, RETRY, DEAD = "sent", "retry", "dead"  # what became of a report
 # the body of POST step-completed (the AMQP message also carries event and occurred_at)
 HTTP_FIELDS = ("workflow_id", "step_id", "step_type", "success", "result", "error")
+TRACEPARENT = "traceparent"  # W3C Trace Context: the header, and the dispatch's field
 
 
 def do_the_work(step: str, job: dict[str, Any]) -> dict[str, Any]:
@@ -71,9 +86,15 @@ class Stop(Exception):
 
 
 class Worker:
-    def __init__(self, args: argparse.Namespace, token: str) -> None:
+    """`tracer`: an OpenTelemetry tracer for its spans (default: the global provider's, when
+    OpenTelemetry is installed)."""
+
+    def __init__(self, args: argparse.Namespace, token: str, tracer: Any = None) -> None:
         self.args = args
         self.token = token
+        if tracer is None and trace is not None:
+            tracer = trace.get_tracer("stox-worker")
+        self.tracer = tracer
         self.queue = f"{args.prefix}.step.{args.step}"
         self.stopping = False
         self.reports: OrderedDict[str, dict[str, Any]] = OrderedDict()  # step_id -> report
@@ -127,19 +148,21 @@ class Worker:
             log.error("dead-lettering a message that is not a dispatch: %r", body[:200])
             channel.basic_nack(tag, requeue=False)
             return
-        report = self.reports.get(step_id)
-        if report is not None:
-            log.info("%s: step %s again (redelivered), same report", workflow_id, step_id)
-        else:
-            report = self.work(connection, job)
-        try:
-            if self.args.http:
-                outcome = self.reply_http(job, report)
+        headers = getattr(props, "headers", None) or {}
+        with self.traced(job, headers.get(TRACEPARENT) or job.get(TRACEPARENT)) as traceparent:
+            report = self.reports.get(step_id)
+            if report is not None:
+                log.info("%s: step %s again (redelivered), same report", workflow_id, step_id)
             else:
-                outcome = self.reply_amqp(channel, job, report)
-        except Stop:
-            channel.basic_nack(tag, requeue=True)
-            raise
+                report = self.work(connection, job)
+            try:
+                if self.args.http:
+                    outcome = self.reply_http(job, report, traceparent)
+                else:
+                    outcome = self.reply_amqp(channel, job, report, traceparent)
+            except Stop:
+                channel.basic_nack(tag, requeue=True)
+                raise
         if outcome == SENT:
             self.remember(step_id, report)
             channel.basic_ack(tag)
@@ -148,6 +171,32 @@ class Worker:
         else:  # not delivered: let the dispatch come back, after a pause
             connection.sleep(1.0)
             channel.basic_nack(tag, requeue=True)
+
+    @contextlib.contextmanager
+    def traced(self, job: dict[str, Any], parent: Any) -> Iterator[str | None]:
+        """This worker's span for `job`, a child of the dispatch's context `parent` (its
+        traceparent); yields the traceparent the report carries: the span's, or without
+        OpenTelemetry the dispatch's own."""
+        parent = parent if isinstance(parent, str) else None
+        if self.tracer is None:
+            yield parent
+            return
+        propagator = TraceContextTextMapPropagator()
+        context = propagator.extract({TRACEPARENT: parent}) if parent else None
+        attributes = {
+            "stox.workflow.id": job["workflow_id"],
+            "stox.step": self.args.step,
+            "stox.step.id": job["step_id"],
+        }
+        with self.tracer.start_as_current_span(
+            f"step {self.args.step}",
+            context=context,
+            kind=trace.SpanKind.CONSUMER,
+            attributes=attributes,
+        ):
+            carrier: dict[str, str] = {}
+            propagator.inject(carrier)
+            yield carrier.get(TRACEPARENT, parent)
 
     def work(self, connection: Any, job: dict[str, Any]) -> dict[str, Any]:
         args = self.args
@@ -173,7 +222,9 @@ class Worker:
 
     # -- reporting ------------------------------------------------------------------------
 
-    def reply_amqp(self, channel: Any, job: dict[str, Any], report: dict[str, Any]) -> str:
+    def reply_amqp(
+        self, channel: Any, job: dict[str, Any], report: dict[str, Any], traceparent: str | None
+    ) -> str:
         """Publish step.completed; SENT once the broker has confirmed it."""
         routing_key = (job.get("reply_to") or {}).get("routing_key") or "step.completed"
         properties = pika.BasicProperties(
@@ -182,7 +233,7 @@ class Worker:
             message_id=uuid.uuid4().hex,
             correlation_id=job["workflow_id"],
             timestamp=int(time.time()),
-            headers={"authorization": f"Bearer {self.token}"},
+            headers=with_trace({"authorization": f"Bearer {self.token}"}, traceparent),
         )
         try:
             channel.basic_publish(
@@ -194,7 +245,9 @@ class Worker:
         log.info("%s: reported %s over AMQP", job["workflow_id"], self.outcome(report))
         return SENT
 
-    def reply_http(self, job: dict[str, Any], report: dict[str, Any]) -> str:
+    def reply_http(
+        self, job: dict[str, Any], report: dict[str, Any], traceparent: str | None
+    ) -> str:
         """POST the report; SENT when the gateway has answered it for good."""
         workflow_id = job["workflow_id"]
         url = self.args.gateway_url or (job.get("reply_to") or {}).get("http")
@@ -206,7 +259,10 @@ class Worker:
             url,
             data=json.dumps(body).encode(),
             method="POST",
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+            headers=with_trace(
+                {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+                traceparent,
+            ),
         )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
@@ -238,6 +294,45 @@ class Worker:
     @staticmethod
     def outcome(report: dict[str, Any]) -> str:
         return "success" if report["success"] else f"failure ({report['error']})"
+
+
+def with_trace(headers: dict[str, str], traceparent: str | None) -> dict[str, str]:
+    """A report's `headers`, with its traceparent when it has one."""
+    return {**headers, TRACEPARENT: traceparent} if traceparent else headers
+
+
+def setup_tracing(step: str) -> None:
+    """Export this worker's spans when the OpenTelemetry SDK is installed and the standard
+    variables ask for it (OTEL_TRACES_EXPORTER=otlp or console, or an OTLP endpoint), as
+    the gateway does; OTEL_SERVICE_NAME names it (default `stox-worker-<step>`). A worker
+    run under `opentelemetry-instrument` is set up by that instead."""
+    env = os.environ
+    exporters = env.get("OTEL_TRACES_EXPORTER")
+    if exporters is None:
+        on = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        exporters = "otlp" if on else "none"
+    names = {name.strip() for name in exporters.split(",")} - {"", "none"}
+    if not names or env.get("OTEL_SDK_DISABLED", "").lower() == "true" or trace is None:
+        return
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError:
+        log.warning("OTEL_* asks for traces, but the opentelemetry-sdk is not installed")
+        return
+    name = env.get("OTEL_SERVICE_NAME") or f"stox-worker-{step}"
+    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    for exporter in sorted(names):
+        if exporter == "console":
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        elif exporter == "otlp":  # opentelemetry-exporter-otlp-proto-http
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        else:
+            log.warning("OTEL_TRACES_EXPORTER: %s is not supported here (otlp, console)", exporter)
+    trace.set_tracer_provider(provider)  # flushed at exit (shutdown_on_exit)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -272,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s worker[{args.step}] %(message)s",
     )
     logging.getLogger("pika").setLevel(logging.WARNING)
+    setup_tracing(args.step)
     token = args.token or os.environ.get("STOX_SERVICE_TOKEN", "")
     if not token:
         print(

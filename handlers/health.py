@@ -10,12 +10,13 @@ from handlers.openapi import operation
 from stox.auth.client import AuthClient
 from stox.bus.base import EventBus
 from stox.store.base import WorkflowStore
+from stox.version import commit, version
 
 
 class HealthHandler(BaseHandler):
     @operation("Liveness", answers={200: ("the process serves", responses.HealthSchema())})
     async def get(self) -> None:
-        self.write_json(200, {"status": "ok"})
+        self.write_json(200, {"status": "ok", "version": version(), "commit": commit()})
 
 
 class ReadyHandler(BaseHandler):

@@ -21,6 +21,7 @@ from marshmallow import Schema
 
 from handlers import responses
 from handlers.base import BaseHandler
+from stox import version
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -135,7 +136,7 @@ def build(routes: list[Any]) -> dict[str, Any]:
     """The OpenAPI 3.1 document of `routes`; Undeclared when a method declares nothing."""
     spec = APISpec(
         title="Stox gateway",
-        version="1",
+        version=version.version(),
         openapi_version="3.1.0",
         plugins=[MarshmallowPlugin()],
         info={

@@ -107,6 +107,8 @@ class WorkflowPageSchema(Schema):
 
 class HealthSchema(Schema):
     status = fields.String(required=True, validate=validate.OneOf(["ok"]))
+    version = fields.String(required=True, metadata={"description": "the release"})
+    commit = fields.String(required=True, metadata={"description": "the commit it was built from"})
 
 
 class ReadySchema(Schema):

@@ -13,6 +13,7 @@ import tornado.web
 from handlers import responses
 from handlers.base import IDEMPOTENCY_KEY, ApiError, BaseHandler, requires
 from handlers.openapi import operation
+from stox import tracecontext
 from stox.auth.limits import UploadLimiter
 from stox.schemas import (
     completion_schema,
@@ -121,6 +122,15 @@ class StepCompletedHandler(BaseHandler):
     @operation(
         "A service reports a step attempt's outcome",
         body=completion_schema,
+        parameters=(
+            {
+                "in": "header",
+                "name": tracecontext.HEADER,
+                "required": False,
+                "description": "W3C Trace Context: the report's span joins the workflow's trace",
+                "schema": {"type": "string", "maxLength": tracecontext.MAX_LENGTH},
+            },
+        ),
         answers={
             200: ("`applied`, or `duplicate` (changed nothing)", responses.ReportAnswerSchema())
         },
@@ -133,7 +143,8 @@ class StepCompletedHandler(BaseHandler):
     @requires("service")
     async def post(self) -> None:
         report = Report(**self.load(completion_schema, self.json_body()))
-        outcome = await self.orchestrator.report(report)
+        with tracecontext.continuing(self.request.headers.get(tracecontext.HEADER)):
+            outcome = await self.orchestrator.report(report)
         workflow = outcome.workflow
         self.write_json(
             200,

@@ -22,6 +22,7 @@ import sys
 from marshmallow import ValidationError
 
 import settings as settings_module
+from stox import version
 from stox.app import make_tokens
 from stox.auth.accounts import Accounts
 from stox.auth.passwords import Passwords
@@ -80,6 +81,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stox")
+    parser.add_argument("--version", action="version", version=version.describe())
     add_commands(parser.add_subparsers(dest="command", required=True))
     return dispatch(parser.parse_args(argv))
 

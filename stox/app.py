@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from settings import Settings, SettingsError, StorageSettings
+from stox import tracecontext
 from stox.auth import secret
 from stox.auth.client import AuthClient
 from stox.auth.limits import UploadLimiter
@@ -35,6 +37,9 @@ from stox.orchestrator import Orchestrator
 from stox.store import StoreError, WorkflowStore, make_store
 from stox.store.faulty import FaultyStore
 from stox.workflow import CHANGE_ROUTING_KEY, Pipeline, StepSpec
+
+if TYPE_CHECKING:
+    from stox.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +114,16 @@ def underlying(store: WorkflowStore) -> WorkflowStore:
     return store
 
 
+def make_tracing(instance_id: str) -> Tracing | None:
+    """Traces when the standard OTEL_* variables ask for them (README "Traces"); otherwise
+    None, and OpenTelemetry is not even imported."""
+    if not tracecontext.wanted(os.environ):
+        return None
+    from stox.tracing import Tracing
+
+    return Tracing.from_env(instance_id)
+
+
 def make_tokens(settings: Settings, *, issuing: bool = False) -> TokenAuthority:
     """The token authority; `issuing`: it must sign tokens, not only verify them."""
     jwt = settings.jwt
@@ -162,6 +177,7 @@ class Gateway:
         bus: EventBus | None = None,
         clock: Callable[[], float] = time.time,
         demo_worker_options: Mapping[str, Any] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         # keyword arguments for DemoWorkers (min_delay, max_delay, failure_rate, rng)
@@ -184,6 +200,10 @@ class Gateway:
         )
         self.pipeline = make_pipeline(settings, completion_path)
         self.observers = Observers()  # metrics and traces add themselves
+        # `tracing`: a test's; else as the OTEL_* variables say
+        self.tracing = tracing or make_tracing(self.instance_id)
+        if self.tracing is not None:
+            self.observers.add(self.tracing)
         self.orchestrator = Orchestrator(
             self.store,
             self.bus,
@@ -193,6 +213,7 @@ class Gateway:
             cache_bytes=settings.storage.cache_max_bytes,
             idempotency_retention=settings.server.idempotency_retention,
             observers=self.observers,
+            new_trace=self.tracing.new_root if self.tracing is not None else None,
         )
         self.uploads = UploadLimiter.from_settings(settings.server)
         self.hub = Hub.from_settings(self.orchestrator, settings.websocket)
@@ -316,6 +337,8 @@ class Gateway:
             await self.auth_server.stop()
         await self.bus.close()
         await self.store.close()
+        if self.tracing is not None:
+            await self.tracing.close()
 
 
 def _name(job: Callable[[], Awaitable[Any]]) -> str:

@@ -13,6 +13,7 @@ import logging
 
 from marshmallow import ValidationError
 
+from stox import tracecontext
 from stox.auth import bearer
 from stox.auth.tokens import SERVICE, InvalidToken, TokenAuthority
 from stox.bus.base import Event, Handler, Rejected
@@ -33,7 +34,8 @@ def completion_handler(orchestrator: Orchestrator, tokens: TokenAuthority) -> Ha
         except ValidationError as exc:
             raise Rejected(f"malformed completion {event.message_id}: {exc.messages}") from None
         try:
-            await orchestrator.report(report)
+            with tracecontext.continuing(event.headers.get(tracecontext.HEADER)):
+                await orchestrator.report(report)
         except (StaleReport, NotFound) as exc:
             log.info("completion %s ignored: %s %s", event.message_id, type(exc).__name__, exc)
 

@@ -19,6 +19,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from settings import SettingsError
+from stox import tracecontext
 from stox.auth.tokens import SERVICE, CannotIssue, TokenAuthority
 from stox.bus.base import Event, EventBus
 from stox.workflow import isoformat
@@ -173,7 +174,11 @@ class DemoWorkers:
                 message_id=uuid.uuid4().hex,
                 correlation_id=payload["workflow_id"],
                 timestamp=time.time(),
-                headers={"authorization": f"Bearer {self.service_token()}"},
+                # with the dispatch's traceparent, the report's span joins the workflow's trace
+                headers={
+                    "authorization": f"Bearer {self.service_token()}",
+                    **tracecontext.headers(payload),
+                },
             )
         )
         log.debug("demo %s reported %s for %s", step, report["success"], payload["workflow_id"])

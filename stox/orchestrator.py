@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stox import observe
+from stox import observe, tracecontext
 from stox import workflow as wf_rules
 from stox.bus.base import Event, EventBus, PublishError
 from stox.changes import ChangeBatcher
@@ -78,6 +78,7 @@ class Orchestrator:
         cache_bytes: int = 64 * 1024 * 1024,
         idempotency_retention: float = 24 * 3600.0,
         observers: observe.Observers | None = None,
+        new_trace: Callable[[], str] | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -89,6 +90,7 @@ class Orchestrator:
         self.cache_bytes = cache_bytes  # their size, all together
         self.idempotency_retention = idempotency_retention  # seconds a key finds its workflow
         self.observers = observers if observers is not None else observe.Observers()
+        self.new_trace = new_trace  # a new workflow's root traceparent, when traces are on
         self._recent: OrderedDict[str, _Cached] = OrderedDict()
         self._recent_bytes = 0
         self._bodies: dict[str, str] = {}  # message id -> its payload, encoded (see _keep_bodies)
@@ -104,7 +106,8 @@ class Orchestrator:
         workflow in one insert, unique per owner, so concurrent uploads with one key, on any
         instance, make one workflow, and a crash cannot separate them."""
         now = self.clock()
-        workflow, changes = wf_rules.start(self.pipeline, owner, product, now)
+        trace = self.new_trace() if self.new_trace is not None else None
+        workflow, changes = wf_rules.start(self.pipeline, owner, product, now, trace=trace)
         doc = workflow.to_doc()
         events = [NewEvent.of(entry) for entry in doc["outbox"]]
         if key is None:
@@ -415,6 +418,7 @@ class Orchestrator:
                             message_id=entry["message_id"],
                             correlation_id=workflow.id,
                             timestamp=self.clock(),
+                            headers=tracecontext.headers(entry["payload"]),
                             body=body,
                         )
                     )

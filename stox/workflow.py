@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from stox import tracecontext
 from stox.ids import new_id
 
 RUNNING, COMPLETED, FAILED, CANCELLED = "running", "completed", "failed", "cancelled"
@@ -184,9 +185,12 @@ class Workflow:
     outbox: list[dict[str, Any]] = field(default_factory=list)
     wake_at: str | None = None  # the earliest deadline or retry time, for the sweeper
     outbox_at: str | None = None  # when the oldest unconfirmed event was written
+    # the traceparent of its upload's span when it is traced (stox/tracecontext.py); its
+    # document has the field only then
+    trace: str | None = None
 
     def to_doc(self) -> dict[str, Any]:
-        return {
+        doc = {
             "id": self.id,
             "owner": self.owner,
             "status": self.status,
@@ -200,6 +204,9 @@ class Workflow:
             "wake_at": self.wake_at,
             "outbox_at": self.outbox_at,
         }
+        if self.trace is not None:
+            doc["trace"] = self.trace
+        return doc
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Workflow:
@@ -209,9 +216,10 @@ class Workflow:
         return cls(**fields)
 
     def public(self) -> dict[str, Any]:
-        """The document as clients see it: everything but the outbox."""
+        """The document as clients see it: everything but the outbox and the trace."""
         doc = self.to_doc()
         del doc["outbox"]
+        doc.pop("trace", None)
         return doc
 
     def copy(self) -> Workflow:
@@ -270,21 +278,21 @@ class _Transition:
         step.deadline = isoformat(self.now + spec.timeout)
         step.retry_at = None
         step.completed_at = None
-        self.emit(
-            spec.routing_key,
-            {
-                "step_id": step.step_id,
-                "step_type": step.name,
-                "attempt": step.attempt,
-                "deadline": step.deadline,
-                "product": wf.product,
-                "results": wf.results(),
-                "reply_to": {
-                    "http": self.pipeline.completion_url,
-                    "routing_key": self.pipeline.completion_routing_key,
-                },
+        payload = {
+            "step_id": step.step_id,
+            "step_type": step.name,
+            "attempt": step.attempt,
+            "deadline": step.deadline,
+            "product": wf.product,
+            "results": wf.results(),
+            "reply_to": {
+                "http": self.pipeline.completion_url,
+                "routing_key": self.pipeline.completion_routing_key,
             },
-        )
+        }
+        if wf.trace is not None:  # the worker's span is a child of this dispatch's
+            payload[tracecontext.HEADER] = tracecontext.dispatch(wf.trace, step.step_id)
+        self.emit(spec.routing_key, payload)
         self.changes.append(Change("step_dispatched", step.name))
 
     def finish_workflow(self, status: str, extra: dict[str, Any]) -> None:
@@ -361,8 +369,10 @@ def start(
     product: dict[str, Any],
     now: float,
     ids: IdFactory = new_id,
+    trace: str | None = None,
 ) -> tuple[Workflow, list[Change]]:
-    """Upload: a running workflow whose first step is dispatched."""
+    """Upload: a running workflow whose first step is dispatched; `trace`: the traceparent
+    of its upload's span, when it is traced."""
     if not pipeline.steps:
         raise ValueError("a pipeline needs at least one step")
     now_iso = isoformat(now)
@@ -376,6 +386,7 @@ def start(
         version=0,
         created_at=now_iso,
         updated_at=now_iso,
+        trace=trace,
     )
     t = _Transition(wf, pipeline, now, ids)
     t.emit(

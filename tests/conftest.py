@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import warnings
@@ -279,4 +280,69 @@ async def gw(tmp_path: Path) -> AsyncIterator[RunningGateway]:
 
 # ======================================================================================
 # End of gateways
+# ======================================================================================
+
+
+# ======================================================================================
+# The binary: built in the background from the start of the session, its tests run last
+# ======================================================================================
+#
+# PyInstaller takes a minute or more of one core; most of the suite waits on sockets, so the
+# build overlaps it instead of adding to the suite's time.
+
+BINARY_TESTS = "test_binary.py"
+
+
+class BinaryBuild:
+    """packaging/build.py (what `make binary` runs) into a folder of the session's own."""
+
+    def __init__(self, base: Path) -> None:
+        self.binary = base / "dist" / "stox"
+        self.log = base / "build.log"
+        root = Path(__file__).resolve().parent.parent
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(root / "packaging" / "build.py"),
+                    f"--distpath={base / 'dist'}",
+                    f"--workpath={base / 'work'}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait(self, within: float = 600.0) -> Path:
+        assert self.proc.wait(within) == 0, self.log.read_text()
+        return self.binary
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    binary = [item for item in items if item.path.name == BINARY_TESTS]
+    if not binary:
+        return
+    items[:] = [item for item in items if item.path.name != BINARY_TESTS] + binary
+    folder = Path(tempfile.mkdtemp(prefix="stox-binary-"))
+    config.stash[_BINARY_BUILD] = BinaryBuild(folder)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    build = config.stash.get(_BINARY_BUILD, None)
+    if build is not None:
+        if build.proc.poll() is None:
+            build.proc.kill()
+            build.proc.wait()
+        shutil.rmtree(build.binary.parent.parent, ignore_errors=True)
+
+
+_BINARY_BUILD = pytest.StashKey[BinaryBuild]()
+
+
+@pytest.fixture(scope="session")
+def built_binary(pytestconfig: pytest.Config) -> Path:
+    return pytestconfig.stash[_BINARY_BUILD].wait()
+
+
+# ======================================================================================
+# End of the binary
 # ======================================================================================

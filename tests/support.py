@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import inspect
 import json
 import os
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -141,6 +143,15 @@ class RunningGateway:
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_worker() -> ModuleType:
+    """examples/worker.py, the reference worker, as a module."""
+    spec = importlib.util.spec_from_file_location("reference_worker", ROOT / "examples/worker.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def stox_environ(**env: str) -> dict[str, str]:

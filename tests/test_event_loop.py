@@ -10,6 +10,8 @@ import pytest
 from procs import gateway_config, remote, start_gateway, wait_ready
 from support import STATUS, free_port
 
+from stox import version
+
 CHEAP_HASHES = "auth:\n  hash_time_cost: 1\n  hash_memory_cost: 1024\n  hash_parallelism: 1\n"
 CREDENTIALS = {"username": "alice", "password": "correct horse battery"}
 
@@ -42,3 +44,5 @@ async def test_server_py_runs_and_reports_its_event_loop(
         assert gateway.stop() == 0, gateway.log()
     started = [line for line in gateway.log().splitlines() if "listening on" in line]
     assert any(line.endswith(f"bus in-process, loop {loop})") for line in started), started
+    gateway_lines = [line for line in started if "gateway" in line and "AuthService" not in line]
+    assert gateway_lines and all(version.describe() in line for line in gateway_lines), started

@@ -911,7 +911,7 @@ async def test_an_unknown_path_is_404_json(gw: RunningGateway, method: str, path
 async def test_healthz(gw: RunningGateway) -> None:
     response = await gw.fetch("GET", "/healthz")
     assert response.status == 200
-    assert response.body == {"status": "ok"}
+    assert response.body["status"] == "ok"
     assert HEX32.match(response.headers["X-Request-Id"])
 
 

@@ -161,7 +161,7 @@ async def test_an_oversized_body_is_read_then_answered_413_and_the_connection_st
         assert_too_large(*await conn.exchange(request_head(method, path, *headers), body))
         # the whole body was read: the connection serves the next request
         status, _, health = await conn.exchange(request_head("GET", "/healthz"))
-        assert status == 200 and json.loads(health) == {"status": "ok"}
+        assert status == 200 and json.loads(health)["status"] == "ok"
 
 
 @pytest.mark.parametrize("path", [UPLOAD, "/", "/ws"])

@@ -8,22 +8,16 @@ source tree, with no PYTHONPATH: what it finds, it found installed.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support import ROOT, free_port
+from served import assert_a_workflow_completes, assert_dashboard_served, run, serving
+from support import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -40,26 +34,6 @@ NOT_SOURCE = shutil.ignore_patterns(
     "*.db*",
     "stox.secret",
 )
-
-
-def run(*args: str | Path, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def get(url: str, body: Any = None, token: str | None = None) -> tuple[int, str, bytes]:
-    """(status, Content-Type, body) of a GET, or of a POST of `body` as JSON."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data, headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.headers["Content-Type"], response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers["Content-Type"], exc.read()
 
 
 @pytest.fixture(scope="module")
@@ -108,57 +82,8 @@ def test_the_stox_command_and_its_subcommands(
 def test_stox_serve_runs_the_demo_from_any_directory(
     installed: Path, tmp_path: Path, environ: dict[str, str]
 ) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    command = [installed / "stox", "serve", "--demo-workers", "--host", "127.0.0.1"]
-    with open(tmp_path / "gateway.log", "wb") as log:
-        gateway = subprocess.Popen(
-            [*map(str, command), "--port", str(port)],
-            cwd=tmp_path,
-            env=environ,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert gateway.poll() is None, (tmp_path / "gateway.log").read_text()
-            try:
-                if get(f"{base}/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
-            time.sleep(0.1)
-
-        status, kind, page = get(f"{base}/")
-        assert status == 200 and kind.startswith("text/html")
-        script = re.search(rb'src="(/static/app\.js\?v=[0-9a-f]+)"', page)
-        assert script is not None, page[:500]
-        status, kind, asset = get(base + script.group(1).decode())
-        assert status == 200 and "javascript" in kind
-        # served as written, but for the versions its imports of its siblings carry
-        assert re.sub(rb"\?v=[0-9a-f]+", b"", asset) == (ROOT / "static" / "app.js").read_bytes()
-
+    with serving([installed / "stox", "serve", "--demo-workers"], tmp_path, environ) as base:
+        assert_dashboard_served(base)
         # a token from the same settings, and a workflow through the demo workers
         token = run(installed / "stox", "token", "--user", "alice", cwd=tmp_path, env=environ)
-        bearer = token.stdout.strip()
-        status, _, body = get(f"{base}/api/v1/workflow/upload", {"name": "Mug"}, bearer)
-        assert status == 202, body
-        workflow_id = json.loads(body)["workflow_id"]
-        deadline = time.monotonic() + 30
-        while True:
-            url = f"{base}/api/v1/workflow/status?workflow_id={workflow_id}"
-            workflow = json.loads(get(url, token=bearer)[2])
-            if workflow["status"] != "running" or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert workflow["status"] == "completed", workflow
-    finally:
-        gateway.send_signal(signal.SIGTERM)
-        try:
-            gateway.wait(10)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
-            gateway.wait(10)
-    assert gateway.returncode == 0, (tmp_path / "gateway.log").read_text()
+        assert_a_workflow_completes(base, token.stdout.strip())

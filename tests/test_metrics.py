@@ -26,6 +26,7 @@ from support import (
 import settings as settings_module
 from stox.hub import CLOSE_TOO_SLOW, Subscription, Tally
 from stox.metrics.timed_store import TimedStore
+from stox.version import VERSION
 
 # README "Metrics": the fixed families (a dashboard reads these names)
 FAMILIES = {
@@ -299,7 +300,7 @@ async def test_a_token_is_required_when_set(tmp_path: Path) -> None:
         assert (await get_metrics(gw.port)).code == 401
         assert (await get_metrics(gw.port, "scrape-secre")).code == 401
         assert (await get_metrics(gw.port, gw.token())).code == 401  # a user's JWT is not it
-        assert (await scrape(gw, token="scrape-secret"))("stox_build_info", version="0.1.0") == 1
+        assert (await scrape(gw, token="scrape-secret"))("stox_build_info", version=VERSION) == 1
 
 
 @pytest.mark.parametrize("listen", ["", "own port"])

@@ -88,6 +88,27 @@ async def test_insert_then_get_round_trips_the_document(store: WorkflowStore) ->
     assert "_id" not in got
 
 
+TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03"
+
+
+async def test_a_traced_workflow_keeps_its_trace_and_an_untraced_one_has_none(
+    store: WorkflowStore,
+) -> None:
+    wf, _ = start(Pipeline(), "alice", {"name": "Lamp"}, T0, trace=TRACE)
+    traced, untraced = wf.to_doc(), new_doc()
+    assert "trace" not in untraced  # the field only when tracing was on at the upload
+    for doc in (traced, untraced):
+        await store.insert(doc)
+        changed = Workflow.from_doc(doc)
+        complete(changed, Pipeline(), Report(doc["id"], str(changed.step.step_id), True), T0)
+        assert await store.replace(changed.to_doc(), doc["version"], []) > 0
+    traced_got, untraced_got = await store.get(traced["id"]), await store.get(untraced["id"])
+    assert traced_got is not None and untraced_got is not None
+    assert traced_got["trace"] == TRACE and "trace" not in untraced_got
+    assert Workflow.from_doc(traced_got).trace == TRACE  # kept across a change
+    assert Workflow.from_doc(untraced_got).trace is None  # an older document loads
+
+
 async def test_get_returns_a_copy_not_shared_state(store: WorkflowStore) -> None:
     doc = new_doc()
     await store.insert(doc)

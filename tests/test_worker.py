@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from support import COMPLETED, ROOT, RunningGateway, running_gateway
-
-
-def load_worker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("reference_worker", ROOT / "examples/worker.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from support import COMPLETED, RunningGateway, load_worker, running_gateway
 
 worker = load_worker()
 

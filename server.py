@@ -31,6 +31,7 @@ async def serve(settings: settings_module.Settings) -> None:
     await gateway.start()
     server = make_http_server(handlers.make_app(gateway), settings.server)
     server.listen(settings.server.port, settings.server.host)
+    metrics = handlers.metrics_server(gateway)
     gc_tuning.tune()
     log.info(
         "%s: gateway %s listening on %s (store %s, bus %s, loop %s%s)",
@@ -42,6 +43,8 @@ async def serve(settings: settings_module.Settings) -> None:
         running_loop(),
         ", demo workers" if settings.demo_workers else "",
     )
+    if metrics is not None:
+        log.info("metrics on their own server at %s", settings.metrics.listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -49,6 +52,8 @@ async def serve(settings: settings_module.Settings) -> None:
     await stop.wait()
     log.info("shutting down")
     server.stop()
+    if metrics is not None:
+        metrics.stop()
     await server.close_all_connections()
     await gateway.stop()
 

@@ -489,6 +489,39 @@ class WebSocketSettings:
             raise SettingsError(f"{key}.ping_timeout: expected at most {key}.ping_interval")
 
 
+def _listen(key: str, value: Any) -> None:
+    """Empty, a port, or host:port (a port of 1-65535)."""
+    if not value:
+        return
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) <= 65535 or (":" in value and not host):
+        raise SettingsError(f"{key}: expected empty, a port or host:port, got {value!r}")
+
+
+@dataclass
+class MetricsSettings:
+    enabled: bool = _help("serve Prometheus metrics at /metrics", default=True)
+    listen: str = _help(
+        "empty: /metrics on the API's port; a port or host:port (a port alone: on server.host):"
+        " a server of its own there, and the API's port answers 404 for /metrics",
+        default="",
+        check=_listen,
+    )
+    token: str = _help(
+        "empty: no credentials asked; else scrapes send Authorization: Bearer <token>",
+        default="",
+    )
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) of the metrics' own server, or None when they are on the API's port;
+        host "" is server.host."""
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host, int(port)
+
+
 _STEP = StepSpec("any")  # the domain's defaults of a step
 
 
@@ -542,6 +575,7 @@ class Settings:
     cors: CorsSettings = field(default_factory=CorsSettings)
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     demo_workers: bool = False
 
     def check(self, key: str) -> None:
@@ -582,6 +616,9 @@ _ENV_AND_FLAGS: list[tuple[str, str | None, str | None]] = [
     ("jwt.public_key_file", "STOX_JWT_PUBLIC_KEY_FILE", None),
     ("cors.allowed_origins", "STOX_ALLOWED_ORIGINS", None),
     ("logging.level", "STOX_LOG_LEVEL", "--log-level"),
+    ("metrics.enabled", "STOX_METRICS_ENABLED", None),
+    ("metrics.listen", "STOX_METRICS_LISTEN", None),
+    ("metrics.token", "STOX_METRICS_TOKEN", None),
 ]
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import tornado.httpserver
 import tornado.routing
 import tornado.web
 
-from handlers import auth, health, openapi, static, workflow, ws
+from handlers import auth, health, metrics, openapi, static, workflow, ws
 from handlers.base import NotFoundHandler
 from handlers.workflow import STEP_COMPLETED
 from stox.app import Gateway
@@ -25,6 +26,7 @@ routes: list[Any] = [
     *workflow.routes,
     *ws.routes,
     *openapi.routes,
+    *metrics.routes,  # on the API's port unless metrics.listen moves it (or it is off)
     *static.routes,  # `/`; `/static/…` comes from its app_settings
 ]
 
@@ -45,18 +47,24 @@ def completion_path() -> str:
     return path_of(STEP_COMPLETED)
 
 
+def served(with_metrics: bool) -> list[Any]:
+    """The routes of the API's application: `routes`, /metrics only `with_metrics`."""
+    return routes if with_metrics else [r for r in routes if r not in metrics.routes]
+
+
 @functools.cache
-def openapi_document() -> bytes:
-    """The OpenAPI document of `routes`, built and encoded once."""
-    return dumps(openapi.build(routes))
+def openapi_document(with_metrics: bool = True) -> bytes:
+    """The OpenAPI document of the routes served (`served`), built and encoded once."""
+    return dumps(openapi.build(served(with_metrics)))
 
 
 def make_app(gateway: Gateway) -> tornado.web.Application:
     """The application serving `routes` with the gateway's parts (read back by the handlers'
     typed properties)."""
     settings = gateway.settings
-    return tornado.web.Application(
-        routes,
+    with_metrics = gateway.metrics is not None and metrics.on_api_port(settings)
+    app = tornado.web.Application(
+        served(with_metrics),
         default_handler_class=NotFoundHandler,
         log_function=log_request,
         **static.app_settings(static.STATIC_DIR),
@@ -67,7 +75,9 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         bus=gateway.bus,
         hub=gateway.hub,
         uploads=gateway.uploads,
-        openapi=openapi_document(),
+        openapi=openapi_document(with_metrics),
+        metrics=gateway.metrics,
+        metrics_token=settings.metrics.token,
         max_body_size=settings.server.max_body_size,
         max_drain_size=settings.server.max_drain_size,
         allowed_origins=settings.allowed_origins,
@@ -75,3 +85,19 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         websocket_ping_interval=settings.websocket.ping_interval,
         websocket_ping_timeout=settings.websocket.ping_timeout,
     )
+    if gateway.metrics is not None:  # set here: the routes, static ones too, are known now
+        timed = metrics.request_timer(gateway.metrics, app.wildcard_router.rules)
+
+        def log_function(handler: tornado.web.RequestHandler) -> None:
+            timed(handler)
+            log_request(handler)
+
+        app.settings["log_function"] = log_function
+    return app
+
+
+def metrics_server(gateway: Gateway) -> tornado.httpserver.HTTPServer | None:
+    """The metrics' own server, listening, when `metrics.listen` asks for one."""
+    if gateway.metrics is None:
+        return None
+    return metrics.metrics_server(gateway.metrics, gateway.settings)

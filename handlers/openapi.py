@@ -54,7 +54,7 @@ _ROLES = {
 @dataclass(frozen=True)
 class Operation:
     summary: str
-    answers: dict[int, tuple[str, Schema | None]]  # status: (when, body)
+    answers: dict[int, tuple[str, Schema | dict[str, Any] | None]]  # status: (when, body)
     errors: dict[int, str] = field(default_factory=dict)  # status: when; body: the error shape
     body: Schema | None = None
     query: Schema | None = None

@@ -29,6 +29,9 @@ from stox.bus.journal import SQLiteJournal
 from stox.changes import CHANGES_ROUTING_KEY
 from stox.completions import completion_handler
 from stox.hub import Hub
+from stox.metrics import Metrics
+from stox.metrics.timed_store import TimedStore
+from stox.metrics.workflows import WorkflowMetrics
 from stox.observe import Observers
 from stox.orchestrator import Orchestrator
 from stox.store import StoreError, WorkflowStore, make_store
@@ -104,11 +107,17 @@ def make_journal(settings: Settings, store: WorkflowStore | None) -> SQLiteJourn
     on its connection; otherwise (MongoDB without RabbitMQ) in `stox-bus.db` beside the data."""
     from stox.store.sqlite_db import SQLiteDatabase
 
-    if isinstance(store, FaultyStore):  # the bus's journal is not what faults are for
-        store = store.inner
+    store = None if store is None else underlying(store)  # not what faults, timings are for
     if isinstance(store, SQLiteDatabase):
         return SQLiteJournal.beside(store)
     return SQLiteJournal.at(str(secret.data_dir(settings.storage.url) / JOURNAL_FILE))
+
+
+def underlying(store: WorkflowStore) -> WorkflowStore:
+    """The store itself, without the FaultyStore or TimedStore around it."""
+    while isinstance(store, FaultyStore | TimedStore):
+        store = store.inner
+    return store
 
 
 def make_tracing(instance_id: str) -> Tracing | None:
@@ -180,7 +189,13 @@ class Gateway:
         # keyword arguments for DemoWorkers (min_delay, max_delay, failure_rate, rng)
         self.demo_worker_options = dict(demo_worker_options or {})
         self.instance_id = settings.server.instance_id or new_instance_id()
-        self.store = store or make_workflow_store(settings.storage)
+        # metrics.enabled: the families (README "Metrics"), in a registry of this gateway's
+        self.metrics = Metrics(clock) if settings.metrics.enabled else None
+        store = store or make_workflow_store(settings.storage)
+        self._faults = store if isinstance(store, FaultyStore) else None
+        if self.metrics is not None:
+            store = TimedStore(store, self.metrics.store_operation_duration)
+        self.store: WorkflowStore = store
         self.bus = bus or make_bus(settings, f"stox gateway {self.instance_id}", self.store)
         remote = settings.services.auth
         # the built-in AuthService signs tokens; with a remote one this gateway only verifies
@@ -209,6 +224,9 @@ class Gateway:
         )
         self.uploads = UploadLimiter.from_settings(settings.server)
         self.hub = Hub.from_settings(self.orchestrator, settings.websocket)
+        if self.metrics is not None:
+            self.observers.add(WorkflowMetrics(self.metrics, self.pipeline))
+            self.metrics.watch(self.hub, self.bus)
         self.topology = Topology(settings.rabbitmq.prefix, self.instance_id)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -240,13 +258,27 @@ class Gateway:
                 **self.demo_worker_options,
             )
             await workers.start()
-        await self.orchestrator.relay(min_age=0)
+        await self.relay(min_age=0)
         server = self.settings.server
-        self._every(server.sweep_interval, self.orchestrator.sweep)
-        self._every(server.relay_interval, lambda: self.orchestrator.relay(server.relay_interval))
-        if isinstance(self.store, FaultyStore):
-            self.store.armed = True
+        self._every(server.sweep_interval, self.sweep)
+        self._every(server.relay_interval, lambda: self.relay(server.relay_interval))
+        if self._faults is not None:
+            self._faults.armed = True
         self._every(server.relay_interval, self.orchestrator.expire_keys)
+
+    async def sweep(self) -> None:
+        """One run of the timer sweeper."""
+        fired = await self.orchestrator.sweep()
+        if self.metrics is not None:
+            self.metrics.swept(fired)
+
+    async def relay(self, min_age: float) -> None:
+        """One run of the outbox relay; with metrics, then the outbox's backlog (one cheap
+        query a run, never on the hot path)."""
+        republished = await self.orchestrator.relay(min_age)
+        if self.metrics is not None:
+            self.metrics.relayed(republished)
+            self.metrics.outbox(*await self.store.outbox_backlog())
 
     async def _steps_to_serve(self) -> list[str]:
         """The pipeline's steps, then any step that running workflows still need although it

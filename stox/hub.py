@@ -114,6 +114,17 @@ class DocumentCache:
             self._bytes -= len(dropped)
 
 
+class Tally:
+    """Messages handed to the sockets, and those dropped for slow clients: plain counts, read
+    by the metrics when scraped (nothing more on the hot path than an addition)."""
+
+    __slots__ = ("dropped", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.dropped = 0
+
+
 class Subscription:
     """One socket's interest (one workflow, or every workflow of an owner; None: all) and
     what is queued for it: `backlog`, bytes handed to the socket and not yet flushed, and
@@ -131,6 +142,7 @@ class Subscription:
         "pending_bytes",
         "ready",
         "seen",
+        "tally",
         "user",
         "workflow_id",
     )
@@ -143,8 +155,10 @@ class Subscription:
         owner: str | None,
         workflow_id: str | None,
         max_backlog: int,
+        tally: Tally | None = None,
     ) -> None:
         self.connection = connection
+        self.tally = tally or Tally()
         self.user = user
         self.owner = owner
         self.workflow_id = workflow_id
@@ -171,7 +185,8 @@ class Subscription:
             # what waits cannot drain before the snapshot is out: bounded even when nothing
             # is in flight (only the first change may be larger than the bound)
             if self.queued and self.queued + size > self.max_backlog:
-                return self.too_slow(f"too slow: over {self.max_backlog} bytes waiting")
+                reason = f"too slow: over {self.max_backlog} bytes waiting"
+                return self.too_slow(reason, refused=len(messages))
             heapq.heappush(self.pending, (version, next(self._order), workflow_id, messages))
             self.pending_bytes += size
             return True
@@ -189,6 +204,7 @@ class Subscription:
         future = self.connection.send(message)
         if future is None:
             return False
+        self.tally.sent += 1
         self.backlog += size
         future.add_done_callback(lambda done: self._flushed(done, size))
         return True
@@ -205,8 +221,10 @@ class Subscription:
         await self._progress.wait()
         self._progress = None
 
-    def too_slow(self, reason: str) -> bool:
-        """Close the socket with 4008; False, for the caller to return."""
+    def too_slow(self, reason: str, refused: int = 1) -> bool:
+        """Close the socket with 4008; False, for the caller to return. The `refused`
+        messages and those waiting behind the snapshot count as dropped."""
+        self.tally.dropped += refused + sum(len(waiting[3]) for waiting in self.pending)
         self.connection.close(CLOSE_TOO_SLOW, reason)
         return False
 
@@ -252,6 +270,7 @@ class Hub:
         self._by_owner: dict[str | None, set[Subscription]] = {}
         self._sockets: Counter[str] = Counter()  # user -> subscriptions
         self._total = 0  # subscriptions, all users together
+        self.tally = Tally()
 
     @classmethod
     def from_settings(cls, orchestrator: Orchestrator, settings: WebSocketSettings) -> Hub:
@@ -263,6 +282,11 @@ class Hub:
             snapshot_cache=settings.snapshot_cache,
             max_sockets=settings.max_sockets,
         )
+
+    @property
+    def socket_count(self) -> int:
+        """Open sockets, all users together."""
+        return self._total
 
     @property
     def subscriber_count(self) -> int:
@@ -288,6 +312,7 @@ class Hub:
             owner=owner,
             workflow_id=workflow_id,
             max_backlog=self.max_backlog,
+            tally=self.tally,
         )
         self._sockets[user] += 1
         self._total += 1

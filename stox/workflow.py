@@ -20,6 +20,7 @@ from stox import tracecontext
 from stox.ids import new_id
 
 RUNNING, COMPLETED, FAILED, CANCELLED = "running", "completed", "failed", "cancelled"
+DEFAULT_PIPELINE = "default"  # the name of the one pipeline (named pipelines: issue 14)
 WORKFLOW_STATUSES = (RUNNING, COMPLETED, FAILED, CANCELLED)
 TERMINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED})
 
@@ -53,6 +54,11 @@ def isoformat(ts: float) -> str:
 
 
 _second: list[Any] = [None, ""]  # the last second formatted, and its text
+
+
+def epoch(timestamp: str) -> float:
+    """The seconds since the epoch that `isoformat` wrote as `timestamp`."""
+    return datetime.fromisoformat(timestamp).timestamp()
 
 
 class WorkflowError(Exception):
@@ -108,6 +114,7 @@ class Pipeline:
     steps: tuple[StepSpec, ...] = DEFAULT_STEPS
     completion_url: str = ""  # the HTTP reply address put into every dispatch
     completion_routing_key: str = COMPLETION_ROUTING_KEY  # the AMQP reply routing key
+    name: str = DEFAULT_PIPELINE
 
     def spec(self, name: str) -> StepSpec:
         for spec in self.steps:
@@ -294,8 +301,16 @@ class _Transition:
         self.changes.append(Change(f"workflow_{status}"))
 
     def end_attempt(self, step: Step, outcome: str, error: str | None = None) -> None:
+        """Record how the attempt ended, and when it began (the step's `dispatched_at` is the
+        next attempt's once that is dispatched): dispatch to end is its duration."""
         step.attempts.append(
-            {"step_id": step.step_id, "attempt": step.attempt, "outcome": outcome, "error": error}
+            {
+                "step_id": step.step_id,
+                "attempt": step.attempt,
+                "outcome": outcome,
+                "error": error,
+                "dispatched_at": step.dispatched_at,
+            }
         )
 
     def fail_attempt(self, outcome: str, error: str) -> None:

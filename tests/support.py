@@ -354,10 +354,13 @@ async def running_gateway(
         raise
     server = make_http_server(handlers.make_app(gateway), settings.server)
     server.add_sockets(sockets)
+    metrics = handlers.metrics_server(gateway)
     try:
         yield RunningGateway(gateway, port)
     finally:
         server.stop()
+        if metrics is not None:
+            metrics.stop()
         await server.close_all_connections()
         await gateway.stop()
 

@@ -152,6 +152,7 @@ async def test_failing_workers_fail_the_workflow_after_max_attempts(tmp_path: Pa
             "attempt": n,
             "outcome": w.FAILED,
             "error": "simulated outage",
+            "dispatched_at": record["dispatched_at"],
         }
         for n, record in enumerate(first["attempts"], start=1)
     ]

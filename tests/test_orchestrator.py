@@ -493,7 +493,13 @@ async def test_concurrent_identical_reports_apply_exactly_once(
     stored = await orch.get(wf.id)
     assert stored.steps[0].status == w.COMPLETED
     assert stored.steps[0].attempts == [
-        {"step_id": report.step_id, "attempt": 1, "outcome": w.COMPLETED, "error": None}
+        {
+            "step_id": report.step_id,
+            "attempt": 1,
+            "outcome": w.COMPLETED,
+            "error": None,
+            "dispatched_at": wf.step.dispatched_at,
+        }
     ]
     assert stored.step.name == "ai_enhancement"
     ai = [e for e in dispatches(bus.events).values() if e.routing_key == "step.ai_enhancement"]

@@ -246,6 +246,7 @@ async def test_a_deadline_passed_while_down_is_retried_after_restart(tmp_path: P
                 "attempt": 1,
                 "outcome": w.TIMED_OUT,
                 "error": "no report within 60s",
+                "dispatched_at": first["dispatched_at"],
             }
         ]
         # the timed-out attempt's late report is refused; the new attempt's is applied

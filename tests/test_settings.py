@@ -61,6 +61,8 @@ def test_defaults_match_the_design_table() -> None:
         "seo_generation",
     ]
     assert s.server.max_body_size == 1024 * 1024
+    assert (s.metrics.enabled, s.metrics.listen, s.metrics.token) == (True, "", "")
+    assert s.metrics.address is None  # on the API's port
     assert s.demo_workers is False
 
 
@@ -138,6 +140,9 @@ ENV_CASES: list[tuple[str, str, Any]] = [
         ),
     ),
     ("STOX_LOG_LEVEL", "warning", lambda s: s.logging.level == "warning"),
+    ("STOX_METRICS_ENABLED", "false", lambda s: s.metrics.enabled is False),
+    ("STOX_METRICS_LISTEN", "9100", lambda s: s.metrics.address == ("", 9100)),
+    ("STOX_METRICS_TOKEN", "scrape-me", lambda s: s.metrics.token == "scrape-me"),
 ]
 
 
@@ -280,6 +285,12 @@ def test_sizes(tmp_path: Path, text: str, size: int) -> None:
         ("pipeline:\n  steps:\n    - name: Resize\n", "pipeline.steps[0].name"),
         ("pipeline:\n  steps:\n    - name: 'a b'\n", "pipeline.steps[0].name"),
         ("pipeline:\n  steps:\n    - timeout: 5s\n", "pipeline.steps[0].name"),
+        ("metrics:\n  enabled: sometimes\n", "metrics.enabled"),
+        ("metrics:\n  listen: nine\n", "metrics.listen"),
+        ("metrics:\n  listen: 'host:'\n", "metrics.listen"),
+        ("metrics:\n  listen: ':9100'\n", "metrics.listen"),
+        ("metrics:\n  listen: 70000\n", "metrics.listen"),
+        ("metrics:\n  listen: 0\n", "metrics.listen"),
     ],
 )
 def test_a_bad_yaml_value_is_refused_naming_the_key(
@@ -347,6 +358,12 @@ def test_a_config_file_that_cannot_be_read_is_refused(tmp_path: Path) -> None:
     undecodable = tmp_path / "latin1.yaml"
     undecodable.write_bytes(b"server:\n  host: caf\xe9\n")
     refused(["--config", str(undecodable)], {}, "--config")
+
+
+def test_metrics_listen_takes_a_port_or_host_and_port(tmp_path: Path) -> None:
+    for text, address in [("9100", ("", 9100)), ("0.0.0.0:9100", ("0.0.0.0", 9100))]:
+        s = load(["--config", write(tmp_path, f"metrics:\n  listen: '{text}'\n")], {})
+        assert s.metrics.address == address
 
 
 def test_the_example_config_loads() -> None:

@@ -617,6 +617,20 @@ async def test_unpublished_returns_only_outboxes_written_by_then(store: Workflow
     assert ids(await store.unpublished(cutoff, 100)) == [at_cutoff["id"]]
 
 
+async def test_outbox_backlog_counts_workflows_with_events_and_names_the_oldest(
+    store: WorkflowStore,
+) -> None:
+    assert await store.outbox_backlog() == (0, None)
+    old, fresh = new_doc(now=T0 + 1), new_doc(now=T0 + 50)
+    await insert_all(store, [fresh, old, new_doc(outbox_at=None, outbox=[])])
+    assert await store.outbox_backlog() == (2, old["outbox"][0]["created_at"])
+
+    sent = [e["message_id"] for e in old["outbox"]]
+    store.drop_published(old["id"], old["version"], sent, [])
+    await store.flush()
+    assert await store.outbox_backlog() == (1, fresh["outbox"][0]["created_at"])
+
+
 # -- documents -----------------------------------------------------------------------------------
 
 

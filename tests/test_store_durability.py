@@ -31,6 +31,7 @@ from support import (
 
 import settings as settings_module
 from stox import workflow as w
+from stox.app import underlying
 from stox.store import StoreError, make_store
 from stox.store.sqlite import SQLiteStore, SQLiteUserStore
 from stox.store.sqlite_db import SQLiteDatabase
@@ -43,7 +44,7 @@ async def test_the_synchronous_level_is_the_setting(
     tmp_path: Path, level: str, pragma: int
 ) -> None:
     async with running_gateway(tmp_path, storage__sqlite_synchronous=level) as gw:
-        store = gw.gateway.store
+        store = underlying(gw.gateway.store)
         assert isinstance(store, SQLiteStore)
         assert store.connection().execute("PRAGMA synchronous").fetchone()[0] == pragma
         users = gw.gateway.auth_server
@@ -80,7 +81,7 @@ async def test_a_full_disk_is_503_and_writes_resume_once_there_is_room(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with running_gateway(tmp_path) as gw:
-        store = gw.gateway.store
+        store = underlying(gw.gateway.store)
         assert isinstance(store, SQLiteStore)
         token = gw.token()
         kept = await gw.upload(token)

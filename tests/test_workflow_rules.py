@@ -233,7 +233,13 @@ def test_success_completes_step_stores_result_and_dispatches_next_with_results(
     assert first.error is None
     assert first.completed_at == w.isoformat(T0 + 5)
     assert first.attempts == [
-        {"step_id": first_id, "attempt": 1, "outcome": w.COMPLETED, "error": None}
+        {
+            "step_id": first_id,
+            "attempt": 1,
+            "outcome": w.COMPLETED,
+            "error": None,
+            "dispatched_at": w.isoformat(T0),
+        }
     ]
     assert wf.status == w.RUNNING
     assert wf.current_step == 1
@@ -304,7 +310,13 @@ def test_failure_with_attempts_left_retries_after_backoff(wf: Workflow, ids: Ids
     assert step.retry_at == w.isoformat(T0 + 1 + 2)
     assert wf.wake_at == step.retry_at
     assert step.attempts == [
-        {"step_id": first_id, "attempt": 1, "outcome": w.FAILED, "error": "blurry"}
+        {
+            "step_id": first_id,
+            "attempt": 1,
+            "outcome": w.FAILED,
+            "error": "blurry",
+            "dispatched_at": w.isoformat(T0),
+        }
     ]
     assert change_types(changes) == ["step_retrying"]
     assert keys(events) == [CHANGE_ROUTING_KEY]  # nothing dispatched yet

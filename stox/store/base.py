@@ -146,6 +146,10 @@ class WorkflowStore(Protocol):
         """Each step name a running workflow has not finished (pending or dispatched), with
         the ids of those workflows."""
 
+    async def outbox_backlog(self) -> tuple[int, str | None]:
+        """How many workflows have events in their outbox, and when the oldest of those was
+        written (None when there is none): one cheap query, for the metrics."""
+
 
 class UserStore(Protocol):
     """Keeps user accounts: `{id, username, password_hash, role, created_at}`.

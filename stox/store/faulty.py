@@ -158,3 +158,6 @@ class FaultyStore:
 
     async def steps_in_use(self) -> dict[str, list[str]]:
         return await self._call("steps_in_use", self.inner.steps_in_use, write=False)
+
+    async def outbox_backlog(self) -> tuple[int, str | None]:
+        return await self._call("outbox_backlog", self.inner.outbox_backlog, write=False)

@@ -442,6 +442,16 @@ class MongoStore(MongoCollection):
         docs = await self._find(query, [("outbox_at", ASCENDING)], limit)
         return [doc for doc in docs if doc["outbox_at"] <= written_before]
 
+    async def outbox_backlog(self) -> tuple[int, str | None]:
+        waiting = {"outbox_at": {"$gt": ""}}  # a string: not null (served by its index)
+        col = self._col()
+        try:
+            count = await col.count_documents(waiting)
+            oldest = await col.find_one(waiting, {"outbox_at": 1}, sort=[("outbox_at", ASCENDING)])
+        except PyMongoError as exc:
+            raise StoreError(f"MongoDB: {exc}") from exc
+        return count, None if oldest is None else oldest["outbox_at"]
+
     async def steps_in_use(self) -> dict[str, list[str]]:
         pipeline = [
             {"$match": {"status": RUNNING}},

@@ -92,6 +92,7 @@ _UNPUBLISHED = (
     f"SELECT {_COLUMNS} FROM workflows WHERE id IN (SELECT workflow_id FROM outbox"
     " WHERE created_at <= ? GROUP BY workflow_id ORDER BY min(seq) LIMIT ?)"
 )
+_BACKLOG = "SELECT count(DISTINCT workflow_id), min(created_at) FROM outbox"
 _OUTBOXES = (
     "SELECT workflow_id, message_id, routing_key, payload, created_at FROM outbox"
     " WHERE workflow_id IN ({}) ORDER BY seq"
@@ -320,6 +321,10 @@ class SQLiteStore(SQLiteDatabase):
         if limit <= 0:
             return []
         return await self.run(self._select_sync, _UNPUBLISHED, (written_before, limit))
+
+    async def outbox_backlog(self) -> tuple[int, str | None]:
+        count, oldest = await self.run(self.query, _BACKLOG, (), sqlite3.Cursor.fetchone)
+        return int(count), oldest
 
     async def steps_in_use(self) -> dict[str, list[str]]:
         params = (RUNNING, PENDING, DISPATCHED)

@@ -12,6 +12,7 @@ rather than being approximated.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import defaultdict
@@ -107,7 +108,11 @@ class Binary:
 
 Node = Selector | Number | Call | Aggregate | Binary
 
-AGGREGATIONS = {"sum": sum, "max": max, "min": min}
+AGGREGATIONS: dict[str, Callable[[list[float]], float]] = {
+    "sum": lambda values: float(sum(values)),
+    "max": max,
+    "min": min,
+}
 FUNCTIONS = {"rate", "histogram_quantile", "vector"}
 PRECEDENCE = {"or": 1, "+": 2, "-": 2, "*": 3, "/": 3}
 DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -262,31 +267,18 @@ def parse(expr: str) -> Node:
     return _Parser(expr).parse()
 
 
-def metric_names(node: Node) -> Iterator[str]:
-    """The metric name of each selector in the tree."""
+def selectors(node: Node) -> Iterator[Selector]:
+    """Each selector in the tree."""
     if isinstance(node, Selector):
-        yield node.name
+        yield node
     elif isinstance(node, Call):
         for arg in node.args:
-            yield from metric_names(arg)
+            yield from selectors(arg)
     elif isinstance(node, Aggregate):
-        yield from metric_names(node.expr)
+        yield from selectors(node.expr)
     elif isinstance(node, Binary):
-        yield from metric_names(node.lhs)
-        yield from metric_names(node.rhs)
-
-
-def aggregated_labels(node: Node) -> Iterator[str]:
-    """The label names of each `by (...)` in the tree."""
-    if isinstance(node, Aggregate):
-        yield from node.by
-        yield from aggregated_labels(node.expr)
-    elif isinstance(node, Call):
-        for arg in node.args:
-            yield from aggregated_labels(arg)
-    elif isinstance(node, Binary):
-        yield from aggregated_labels(node.lhs)
-        yield from aggregated_labels(node.rhs)
+        yield from selectors(node.lhs)
+        yield from selectors(node.rhs)
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -383,7 +375,7 @@ def extrapolated_rate(samples: list[tuple[float, float]], start: float, end: flo
     first_t, first = samples[0]
     last_t, last = samples[-1]
     increase = last - first
-    for (_, before), (_, after) in zip(samples, samples[1:], strict=False):
+    for (_, before), (_, after) in itertools.pairwise(samples):
         if after < before:
             increase += before
     sampled = last_t - first_t
@@ -404,8 +396,7 @@ def aggregate(op: str, by: tuple[str, ...], vector: Vector) -> Vector:
     for labels, value in vector.items():
         as_dict = dict(labels)
         groups[_key({name: as_dict.get(name, "") for name in by})].append(value)
-    combine: Callable[[list[float]], float] = AGGREGATIONS[op]
-    return {labels: combine(values) for labels, values in groups.items()}
+    return {labels: AGGREGATIONS[op](values) for labels, values in groups.items()}
 
 
 def binary(op: str, lhs: Value, rhs: Value) -> Value:

@@ -39,6 +39,7 @@ class Scrapes:
     def __init__(self) -> None:
         self.times: list[float] = []
         self.series: dict[Labels, list[tuple[float, float]]] = defaultdict(list)
+        self.names: dict[str, set[Labels]] = defaultdict(set)  # each metric name's series
 
     def add(self, at: float, text: str, target: Mapping[str, str]) -> None:
         """One scrape's exposition `text`, taken at `at`; `target` labels go on every series."""
@@ -47,11 +48,9 @@ class Scrapes:
         self.times.append(at)
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                labels = {"__name__": sample.name, **sample.labels, **target}
-                self.series[_key(labels)].append((at, float(sample.value)))
-
-    def family_names(self) -> set[str]:
-        return {dict(labels)["__name__"] for labels in self.series}
+                key = _key({"__name__": sample.name, **sample.labels, **target})
+                self.series[key].append((at, float(sample.value)))
+                self.names[sample.name].add(key)
 
 
 def _key(labels: Mapping[str, str]) -> Labels:
@@ -324,12 +323,10 @@ class Evaluator:
         return {(): args[0].value}
 
     def matching(self, selector: Selector) -> Iterator[tuple[Labels, list[tuple[float, float]]]]:
-        for labels, samples in self.scrapes.series.items():
+        for labels in self.scrapes.names.get(selector.name, ()):
             as_dict = dict(labels)
-            if as_dict["__name__"] == selector.name and all(
-                m.matches(as_dict) for m in selector.matchers
-            ):
-                yield labels, samples
+            if all(m.matches(as_dict) for m in selector.matchers):
+                yield labels, self.scrapes.series[labels]
 
     def instant(self, selector: Selector, t: float) -> Vector:
         """Each matching series' value in the last scrape at or before `t`; a series absent

@@ -264,9 +264,10 @@ class Page:
     def timeseries(self, panel: dict[str, Any], lines: list[Line]) -> None:
         left, bottom, width, height = self.frame(panel)
         defaults = panel["fieldConfig"]["defaults"]
-        columns = max(1, int(width * self.width // 210))
+        longest = max((len(line.legend) for line in lines), default=0)
+        columns = max(1, int(width * self.width // (longest * 7 + 40)))
         legend_rows = math.ceil(len(lines) / columns) if lines else 0
-        legend_h = self.px(8 + 15 * legend_rows)
+        legend_h = self.px(8 + 19 * legend_rows)
         ax = self.figure.add_axes(
             (
                 left + self.px(72, False),

@@ -84,6 +84,8 @@ def evaluate(
     variables["__rate_interval"] = window
     first = scrapes.times[0] + promql.parse_duration(window)
     times = [t for t in scrapes.times if t >= first]
+    if len(times) < 2:
+        raise SystemExit(f"the scrapes span less than the rate window ({window}) and a scrape")
     evaluator = promql.Evaluator(scrapes)
     panels: dict[int, list[Line]] = {}
     for panel in dashboard["panels"]:
@@ -148,7 +150,8 @@ def mapped(defaults: dict[str, Any], value: float) -> tuple[str, str] | None:
 class Page:
     """The figure: grid units to figure coordinates, and the panels' frames."""
 
-    def __init__(self, dashboard: dict[str, Any], span: str) -> None:
+    def __init__(self, dashboard: dict[str, Any], span: str, times: tuple[float, float]) -> None:
+        self.start, self.end = (datetime.fromtimestamp(t) for t in times)
         rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in dashboard["panels"]) + HEADER
         self.width, self.height = 24 * CELL_W, rows * CELL_H
         self.figure = plt.figure(figsize=(self.width / 100, self.height / 100), dpi=100)
@@ -299,9 +302,7 @@ class Page:
         finite = [v for line in lines for v in line.values if math.isfinite(v)]
         top = defaults.get("max", max(finite, default=0) * 1.1 or 1)
         ax.set_ylim(defaults.get("min", 0), top)
-        ax.set_xlim(
-            datetime.fromtimestamp(lines[0].times[0]), datetime.fromtimestamp(lines[0].times[-1])
-        )
+        ax.set_xlim(self.start, self.end)
         handles, labels = ax.get_legend_handles_labels()
         order = [i * columns + j for j in range(columns) for i in range(legend_rows)]
         order = [k for k in order if k < len(lines)]  # row by row, as Grafana lists them
@@ -343,7 +344,9 @@ class Page:
 
 
 def draw(dashboard: dict[str, Any], panels: dict[int, list[Line]], span: str, out: Path) -> None:
-    page = Page(dashboard, span)
+    drawn = [line for lines in panels.values() for line in lines]
+    times = (min(line.times[0] for line in drawn), max(line.times[-1] for line in drawn))
+    page = Page(dashboard, span, times)
     for panel in dashboard["panels"]:
         if panel["type"] == "row":
             page.row(panel)

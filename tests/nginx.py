@@ -9,15 +9,12 @@ environment, its addresses replaced by the test's.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pwd
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-import tornado.httpclient
 from procs import REPO, Proc
 
 NGINX = Path("/usr/sbin/nginx")
@@ -97,23 +94,6 @@ def start(folder: Path, listen: int, upstreams: tuple[int, int]) -> Proc:
 
 def error_log(folder: Path) -> str:
     return (folder / "error.log").read_text(errors="replace")
-
-
-async def wait_serving(proc: Proc, port: int, within: float = 30.0) -> None:
-    """Until /readyz answers 200 through nginx."""
-    client = tornado.httpclient.AsyncHTTPClient()
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise AssertionError(f"nginx exited {proc.popen.returncode}:\n{proc.log()}")
-        try:
-            response = await client.fetch(f"http://127.0.0.1:{port}/readyz", raise_error=False)
-            if response.code == 200:
-                return
-        except OSError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"nginx not serving within {within:g}s:\n{proc.log()}")
 
 
 def stox_env(**replace: str) -> dict[str, str]:

@@ -126,7 +126,7 @@ async def deployment(
         proxy = nginx.start(tmp_path / "nginx", port, (ports["gw-a"], ports["gw-b"]))
         procs.append(proxy)
         await asyncio.gather(*(wait_ready(proc, p, within=60) for proc, p in gateways.values()))
-        await nginx.wait_serving(proxy, port)
+        await wait_ready(proxy, port, 30.0)  # /readyz through nginx
         yield Deployment(tmp_path, ns, port, gateways, procs)
 
 

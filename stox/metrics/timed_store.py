@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from prometheus_client import Histogram
 
 from stox.store.base import IdempotencyKey, NewEvent, WorkflowStore
+from stox.store.wrapper import PassThrough
 
 T = TypeVar("T")
 
@@ -26,9 +27,9 @@ async def _timed(histogram: Histogram, call: Awaitable[T]) -> T:
         histogram.observe(time.perf_counter() - start)
 
 
-class TimedStore:
+class TimedStore(PassThrough):
     def __init__(self, inner: WorkflowStore, histogram: Histogram) -> None:
-        self.inner = inner
+        super().__init__(inner)
         of = histogram.labels  # each operation's child, looked up once
         self._ping, self._insert, self._get = of("ping"), of("insert"), of("get")
         self._keyed, self._release = of("keyed"), of("release_keys")
@@ -38,21 +39,6 @@ class TimedStore:
 
     def __repr__(self) -> str:
         return f"TimedStore({self.inner!r})"
-
-    async def open(self) -> None:
-        await self.inner.open()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    def drop_published(
-        self,
-        workflow_id: str,
-        version: int,
-        message_ids: Sequence[str],
-        kept: Sequence[dict[str, Any]],
-    ) -> None:
-        self.inner.drop_published(workflow_id, version, message_ids, kept)
 
     def ping(self) -> Coroutine[Any, Any, None]:
         return _timed(self._ping, self.inner.ping())

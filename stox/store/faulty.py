@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from stox.store.base import IdempotencyKey, NewEvent, StoreError, WorkflowStore
+from stox.store.wrapper import PassThrough
 
 T = TypeVar("T")
 
@@ -31,7 +32,7 @@ class InjectedFault(StoreError):
     """A failure FaultyStore made up."""
 
 
-class FaultyStore:
+class FaultyStore(PassThrough):
     """`inner`, with `fail_share` of its calls failing and `slow_share` slow (`slow_seconds`);
     `counts` says how many of each kind were injected. `calls` (names of methods) and
     `write_faults` (kinds) narrow what is injected, for tests that aim at one case."""
@@ -50,7 +51,7 @@ class FaultyStore:
     ) -> None:
         if min(fail_share, slow_share) < 0 or fail_share + slow_share > 1:
             raise ValueError("fail_share and slow_share: shares from 0 to 1, at most 1 together")
-        self.inner = inner
+        super().__init__(inner)
         self.fail_share = fail_share
         self.slow_share = slow_share
         self.slow_seconds = slow_seconds
@@ -81,22 +82,7 @@ class FaultyStore:
             await asyncio.sleep(self.slow_seconds)
         return await call()
 
-    # -- untouched -------------------------------------------------------------------------
-
-    async def open(self) -> None:
-        await self.inner.open()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    def drop_published(
-        self,
-        workflow_id: str,
-        version: int,
-        message_ids: Sequence[str],
-        kept: Sequence[dict[str, Any]],
-    ) -> None:
-        self.inner.drop_published(workflow_id, version, message_ids, kept)
+    # open, close and drop_published: untouched (PassThrough)
 
     # -- with faults -----------------------------------------------------------------------
 

@@ -180,6 +180,7 @@ async def gateway_part(run: Run, tmpdir: Path) -> None:
             port=args.port,
             origin=args.origin,
             python_args=profile,
+            env=dict(args.gateway_env),
         )
     run.target = target
     user_token, service_token = tokens_for(args, secret)
@@ -384,6 +385,13 @@ async def celery_part(run: Run, tmpdir: Path) -> None:
         await asyncio.to_thread(celery_cleanup, record)
 
 
+def env_setting(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name.startswith("STOX_"):
+        raise argparse.ArgumentTypeError(f"expected STOX_NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench/e2e.py", description="End-to-end throughput benchmark of the Stox gateway."
@@ -413,6 +421,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         help="extra server.py argument for the started gateway (repeatable)",
+    )
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        type=env_setting,
+        metavar="STOX_NAME=VALUE",
+        help="a setting in the started gateway's environment (repeatable)",
     )
     parser.add_argument("--profile-server", metavar="PATH", help="run the gateway under cProfile")
     parser.add_argument(

@@ -95,18 +95,21 @@ def start_gateway(
     port: int = 0,
     origin: str | None = None,
     python_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Target:
     """server.py on 127.0.0.1:`port` (0: a free one) with SQLite at `tmpdir`/`name`.db, its
     log (warnings and worse) in `tmpdir`/gateway-`name`.log, tokens signed with `secret`.
-    `python_args` go before the script (a profiler); `server_args` after it."""
+    `python_args` go before the script (a profiler); `server_args` after it; `env` adds
+    settings (STOX_* variables) to its environment."""
     port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmpdir / f"gateway-{name}.log"
     # one user uploads thousands a second here: the per-user upload limit is off
-    env = clean_env(STOX_JWT_SECRET=secret, STOX_LOG_LEVEL="warning", STOX_MAX_UPLOADS_PER_USER="0")
+    settings = dict(STOX_LOG_LEVEL="warning", STOX_MAX_UPLOADS_PER_USER="0", **(env or {}))
     cmd = [sys.executable, *(python_args or []), "server.py", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--storage-url", f"sqlite:///{tmpdir}/{name}.db", *server_args]
-    return Target(base, "127.0.0.1", port, origin or base, spawn(cmd, env, log), log)
+    process = spawn(cmd, clean_env(STOX_JWT_SECRET=secret, **settings), log)
+    return Target(base, "127.0.0.1", port, origin or base, process, log)
 
 
 async def wait_ready(target: Target, path: str, within: float) -> None:

@@ -170,3 +170,30 @@ async def test_the_safety_valve_is_counted_and_its_wait_is_latency(
     # the uploads scheduled while the first was held waited for the one connection, and
     # that wait counts: latency runs from the scheduled time, not from the send
     assert sorted(phase.upload_latency)[-2] >= 0.1
+
+
+def test_gateway_env_reaches_the_started_gateway() -> None:
+    # a bad setting in the environment stops the gateway at start-up: so it was read
+    result = bench("--no-open-loop", "--gateway-env", "STOX_METRICS_LISTEN=not-a-port")
+
+    assert result.returncode == 1
+    assert "not ready: exited with status" in result.stdout + result.stderr
+    refused = bench("--gateway-env", "METRICS_ENABLED=false")
+    assert refused.returncode == 2 and "expected STOX_NAME=VALUE" in refused.stderr
+
+
+def test_metrics_cost_runs_each_round_with_metrics_on_and_off() -> None:
+    script = str(REPO / "bench" / "metrics_cost.py")
+    result = subprocess.run(
+        [sys.executable, script, "--rounds", "2", "--workflows", "20"],
+        cwd=REPO,
+        env=stox_environ(),
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = re.findall(r"^ +(\d) +(on|off) +[\d.]+ ms +[\d.]+$", result.stdout, re.MULTILINE)
+    assert rows == [("1", "on"), ("1", "off"), ("2", "off"), ("2", "on")]
+    assert re.search(r"metrics add [+-]\d+ us per workflow", result.stdout)

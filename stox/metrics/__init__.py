@@ -1,9 +1,10 @@
 """The gateway's Prometheus metrics: every family, in a registry of the gateway's own.
 
 The families are those of README's *Metrics* (their names are fixed: a dashboard reads them).
-What is counted on the hot path is counted by children looked up once (`.labels(...)` kept),
-or as a plain integer that a collector reads when scraped (the hub's `Tally`); gauges that
-something else already knows (open sockets, the bus) are read when scraped, not kept up.
+Counters and histograms are the lean families of stox/metrics/families.py, their series
+looked up once (`.labels(...)` kept) by whoever counts; the hub's counts are plain integers
+(its `Tally`) and gauges that something else already knows (open sockets, the bus) are read
+when scraped, not kept up.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import disable_created_metrics as _disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -19,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from stox.bus.base import EventBus
 from stox.hub import Hub
+from stox.metrics.families import CounterFamily, HistogramFamily
 from stox.version import version
 from stox.workflow import epoch
 
@@ -42,8 +44,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
 
-        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-            return Counter(name, doc, labels, registry=r)
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> CounterFamily:
+            return CounterFamily(r, name, doc, labels)
 
         self.workflows_started = counter(
             "stox_workflows_started_total", "Workflows uploaded", ("pipeline",)
@@ -60,12 +62,12 @@ class Metrics:
         self.workflows_retried = counter(
             "stox_workflows_retried_total", "Failed workflows restarted by a user", ("pipeline",)
         )
-        self.workflow_duration = Histogram(
+        self.workflow_duration = HistogramFamily(
+            r,
             "stox_workflow_duration_seconds",
             "Upload to the terminal state, by that state",
             ("pipeline", "status"),
-            buckets=WORKFLOW_BUCKETS,
-            registry=r,
+            WORKFLOW_BUCKETS,
         )
         self.step_dispatches = counter(
             "stox_step_dispatches_total", "Step attempts sent (first and retries)", ("step",)
@@ -82,12 +84,12 @@ class Metrics:
         self.step_retries = counter(
             "stox_step_retries_total", "Failed or timed-out attempts that get another", ("step",)
         )
-        self.step_duration = Histogram(
+        self.step_duration = HistogramFamily(
+            r,
             "stox_step_duration_seconds",
             "A step attempt's dispatch to its report, by outcome (completed, failed)",
             ("step", "outcome"),
-            buckets=STEP_BUCKETS,
-            registry=r,
+            STEP_BUCKETS,
         )
         self.reports_duplicate = counter(
             "stox_reports_duplicate_total", "Reports of an attempt already applied", ("step",)
@@ -97,19 +99,19 @@ class Metrics:
             "Reports refused as stale (409); step empty when the report names none",
             ("step",),
         )
-        self.http_request_duration = Histogram(
+        self.http_request_duration = HistogramFamily(
+            r,
             "stox_http_request_duration_seconds",
             "HTTP requests by route (its name or pattern), method and status class",
             ("route", "method", "status_class"),
-            buckets=HTTP_BUCKETS,
-            registry=r,
+            HTTP_BUCKETS,
         )
-        self.store_operation_duration = Histogram(
+        self.store_operation_duration = HistogramFamily(
+            r,
             "stox_store_operation_duration_seconds",
             "Workflow store calls by operation (the store's method)",
             ("operation",),
-            buckets=STORE_BUCKETS,
-            registry=r,
+            STORE_BUCKETS,
         )
         self.outbox_backlog = Gauge(
             "stox_outbox_backlog",
@@ -123,14 +125,14 @@ class Metrics:
         )
         self._oldest: float | None = None  # when the oldest unpublished event was written
         self.outbox_oldest_age.set_function(self._oldest_age)
-        self.sweeper_runs = counter("stox_sweeper_runs_total", "Runs of the timer sweeper")
+        self.sweeper_runs = counter("stox_sweeper_runs_total", "Runs of the timer sweeper").labels()
         self.sweeper_timers_fired = counter(
             "stox_sweeper_timers_fired_total", "Deadlines and retries the sweeper fired"
-        )
-        self.relay_runs = counter("stox_relay_runs_total", "Runs of the outbox relay")
+        ).labels()
+        self.relay_runs = counter("stox_relay_runs_total", "Runs of the outbox relay").labels()
         self.relay_republished = counter(
             "stox_relay_republished_total", "Workflows whose outbox the relay published again"
-        )
+        ).labels()
         build = Gauge("stox_build_info", "The gateway's version", ("version",), registry=r)
         build.labels(version()).set(1)
 

@@ -11,15 +11,14 @@ import time
 from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from prometheus_client import Histogram
-
+from stox.metrics.families import Buckets, HistogramFamily
 from stox.store.base import IdempotencyKey, NewEvent, WorkflowStore
 from stox.store.wrapper import PassThrough
 
 T = TypeVar("T")
 
 
-async def _timed(histogram: Histogram, call: Awaitable[T]) -> T:
+async def _timed(histogram: Buckets, call: Awaitable[T]) -> T:
     start = time.perf_counter()
     try:
         return await call
@@ -28,7 +27,7 @@ async def _timed(histogram: Histogram, call: Awaitable[T]) -> T:
 
 
 class TimedStore(PassThrough):
-    def __init__(self, inner: WorkflowStore, histogram: Histogram) -> None:
+    def __init__(self, inner: WorkflowStore, histogram: HistogramFamily) -> None:
         super().__init__(inner)
         of = histogram.labels  # each operation's child, looked up once
         self._ping, self._insert, self._get = of("ping"), of("insert"), of("get")

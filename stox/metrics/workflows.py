@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client import Counter, Histogram
-
 from stox import observe
 from stox.metrics import Metrics
+from stox.metrics.families import Buckets, Count
 from stox.workflow import (
     CANCELLED,
     COMPLETED,
@@ -40,23 +39,23 @@ class _StepCounts:
     )
 
     def __init__(self, metrics: Metrics, step: str) -> None:
-        self.duplicate: Counter = metrics.reports_duplicate.labels(step)
-        self.stale: Counter = metrics.reports_stale.labels(step)
+        self.duplicate: Count = metrics.reports_duplicate.labels(step)
+        self.stale: Count = metrics.reports_stale.labels(step)
         if not step:  # a report's without a known step: only those two
             return
-        self.dispatches: Counter = metrics.step_dispatches.labels(step)
-        self.completions: Counter = metrics.step_completions.labels(step)
-        self.failures: Counter = metrics.step_failures.labels(step)
-        self.timeouts: Counter = metrics.step_timeouts.labels(step)
-        self.retries: Counter = metrics.step_retries.labels(step)
-        self.completed: Histogram = metrics.step_duration.labels(step, COMPLETED)
-        self.failed: Histogram = metrics.step_duration.labels(step, FAILED)
+        self.dispatches: Count = metrics.step_dispatches.labels(step)
+        self.completions: Count = metrics.step_completions.labels(step)
+        self.failures: Count = metrics.step_failures.labels(step)
+        self.timeouts: Count = metrics.step_timeouts.labels(step)
+        self.retries: Count = metrics.step_retries.labels(step)
+        self.completed: Buckets = metrics.step_duration.labels(step, COMPLETED)
+        self.failed: Buckets = metrics.step_duration.labels(step, FAILED)
 
 
 class _Finished:
     __slots__ = ("count", "duration")
 
-    def __init__(self, count: Counter, duration: Histogram) -> None:
+    def __init__(self, count: Count, duration: Buckets) -> None:
         self.count, self.duration = count, duration
 
 
@@ -128,7 +127,7 @@ class WorkflowMetrics:
         (counts.duplicate if reason == observe.DUPLICATE else counts.stale).inc()
 
 
-def _observe_attempt(workflow: Workflow, name: str, duration: Histogram) -> str | None:
+def _observe_attempt(workflow: Workflow, name: str, duration: Buckets) -> str | None:
     """The outcome of step `name`'s attempt that ended with this transition (its last
     record); its dispatch to now into `duration`, unless it timed out (no report came)."""
     record = _last_attempt(workflow, name)

@@ -10,6 +10,7 @@ events in one compare-and-swap write. Rejections raise before anything is mutate
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,16 +18,25 @@ from datetime import UTC, datetime
 from typing import Any
 
 from stox import tracecontext
+from stox.codec import canonical
 from stox.ids import new_id
 
 RUNNING, COMPLETED, FAILED, CANCELLED = "running", "completed", "failed", "cancelled"
-DEFAULT_PIPELINE = "default"  # the name of the one pipeline (named pipelines: issue 14)
+DEFAULT_PIPELINE = "default"  # the pipeline of an upload that names none
 WORKFLOW_STATUSES = (RUNNING, COMPLETED, FAILED, CANCELLED)
 TERMINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED})
 
-PENDING, DISPATCHED = "pending", "dispatched"
-STEP_STATUSES = (PENDING, DISPATCHED, COMPLETED, FAILED, CANCELLED)
+PENDING, DISPATCHED, WAITING = "pending", "dispatched", "waiting"  # waiting: for a review
+STEP_STATUSES = (PENDING, DISPATCHED, WAITING, COMPLETED, FAILED, CANCELLED)
 TIMED_OUT = "timed_out"  # outcome of an attempt whose deadline passed
+REJECTED = "rejected"  # outcome of a review attempt a person rejected
+
+SERVICE, REVIEW = "service", "review"  # a step's kind: sent to a queue, or done by a person
+STEP_KINDS = (SERVICE, REVIEW)
+FAIL, ESCALATE = "fail", "escalate"  # what a review's passed deadline does
+APPROVE = "approve"
+REVIEW_DECISIONS = (APPROVE, "reject")
+DEFAULT_TIMEOUT = 60.0  # a service step's, unless it says; a review has none unless it says
 
 COMPLETION_ROUTING_KEY = "step.completed"
 CHANGE_ROUTING_KEY = "workflow.changed"
@@ -85,21 +95,56 @@ class NotAllowed(WorkflowError):
     code = "not_allowed"
 
 
+class InvalidPipeline(ValueError):
+    """A pipeline definition the rules cannot run (the message names the step)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StepSpec:
+    """One step of a pipeline. `after`: the steps it waits for (None: see `Pipeline`);
+    a review step (`kind`) waits for a person, `on_reject` saying what a rejection does (fail
+    the workflow, or the name of an upstream step to run again) and `on_deadline` what its
+    `timeout`, if it has one, does (fail, or escalate and keep waiting)."""
+
     name: str
     routing_key: str = ""
-    timeout: float = 60.0
+    timeout: float | None = None  # None: DEFAULT_TIMEOUT for a service step, none for a review
     max_attempts: int = 3
     backoff: float = 1.0
+    kind: str = SERVICE
+    after: tuple[str, ...] | None = None
+    on_reject: str = FAIL
+    on_deadline: str = FAIL
 
     def __post_init__(self) -> None:
         if not self.routing_key:
             object.__setattr__(self, "routing_key", f"step.{self.name}")
+        if self.timeout is None and self.kind == SERVICE:
+            object.__setattr__(self, "timeout", DEFAULT_TIMEOUT)
+        if self.after is not None:
+            object.__setattr__(self, "after", tuple(self.after))
 
     def retry_delay(self, attempt: int) -> float:
         """Exponential backoff: `backoff`, then twice that, and so on."""
         return self.backoff * 2.0 ** max(attempt - 1, 0)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "routing_key": self.routing_key,
+            "timeout": self.timeout,
+            "max_attempts": self.max_attempts,
+            "backoff": self.backoff,
+            "after": None if self.after is None else list(self.after),
+            "on_reject": self.on_reject,
+            "on_deadline": self.on_deadline,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> StepSpec:
+        after = doc.get("after")
+        return cls(**{**doc, "after": None if after is None else tuple(after)})
 
 
 DEFAULT_STEPS = (
@@ -111,16 +156,118 @@ DEFAULT_STEPS = (
 
 @dataclass(frozen=True, slots=True)
 class Pipeline:
+    """Steps as data, and where services reply (the gateway's, not stored with a workflow).
+
+    Dependencies: where any step names `after`, a step without it depends on nothing;
+    where none does, each step follows the one before it (a sequence). Invalid definitions
+    (no steps, a name twice, an unknown or cyclic dependency, a review's `on_reject` that is
+    not upstream of it) raise InvalidPipeline.
+    """
+
     steps: tuple[StepSpec, ...] = DEFAULT_STEPS
     completion_url: str = ""  # the HTTP reply address put into every dispatch
     completion_routing_key: str = COMPLETION_ROUTING_KEY  # the AMQP reply routing key
     name: str = DEFAULT_PIPELINE
+    # derived from `steps`
+    deps: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+    upstream: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)
+    version: str = field(init=False, compare=False)  # a short hash of name and steps
+
+    def __post_init__(self) -> None:
+        deps = _dependencies(self.steps)
+        object.__setattr__(self, "deps", deps)
+        object.__setattr__(self, "upstream", _upstream(deps))
+        for spec in self.steps:
+            _check_step(spec, self.upstream[spec.name])
+        definition = {"name": self.name, "steps": [spec.to_doc() for spec in self.steps]}
+        version = hashlib.sha256(canonical(definition)).hexdigest()[:12]
+        object.__setattr__(self, "version", version)
 
     def spec(self, name: str) -> StepSpec:
         for spec in self.steps:
             if spec.name == name:
                 return spec
-        return StepSpec(name)  # a step removed from the pipeline since the workflow began
+        return StepSpec(name)  # not in this definition (a workflow of before definitions)
+
+    def definition(self) -> dict[str, Any]:
+        """What a workflow stores of the pipeline it started with (no reply addresses)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "steps": [spec.to_doc() for spec in self.steps],
+        }
+
+    @classmethod
+    def from_definition(
+        cls,
+        doc: dict[str, Any],
+        completion_url: str = "",
+        completion_routing_key: str = COMPLETION_ROUTING_KEY,
+    ) -> Pipeline:
+        steps = tuple(StepSpec.from_doc(step) for step in doc["steps"])
+        return cls(steps, completion_url, completion_routing_key, doc["name"])
+
+    def with_replies(self, completion_url: str, completion_routing_key: str) -> Pipeline:
+        return Pipeline(self.steps, completion_url, completion_routing_key, self.name)
+
+
+def _dependencies(steps: tuple[StepSpec, ...]) -> dict[str, tuple[str, ...]]:
+    if not steps:
+        raise InvalidPipeline("a pipeline needs at least one step")
+    names = [spec.name for spec in steps]
+    for name in names:
+        if names.count(name) > 1:
+            raise InvalidPipeline(f"step {name!r} appears twice")
+    if all(spec.after is None for spec in steps):  # a sequence
+        return {name: (names[i - 1],) if i else () for i, name in enumerate(names)}
+    deps: dict[str, tuple[str, ...]] = {}
+    for spec in steps:
+        after = spec.after or ()
+        for dep in after:
+            if dep not in names:
+                raise InvalidPipeline(f"step {spec.name!r}: after names unknown step {dep!r}")
+            if dep == spec.name:
+                raise InvalidPipeline(f"step {spec.name!r}: after names itself")
+        deps[spec.name] = tuple(dict.fromkeys(after))
+    return deps
+
+
+def _upstream(deps: dict[str, tuple[str, ...]]) -> dict[str, frozenset[str]]:
+    """Each step's transitive dependencies; InvalidPipeline naming a cycle."""
+    done: dict[str, frozenset[str]] = {}
+
+    def visit(name: str, path: list[str]) -> frozenset[str]:
+        if name in done:
+            return done[name]
+        if name in path:
+            cycle = " -> ".join([*path[path.index(name) :], name])
+            raise InvalidPipeline(f"the steps' after make a cycle: {cycle}")
+        found: set[str] = set()
+        for dep in deps[name]:
+            found.add(dep)
+            found |= visit(dep, [*path, name])
+        done[name] = frozenset(found)
+        return done[name]
+
+    for name in deps:
+        visit(name, [])
+    return done
+
+
+def _check_step(spec: StepSpec, upstream: frozenset[str]) -> None:
+    where = f"step {spec.name!r}"
+    if spec.kind not in STEP_KINDS:
+        raise InvalidPipeline(f"{where}: kind must be one of {', '.join(STEP_KINDS)}")
+    if spec.timeout is not None and not spec.timeout > 0:
+        raise InvalidPipeline(f"{where}: timeout must be positive")
+    if spec.kind == SERVICE and (spec.on_reject != FAIL or spec.on_deadline != FAIL):
+        raise InvalidPipeline(f"{where}: on_reject and on_deadline are for review steps")
+    if spec.on_deadline not in (FAIL, ESCALATE):
+        raise InvalidPipeline(f"{where}: on_deadline must be fail or escalate")
+    if spec.on_reject != FAIL and spec.on_reject not in upstream:
+        raise InvalidPipeline(
+            f"{where}: on_reject must be fail or a step it comes after, not {spec.on_reject!r}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,16 +288,19 @@ class Step:
     status: str = PENDING
     step_id: str | None = None
     attempt: int = 0
-    dispatched_at: str | None = None
+    dispatched_at: str | None = None  # a review: when it began to wait
     deadline: str | None = None
     completed_at: str | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
     retry_at: str | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)  # finished attempts
+    # a review step's: {decision, by, at, reason} once decided, escalated_at if it was; the
+    # document has the field only then
+    review: dict[str, Any] | None = None
 
     def to_doc(self) -> dict[str, Any]:
-        return {
+        doc = {
             "name": self.name,
             "status": self.status,
             "step_id": self.step_id,
@@ -163,11 +313,16 @@ class Step:
             "retry_at": self.retry_at,
             "attempts": list(self.attempts),
         }
+        if self.review is not None:
+            doc["review"] = dict(self.review)
+        return doc
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Step:
         step = cls(**doc)
         step.attempts = list(step.attempts)  # appended to; the source document stays as it was
+        if step.review is not None:
+            step.review = dict(step.review)
         return step
 
 
@@ -178,7 +333,7 @@ class Workflow:
     status: str
     product: dict[str, Any]
     steps: list[Step]
-    current_step: int
+    current_step: int  # the first step not completed (the last once all are)
     version: int
     created_at: str
     updated_at: str
@@ -188,6 +343,9 @@ class Workflow:
     # the traceparent of its upload's span when it is traced (stox/tracecontext.py); its
     # document has the field only then
     trace: str | None = None
+    # the definition it started with (`Pipeline.definition`), never rewritten; None in a
+    # workflow stored before pipelines were stored (it runs on the gateway's `default`)
+    pipeline: dict[str, Any] | None = None
 
     def to_doc(self) -> dict[str, Any]:
         doc = {
@@ -206,6 +364,8 @@ class Workflow:
         }
         if self.trace is not None:
             doc["trace"] = self.trace
+        if self.pipeline is not None:
+            doc["pipeline"] = self.pipeline
         return doc
 
     @classmethod
@@ -228,6 +388,12 @@ class Workflow:
     @property
     def step(self) -> Step:
         return self.steps[self.current_step]
+
+    def named(self, name: str) -> Step | None:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        return None
 
     def results(self) -> dict[str, Any]:
         return {s.name: s.result for s in self.steps if s.status == COMPLETED}
@@ -266,25 +432,32 @@ class _Transition:
             }
         )
 
-    def dispatch(self, index: int) -> None:
+    def begin(self, step: Step) -> None:
+        """A new attempt of `step`: sent to its service, or, for a review, waiting."""
         wf = self.wf
-        step = wf.steps[index]
         spec = self.pipeline.spec(step.name)
-        wf.current_step = index
-        step.status = DISPATCHED
         step.step_id = self.ids()
         step.attempt += 1
         step.dispatched_at = self.now_iso
-        step.deadline = isoformat(self.now + spec.timeout)
+        step.deadline = None if spec.timeout is None else isoformat(self.now + spec.timeout)
         step.retry_at = None
         step.completed_at = None
+        if spec.kind == REVIEW:
+            step.status = WAITING
+            step.review = None
+            self.changes.append(Change("step_waiting_review", step.name))
+            return
+        step.status = DISPATCHED
+        upstream = self.pipeline.upstream.get(step.name, frozenset())
         payload = {
             "step_id": step.step_id,
             "step_type": step.name,
             "attempt": step.attempt,
             "deadline": step.deadline,
             "product": wf.product,
-            "results": wf.results(),
+            "results": {
+                s.name: s.result for s in wf.steps if s.status == COMPLETED and s.name in upstream
+            },
             "reply_to": {
                 "http": self.pipeline.completion_url,
                 "routing_key": self.pipeline.completion_routing_key,
@@ -294,6 +467,20 @@ class _Transition:
             payload[tracecontext.HEADER] = tracecontext.dispatch(wf.trace, step.step_id)
         self.emit(spec.routing_key, payload)
         self.changes.append(Change("step_dispatched", step.name))
+
+    def advance(self) -> None:
+        """Begin every step not yet begun whose dependencies have all completed; complete
+        the workflow when every step has."""
+        wf = self.wf
+        done = {s.name for s in wf.steps if s.status == COMPLETED}
+        if len(done) == len(wf.steps):
+            self.finish_workflow(COMPLETED, {"results": wf.results()})
+            return
+        deps = self.pipeline.deps
+        for step in wf.steps:
+            ready = step.status == PENDING and step.retry_at is None
+            if ready and all(dep in done for dep in deps.get(step.name, ())):
+                self.begin(step)
 
     def finish_workflow(self, status: str, extra: dict[str, Any]) -> None:
         self.wf.status = status
@@ -313,10 +500,28 @@ class _Transition:
             }
         )
 
-    def fail_attempt(self, outcome: str, error: str) -> None:
+    def stop_live_steps(self) -> None:
+        """The workflow ends: attempts under way end as cancelled (their late reports are
+        stale), and so do retries waiting; steps never begun stay pending."""
+        for step in self.wf.steps:
+            if step.status in (DISPATCHED, WAITING):
+                self.end_attempt(step, CANCELLED)
+                step.status = CANCELLED
+            elif step.status == PENDING and step.retry_at is not None:
+                step.status = CANCELLED
+                step.retry_at = None
+
+    def fail_step(self, step: Step, error: str) -> None:
+        """`step` failed for good: so does the workflow, and its running siblings stop."""
+        step.status = FAILED
+        step.error = error
+        step.completed_at = self.now_iso
+        self.changes.append(Change("step_failed", step.name))
+        self.stop_live_steps()
+        self.finish_workflow(FAILED, {"error": {"step": step.name, "message": error}})
+
+    def fail_attempt(self, step: Step, outcome: str, error: str) -> None:
         """A failed or timed-out attempt: retry after backoff, or fail the workflow."""
-        wf = self.wf
-        step = wf.step
         spec = self.pipeline.spec(step.name)
         self.end_attempt(step, outcome, error)
         step.error = error
@@ -324,20 +529,18 @@ class _Transition:
             self.changes.append(Change("step_retrying", step.name))
             delay = spec.retry_delay(step.attempt)
             if delay <= 0:
-                self.dispatch(wf.current_step)
+                self.begin(step)
             else:
                 step.status = PENDING
                 step.retry_at = isoformat(self.now + delay)
             return
-        step.status = FAILED
-        step.completed_at = self.now_iso
-        self.changes.append(Change("step_failed", step.name))
-        self.finish_workflow(FAILED, {"error": {"step": step.name, "message": error}})
+        self.fail_step(step, error)
 
     def seal(self) -> list[Change]:
         wf = self.wf
         wf.version += 1
         wf.updated_at = self.now_iso
+        wf.current_step = _current_step(wf)
         wf.wake_at = _wake_at(wf)
         self.emit(
             CHANGE_ROUTING_KEY,
@@ -352,11 +555,24 @@ class _Transition:
         return self.changes
 
 
+def _current_step(wf: Workflow) -> int:
+    for index, step in enumerate(wf.steps):
+        if step.status != COMPLETED:
+            return index
+    return len(wf.steps) - 1
+
+
 def _wake_at(wf: Workflow) -> str | None:
+    """The earliest timer of a running workflow: a live attempt's deadline, a retry's
+    time, a waiting review's deadline."""
     if wf.status != RUNNING:
         return None
-    step = wf.step
-    if step.status == DISPATCHED:
+    times = [t for step in wf.steps if (t := _timer(step)) is not None]
+    return min(times) if times else None
+
+
+def _timer(step: Step) -> str | None:
+    if step.status in (DISPATCHED, WAITING):
         return step.deadline
     if step.status == PENDING:
         return step.retry_at
@@ -371,10 +587,8 @@ def start(
     ids: IdFactory = new_id,
     trace: str | None = None,
 ) -> tuple[Workflow, list[Change]]:
-    """Upload: a running workflow whose first step is dispatched; `trace`: the traceparent
-    of its upload's span, when it is traced."""
-    if not pipeline.steps:
-        raise ValueError("a pipeline needs at least one step")
+    """Upload: a running workflow whose first steps (those that depend on none) are begun;
+    `trace`: the traceparent of its upload's span, when it is traced."""
     now_iso = isoformat(now)
     wf = Workflow(
         id=ids(),
@@ -387,13 +601,14 @@ def start(
         created_at=now_iso,
         updated_at=now_iso,
         trace=trace,
+        pipeline=pipeline.definition(),
     )
     t = _Transition(wf, pipeline, now, ids)
     t.emit(
         "workflow.start",
         {"owner": owner, "product": product, "steps": [s.name for s in wf.steps]},
     )
-    t.dispatch(0)
+    t.advance()
     return wf, t.seal()
 
 
@@ -420,7 +635,7 @@ def attempt_of(wf: Workflow, step_id: str) -> tuple[str, int] | None:
 def complete(
     wf: Workflow, pipeline: Pipeline, report: Report, now: float, ids: IdFactory = new_id
 ) -> list[Change]:
-    """Apply a service's completion report for the current attempt."""
+    """Apply a service's completion report for a live attempt."""
     found = _find_attempt(wf, report.step_id)
     if found is None:
         raise StaleReport("no attempt of this workflow has that step_id")
@@ -432,7 +647,7 @@ def complete(
         if same:
             raise DuplicateReport("this completion was already applied")
         raise StaleReport(f"that attempt already ended as {record['outcome']}")
-    if wf.status != RUNNING or step.status != DISPATCHED or step is not wf.step:
+    if wf.status != RUNNING or step.status != DISPATCHED:
         raise StaleReport(f"the workflow is {wf.status} and the step is {step.status}")
 
     t = _Transition(wf, pipeline, now, ids)
@@ -443,12 +658,88 @@ def complete(
         step.error = None
         step.completed_at = t.now_iso
         t.changes.append(Change("step_completed", step.name))
-        if wf.current_step + 1 < len(wf.steps):
-            t.dispatch(wf.current_step + 1)
-        else:
-            t.finish_workflow(COMPLETED, {"results": wf.results()})
+        t.advance()
     else:
-        t.fail_attempt(FAILED, report.error or "the service reported a failure")
+        t.fail_attempt(step, FAILED, report.error or "the service reported a failure")
+    return t.seal()
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    """A person's decision on a waiting review step: APPROVE (`result`: their edits, which
+    become the step's result) or reject (`reason`)."""
+
+    workflow_id: str
+    step_id: str
+    decision: str
+    by: str
+    result: dict[str, Any] | None = None
+    reason: str | None = None
+
+
+def review(
+    wf: Workflow, pipeline: Pipeline, decision: Review, now: float, ids: IdFactory = new_id
+) -> list[Change]:
+    """Apply a review. The same decision on an attempt already decided is a DuplicateReport;
+    any other on a step not waiting is NotAllowed."""
+    found = _find_attempt(wf, decision.step_id)
+    if found is None:
+        raise NotAllowed("no review of this workflow has that step_id")
+    step, record = found
+    spec = pipeline.spec(step.name)
+    if spec.kind != REVIEW:
+        raise NotAllowed(f"step {step.name!r} is not a review step")
+    approve = decision.decision == APPROVE
+    if record is not None:
+        if record["outcome"] == (COMPLETED if approve else REJECTED):
+            raise DuplicateReport("this review was already applied")
+        raise NotAllowed(f"that review already ended as {record['outcome']}")
+    if wf.status != RUNNING or step.status != WAITING:
+        raise NotAllowed(f"the workflow is {wf.status} and the step is {step.status}")
+
+    t = _Transition(wf, pipeline, now, ids)
+    escalated = (step.review or {}).get("escalated_at")
+    step.review = {
+        "decision": "approved" if approve else "rejected",
+        "by": decision.by,
+        "at": t.now_iso,
+        "reason": decision.reason,
+    }
+    if escalated is not None:
+        step.review["escalated_at"] = escalated
+    t.changes.append(Change("step_reviewed", step.name))
+    if approve:
+        t.end_attempt(step, COMPLETED)
+        step.attempts[-1]["by"] = decision.by
+        step.status = COMPLETED
+        step.result = decision.result if decision.result is not None else {}
+        step.error = None
+        step.completed_at = t.now_iso
+        t.advance()
+        return t.seal()
+    reason = decision.reason or "rejected"
+    t.end_attempt(step, REJECTED, reason)
+    step.attempts[-1]["by"] = decision.by
+    if spec.on_reject == FAIL:
+        t.fail_step(step, f"rejected in review: {reason}")
+        return t.seal()
+    # run the named upstream step again, and every step between it and this review
+    again = spec.on_reject
+    between = {
+        s.name
+        for s in wf.steps
+        if s.name == step.name
+        or (again in pipeline.upstream[s.name] and s.name in pipeline.upstream[step.name])
+    }
+    for s in wf.steps:
+        if s.name == again or s.name in between:
+            s.status = PENDING
+            s.attempt = 0
+            s.result = None
+            s.retry_at = None
+            s.completed_at = None
+    step.error = f"rejected in review: {reason}"
+    t.advance()
     return t.seal()
 
 
@@ -457,7 +748,8 @@ def is_due(wf: Workflow, now: float) -> bool:
 
 
 def wake(wf: Workflow, pipeline: Pipeline, now: float, ids: IdFactory = new_id) -> list[Change]:
-    """Timers: a passed deadline fails the attempt; a due retry dispatches the next one.
+    """Timers: a passed deadline fails the attempt (a review's fails or escalates, as its
+    step says); a due retry dispatches the next attempt.
 
     Returns no changes (and mutates nothing) when nothing is due, so a sweeper that lost
     the race to another instance simply moves on.
@@ -465,12 +757,22 @@ def wake(wf: Workflow, pipeline: Pipeline, now: float, ids: IdFactory = new_id) 
     if wf.status != RUNNING or not is_due(wf, now):
         return []
     t = _Transition(wf, pipeline, now, ids)
-    step = wf.step
-    if step.status == DISPATCHED:
+    for step in wf.steps:
+        timer = _timer(step)
+        if wf.status != RUNNING or timer is None or timer > t.now_iso:
+            continue
         spec = pipeline.spec(step.name)
-        t.fail_attempt(TIMED_OUT, f"no report within {spec.timeout:g}s")
-    else:
-        t.dispatch(wf.current_step)
+        if step.status == DISPATCHED:
+            t.fail_attempt(step, TIMED_OUT, f"no report within {spec.timeout:g}s")
+        elif step.status == PENDING:
+            t.begin(step)
+        elif spec.on_deadline == ESCALATE:
+            step.deadline = None
+            step.review = {"escalated_at": t.now_iso}
+            t.changes.append(Change("step_review_escalated", step.name))
+        else:
+            t.end_attempt(step, TIMED_OUT, f"no review within {spec.timeout:g}s")
+            t.fail_step(step, f"no review within {spec.timeout:g}s")
     return t.seal()
 
 
@@ -478,26 +780,31 @@ def cancel(wf: Workflow, pipeline: Pipeline, now: float, ids: IdFactory = new_id
     if wf.status != RUNNING:
         raise NotAllowed(f"only a running workflow can be cancelled; this one is {wf.status}")
     t = _Transition(wf, pipeline, now, ids)
-    for step in wf.steps[wf.current_step :]:
-        if step.status == DISPATCHED:
+    for step in wf.steps:
+        if step.status in (DISPATCHED, WAITING):
             t.end_attempt(step, CANCELLED)
-        step.status = CANCELLED
-        step.retry_at = None
+        if step.status != COMPLETED:
+            step.status = CANCELLED
+            step.retry_at = None
     t.finish_workflow(CANCELLED, {})
     return t.seal()
 
 
 def retry(wf: Workflow, pipeline: Pipeline, now: float, ids: IdFactory = new_id) -> list[Change]:
-    """Restart a failed workflow from the step that failed, with a fresh attempt budget."""
+    """Restart a failed workflow: the steps that failed, and those its failure stopped, with
+    a fresh attempt budget; completed steps keep their results."""
     if wf.status != FAILED:
         raise NotAllowed(f"only a failed workflow can be retried; this one is {wf.status}")
     t = _Transition(wf, pipeline, now, ids)
     wf.status = RUNNING
-    step = wf.step
-    step.attempt = 0
-    step.error = None
-    step.completed_at = None
-    t.dispatch(wf.current_step)
+    for step in wf.steps:
+        if step.status in (FAILED, CANCELLED):
+            step.status = PENDING
+            step.attempt = 0
+            step.error = None
+            step.completed_at = None
+            step.retry_at = None
+    t.advance()
     return t.seal()
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,18 @@ import yaml
 from stox import store as stores
 from stox import version
 from stox.store.sqlite_db import SYNCHRONOUS as SQLITE_SYNCHRONOUS
-from stox.workflow import DEFAULT_STEPS, StepSpec
+from stox.workflow import (
+    DEFAULT_PIPELINE,
+    DEFAULT_STEPS,
+    DEFAULT_TIMEOUT,
+    ESCALATE,
+    FAIL,
+    REVIEW,
+    SERVICE,
+    InvalidPipeline,
+    Pipeline,
+    StepSpec,
+)
 
 
 class SettingsError(ValueError):
@@ -523,18 +535,25 @@ class MetricsSettings:
 
 
 _STEP = StepSpec("any")  # the domain's defaults of a step
+_NAME = pattern(r"[a-z][a-z0-9_]{0,63}", "lowercase letters, digits and _")
 
 
 @dataclass
 class StepSettings:
-    name: str = _help(
-        "step name",
-        default="",
-        check=pattern(r"[a-z][a-z0-9_]{0,63}", "lowercase letters, digits and _"),
+    name: str = _help("step name", default="", check=_NAME)
+    kind: str = _help(
+        "service (sent to its queue) or review (a person approves or rejects)",
+        default=SERVICE,
+        check=one_of(SERVICE, REVIEW),
+    )
+    after: list[str] | None = _help(
+        "the steps it waits for (none given anywhere in a pipeline: each follows the one before)",
+        default=None,
     )
     routing_key: str = _help("routing key of its dispatch event (default step.NAME)", default="")
-    timeout: Duration = _help(
-        "how long an attempt may take", default=Duration(_STEP.timeout), check=positive
+    timeout: Duration | None = _help(
+        f"how long an attempt may take (default {DEFAULT_TIMEOUT:g}s; a review: no deadline)",
+        default=None,
     )
     max_attempts: int = _help(
         "attempts before the workflow fails",
@@ -544,6 +563,32 @@ class StepSettings:
     backoff: Duration = _help(
         "pause before the first retry, doubling after", default=Duration(_STEP.backoff)
     )
+    on_reject: str = _help(
+        "a review's rejection: fail (the workflow), or the name of an upstream step to run again",
+        default=FAIL,
+    )
+    on_deadline: str = _help(
+        "a review's passed deadline: fail, or escalate (it keeps waiting, marked escalated)",
+        default=FAIL,
+        check=one_of(FAIL, ESCALATE),
+    )
+
+    def check(self, key: str) -> None:
+        if self.timeout is not None and self.timeout <= 0:
+            raise SettingsError(f"{key}.timeout: expected a positive duration")
+
+    def spec(self) -> StepSpec:
+        return StepSpec(
+            self.name,
+            self.routing_key,
+            None if self.timeout is None else float(self.timeout),
+            self.max_attempts,
+            float(self.backoff),
+            kind=self.kind,
+            after=None if self.after is None else tuple(self.after),
+            on_reject=self.on_reject,
+            on_deadline=self.on_deadline,
+        )
 
 
 def _default_steps() -> list[StepSettings]:
@@ -552,7 +597,7 @@ def _default_steps() -> list[StepSettings]:
 
 @dataclass
 class PipelineSettings:
-    steps: list[StepSettings] = _help("the ordered steps", default_factory=_default_steps)
+    steps: list[StepSettings] = _help("the steps", default_factory=_default_steps)
 
     def check(self, key: str) -> None:
         if not self.steps:
@@ -561,6 +606,14 @@ class PipelineSettings:
         for i, name in enumerate(names):
             if names.count(name) > 1:
                 raise SettingsError(f"{key}.steps[{i}].name: {name!r} appears twice")
+        try:
+            self.pipeline(DEFAULT_PIPELINE)  # the rules of steps and their dependencies
+        except InvalidPipeline as exc:
+            raise SettingsError(f"{key}: {exc}") from None
+
+    def pipeline(self, name: str) -> Pipeline:
+        """The domain's pipeline (without reply addresses: see `Settings.pipeline_set`)."""
+        return Pipeline(tuple(step.spec() for step in self.steps), name=name)
 
 
 @dataclass
@@ -575,6 +628,10 @@ class Settings:
     cors: CorsSettings = field(default_factory=CorsSettings)
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    pipelines: dict[str, PipelineSettings] = _help(
+        "named pipelines (pipelines.NAME.steps); `default` is pipeline.steps unless given here",
+        default_factory=dict,
+    )
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     demo_workers: bool = False
 
@@ -583,6 +640,21 @@ class Settings:
             raise SettingsError(
                 "storage.faults: fault injection is a testing aid, refused in production"
             )
+        for name in self.pipelines:
+            _NAME(f"pipelines.{name}", name)
+        if DEFAULT_PIPELINE in self.pipelines and self.pipeline != PipelineSettings():
+            raise SettingsError(
+                "pipelines.default: the default pipeline is given twice (pipeline.steps too); "
+                "give one of them"
+            )
+
+    def named_pipelines(self) -> dict[str, Pipeline]:
+        """Every configured pipeline by name, `default` first (pipeline.steps unless
+        pipelines.default is given), without reply addresses."""
+        found = {DEFAULT_PIPELINE: self.pipeline.pipeline(DEFAULT_PIPELINE)}
+        for name, section in self.pipelines.items():
+            found[name] = section.pipeline(name)
+        return found
 
     @property
     def public_url(self) -> str:
@@ -625,6 +697,14 @@ _ENV_AND_FLAGS: list[tuple[str, str | None, str | None]] = [
 def _coerce(key: str, kind: Any, value: Any) -> Any:
     """Turn a YAML, environment or flag value into `kind`, or raise naming the key."""
     origin = typing.get_origin(kind)
+    if origin is types.UnionType:  # X | None
+        (inner,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        return None if value is None else _coerce(key, inner, value)
+    if origin is dict:
+        _, item = typing.get_args(kind)
+        if not isinstance(value, Mapping):
+            raise SettingsError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", item, v) for k, v in value.items()}
     if dataclasses.is_dataclass(kind):
         if isinstance(value, str) and kind is Endpoint:
             host, sep, port = value.rpartition(":")
@@ -746,6 +826,10 @@ def _check(section: Any, prefix: str) -> None:
             for i, item in enumerate(value):
                 if dataclasses.is_dataclass(item):
                     _check(item, f"{key}[{i}].")
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                if dataclasses.is_dataclass(item):
+                    _check(item, f"{key}.{name}.")
     if hasattr(section, "check"):
         section.check(prefix.removesuffix("."))
 

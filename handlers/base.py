@@ -25,11 +25,19 @@ from tornado.http1connection import HTTP1Connection
 
 from stox.auth import bearer
 from stox.auth.limits import TooManyAttempts
-from stox.auth.tokens import ADMIN, SERVICE, USER, InvalidToken, Principal, TokenAuthority
+from stox.auth.tokens import (
+    ADMIN,
+    REVIEWER,
+    SERVICE,
+    USER,
+    InvalidToken,
+    Principal,
+    TokenAuthority,
+)
 from stox.codec import dumps
 from stox.ids import random16
 from stox.logs import bind, log_exception
-from stox.orchestrator import Contention, KeyReused, NotFound, Orchestrator
+from stox.orchestrator import Contention, KeyReused, NotFound, Orchestrator, UnknownPipeline
 from stox.schemas import nested_beyond
 from stox.store import StoreError
 from stox.workflow import NotAllowed, StaleReport
@@ -41,7 +49,7 @@ IDEMPOTENCY_KEY = "Idempotency-Key"  # the upload's header (handlers/workflow.py
 F = TypeVar("F", bound=Callable[..., Awaitable[None]])
 
 # which token roles each declared audience admits
-_ADMITS = {USER: {USER, ADMIN}, ADMIN: {ADMIN}, SERVICE: {SERVICE}}
+_ADMITS = {USER: {USER, ADMIN, REVIEWER}, ADMIN: {ADMIN}, SERVICE: {SERVICE}}
 
 
 class ApiError(tornado.web.HTTPError):
@@ -131,6 +139,17 @@ def _store_unavailable(exc: Exception) -> ApiError:
     )
 
 
+def _unknown_pipeline(exc: Exception) -> ApiError:
+    unknown = cast(UnknownPipeline, exc)
+    expected = f"one of: {', '.join(unknown.known)}"
+    return ApiError(
+        400,
+        "invalid_input",
+        f"pipeline: no pipeline {unknown.name!r} is configured; {expected}",
+        {"pipeline": f"unknown pipeline; {expected}"},
+    )
+
+
 def _key_reused(exc: Exception) -> ApiError:
     return ApiError(
         422,
@@ -160,6 +179,7 @@ DOMAIN_ERRORS: dict[type[Exception], Callable[[Exception], ApiError]] = {
     Contention: _contended,
     StoreError: _store_unavailable,  # AlreadyExists too: an id taken is for a retry as well
     KeyReused: _key_reused,
+    UnknownPipeline: _unknown_pipeline,
     TooManyAttempts: _too_many,
 }
 
@@ -174,7 +194,8 @@ def domain_error(exc: BaseException) -> ApiError | None:
 
 
 def requires(role: str) -> Callable[[F], F]:
-    """Declare who may call a handler method: "user" (users and admins), "admin", "service"."""
+    """Declare who may call a handler method: "user" (users, reviewers and admins), "admin",
+    "service"."""
     admitted = _ADMITS[role]
 
     def decorate(method: F) -> F:

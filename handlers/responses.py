@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from marshmallow import Schema, fields, validate
 
-from stox.auth.tokens import ADMIN, SERVICE, USER
+from stox.auth.tokens import ROLES
 from stox.schemas import ProductSchema
 from stox.workflow import WORKFLOW_STATUSES
 
-_ROLE = fields.String(required=True, validate=validate.OneOf([USER, ADMIN, SERVICE]))
+_ROLE = fields.String(required=True, validate=validate.OneOf(ROLES))
 _STATUS = fields.String(required=True, validate=validate.OneOf(WORKFLOW_STATUSES))
 
 
@@ -71,6 +71,19 @@ class StepSchema(Schema):
     error = fields.String(required=True, allow_none=True)
     retry_at = _nullable_time()
     attempts = fields.List(fields.Dict(), required=True, metadata={"description": "finished"})
+    review = fields.Dict(
+        metadata={"description": "a review step's decision (decision, by, at, reason), once made"}
+    )
+
+
+class PipelineDefinitionSchema(Schema):
+    name = fields.String(required=True)
+    version = fields.String(required=True, metadata={"description": "a short hash of it"})
+    steps = fields.List(
+        fields.Dict(),
+        required=True,
+        metadata={"description": "name, kind, after, timeout, max_attempts, backoff, …"},
+    )
 
 
 class WorkflowSchema(Schema):
@@ -85,6 +98,10 @@ class WorkflowSchema(Schema):
     updated_at = fields.String(required=True, metadata={"format": "date-time"})
     wake_at = _nullable_time()
     outbox_at = _nullable_time()
+    pipeline = fields.Nested(
+        PipelineDefinitionSchema,
+        metadata={"description": "the definition it runs on (absent: stored before they were)"},
+    )
 
 
 class UploadAnswerSchema(Schema):

@@ -1,4 +1,4 @@
-"""Workflow endpoints: upload, status, step-completed, list, cancel, retry.
+"""Workflow endpoints: upload, status, step-completed, review, list, cancel, retry.
 
 The orchestrator's NotFound, NotAllowed, StaleReport and Contention propagate: the base
 handler's error path answers them (`handlers.base.DOMAIN_ERRORS`)."""
@@ -21,10 +21,11 @@ from stox.schemas import (
     decode_cursor,
     encode_cursor,
     list_query_schema,
+    review_schema,
     upload_schema,
     workflow_id_schema,
 )
-from stox.workflow import DEFAULT_STEPS, RUNNING, Report, Workflow
+from stox.workflow import DEFAULT_STEPS, RUNNING, Report, Review, Workflow
 
 STEP_COMPLETED = "step_completed"  # the route's name: the dispatches' HTTP reply address
 MAX_KEY_LENGTH = 255
@@ -91,7 +92,8 @@ class UploadHandler(WorkflowHandler):
         answers={202: ("accepted; the first step is dispatched", responses.UploadAnswerSchema())},
         links={202: _follow(_ANSWER_ID)},
         errors={
-            400: "`invalid_json`, `invalid_input` or `invalid_idempotency_key`",
+            400: "`invalid_json`, `invalid_input` (an unknown `pipeline` too) or "
+            "`invalid_idempotency_key`",
             422: "`idempotency_key_reused` with a different body",
             429: "`too_many_attempts`: over `server.max_uploads_per_user`, with `Retry-After`",
             503: "`store_unavailable` or `contention`, with `Retry-After`",
@@ -102,14 +104,17 @@ class UploadHandler(WorkflowHandler):
         self.uploads.begin(self.principal.id)
         key = self.idempotency_key()
         product = self.load(upload_schema, self.json_body())
-        workflow = await self.orchestrator.upload(self.principal.id, product, key)
+        pipeline = product.pop("pipeline")
+        workflow = await self.orchestrator.upload(self.principal.id, product, key, pipeline)
         # the answer as the upload that made it gave it (a retry with its key gets the same)
+        deps = self.orchestrator.pipeline_of(workflow).deps
+        begun = [step.name for step in workflow.steps if not deps.get(step.name)]
         self.write_json(
             202,
             {
                 "workflow_id": workflow.id,
                 "status": RUNNING,
-                "message": f"workflow accepted; {workflow.steps[0].name} dispatched",
+                "message": f"workflow accepted; {', '.join(begun)} dispatched",
             },
         )
 
@@ -191,6 +196,43 @@ class StepCompletedHandler(BaseHandler):
         )
 
 
+class ReviewHandler(WorkflowHandler):
+    @operation(
+        "Approve or reject a step waiting for review",
+        body=review_schema,
+        description="The workflow's owner, a `reviewer` or an admin; anyone else gets 404, as "
+        "for another's workflow. Approve with `result` (the edited values, which become the "
+        "step's result) or without; reject with a `reason` (the workflow fails, or the step "
+        "the pipeline names runs again). The same decision again answers `duplicate`.",
+        answers={
+            200: ("`applied`, or `duplicate` (changed nothing)", responses.ReportAnswerSchema())
+        },
+        links={200: _follow(_ANSWER_ID)},
+        errors={
+            404: "`not_found`: no such workflow, or one this user may not review",
+            409: "`not_allowed`: the step is not waiting for review (or not a review step)",
+            503: "`store_unavailable` or `contention`, with `Retry-After`",
+        },
+    )
+    @requires("user")
+    async def post(self) -> None:
+        body = self.load(review_schema, self.json_body())
+        bind(workflow_id=body["workflow_id"])
+        decision = Review(by=self.principal.username, **body)
+        owner = None if self.principal.can_review_any else self.principal.id
+        outcome = await self.orchestrator.review(decision, owner)
+        workflow = outcome.workflow
+        self.write_json(
+            200,
+            {
+                "result": "applied" if outcome.applied else "duplicate",
+                "workflow_id": workflow.id,
+                "status": workflow.status,
+                "version": workflow.version,
+            },
+        )
+
+
 class ListHandler(WorkflowHandler):
     @operation(
         "Workflows, newest first, a page at a time",
@@ -255,6 +297,7 @@ routes = [
     (r"/api/v1/workflow/upload", UploadHandler),
     (r"/api/v1/workflow/status", StatusHandler),
     tornado.web.url(r"/api/v1/workflow/step-completed", StepCompletedHandler, name=STEP_COMPLETED),
+    (r"/api/v1/workflow/review", ReviewHandler),
     (r"/api/v1/workflow/list", ListHandler),
     (r"/api/v1/workflow/cancel", CancelHandler),
     (r"/api/v1/workflow/retry", RetryHandler),

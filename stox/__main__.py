@@ -1,7 +1,8 @@
 """The command line beside the server (also the `stox` command's, see `server.cli`):
 
-- `python -m stox token --user NAME [--role admin]` / `--service NAME`: print a signed token.
-- `python -m stox user create NAME [--role admin] [--password-stdin]`: add a user to the
+- `python -m stox token --user NAME [--role admin|reviewer]` / `--service NAME`: print a signed
+  token.
+- `python -m stox user create NAME [--role admin|reviewer] [--password-stdin]`: add a user to the
   AuthService's store (the password is prompted for, or read from standard input).
 - `python -m stox auth-service [--host H] [--port N]`: run the AuthService alone, for gateways
   started with `STOX_AUTH_ADDR=H:N`.
@@ -28,7 +29,7 @@ from stox.auth import tls
 from stox.auth.accounts import Accounts
 from stox.auth.passwords import Passwords
 from stox.auth.service import AuthServer
-from stox.auth.tokens import ADMIN, SERVICE, USER
+from stox.auth.tokens import ADMIN, REVIEWER, SERVICE, USER
 from stox.logs import configure
 from stox.loops import run, running_loop
 from stox.store import AlreadyExists, StoreError, make_user_store
@@ -43,14 +44,18 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     who = token.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="a user name")
     who.add_argument("--service", help="a service name (may report step completions)")
-    token.add_argument("--role", choices=[USER, ADMIN], default=USER, help="role of a --user")
+    token.add_argument(
+        "--role", choices=[USER, ADMIN, REVIEWER], default=USER, help="role of a --user"
+    )
     token.add_argument("--expires-in", type=float, help="lifetime in seconds (default jwt.expiry)")
 
     user = commands.add_parser("user", help="manage the AuthService's users")
     user_commands = user.add_subparsers(dest="user_command", required=True)
     create = user_commands.add_parser("create", help="create a user")
     create.add_argument("name", help="3-64 of a-z 0-9 _ . -")
-    create.add_argument("--role", choices=[USER, ADMIN], default=USER, help="the user's role")
+    create.add_argument(
+        "--role", choices=[USER, ADMIN, REVIEWER], default=USER, help="the user's role"
+    )
     create.add_argument(
         "--password-stdin",
         action="store_true",

@@ -37,7 +37,7 @@ from stox.orchestrator import Orchestrator
 from stox.store import StoreError, WorkflowStore, make_store
 from stox.store.faulty import FaultyStore
 from stox.transition_log import TransitionLog
-from stox.workflow import CHANGE_ROUTING_KEY, Pipeline, StepSpec
+from stox.workflow import CHANGE_ROUTING_KEY, DEFAULT_PIPELINE, SERVICE, Pipeline, StepSpec
 
 if TYPE_CHECKING:
     from stox.tracing import Tracing
@@ -53,16 +53,19 @@ def new_instance_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def make_pipelines(settings: Settings, completion_path: str) -> dict[str, Pipeline]:
+    """The configured pipelines by name, `default` first; services reply at
+    `completion_path` under the public URL."""
+    url = f"{settings.public_url}{completion_path}"
+    return {
+        name: pipeline.with_replies(url, settings.rabbitmq.routing_key)
+        for name, pipeline in settings.named_pipelines().items()
+    }
+
+
 def make_pipeline(settings: Settings, completion_path: str) -> Pipeline:
-    """The configured pipeline; services reply at `completion_path` under the public URL."""
-    return Pipeline(
-        steps=tuple(
-            StepSpec(s.name, s.routing_key, s.timeout, s.max_attempts, s.backoff)
-            for s in settings.pipeline.steps
-        ),
-        completion_url=f"{settings.public_url}{completion_path}",
-        completion_routing_key=settings.rabbitmq.routing_key,
-    )
+    """The default pipeline (uploads that name none)."""
+    return make_pipelines(settings, completion_path)[DEFAULT_PIPELINE]
 
 
 def make_workflow_store(storage: StorageSettings) -> WorkflowStore:
@@ -204,7 +207,8 @@ class Gateway:
         self.auth = AuthClient.from_settings(
             settings.auth, f"{remote.host}:{remote.port}" if remote.host else ""
         )
-        self.pipeline = make_pipeline(settings, completion_path)
+        self.pipelines = make_pipelines(settings, completion_path)
+        self.pipeline = self.pipelines[DEFAULT_PIPELINE]
         self.observers = Observers()  # metrics and traces add themselves
         self.observers.add(TransitionLog())  # a log line for each change of a workflow
         # `tracing`: a test's; else as the OTEL_* variables say
@@ -221,11 +225,12 @@ class Gateway:
             idempotency_retention=settings.server.idempotency_retention,
             observers=self.observers,
             new_trace=self.tracing.new_root if self.tracing is not None else None,
+            pipelines=self.pipelines,
         )
         self.uploads = UploadLimiter.from_settings(settings.server)
         self.hub = Hub.from_settings(self.orchestrator, settings.websocket)
         if self.metrics is not None:
-            self.observers.add(WorkflowMetrics(self.metrics, self.pipeline))
+            self.observers.add(WorkflowMetrics(self.metrics, self.pipelines.values()))
             self.metrics.watch(self.hub, self.bus)
         self.topology = Topology(settings.rabbitmq.prefix, self.instance_id)
         self._tasks: list[asyncio.Task[None]] = []
@@ -280,15 +285,29 @@ class Gateway:
             self.metrics.relayed(republished)
             self.metrics.outbox(*await self.store.outbox_backlog())
 
+    def _routing_keys(self, step: str) -> list[str]:
+        """The routing keys a service step's queue is bound to: what each configured
+        pipeline gives it (`step.NAME` for a step none of them has any more)."""
+        keys = {
+            spec.routing_key
+            for pipeline in self.pipelines.values()
+            for spec in pipeline.steps
+            if spec.name == step
+        }
+        return sorted(keys) or [StepSpec(step).routing_key]
+
     async def _steps_to_serve(self) -> list[str]:
-        """The pipeline's steps, then any step that running workflows still need although it
-        is no longer configured (renamed or removed): its queue stays declared, so a service
-        still consuming it can finish them, and each such step is logged with its workflows."""
-        configured = [spec.name for spec in self.pipeline.steps]
+        """The service steps of every pipeline, then any step that running workflows still
+        need although it is no longer configured (renamed or removed): its queue stays
+        declared, so a service still consuming it can finish them, and each such step is
+        logged with its workflows. Review steps have no queue."""
+        specs = [spec for pipeline in self.pipelines.values() for spec in pipeline.steps]
+        known = {spec.name for spec in specs}
+        configured = list(dict.fromkeys(spec.name for spec in specs if spec.kind == SERVICE))
         retired = {
             name: ids
             for name, ids in (await self.store.steps_in_use()).items()
-            if name not in configured
+            if name not in known
         }
         for name, ids in sorted(retired.items()):
             shown = ", ".join(sorted(ids)[:RETIRED_IDS_LOGGED])
@@ -310,8 +329,7 @@ class Gateway:
             # only declared where a service will consume them: an in-process queue that
             # nobody reads would grow without bound
             for name in steps:
-                routing_key = self.pipeline.spec(name).routing_key
-                await self.bus.declare(topo.step_queue(name), [routing_key])
+                await self.bus.declare(topo.step_queue(name), self._routing_keys(name))
         await self.bus.declare(topo.completions, [self.pipeline.completion_routing_key])
         # the hub reads only the change notifications, so only those are routed to its
         # queue, not every workflow.# and step.# event (less traffic on every instance)

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 # what caused a transition
 UPLOAD, REPORT, CANCEL, RETRY, WAKE = "upload", "report", "cancel", "retry", "wake"
+REVIEW = "review"  # a person's decision on a review step
 # why a report changed nothing
 DUPLICATE, STALE = "duplicate", "stale"
 
@@ -23,7 +24,7 @@ DUPLICATE, STALE = "duplicate", "stale"
 class Observer(Protocol):
     def transitioned(self, workflow: Workflow, changes: Sequence[Change], cause: str) -> None:
         """`workflow` (its new state) was written with `changes`; `cause` is one of UPLOAD,
-        REPORT, CANCEL, RETRY, WAKE."""
+        REPORT, CANCEL, RETRY, WAKE, REVIEW."""
 
     def report_refused(self, report: Report, reason: str) -> None:
         """A report that changed nothing: DUPLICATE (acknowledged) or STALE (a 409)."""

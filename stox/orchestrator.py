@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,15 @@ from stox.store.base import (
     WorkflowStore,
     encode_json,
 )
-from stox.workflow import CHANGE_ROUTING_KEY, Change, Pipeline, Report, Workflow
+from stox.workflow import (
+    CHANGE_ROUTING_KEY,
+    DEFAULT_PIPELINE,
+    Change,
+    Pipeline,
+    Report,
+    Review,
+    Workflow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,14 @@ class NotFound(Exception):
 
 class Contention(Exception):
     """The compare-and-swap kept losing; the caller may try again."""
+
+
+class UnknownPipeline(Exception):
+    """An upload naming a pipeline this gateway is not configured with."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(name)
+        self.name, self.known = name, known
 
 
 class KeyReused(Exception):
@@ -80,11 +96,19 @@ class Orchestrator:
         idempotency_retention: float = 24 * 3600.0,
         observers: observe.Observers | None = None,
         new_trace: Callable[[], str] | None = None,
+        pipelines: Mapping[str, Pipeline] | None = None,
     ) -> None:
+        """`pipeline`: the default (of uploads that name none, and of workflows stored
+        without their definition); `pipelines`: the others an upload may name. Each
+        workflow then runs on the definition it stored, with `pipeline`'s reply addresses."""
         self.store = store
         self.bus = bus
         self.changes = ChangeBatcher(bus, clock)
         self.pipeline = pipeline
+        self.pipelines = {DEFAULT_PIPELINE: pipeline, **(pipelines or {})}
+        # the definitions workflows run on, by version (the configured ones, then any a
+        # stored workflow brings: a definition changed or removed since it started)
+        self._definitions = {p.version: p for p in self.pipelines.values()}
         self.clock = clock
         self.max_races = max_races
         self.cache_size = cache_size  # documents
@@ -101,14 +125,24 @@ class Orchestrator:
 
     # -- commands -------------------------------------------------------------------------
 
-    async def upload(self, owner: str, product: dict[str, Any], key: str | None = None) -> Workflow:
-        """A new workflow; or, when `owner` sent `key` within the retention before, the one
-        that upload made (KeyReused if its body differed). The key is stored with the
-        workflow in one insert, unique per owner, so concurrent uploads with one key, on any
-        instance, make one workflow, and a crash cannot separate them."""
+    async def upload(
+        self,
+        owner: str,
+        product: dict[str, Any],
+        key: str | None = None,
+        pipeline: str | None = None,
+    ) -> Workflow:
+        """A new workflow on `pipeline` (a configured name; None: the default); or, when
+        `owner` sent `key` within the retention before, the one that upload made (KeyReused
+        if its body differed). The key is stored with the workflow in one insert, unique per
+        owner, so concurrent uploads with one key, on any instance, make one workflow, and a
+        crash cannot separate them."""
+        chosen = self.pipelines.get(pipeline or DEFAULT_PIPELINE)
+        if chosen is None:
+            raise UnknownPipeline(str(pipeline), sorted(self.pipelines))
         now = self.clock()
         trace = self.new_trace() if self.new_trace is not None else None
-        workflow, changes = wf_rules.start(self.pipeline, owner, product, now, trace=trace)
+        workflow, changes = wf_rules.start(chosen, owner, product, now, trace=trace)
         bind(workflow_id=workflow.id)  # on the lines its insert writes (a retry's: see below)
         doc = workflow.to_doc()
         events = [NewEvent.of(entry) for entry in doc["outbox"]]
@@ -116,7 +150,9 @@ class Orchestrator:
             base = await self.store.insert(doc, events)
         else:
             expires_at = wf_rules.isoformat(now + self.idempotency_retention)
-            held = IdempotencyKey(owner, key, body_hash(product), expires_at)
+            # the product alone on the default pipeline: keys stored before pipelines had names
+            body = product if pipeline is None else {"pipeline": pipeline, "product": product}
+            held = IdempotencyKey(owner, key, body_hash(body), expires_at)
             for _ in range(self.max_races):
                 try:
                     base = await self.store.insert(doc, events, held)
@@ -156,7 +192,7 @@ class Orchestrator:
             attempt = wf_rules.attempt_of(wf, report.step_id)
             if attempt is not None:  # on the lines about the report from now on
                 bind(step=attempt[0], attempt=attempt[1])
-            return wf_rules.complete(wf, self.pipeline, report, self.clock())
+            return wf_rules.complete(wf, self.pipeline_of(wf), report, self.clock())
 
         try:
             result = await self._apply(report.workflow_id, decide, cause=observe.REPORT)
@@ -171,7 +207,7 @@ class Orchestrator:
     async def cancel(self, workflow_id: str, owner: str | None) -> Workflow:
         result = await self._apply(
             workflow_id,
-            lambda wf: wf_rules.cancel(wf, self.pipeline, self.clock()),
+            lambda wf: wf_rules.cancel(wf, self.pipeline_of(wf), self.clock()),
             cause=observe.CANCEL,
             doc=await self._load(workflow_id, owner),
         )
@@ -180,11 +216,47 @@ class Orchestrator:
     async def retry(self, workflow_id: str, owner: str | None) -> Workflow:
         result = await self._apply(
             workflow_id,
-            lambda wf: wf_rules.retry(wf, self.pipeline, self.clock()),
+            lambda wf: wf_rules.retry(wf, self.pipeline_of(wf), self.clock()),
             cause=observe.RETRY,
             doc=await self._load(workflow_id, owner),
         )
         return result.workflow
+
+    async def review(self, decision: Review, owner: str | None) -> Outcome:
+        """A person's decision on a waiting review step (`owner`: NotFound unless the
+        workflow is theirs; None for reviewers and admins). The same decision again is
+        answered as applied=False."""
+
+        def decide(wf: Workflow) -> list[Change]:
+            attempt = wf_rules.attempt_of(wf, decision.step_id)
+            if attempt is not None:
+                bind(step=attempt[0], attempt=attempt[1])
+            return wf_rules.review(wf, self.pipeline_of(wf), decision, self.clock())
+
+        try:
+            result = await self._apply(
+                decision.workflow_id,
+                decide,
+                cause=observe.REVIEW,
+                doc=await self._load(decision.workflow_id, owner),
+            )
+        except wf_rules.DuplicateReport:
+            return Outcome(await self.get(decision.workflow_id), applied=False)
+        return Outcome(result.workflow, applied=True)
+
+    def pipeline_of(self, workflow: Workflow) -> Pipeline:
+        """The pipeline `workflow` runs on: the definition it stored, with this gateway's
+        reply addresses (the default for one stored without a definition)."""
+        definition = workflow.pipeline
+        if definition is None:
+            return self.pipeline
+        found = self._definitions.get(definition["version"])
+        if found is None:
+            found = Pipeline.from_definition(
+                definition, self.pipeline.completion_url, self.pipeline.completion_routing_key
+            )
+            self._definitions[definition["version"]] = found
+        return found
 
     # -- queries --------------------------------------------------------------------------
 
@@ -221,7 +293,7 @@ class Orchestrator:
                 try:
                     result = await self._apply(
                         doc["id"],
-                        lambda wf: wf_rules.wake(wf, self.pipeline, self.clock()),
+                        lambda wf: wf_rules.wake(wf, self.pipeline_of(wf), self.clock()),
                         cause=observe.WAKE,
                         doc=doc,
                     )

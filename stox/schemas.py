@@ -24,7 +24,7 @@ from marshmallow import (
 )
 
 from stox.codec import dumps
-from stox.workflow import WORKFLOW_STATUSES, Report
+from stox.workflow import REVIEW_DECISIONS, WORKFLOW_STATUSES, Report
 
 HEX_ID = validate.Regexp(r"^[0-9a-f]{32}\Z", error="expected a 32-character hex id")
 MAX_METADATA_BYTES = 16 * 1024
@@ -159,6 +159,41 @@ class ProductSchema(StrictSchema):
             raise ValidationError(f"at most {MAX_METADATA_BYTES} bytes of JSON", "metadata")
 
 
+class UploadSchema(ProductSchema):
+    """A product, and optionally the pipeline to run it on (a configured name)."""
+
+    pipeline = fields.String(
+        load_default=None,
+        validate=validate.Regexp(r"^[a-z][a-z0-9_]{0,63}\Z", error="expected a pipeline name"),
+        metadata={"description": "a configured pipeline (default: `default`)"},
+    )
+
+
+class ReviewSchema(StrictSchema):
+    """A person's decision on a step waiting for review."""
+
+    workflow_id = fields.String(required=True, validate=HEX_ID)
+    step_id = fields.String(required=True, validate=HEX_ID)
+    decision = fields.String(required=True, validate=validate.OneOf(REVIEW_DECISIONS))
+    result = fields.Dict(
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "approve: the edited values, which become the step's result"},
+    )
+    reason = fields.String(
+        load_default=None, allow_none=True, validate=validate.Length(min=1, max=4000)
+    )
+
+    @validates_schema
+    def _reason(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("decision") == "reject" and not data.get("reason"):
+            raise ValidationError("a rejection needs a reason", "reason")
+        if data.get("decision") != "reject" and data.get("reason") is not None:
+            raise ValidationError("only a rejection has a reason", "reason")
+        if data.get("decision") == "reject" and data.get("result") is not None:
+            raise ValidationError("only an approval has a result", "result")
+
+
 class CompletionSchema(StrictSchema):
     workflow_id = fields.String(required=True, validate=HEX_ID)
     step_id = fields.String(required=True, validate=HEX_ID)
@@ -266,7 +301,8 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
     return created_at, workflow_id
 
 
-upload_schema = ProductSchema()
+upload_schema = UploadSchema()
+review_schema = ReviewSchema()
 completion_schema = CompletionSchema()
 completion_event_schema = CompletionEventSchema()
 workflow_id_schema = WorkflowIdSchema()

@@ -73,9 +73,11 @@ class DocumentEncodings:
 
 
 def _document(value: Any) -> bool:
-    """Whether `value` is a workflow document (its steps are objects)."""
+    """Whether `value` is a workflow document (an id, and steps that are objects; a pipeline's
+    definition, written once at upload, has steps but no id)."""
     steps = value.get("steps") if isinstance(value, dict) else None
-    return isinstance(steps, list) and bool(steps) and isinstance(steps[0], dict)
+    is_steps = isinstance(steps, list) and bool(steps) and isinstance(steps[0], dict)
+    return is_steps and "id" in value
 
 
 async def watched(store: SQLiteStore, bus: EventBus, watcher: Watcher) -> Orchestrator:

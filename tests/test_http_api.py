@@ -48,7 +48,8 @@ def configure_steps(**changes: Any) -> Callable[[settings_module.Settings], None
     def configure(settings: settings_module.Settings) -> None:
         for step in settings.pipeline.steps:
             for name, value in changes.items():
-                kind = type(getattr(step, name))
+                current = getattr(step, name)
+                kind = settings_module.Duration if current is None else type(current)
                 setattr(step, name, kind(value))
 
     return configure

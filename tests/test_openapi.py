@@ -131,8 +131,10 @@ def test_answers_declare_the_request_id_and_a_429_its_retry_after(
 def test_inputs_come_from_the_handlers_schemas(document: dict[str, Any]) -> None:
     upload = document["paths"][UPLOAD]["post"]
     body = upload["requestBody"]["content"]["application/json"]["schema"]
-    assert body == {"$ref": "#/components/schemas/Product"}
-    assert document["components"]["schemas"]["Product"]["required"] == ["name"]
+    assert body == {"$ref": "#/components/schemas/Upload"}
+    upload_body = document["components"]["schemas"]["Upload"]
+    assert upload_body["required"] == ["name"]
+    assert "pipeline" in upload_body["properties"]
     assert "Idempotency-Key" in {p["name"] for p in upload["parameters"]}
     listed = {p["name"] for p in document["paths"][LIST]["get"]["parameters"]}
     assert listed == {"status", "limit", "cursor"}

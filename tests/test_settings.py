@@ -213,7 +213,8 @@ def test_a_step_takes_durations_too(tmp_path: Path) -> None:
     assert [s.name for s in steps] == ["resize", "publish"]
     assert (steps[0].timeout, steps[0].backoff, steps[0].max_attempts) == (90.0, 0.25, 5)
     assert steps[0].routing_key == "jobs.resize"
-    assert (steps[1].timeout, steps[1].max_attempts) == (60.0, 3)
+    assert (steps[1].timeout, steps[1].max_attempts) == (None, 3)  # not given: the default
+    assert steps[1].spec().timeout == 60.0  # a service step's
 
 
 @pytest.mark.parametrize(

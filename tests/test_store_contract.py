@@ -63,6 +63,13 @@ def new_doc(
     return doc
 
 
+def legacy_doc(**fields: Any) -> dict[str, Any]:
+    """A document as gateways stored it before workflows kept their pipeline's definition."""
+    doc = new_doc(**fields)
+    del doc["pipeline"]
+    return doc
+
+
 def ids(docs: list[dict[str, Any]]) -> list[str]:
     return [doc["id"] for doc in docs]
 
@@ -302,6 +309,23 @@ async def test_replace_never_writes_the_product_again(store: WorkflowStore) -> N
     stored = await store.get(doc["id"])
     assert stored is not None
     assert stored["product"] == doc["product"] and stored["version"] == doc["version"] + 1
+
+
+async def test_replace_never_writes_the_pipeline_definition_again(store: WorkflowStore) -> None:
+    doc = new_doc()
+    await store.insert(doc)
+    other = dict(doc["pipeline"], name="apparel", version="0123456789ab")
+    changed = dict(doc, version=doc["version"] + 1, pipeline=other)
+    assert await store.replace(changed, doc["version"], []) > 0
+    stored = await store.get(doc["id"])
+    assert stored is not None and stored["version"] == doc["version"] + 1
+    assert stored["pipeline"] == doc["pipeline"]
+
+
+async def test_a_document_without_a_pipeline_reads_back_without_one(store: WorkflowStore) -> None:
+    doc = legacy_doc()
+    await store.insert(doc)
+    assert await store.get(doc["id"]) == doc
 
 
 async def test_drop_published_removes_those_events_and_keeps_the_version(
@@ -892,8 +916,8 @@ LAYOUT_0 = (
 async def test_a_file_of_the_earlier_layout_is_moved_to_the_new_one_once(tmp_path: Path) -> None:
     """Version 0.1 kept each whole document, outbox and product included, in `doc`."""
     path = tmp_path / "stox.db"
-    pending = new_doc(now=T0 + 1)
-    sent = new_doc(status=COMPLETED, outbox=[], outbox_at=None, wake_at=None)
+    pending = legacy_doc(now=T0 + 1)
+    sent = legacy_doc(status=COMPLETED, outbox=[], outbox_at=None, wake_at=None)
     conn = sqlite3.connect(path)
     for statement in LAYOUT_0:
         conn.execute(statement)
@@ -931,10 +955,53 @@ async def test_a_file_of_the_earlier_layout_is_moved_to_the_new_one_once(tmp_pat
         conn.close()
 
 
+async def test_a_file_of_layout_2_gets_a_pipeline_column_its_workflows_none(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "stox.db"
+    old = legacy_doc()
+    conn = sqlite3.connect(path)
+    conn.execute(
+        """CREATE TABLE workflows (id TEXT PRIMARY KEY, owner TEXT, status TEXT,
+        created_at TEXT, version INTEGER, wake_at TEXT NULL, doc TEXT, product TEXT,
+        idem_key TEXT NULL, idem_hash TEXT NULL, idem_expires TEXT NULL)"""
+    )
+    state = {k: v for k, v in old.items() if k not in ("product", "outbox", "outbox_at")}
+    conn.execute(
+        "INSERT INTO workflows VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
+        (
+            *(old["id"], old["owner"], old["status"], old["created_at"], old["version"]),
+            *(old["wake_at"], json.dumps(state), json.dumps(old["product"])),
+        ),
+    )
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        assert await store.get(old["id"]) == dict(old, outbox=[], outbox_at=None)
+        new = new_doc()
+        await store.insert(new)
+        assert await store.get(new["id"]) == new
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        # the definition in a column of its own, written once: not in the state rewritten
+        text, definition = conn.execute(
+            "SELECT doc, pipeline FROM workflows WHERE id = ?", (new["id"],)
+        ).fetchone()
+        assert "pipeline" not in json.loads(text)
+        assert json.loads(definition) == new["pipeline"]
+    finally:
+        conn.close()
+
+
 async def test_a_file_of_layout_1_takes_idempotency_keys(tmp_path: Path) -> None:
     """Layout 1 had no key columns: they are added on open, and its workflows hold none."""
     path = tmp_path / "stox.db"
-    old = new_doc()
+    old = legacy_doc()
     conn = sqlite3.connect(path)
     conn.execute(
         """CREATE TABLE workflows (id TEXT PRIMARY KEY, owner TEXT, status TEXT,
@@ -964,7 +1031,7 @@ async def test_a_file_of_layout_1_takes_idempotency_keys(tmp_path: Path) -> None
         await store.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == LAYOUT == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == LAYOUT == 3
     finally:
         conn.close()
 

@@ -14,12 +14,16 @@ from typing import Any
 from marshmallow import ValidationError
 
 from stox.auth.passwords import Passwords
-from stox.auth.tokens import ADMIN, USER
+from stox.auth.tokens import ADMIN, REVIEWER, USER
 from stox.schemas import login_schema, register_schema
 from stox.store.base import AlreadyExists, UserStore
 from stox.workflow import isoformat
 
-ACCOUNT_ROLES = (USER, ADMIN)  # services get tokens from `python -m stox token`, not accounts
+ACCOUNT_ROLES = (
+    USER,
+    ADMIN,
+    REVIEWER,
+)  # services get tokens from `python -m stox token`, not accounts
 PROFILE_FIELDS = ("id", "username", "role", "created_at")
 
 

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 USER, ADMIN, SERVICE = "user", "admin", "service"
-ROLES = (USER, ADMIN, SERVICE)
+REVIEWER = "reviewer"  # a user who may also decide review steps of anyone's workflows
+ROLES = (USER, ADMIN, SERVICE, REVIEWER)
 HS256, EDDSA, RS256 = "HS256", "EdDSA", "RS256"
 ALGORITHMS = (HS256, EDDSA, RS256)
 MIN_RSA_BITS = 2048
@@ -96,6 +97,11 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == ADMIN
+
+    @property
+    def can_review_any(self) -> bool:
+        """Reviewers and admins decide review steps of every workflow; others their own."""
+        return self.role in (REVIEWER, ADMIN)
 
 
 class TokenAuthority:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from stox import observe
@@ -12,6 +12,7 @@ from stox.metrics.families import Buckets, Count
 from stox.workflow import (
     CANCELLED,
     COMPLETED,
+    DEFAULT_PIPELINE,
     FAILED,
     TIMED_OUT,
     Change,
@@ -59,27 +60,17 @@ class _Finished:
         self.count, self.duration = count, duration
 
 
-class WorkflowMetrics:
-    """Counts each committed transition of the workflows of `pipeline`.
+class _PipelineCounts:
+    """One pipeline's children, looked up once."""
 
-    A refused report is counted under its step only when that is a step known here (one of
-    the pipeline's, or of a transition seen): under "" otherwise, so that what a service
-    writes in `step_type` cannot make new series without bound.
-    """
+    __slots__ = ("finished", "retried", "started")
 
-    def __init__(self, metrics: Metrics, pipeline: Pipeline) -> None:
-        self.metrics = metrics
-        self._steps: dict[str, _StepCounts] = {}
-        for name in ("", *(spec.name for spec in pipeline.steps)):
-            self.step(name)
-        pipeline_name = pipeline.name
-        self.started = metrics.workflows_started.labels(pipeline_name)
-        self.retried = metrics.workflows_retried.labels(pipeline_name)
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.started = metrics.workflows_started.labels(name)
+        self.retried = metrics.workflows_retried.labels(name)
         duration = metrics.workflow_duration
         self.finished = {
-            f"workflow_{status}": _Finished(
-                count.labels(pipeline_name), duration.labels(pipeline_name, status)
-            )
+            f"workflow_{status}": _Finished(count.labels(name), duration.labels(name, status))
             for status, count in (
                 (COMPLETED, metrics.workflows_completed),
                 (FAILED, metrics.workflows_failed),
@@ -87,17 +78,46 @@ class WorkflowMetrics:
             )
         }
 
+
+class WorkflowMetrics:
+    """Counts each committed transition of the workflows of `pipelines`, by the name of the
+    pipeline each runs on (a workflow stored without one: `default`).
+
+    A refused report is counted under its step only when that is a step known here (one of
+    the pipelines', or of a transition seen): under "" otherwise, so that what a service
+    writes in `step_type` cannot make new series without bound. Pipeline names come from
+    the settings and the definitions workflows stored, so they are bounded too.
+    """
+
+    def __init__(self, metrics: Metrics, pipelines: Iterable[Pipeline]) -> None:
+        self.metrics = metrics
+        self._steps: dict[str, _StepCounts] = {}
+        self._pipelines: dict[str, _PipelineCounts] = {}
+        self.step("")
+        for pipeline in pipelines:
+            self.pipeline(pipeline.name)
+            for spec in pipeline.steps:
+                self.step(spec.name)
+
     def step(self, name: str) -> _StepCounts:
         counts = self._steps.get(name)
         if counts is None:
             counts = self._steps[name] = _StepCounts(self.metrics, name)
         return counts
 
+    def pipeline(self, name: str) -> _PipelineCounts:
+        counts = self._pipelines.get(name)
+        if counts is None:
+            counts = self._pipelines[name] = _PipelineCounts(self.metrics, name)
+        return counts
+
     def transitioned(self, workflow: Workflow, changes: Sequence[Change], cause: str) -> None:
+        definition = workflow.pipeline
+        pipeline = self.pipeline(DEFAULT_PIPELINE if definition is None else definition["name"])
         if cause == observe.UPLOAD:
-            self.started.inc()
+            pipeline.started.inc()
         elif cause == observe.RETRY:
-            self.retried.inc()
+            pipeline.retried.inc()
         for change in changes:
             kind = change.type
             if change.step is not None:
@@ -111,7 +131,7 @@ class WorkflowMetrics:
                     self._attempt_failed(workflow, change.step, counts)
                     if kind == "step_retrying":
                         counts.retries.inc()
-            elif (finished := self.finished.get(kind)) is not None:
+            elif (finished := pipeline.finished.get(kind)) is not None:
                 finished.count.inc()
                 finished.duration.observe(epoch(workflow.updated_at) - epoch(workflow.created_at))
 

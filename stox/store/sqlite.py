@@ -31,8 +31,8 @@ from stox.store.base import (
 from stox.store.sqlite_db import SQLiteDatabase, rowcount
 from stox.workflow import DISPATCHED, PENDING, RUNNING
 
-LAYOUT = 2  # PRAGMA user_version: 0 was the whole document in `doc`, outbox included; 1 had
-# no idempotency keys
+LAYOUT = 3  # PRAGMA user_version: 0 was the whole document in `doc`, outbox included; 1 had
+# no idempotency keys; 2 no pipeline definitions
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS workflows (
@@ -44,6 +44,7 @@ _SCHEMA = (
         wake_at TEXT NULL,
         doc TEXT,
         product TEXT,
+        pipeline TEXT NULL,
         idem_key TEXT NULL,
         idem_hash TEXT NULL,
         idem_expires TEXT NULL
@@ -70,10 +71,11 @@ _KEY_INDEXES = (
     " WHERE idem_expires IS NOT NULL",
 )
 _KEY_COLUMNS = ("idem_key", "idem_hash", "idem_expires")
+_ADDED_COLUMNS = (*_KEY_COLUMNS, "pipeline")  # layouts 2 and 3: NULL in older rows
 
 _INSERT = (
     "INSERT INTO workflows (id, owner, status, created_at, version, wake_at, doc, product,"
-    " idem_key, idem_hash, idem_expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " pipeline, idem_key, idem_hash, idem_expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # owner and created_at never change: leaving them out spares their indexes on every write
 _REPLACE = (
@@ -85,7 +87,7 @@ _INSERT_EVENT = (
     " VALUES (?, ?, ?, ?, ?)"
 )
 _DROP_EVENT = "DELETE FROM outbox WHERE workflow_id = ? AND message_id = ?"
-_COLUMNS = "id, doc, product"
+_COLUMNS = "id, doc, product, pipeline"
 _GET = f"SELECT {_COLUMNS} FROM workflows WHERE id = ?"
 _DUE = f"SELECT {_COLUMNS} FROM workflows WHERE wake_at <= ? ORDER BY wake_at LIMIT ?"
 _UNPUBLISHED = (
@@ -110,8 +112,10 @@ _RELEASE_KEYS = (
 )
 _AT_ONCE = 500  # bound parameters in one IN (…), well under SQLite's limit
 
-# Kept out of the state column: written once (product), or rows of their own (outbox).
-_NOT_STATE = frozenset({"product", "outbox", "outbox_at"})
+# Kept out of the state column: written once (product, the pipeline's definition), or rows of
+# their own (outbox).
+_NOT_STATE = frozenset({"product", "pipeline", "outbox", "outbox_at"})
+_DEFINITIONS_KEPT = 64  # decoded pipeline definitions, by their text: most rows share a few
 
 _encode = encode_json
 _decode = loads
@@ -143,11 +147,14 @@ class SQLiteStore(SQLiteDatabase):
     def __init__(self, path: str, synchronous: str = "normal") -> None:
         super().__init__(path, synchronous)
         self._drops: list[tuple[str, str]] | None = None  # outbox rows waiting to be deleted
+        # shared by the documents read: nothing mutates a workflow's stored definition
+        self._definitions: dict[str, dict[str, Any]] = {}
 
     def migrate(self, conn: sqlite3.Connection) -> None:
         """A file of layout 0 kept each whole document, outbox included, in `doc` and indexed
         `outbox_at`: its products move to their column and its pending events to `outbox`.
-        One of layout 1 lacks the idempotency key columns (its workflows hold none). Once, in
+        One of layout 1 lacks the idempotency key columns (its workflows hold none), one of
+        layout 2 the pipeline column (its workflows run on the default pipeline). Once, in
         one transaction; then the key indexes."""
         layout = conn.execute("PRAGMA user_version").fetchone()[0]
         if layout < LAYOUT:
@@ -155,7 +162,7 @@ class SQLiteStore(SQLiteDatabase):
             conn.execute("BEGIN")
             if layout < 1:
                 self._layout_1(conn, columns)
-            for column in _KEY_COLUMNS:
+            for column in _ADDED_COLUMNS:
                 if column not in columns:
                     conn.execute(f"ALTER TABLE workflows ADD COLUMN {column} TEXT NULL")
             conn.execute(f"PRAGMA user_version = {LAYOUT}")
@@ -194,10 +201,12 @@ class SQLiteStore(SQLiteDatabase):
             events = [NewEvent.of(entry) for entry in doc["outbox"]]
         workflow_id = doc["id"]
         state, product = _state(doc), _encode(doc["product"])
+        definition = doc.get("pipeline")
+        pipeline = None if definition is None else _encode(definition)
         held = (None, None, None) if key is None else (key.slot, key.body_hash, key.expires_at)
         row = (
             *(workflow_id, doc["owner"], doc["status"], doc["created_at"], doc["version"]),
-            *(doc.get("wake_at"), state, product, *held),
+            *(doc.get("wake_at"), state, product, pipeline, *held),
         )
         rows = _events(workflow_id, events)
 
@@ -211,7 +220,8 @@ class SQLiteStore(SQLiteDatabase):
             conn.executemany(_INSERT_EVENT, rows)
 
         await self.write(write)
-        return len(state) + len(product) + sum(len(event.body) for event in events)
+        stored = len(state) + len(product) + len(pipeline or "")
+        return stored + sum(len(event.body) for event in events)
 
     async def replace(
         self, doc: dict[str, Any], expected_version: int, new_events: Sequence[NewEvent]
@@ -335,18 +345,29 @@ class SQLiteStore(SQLiteDatabase):
         return in_use
 
     def _select_sync(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-        """The documents the query selects (id, doc, product), each with its outbox."""
+        """The documents the query selects (id, doc, product, pipeline), each with its
+        outbox."""
         rows = self.query(sql, params, sqlite3.Cursor.fetchall)
         outboxes = self._outboxes_sync([row[0] for row in rows])
         docs = []
-        for workflow_id, state, product in rows:
+        for workflow_id, state, product, pipeline in rows:
             doc = _decode(state)
             doc["product"] = _decode(product)
+            if pipeline is not None:
+                doc["pipeline"] = self._definition(pipeline)
             outbox = outboxes.get(workflow_id, [])
             doc["outbox"] = outbox
             doc["outbox_at"] = outbox[0]["created_at"] if outbox else None
             docs.append(doc)
         return docs
+
+    def _definition(self, text: str) -> dict[str, Any]:
+        definition = self._definitions.get(text)
+        if definition is None:
+            if len(self._definitions) >= _DEFINITIONS_KEPT:
+                self._definitions.clear()
+            definition = self._definitions[text] = _decode(text)
+        return definition
 
     def _outboxes_sync(self, ids: list[str]) -> dict[str, list[dict[str, Any]]]:
         outboxes: dict[str, list[dict[str, Any]]] = {}

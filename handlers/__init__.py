@@ -13,7 +13,7 @@ import tornado.httpserver
 import tornado.routing
 import tornado.web
 
-from handlers import auth, health, metrics, openapi, static, workflow, ws
+from handlers import auth, health, metrics, openapi, pipelines, static, workflow, ws
 from handlers.base import NotFoundHandler
 from handlers.workflow import STEP_COMPLETED
 from stox.app import Gateway
@@ -24,6 +24,7 @@ routes: list[Any] = [
     *auth.routes,
     *health.routes,
     *workflow.routes,
+    *pipelines.routes,
     *ws.routes,
     *openapi.routes,
     *metrics.routes,  # on the API's port unless metrics.listen moves it (or it is off)

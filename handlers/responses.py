@@ -104,6 +104,10 @@ class WorkflowSchema(Schema):
     )
 
 
+class PipelinesSchema(Schema):
+    pipelines = fields.List(fields.Nested(PipelineDefinitionSchema), required=True)
+
+
 class UploadAnswerSchema(Schema):
     workflow_id = fields.String(required=True)
     status = _STATUS

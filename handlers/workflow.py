@@ -61,8 +61,13 @@ _REPORTS = {
 
 class WorkflowHandler(BaseHandler):
     def owner_filter(self) -> str | None:
-        """Admins see every workflow; everyone else only their own."""
+        """Admins change every workflow; everyone else only their own."""
         return None if self.principal.is_admin else self.principal.id
+
+    def read_filter(self) -> str | None:
+        """Admins and reviewers see every workflow (a reviewer needs a waiting review's
+        step_id and upstream results); everyone else only their own."""
+        return None if self.principal.can_review_any else self.principal.id
 
     async def change(self, action: str) -> None:
         workflow_id = self.load(workflow_id_schema, self.json_body())["workflow_id"]
@@ -139,7 +144,7 @@ class StatusHandler(WorkflowHandler):
     @operation(
         "A workflow's state",
         query=workflow_id_schema,
-        description="Admins see any workflow; users their own.",
+        description="Admins and reviewers see any workflow; users their own.",
         answers={200: ("the workflow", responses.WorkflowSchema())},
         links={200: _follow(_DOCUMENT_ID) | _REPORTS},
         errors={
@@ -151,7 +156,7 @@ class StatusHandler(WorkflowHandler):
     async def get(self) -> None:
         workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
         bind(workflow_id=workflow_id)
-        workflow = await self.orchestrator.get(workflow_id, self.owner_filter())
+        workflow = await self.orchestrator.get(workflow_id, self.read_filter())
         self.write_json(200, workflow.public())
 
 
@@ -237,7 +242,8 @@ class ListHandler(WorkflowHandler):
     @operation(
         "Workflows, newest first, a page at a time",
         query=list_query_schema,
-        description="Admins see every workflow; users their own. Follow `next_cursor`.",
+        description="Admins and reviewers see every workflow; users their own. Follow "
+        "`next_cursor`.",
         answers={200: ("a page", responses.WorkflowPageSchema())},
         errors={503: "`store_unavailable` or `contention`, with `Retry-After`"},
     )
@@ -247,7 +253,7 @@ class ListHandler(WorkflowHandler):
         before = decode_cursor(query["cursor"]) if query["cursor"] else None
         limit = query["limit"]
         workflows = await self.orchestrator.list_workflows(
-            self.owner_filter(), query["status"], limit + 1, before
+            self.read_filter(), query["status"], limit + 1, before
         )
         page = workflows[:limit]
         body: dict[str, Any] = {

@@ -839,3 +839,31 @@ async def test_a_passed_review_deadline_fails_the_workflow(tmp_path: Path) -> No
         assert "no review within" in timed_out["error"]
         late = await gw.fetch("POST", REVIEW, decision(workflow_id, review_id), token=gw.token())
         assert_error(late, 409, "not_allowed")
+
+
+async def test_a_reviewer_sees_the_workflows_it_may_review_but_changes_only_its_own(
+    tmp_path: Path,
+) -> None:
+    """A reviewer needs the step_id and the upstream results of another's waiting review: it
+    reads every workflow (status, list) as an admin does; cancel and retry stay the owner's."""
+    async with running_gateway(tmp_path, apparel()) as gw:
+        workflow_id, review_id = await waiting_review(gw)
+        rita = gw.token("rita", "reviewer")
+
+        seen = await gw.fetch("GET", f"{STATUS}?workflow_id={workflow_id}", token=rita)
+        assert seen.status == 200, seen.body
+        assert step(seen.body, "copy_review")["step_id"] == review_id
+        assert step(seen.body, "ai_enhancement")["result"] == {
+            "title": "Linen shirt",
+            "tags": ["x"],
+        }
+        listed = await gw.fetch("GET", "/api/v1/workflow/list?status=running", token=rita)
+        assert [w["id"] for w in listed.body["workflows"]] == [workflow_id]
+        for path in (CANCEL, RETRY):
+            refused = await gw.fetch("POST", path, {"workflow_id": workflow_id}, token=rita)
+            assert_error(refused, 404, "not_found")
+        # a plain user still sees only their own
+        bob = gw.token("bob")
+        hidden = await gw.fetch("GET", f"{STATUS}?workflow_id={workflow_id}", token=bob)
+        assert_error(hidden, 404, "not_found")
+        assert (await gw.fetch("GET", "/api/v1/workflow/list", token=bob)).body["workflows"] == []

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import tornado.httpclient
 import tornado.websocket
-from support import RunningGateway, eventually, report, running_gateway
+from support import Clock, RunningGateway, eventually, report, running_gateway
 
 import settings as settings_module
 
@@ -621,3 +621,167 @@ async def test_a_client_message_over_64_kib_closes_the_socket_with_1009(tmp_path
         await conn.write_message("x" * (64 * 1024 + 1))
         assert await closed_with(conn) == 1009
         await eventually(lambda: gw.gateway.hub.subscriber_count == 0, within=TIMEOUT)
+
+
+# -- review steps (issue 14) ---------------------------------------------------------------
+
+REVIEW = "/api/v1/workflow/review"
+
+
+def apparel(on_deadline: str = "fail") -> Callable[[settings_module.Settings], None]:
+    """A pipeline `apparel`: image work and AI copy at once, a day's review, then SEO."""
+
+    def configure(settings: settings_module.Settings) -> None:
+        step = settings_module.StepSettings
+        settings.pipelines = {
+            "apparel": settings_module.PipelineSettings(
+                steps=[
+                    step(name="image_processing"),
+                    step(name="ai_enhancement"),
+                    step(
+                        name="copy_review",
+                        kind="review",
+                        after=["image_processing", "ai_enhancement"],
+                        timeout=settings_module.Duration(24 * 3600),
+                        on_deadline=on_deadline,
+                    ),
+                    step(name="seo_generation", after=["copy_review"]),
+                ]
+            )
+        }
+
+    return configure
+
+
+def named(workflow: dict[str, Any], name: str) -> dict[str, Any]:
+    [step] = [s for s in workflow["steps"] if s["name"] == name]
+    return dict(step)
+
+
+async def until_waiting(
+    gw: RunningGateway, conn: Connection, workflow: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Report both parallel steps of an apparel `workflow`; the messages up to and including
+    its step_waiting_review."""
+    for name in ("image_processing", "ai_enhancement"):
+        response = await report(gw, workflow["id"], named(workflow, name))
+        assert response.status == 200, response.body
+    return await receive_until(conn, "step_waiting_review")
+
+
+async def test_a_subscriber_sees_the_review_wait_then_its_decision_in_version_order(
+    tmp_path: Path,
+) -> None:
+    async with gateway(tmp_path, apparel()) as (gw, client):
+        token = gw.token("alice")
+        wf = await settled_upload(gw, token, pipeline="apparel")
+        conn = await client.connect(token, wf["id"])
+        snapshot = await receive(conn)
+        assert [s["status"] for s in snapshot["data"]["steps"][:2]] == ["dispatched"] * 2
+
+        before = await until_waiting(gw, conn, snapshot["data"])
+        waiting = before[-1]
+        assert_change(waiting, "step_waiting_review", wf["id"], "copy_review")
+        # the join's wait begins in the transition of the second report
+        assert [(m["type"], m["data"]["step"]) for m in before[-2:]] == [
+            ("step_completed", "ai_enhancement"),
+            ("step_waiting_review", "copy_review"),
+        ]
+        assert before[-2]["version"] == waiting["version"]
+        review = named(waiting["data"]["workflow"], "copy_review")
+        assert review["status"] == "waiting" and review["step_id"]
+
+        edits = {"title": "Washed linen"}
+        body = {
+            "workflow_id": wf["id"],
+            "step_id": review["step_id"],
+            "decision": "approve",
+            "result": edits,
+        }
+        response = await gw.fetch("POST", REVIEW, body, token=token)
+        assert response.status == 200, response.body
+        after = await receive_until(conn, "step_dispatched")
+
+        assert [(m["type"], m["data"]["step"]) for m in after] == [
+            ("step_reviewed", "copy_review"),
+            ("step_dispatched", "seo_generation"),
+        ]
+        reviewed = after[0]
+        assert_change(reviewed, "step_reviewed", wf["id"], "copy_review")
+        assert reviewed["version"] == after[1]["version"] > waiting["version"]
+        assert reviewed["version"] == response.body["version"]
+        step = named(reviewed["data"]["workflow"], "copy_review")
+        assert step["status"] == "completed" and step["result"] == edits
+        assert step["review"]["decision"] == "approved" and step["review"]["by"] == "alice"
+        assert_ordered([snapshot, *before, *after])
+        # the same decision again is a duplicate: no change, no message
+        again = await gw.fetch("POST", REVIEW, body, token=token)
+        assert again.body["result"] == "duplicate"
+        await assert_silent(conn)
+
+
+async def test_a_rejection_is_pushed_as_reviewed_then_failed(tmp_path: Path) -> None:
+    async with gateway(tmp_path, apparel()) as (gw, client):
+        token = gw.token("alice")
+        wf = await settled_upload(gw, token, pipeline="apparel")
+        conn = await client.connect(token, wf["id"])
+        snapshot = await receive(conn)
+        waiting = (await until_waiting(gw, conn, snapshot["data"]))[-1]
+        review = named(waiting["data"]["workflow"], "copy_review")
+
+        body = {
+            "workflow_id": wf["id"],
+            "step_id": review["step_id"],
+            "decision": "reject",
+            "reason": "too salesy",
+        }
+        assert (await gw.fetch("POST", REVIEW, body, token=token)).status == 200
+        after = await receive_until(conn, "workflow_failed")
+
+        assert [(m["type"], m["data"]["step"]) for m in after] == [
+            ("step_reviewed", "copy_review"),
+            ("step_failed", "copy_review"),
+            ("workflow_failed", None),
+        ]
+        assert len({m["version"] for m in after}) == 1
+        assert named(after[-1]["data"]["workflow"], "copy_review")["review"]["reason"] == (
+            "too salesy"
+        )
+
+
+async def test_an_escalated_review_is_pushed(tmp_path: Path) -> None:
+    clock = Clock()
+    async with running_gateway(tmp_path, apparel("escalate"), {"clock": clock}) as gw:
+        client = Client(gw)
+        try:
+            token = gw.token("alice")
+            wf = await settled_upload(gw, token, pipeline="apparel")
+            conn = await client.connect(token, wf["id"])
+            snapshot = await receive(conn)
+            waiting = (await until_waiting(gw, conn, snapshot["data"]))[-1]
+
+            clock.advance(24 * 3600 + 1)
+            [escalated] = await receive_until(conn, "step_review_escalated")
+
+            assert_change(escalated, "step_review_escalated", wf["id"], "copy_review")
+            assert escalated["version"] > waiting["version"]
+            step = named(escalated["data"]["workflow"], "copy_review")
+            assert step["status"] == "waiting" and "escalated_at" in step["review"]
+        finally:
+            client.close()
+            await eventually(lambda: gw.gateway.hub.subscriber_count == 0, within=TIMEOUT)
+
+
+async def test_a_reviewer_may_subscribe_to_anyones_workflow(tmp_path: Path) -> None:
+    async with gateway(tmp_path, apparel()) as (gw, client):
+        bobs = await settled_upload(gw, gw.token("bob"), pipeline="apparel")
+        conn = await client.connect(gw.token("rita", role="reviewer"), bobs["id"])
+        snapshot = await receive(conn)
+        assert snapshot["type"] == "snapshot" and snapshot["data"] == bobs
+        waiting = (await until_waiting(gw, conn, snapshot["data"]))[-1]
+        assert_change(waiting, "step_waiting_review", bobs["id"], "copy_review")
+        # with no workflow_id, a reviewer's socket carries its own workflows only
+        mine = await client.connect(gw.token("rita", role="reviewer"))
+        await assert_silent(mine, 0.1)
+        await gw.upload(gw.token("bob"))
+        await assert_silent(mine, 0.2)

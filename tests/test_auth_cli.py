@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import run_cli
+from support import run_cli, running_gateway
 
 from stox import __main__ as cli
 from stox.auth.accounts import Accounts, BadCredentials
@@ -114,3 +114,27 @@ def test_the_password_is_prompted_for_twice(
     assert "differ" in capsys.readouterr().err
     with pytest.raises(BadCredentials):
         authenticate(config, "bob", PASSWORD)  # not created
+
+
+async def test_a_reviewer_created_on_the_command_line_logs_in_as_a_reviewer(
+    tmp_path: Path, config: Path
+) -> None:
+    args = ("user", "create", "rita", "--role", "reviewer", "--password-stdin")
+    result = run_cli(tmp_path, *args, "--config", str(config), input=PASSWORD + "\n")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["role"] == "reviewer"
+
+    # a gateway on the same store: rita's login token has the role, and reads as a reviewer's
+    async with running_gateway(tmp_path) as gw:
+        body = {"username": "rita", "password": PASSWORD}
+        login = await gw.fetch("POST", "/api/v1/auth/login", body)
+        assert login.status == 200, login.body
+        token = login.body["access_token"]
+        assert gw.gateway.tokens.verify(token).role == "reviewer"
+        profile = await gw.fetch("GET", "/api/v1/auth/profile", token=token)
+        assert profile.status == 200 and profile.body["role"] == "reviewer"
+        workflow_id = await gw.upload(gw.token("alice"))
+        seen = await gw.fetch(
+            "GET", f"/api/v1/workflow/status?workflow_id={workflow_id}", token=token
+        )
+        assert seen.status == 200, seen.body  # another user's workflow, as reviewers see them

@@ -6,12 +6,13 @@ from __future__ import annotations
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
-from support import run_cli, write_key_pair
+from support import report, run_cli, running_gateway, write_key_pair
 
-from settings import load
+from settings import PipelineSettings, StepSettings, load
 from stox.app import make_tokens
 from stox.auth import secret
 from stox.auth.tokens import InvalidToken, TokenAuthority
@@ -148,3 +149,36 @@ def test_bad_command_lines_exit_2(tmp_path: Path, args: list[str]) -> None:
     result = run_cli(tmp_path, *args, STOX_JWT_SECRET=SECRET)
     assert result.returncode == 2
     assert result.stdout == ""
+
+
+async def test_a_reviewer_token_decides_another_users_review(tmp_path: Path) -> None:
+    result = run_cli(
+        tmp_path, "token", "--user", "rita", "--role", "reviewer", STOX_JWT_SECRET=SECRET
+    )
+    token = printed_token(result)
+    principal = authority(STOX_JWT_SECRET=SECRET).verify(token)
+    assert principal.id == "rita" and principal.role == "reviewer"
+    assert principal.can_review_any and not principal.is_admin
+
+    def reviewed(settings: Any) -> None:
+        settings.pipelines = {
+            "checked": PipelineSettings(
+                steps=[StepSettings(name="draft"), StepSettings(name="check", kind="review")]
+            )
+        }
+
+    async with running_gateway(tmp_path, reviewed, jwt__secret=SECRET) as gw:
+        alice = gw.token("alice")
+        upload = {"name": "Mug", "pipeline": "checked"}
+        workflow_id = (await gw.fetch("POST", "/api/v1/workflow/upload", upload, token=alice)).body[
+            "workflow_id"
+        ]
+        draft = (await gw.status(workflow_id))["steps"][0]
+        assert (await report(gw, workflow_id, draft)).status == 200
+        review = (await gw.status(workflow_id))["steps"][1]
+        assert review["status"] == "waiting"
+        body = {"workflow_id": workflow_id, "step_id": review["step_id"], "decision": "approve"}
+        answer = await gw.fetch("POST", "/api/v1/workflow/review", body, token=token)
+        assert answer.status == 200, answer.body
+        assert answer.body["status"] == "completed"
+        assert (await gw.status(workflow_id))["steps"][1]["review"]["by"] == "rita"

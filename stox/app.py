@@ -37,7 +37,14 @@ from stox.orchestrator import Orchestrator
 from stox.store import StoreError, WorkflowStore, make_store
 from stox.store.faulty import FaultyStore
 from stox.transition_log import TransitionLog
-from stox.workflow import CHANGE_ROUTING_KEY, DEFAULT_PIPELINE, SERVICE, Pipeline, StepSpec
+from stox.workflow import (
+    CHANGE_ROUTING_KEY,
+    DEFAULT_PIPELINE,
+    SERVICE,
+    Pipeline,
+    StepSpec,
+    Workflow,
+)
 
 if TYPE_CHECKING:
     from stox.tracing import Tracing
@@ -234,6 +241,9 @@ class Gateway:
             self.metrics.watch(self.hub, self.bus)
         self.topology = Topology(settings.rabbitmq.prefix, self.instance_id)
         self._tasks: list[asyncio.Task[None]] = []
+        # the routing keys of steps no pipeline has any more, as running workflows' stored
+        # definitions dispatch them (found at start-up by _steps_to_serve)
+        self._retired_keys: dict[str, set[str]] = {}
 
     async def start(self) -> None:
         try:
@@ -287,14 +297,37 @@ class Gateway:
 
     def _routing_keys(self, step: str) -> list[str]:
         """The routing keys a service step's queue is bound to: what each configured
-        pipeline gives it (`step.NAME` for a step none of them has any more)."""
+        pipeline gives it, and, for a step none of them has any more, what the stored
+        definitions of the workflows that still need it give it (`step.NAME` by default)."""
         keys = {
             spec.routing_key
             for pipeline in self.pipelines.values()
             for spec in pipeline.steps
             if spec.name == step
         }
+        keys |= self._retired_keys.get(step, set())
         return sorted(keys) or [StepSpec(step).routing_key]
+
+    async def _retired(self, in_use: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Of the steps `in_use` (by running workflows) that no pipeline configures, the
+        service steps, each with its workflows; their routing keys, as those workflows'
+        stored definitions give them, go to `_retired_keys`. A review step needs no queue.
+        Each such workflow is read once (a start-up cost only while they run)."""
+        docs: dict[str, dict[str, Any] | None] = {}
+        retired: dict[str, list[str]] = {}
+        self._retired_keys = {}
+        for name, ids in in_use.items():
+            for workflow_id in ids:
+                if workflow_id not in docs:
+                    docs[workflow_id] = await self.store.get(workflow_id)
+                doc = docs[workflow_id]
+                if doc is None:
+                    continue
+                spec = self.orchestrator.pipeline_of(Workflow.from_doc(doc)).spec(name)
+                if spec.kind == SERVICE:
+                    retired.setdefault(name, []).append(workflow_id)
+                    self._retired_keys.setdefault(name, set()).add(spec.routing_key)
+        return retired
 
     async def _steps_to_serve(self) -> list[str]:
         """The service steps of every pipeline, then any step that running workflows still
@@ -304,11 +337,8 @@ class Gateway:
         specs = [spec for pipeline in self.pipelines.values() for spec in pipeline.steps]
         known = {spec.name for spec in specs}
         configured = list(dict.fromkeys(spec.name for spec in specs if spec.kind == SERVICE))
-        retired = {
-            name: ids
-            for name, ids in (await self.store.steps_in_use()).items()
-            if name not in known
-        }
+        in_use = await self.store.steps_in_use()
+        retired = await self._retired({n: ids for n, ids in in_use.items() if n not in known})
         for name, ids in sorted(retired.items()):
             shown = ", ".join(sorted(ids)[:RETIRED_IDS_LOGGED])
             more = len(ids) - RETIRED_IDS_LOGGED

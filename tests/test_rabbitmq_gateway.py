@@ -403,3 +403,141 @@ async def test_a_renamed_step_keeps_the_queue_running_workflows_still_need(
                 assert reply.status == 200, reply.body
             docs = await gw.wait_finished(ids)
             assert {doc["status"] for doc in docs.values()} == {w.COMPLETED}
+
+
+# -- named pipelines (issue 14) ------------------------------------------------------------
+
+
+def pipelines(**steps: list[dict[str, Any]]) -> Any:
+    """A `configure` hook: `pipelines:` of these names and steps (dicts as YAML gives them)."""
+    from settings import PipelineSettings, StepSettings
+
+    def configure(settings: Any) -> None:
+        settings.pipelines = {
+            name: PipelineSettings(steps=[StepSettings(**step) for step in specs])
+            for name, specs in steps.items()
+        }
+
+    return configure
+
+
+PARALLEL = [
+    {"name": "image_processing"},
+    {"name": "ai_enhancement"},
+    {"name": "seo_generation", "after": ["image_processing", "ai_enhancement"]},
+]
+
+
+async def upload_on(gw: RunningGateway, pipeline: str, n: int) -> list[str]:
+    body = {"name": "Linen shirt", "pipeline": pipeline}
+    ids = []
+    for _ in range(n):
+        response = await gw.fetch("POST", "/api/v1/workflow/upload", body, token=gw.token())
+        assert response.status == 202, response.body
+        ids.append(response.body["workflow_id"])
+    return ids
+
+
+async def test_a_parallel_pipelines_steps_are_queued_at_once_and_the_join_completes(
+    tmp_path: Path, rabbit_ns: rabbit.Namespace
+) -> None:
+    ns = rabbit_ns
+    async with running_gateway(tmp_path, pipelines(parallel=PARALLEL), **ns.settings()) as gw:
+        service = gw.service_token()
+        ids = await upload_on(gw, "parallel", 3)
+        # both branches are in their queues before any report: consumed side by side
+        image, ai = await asyncio.gather(
+            ns.drained(ns.step_queue("image_processing"), len(ids), TIMEOUT),
+            ns.drained(ns.step_queue("ai_enhancement"), len(ids), TIMEOUT),
+        )
+        assert await asyncio.to_thread(ns.count, ns.step_queue("seo_generation")) == 0
+        for messages, step in ((image, "image_processing"), (ai, "ai_enhancement")):
+            assert sorted(m.payload["workflow_id"] for m in messages) == sorted(ids)
+            for message in messages:
+                report = completion(
+                    message.payload["workflow_id"],
+                    message.payload["step_id"],
+                    step,
+                    result={"from": step},
+                )
+                # over AMQP, as a worker replies
+                await asyncio.to_thread(
+                    ns.publish,
+                    "step.completed",
+                    json.dumps(report).encode(),
+                    {"authorization": f"Bearer {service}"},
+                )
+
+        joins = await ns.drained(ns.step_queue("seo_generation"), len(ids), TIMEOUT)
+        assert sorted(m.payload["workflow_id"] for m in joins) == sorted(ids)
+        for message in joins:
+            assert message.payload["results"] == {
+                "image_processing": {"from": "image_processing"},
+                "ai_enhancement": {"from": "ai_enhancement"},
+            }
+            body = completion(
+                message.payload["workflow_id"], message.payload["step_id"], "seo_generation"
+            )
+            reply = await gw.fetch("POST", COMPLETED, body, token=service)
+            assert reply.status == 200, reply.body
+        docs = await gw.wait_finished(ids, TIMEOUT)
+        assert_completed_once(docs)
+
+
+async def test_a_removed_pipelines_step_keeps_its_queue_and_routing_key_while_needed(
+    tmp_path: Path, rabbit_ns: rabbit.Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    ns = rabbit_ns
+    ns.extra_queues += [ns.step_queue("tagging"), ns.step_queue("copy_review")]
+    apparel = [
+        {"name": "image_processing"},
+        {"name": "tagging", "routing_key": "apparel.tagging"},
+        {"name": "copy_review", "kind": "review", "after": ["image_processing", "tagging"]},
+    ]
+    async with running_gateway(tmp_path, pipelines(apparel=apparel), **ns.settings()) as gw:
+        ids = await upload_on(gw, "apparel", 2)
+        await gw.gateway.orchestrator.drain()
+    # the broker lost the queue meanwhile; the settings no longer have the pipeline
+    await asyncio.to_thread(ns.drain, ns.step_queue("image_processing"))
+    await asyncio.to_thread(ns._channel_do, lambda ch: ch.queue_delete(ns.step_queue("tagging")))
+
+    with caplog.at_level("WARNING", logger="stox.app"):
+        async with running_gateway(tmp_path, **ns.settings()) as gw:
+            warnings = [r.getMessage() for r in caplog.records if "no longer" in r.getMessage()]
+            [warning] = warnings  # the review step has no queue: nothing to keep for it
+            assert "'tagging'" in warning and ns.step_queue("tagging") in warning
+            assert all(workflow_id in warning for workflow_id in ids)
+            # declared and bound again, to the routing key the stored definition dispatches
+            # with: a failed attempt's retry (after backoff) reaches the kept queue
+            service = gw.service_token()
+            for workflow_id in ids:
+                tagging = (await gw.status(workflow_id))["steps"][1]
+                assert tagging["status"] == w.DISPATCHED
+                body = completion(workflow_id, tagging["step_id"], "tagging", False)
+                reply = await gw.fetch("POST", COMPLETED, body, token=service)
+                assert reply.status == 200, reply.body
+            messages = await ns.drained(ns.step_queue("tagging"), len(ids), TIMEOUT)
+            assert {m.routing_key for m in messages} == {"apparel.tagging"}
+            for message in messages:
+                body = completion(
+                    message.payload["workflow_id"], message.payload["step_id"], "tagging"
+                )
+                reply = await gw.fetch("POST", COMPLETED, body, token=service)
+                assert reply.status == 200, reply.body
+            for workflow_id in ids:
+                image = (await gw.status(workflow_id))["steps"][0]
+                body = completion(workflow_id, image["step_id"], image["name"])
+                reply = await gw.fetch("POST", COMPLETED, body, token=service)
+                assert reply.status == 200, reply.body
+                assert (await gw.status(workflow_id))["steps"][2]["status"] == "waiting"
+        assert not await asyncio.to_thread(queue_exists, ns, ns.step_queue("copy_review"))
+
+
+def queue_exists(ns: rabbit.Namespace, queue: str) -> bool:
+    import pika.exceptions
+
+    try:
+        ns.count(queue)
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    return True

@@ -421,7 +421,7 @@ def pipelines(**steps: list[dict[str, Any]]) -> Any:
     return configure
 
 
-PARALLEL = [
+PARALLEL: list[dict[str, Any]] = [
     {"name": "image_processing"},
     {"name": "ai_enhancement"},
     {"name": "seo_generation", "after": ["image_processing", "ai_enhancement"]},
@@ -489,7 +489,7 @@ async def test_a_removed_pipelines_step_keeps_its_queue_and_routing_key_while_ne
 ) -> None:
     ns = rabbit_ns
     ns.extra_queues += [ns.step_queue("tagging"), ns.step_queue("copy_review")]
-    apparel = [
+    apparel: list[dict[str, Any]] = [
         {"name": "image_processing"},
         {"name": "tagging", "routing_key": "apparel.tagging"},
         {"name": "copy_review", "kind": "review", "after": ["image_processing", "tagging"]},

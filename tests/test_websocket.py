@@ -653,6 +653,14 @@ def apparel(on_deadline: str = "fail") -> Callable[[settings_module.Settings], N
     return configure
 
 
+def assert_documented(messages: list[dict[str, Any]]) -> None:
+    """Each message is one the OpenAPI document describes (`WebSocketMessage`)."""
+    from handlers.responses import WebSocketMessageSchema
+
+    for message in messages:
+        assert WebSocketMessageSchema().validate(message) == {}, message["type"]
+
+
 def named(workflow: dict[str, Any], name: str) -> dict[str, Any]:
     [step] = [s for s in workflow["steps"] if s["name"] == name]
     return dict(step)
@@ -714,6 +722,7 @@ async def test_a_subscriber_sees_the_review_wait_then_its_decision_in_version_or
         assert step["status"] == "completed" and step["result"] == edits
         assert step["review"]["decision"] == "approved" and step["review"]["by"] == "alice"
         assert_ordered([snapshot, *before, *after])
+        assert_documented([snapshot, *before, *after])
         # the same decision again is a duplicate: no change, no message
         again = await gw.fetch("POST", REVIEW, body, token=token)
         assert again.body["result"] == "duplicate"
@@ -744,6 +753,7 @@ async def test_a_rejection_is_pushed_as_reviewed_then_failed(tmp_path: Path) -> 
             ("workflow_failed", None),
         ]
         assert len({m["version"] for m in after}) == 1
+        assert_documented(after)
         assert named(after[-1]["data"]["workflow"], "copy_review")["review"]["reason"] == (
             "too salesy"
         )
@@ -767,6 +777,7 @@ async def test_an_escalated_review_is_pushed(tmp_path: Path) -> None:
             assert escalated["version"] > waiting["version"]
             step = named(escalated["data"]["workflow"], "copy_review")
             assert step["status"] == "waiting" and "escalated_at" in step["review"]
+            assert_documented([escalated])
         finally:
             client.close()
             await eventually(lambda: gw.gateway.hub.subscriber_count == 0, within=TIMEOUT)

@@ -229,6 +229,24 @@ async def test_without_a_pipeline_an_upload_runs_on_default_as_before(tmp_path: 
         assert (await status(gw, named, token))["pipeline"] == doc["pipeline"]
 
 
+async def test_an_idempotency_key_answers_its_pipelines_workflow_and_refuses_another(
+    tmp_path: Path,
+) -> None:
+    async with running_gateway(tmp_path, apparel()) as gw:
+        token, key = gw.token(), {"Idempotency-Key": "shirt-1"}
+        body = {"name": "Linen shirt", "pipeline": "apparel"}
+        first = await gw.fetch("POST", UPLOAD, body, token=token, headers=key)
+        again = await gw.fetch("POST", UPLOAD, body, token=token, headers=key)
+        assert first.status == again.status == 202
+        assert again.body == first.body
+        other = await gw.fetch(
+            "POST", UPLOAD, {**body, "pipeline": "parallel"}, token=token, headers=key
+        )
+        assert_error(other, 422, "idempotency_key_reused")
+        listed = await gw.fetch("GET", "/api/v1/workflow/list", token=token)
+        assert [w["id"] for w in listed.body["workflows"]] == [first.body["workflow_id"]]
+
+
 @pytest.mark.parametrize(
     ("name", "code"),
     [

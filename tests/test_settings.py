@@ -372,6 +372,14 @@ def test_the_example_config_loads() -> None:
     assert example.exists(), "config.example.yaml belongs at the repository root"
     s = load(["--config", str(example)], {})
     assert s.pipeline.steps
+    # its named pipeline is the README's example, and leaves the default as it is
+    pipelines = s.named_pipelines()
+    assert list(pipelines) == ["default", "apparel"]
+    assert pipelines["default"].deps == load([], {}).named_pipelines()["default"].deps
+    apparel = pipelines["apparel"]
+    assert apparel.deps["copy_review"] == ("image_processing", "ai_enhancement")
+    assert apparel.deps["image_processing"] == apparel.deps["ai_enhancement"] == ()
+    assert apparel.spec("copy_review").kind == "review"
 
 
 # -- the server refuses to start on bad settings -------------------------------------------

@@ -2,7 +2,8 @@
 
 An observer of the orchestrator (stox/observe.py). What went wrong is logged at the default
 level: an attempt that failed or timed out (`info`), a step or workflow that failed for good
-(`warning`), a stale report (`info`). What goes right (uploads, dispatches, completions,
+(`warning`), a review whose deadline passed and was escalated (`info`), a stale report
+(`info`). What goes right (uploads, dispatches, completions, reviews waiting or decided,
 duplicates) is logged at `debug`, so that `logging.level: debug` follows every workflow step
 by step and the default costs the hot path a level check.
 """
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from stox import observe
-from stox.workflow import Change, Report, Step, Workflow
+from stox.workflow import FAILED, Change, Report, Step, Workflow
 
 log = logging.getLogger("stox.workflow")
 
@@ -23,7 +24,14 @@ LEVELS = {
     "step_failed": logging.INFO,
     "workflow_failed": logging.WARNING,
     "workflow_cancelled": logging.INFO,
+    "step_review_escalated": logging.INFO,
 }  # any other change: debug
+# the changes about an attempt under way (the others are about one that has ended)
+_LIVE = {
+    "step_dispatched": "dispatched",
+    "step_waiting_review": "waiting for review",
+    "step_review_escalated": "review escalated",
+}
 
 
 class TransitionLog:
@@ -52,15 +60,20 @@ def describe(workflow: Workflow, change: Change) -> tuple[str, dict[str, Any]]:
     extra: dict[str, Any] = {"workflow_id": workflow.id}
     step = _step(workflow, change.step)
     if step is None:  # a change of the workflow itself
-        where = f" at step {workflow.step.name}" if change.type == "workflow_failed" else ""
+        where = ""
+        if change.type == "workflow_failed":  # the step that failed (others may be cancelled)
+            failed = next((s for s in workflow.steps if s.status == FAILED), workflow.step)
+            where = f" at step {failed.name}"
         return f"workflow {change.type.removeprefix('workflow_')}{where}", extra
     extra["step"] = step.name
-    if change.type == "step_dispatched":
+    if change.type in _LIVE:  # about the attempt under way
         extra["attempt"] = step.attempt
-        return f"step {step.name} attempt {step.attempt} dispatched", extra
+        return f"step {step.name} attempt {step.attempt} {_LIVE[change.type]}", extra
     ended = step.attempts[-1]  # the attempt the change is about has ended
     extra["attempt"] = ended["attempt"]
     text = f"step {step.name} attempt {ended['attempt']} {ended['outcome']}"
+    if ended.get("by"):  # a review's decision
+        text += f" by {ended['by']}"
     if ended["error"]:
         text += f": {ended['error']}"
     if change.type == "step_retrying":

@@ -885,3 +885,36 @@ async def test_a_reviewer_sees_the_workflows_it_may_review_but_changes_only_its_
         hidden = await gw.fetch("GET", f"{STATUS}?workflow_id={workflow_id}", token=bob)
         assert_error(hidden, 404, "not_found")
         assert (await gw.fetch("GET", "/api/v1/workflow/list", token=bob)).body["workflows"] == []
+
+
+# -- the transition log ----------------------------------------------------------------------
+
+
+async def test_the_transition_log_describes_parallel_steps_and_reviews(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    configure = apparel(on_deadline="escalate")
+    with caplog.at_level("DEBUG", logger="stox.workflow"):
+        async with running_gateway(tmp_path, configure, {"clock": clock}) as gw:
+            workflow_id, review_id = await waiting_review(gw)
+            clock.advance(DAY + 1)
+            await gw.gateway.sweep()
+            body = decision(workflow_id, review_id, "reject", reason="too salesy")
+            assert (
+                await gw.fetch("POST", REVIEW, body, token=gw.token("rita", "reviewer"))
+            ).status == 200
+            failing = await upload(gw, gw.token(), "parallel")
+            ai = step(await status(gw, failing), "ai_enhancement")
+            assert (await report(gw, failing, ai, success=False, error="no copy")).status == 200
+
+    failures = [r for r in caplog.records if r.name == "stox.observe"]
+    assert failures == [], [r.getMessage() for r in failures]
+    lines = [r.getMessage() for r in caplog.records if r.name == "stox.workflow"]
+    assert "step copy_review attempt 1 waiting for review (report)" in lines
+    assert "step copy_review attempt 1 review escalated (wake)" in lines
+    assert "step copy_review attempt 1 rejected by rita: too salesy (review)" in lines
+    assert "workflow failed at step copy_review (review)" in lines
+    # the step that failed, not the first one not completed (image_processing, running
+    # beside it, was cancelled)
+    assert "workflow failed at step ai_enhancement (report)" in lines

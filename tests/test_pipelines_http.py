@@ -918,3 +918,52 @@ async def test_the_transition_log_describes_parallel_steps_and_reviews(
     # the step that failed, not the first one not completed (image_processing, running
     # beside it, was cancelled)
     assert "workflow failed at step ai_enhancement (report)" in lines
+
+
+# -- retry after a review, metrics -----------------------------------------------------------
+
+
+async def test_retry_after_a_rejection_or_a_passed_deadline_waits_for_review_again(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    async with running_gateway(tmp_path, apparel(), {"clock": clock}) as gw:
+        token = gw.token()
+        rejected, first = await waiting_review(gw)
+        body = decision(rejected, first, "reject", reason="no")
+        assert (await gw.fetch("POST", REVIEW, body, token=token)).body["status"] == "failed"
+        lapsed, _ = await waiting_review(gw)
+        clock.advance(DAY + 1)
+        await eventually(lambda: status(gw, lapsed), lambda d: d["status"] == "failed")
+
+        for workflow_id in (rejected, lapsed):
+            retried = await gw.fetch("POST", RETRY, {"workflow_id": workflow_id}, token=token)
+            assert retried.status == 200, retried.body
+            review = step(retried.body, "copy_review")
+            assert review["status"] == "waiting" and review["attempt"] == 1
+            assert "review" not in review  # the earlier decision is in its attempts
+            assert review["deadline"] > retried.body["created_at"]
+            assert step(retried.body, "ai_enhancement")["status"] == "completed"
+            answer = await gw.fetch(
+                "POST", REVIEW, decision(workflow_id, review["step_id"]), token=token
+            )
+            assert answer.status == 200, answer.body
+            doc = await done(gw, workflow_id, "seo_generation")
+            assert doc["status"] == "completed"
+
+
+async def test_metrics_count_workflows_by_pipeline(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path, apparel()) as gw:
+        workflow_id, review_id = await waiting_review(gw)
+        answer = await gw.fetch("POST", REVIEW, decision(workflow_id, review_id), token=gw.token())
+        assert answer.status == 200
+        await done(gw, workflow_id, "seo_generation")
+        await upload(gw, gw.token())
+
+        response = await gw.fetch("GET", "/metrics")
+        assert response.status == 200
+        text = str(response.body)
+        assert 'stox_workflows_started_total{pipeline="apparel"} 1.0' in text
+        assert 'stox_workflows_started_total{pipeline="default"} 1.0' in text
+        assert 'stox_workflows_completed_total{pipeline="apparel"} 1.0' in text
+        assert 'stox_step_dispatches_total{step="copy_review"} 0.0' in text  # never sent out

@@ -759,6 +759,15 @@ REVIEW_FIELD_ERRORS = [
     ({"decision": "reject", "reason": "no", "result": {"title": "T"}}, "result"),
     ({"decision": "approve", "result": "ok"}, "result"),
     ({"decision": "approve", "result": [1]}, "result"),
+    ({"decision": "approve", "result": {"score": float("nan")}}, "result"),
+    ({"decision": "approve", "result": {"title": "\ud800"}}, "result"),
+    (
+        {
+            "decision": "approve",
+            "result": {"deep": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]},
+        },
+        "result",
+    ),
     ({"decision": "maybe"}, "decision"),
     ({"decision": "APPROVE"}, "decision"),
     ({"decision": None}, "decision"),

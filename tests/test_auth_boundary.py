@@ -48,6 +48,12 @@ PROTECTED = [
     ("GET", LIST, None),
     ("POST", CANCEL, {"workflow_id": "a" * 32}),
     ("POST", RETRY, {"workflow_id": "a" * 32}),
+    (
+        "POST",
+        "/api/v1/workflow/review",
+        {"workflow_id": "a" * 32, "step_id": "b" * 32, "decision": "approve"},
+    ),
+    ("GET", "/api/v1/pipelines", None),
 ]
 PROTECTED_IDS = [f"{m} {p.split('?')[0].rsplit('/', 1)[-1]}" for m, p, _ in PROTECTED]
 

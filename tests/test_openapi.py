@@ -3,15 +3,26 @@ method and no other, roles and errors declared, and real answers that conform to
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import tornado.web
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate
-from support import COMPLETED, LIST, STATUS, UPLOAD, Response, RunningGateway, report
+from support import (
+    COMPLETED,
+    LIST,
+    STATUS,
+    UPLOAD,
+    Response,
+    RunningGateway,
+    report,
+    running_gateway,
+)
 
 import handlers
+import settings as settings_module
 from handlers import openapi
 
 DOCUMENT_PATH = "/api/v1/openapi.json"
@@ -188,3 +199,80 @@ async def test_real_answers_conform_to_the_document(
     forbidden = await report(gw, workflow_id, status.body["steps"][0], token=token)
     assert forbidden.status == 403
     conforms(document, COMPLETED, "post", forbidden)
+
+
+async def test_pipeline_and_review_answers_conform_to_the_document(
+    tmp_path: Path, document: dict[str, Any]
+) -> None:
+    """Issue 14: GET /api/v1/pipelines, a workflow with a review step (waiting, then decided),
+    the review endpoint's answers and errors."""
+
+    def with_review(settings: Any) -> None:
+        step = settings_module.StepSettings
+        settings.pipelines = {
+            "checked": settings_module.PipelineSettings(
+                steps=[
+                    step(name="image_processing"),
+                    step(name="ai_enhancement"),
+                    step(
+                        name="copy_review",
+                        kind="review",
+                        after=["image_processing", "ai_enhancement"],
+                    ),
+                ]
+            )
+        }
+
+    review_path = "/api/v1/workflow/review"
+    async with running_gateway(tmp_path, with_review) as gw:
+        token = gw.token("alice")
+        conforms(
+            document,
+            "/api/v1/pipelines",
+            "get",
+            await gw.fetch("GET", "/api/v1/pipelines", token=token),
+        )
+        bad = await gw.fetch("POST", UPLOAD, {"name": "Mug", "pipeline": "nope"}, token=token)
+        assert bad.status == 400
+        conforms(document, UPLOAD, "post", bad)
+        uploaded = await gw.fetch(
+            "POST", UPLOAD, {"name": "Mug", "pipeline": "checked"}, token=token
+        )
+        workflow_id = uploaded.body["workflow_id"]
+        for index in (0, 1):
+            step_doc = (await gw.status(workflow_id))["steps"][index]
+            assert (await report(gw, workflow_id, step_doc)).status == 200
+        waiting = await gw.fetch("GET", f"{STATUS}?workflow_id={workflow_id}", token=token)
+        assert waiting.body["steps"][2]["status"] == "waiting"
+        conforms(document, STATUS, "get", waiting)
+        body = {
+            "workflow_id": workflow_id,
+            "step_id": waiting.body["steps"][2]["step_id"],
+            "decision": "approve",
+            "result": {"title": "T"},
+        }
+        for who in (gw.token("bob"), gw.service_token(), None):  # 404, 403, 401
+            conforms(
+                document, review_path, "post", await gw.fetch("POST", review_path, body, token=who)
+            )
+        conforms(
+            document, review_path, "post", await gw.fetch("POST", review_path, {}, token=token)
+        )
+        conforms(
+            document, review_path, "post", await gw.fetch("POST", review_path, body, token=token)
+        )
+        conforms(
+            document, review_path, "post", await gw.fetch("POST", review_path, body, token=token)
+        )
+        refused = await gw.fetch(
+            "POST",
+            review_path,
+            {**body, "decision": "reject", "reason": "no", "result": None},
+            token=token,
+        )
+        assert refused.status == 409
+        conforms(document, review_path, "post", refused)
+        decided = await gw.fetch("GET", f"{STATUS}?workflow_id={workflow_id}", token=token)
+        assert decided.body["steps"][2]["review"]["by"] == "alice"
+        conforms(document, STATUS, "get", decided)
+        conforms(document, LIST, "get", await gw.fetch("GET", LIST, token=token))

@@ -382,6 +382,22 @@ def test_the_example_config_loads() -> None:
     assert apparel.spec("copy_review").kind == "review"
 
 
+def test_the_readmes_pipelines_example_loads(tmp_path: Path) -> None:
+    """The worked example of the README's "Pipelines" section is a valid settings file."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Pipelines") :]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    pipelines = load(["--config", write(tmp_path, example)], {}).named_pipelines()
+    assert list(pipelines) == ["default", "apparel"]
+    assert pipelines["apparel"].deps == {
+        "image_processing": (),
+        "ai_enhancement": (),
+        "copy_review": ("image_processing", "ai_enhancement"),
+        "seo_generation": ("copy_review",),
+    }
+    assert pipelines["apparel"].spec("copy_review").timeout == 24 * 3600
+
+
 # -- the server refuses to start on bad settings -------------------------------------------
 
 

@@ -976,3 +976,49 @@ async def test_metrics_count_workflows_by_pipeline(tmp_path: Path) -> None:
         assert 'stox_workflows_started_total{pipeline="default"} 1.0' in text
         assert 'stox_workflows_completed_total{pipeline="apparel"} 1.0' in text
         assert 'stox_step_dispatches_total{step="copy_review"} 0.0' in text  # never sent out
+
+
+# -- queues of steps no pipeline has any more ------------------------------------------------
+
+
+class DeclaringBus(RecordingBus):
+    """A bus whose queues are read by remote services, recording what the gateway declares."""
+
+    remote_consumers = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.declared: dict[str, list[str]] = {}
+
+    async def declare(self, queue: str, bindings: Any, *, exclusive: bool = False) -> None:
+        self.declared[queue] = list(bindings)
+
+
+async def test_a_removed_pipelines_service_step_keeps_its_queue_and_routing_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    removed = [
+        {"name": "image_processing"},
+        {"name": "tagging", "routing_key": "apparel.tagging"},
+        {"name": "copy_review", "kind": "review", "after": ["image_processing", "tagging"]},
+    ]
+    first = DeclaringBus()
+    async with running_gateway(
+        tmp_path, with_pipelines(apparel=pipeline(removed)), {"bus": first}
+    ) as gw:
+        assert first.declared["stox.step.tagging"] == ["apparel.tagging"]
+        assert "stox.step.copy_review" not in first.declared  # a review has no queue
+        ids = [await upload(gw, gw.token(), "apparel") for _ in range(2)]
+        done_one = await done(gw, ids[0], "tagging")  # one still needs only the review
+        assert step(done_one, "tagging")["status"] == "completed"
+
+    again = DeclaringBus()
+    with caplog.at_level("WARNING", logger="stox.app"):
+        async with running_gateway(tmp_path, gateway_options={"bus": again}) as gw:
+            warnings = [r.getMessage() for r in caplog.records if "no longer" in r.getMessage()]
+    [warning] = warnings  # tagging (the review needs no queue)
+    assert warning.startswith("1 running workflows still need step 'tagging'")
+    assert ids[1] in warning and ids[0] not in warning
+    assert again.declared["stox.step.tagging"] == ["apparel.tagging"]
+    assert "stox.step.copy_review" not in again.declared
+    assert again.declared["stox.step.seo_generation"] == ["step.seo_generation"]

@@ -997,7 +997,7 @@ class DeclaringBus(RecordingBus):
 async def test_a_removed_pipelines_service_step_keeps_its_queue_and_routing_key(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    removed = [
+    removed: list[dict[str, Any]] = [
         {"name": "image_processing"},
         {"name": "tagging", "routing_key": "apparel.tagging"},
         {"name": "copy_review", "kind": "review", "after": ["image_processing", "tagging"]},

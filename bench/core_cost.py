@@ -83,7 +83,9 @@ async def workload(workflows: int, folder: str) -> None:
     await bus.declare("core.hub", [CHANGES_ROUTING_KEY, CHANGE_ROUTING_KEY], exclusive=True)
     await bus.consume("core.hub", hub.on_change)
     subscriber = _Subscriber()
-    await hub.send_snapshot(hub.subscribe(subscriber, user="alice", owner="alice", workflow_id=None))
+    await hub.send_snapshot(
+        hub.subscribe(subscriber, user="alice", owner="alice", workflow_id=None)
+    )
     completed = 0
     for _ in range(workflows):
         wf: Any = await orchestrator.upload("alice", copy.deepcopy(PRODUCT))
@@ -103,7 +105,13 @@ def instructions(repo: Path, workflows: int) -> int:
     """Instructions callgrind counts for the workload of `workflows` on `repo`'s code."""
     with tempfile.TemporaryDirectory(prefix="stox-core-cost-") as folder:
         out = os.path.join(folder, "callgrind.out")
-        env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONMALLOC": "malloc"}
+        # one hash seed: set and dict layouts, and so the counts, the same from run to run
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(repo),
+            "PYTHONMALLOC": "malloc",
+            "PYTHONHASHSEED": "0",
+        }
         command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
         command += [sys.executable, __file__, "--inner", str(workflows), "--folder", folder]
         subprocess.run(command, cwd=repo, env=env, check=True, capture_output=True)

@@ -237,7 +237,8 @@ class ListHandler(WorkflowHandler):
     @operation(
         "Workflows, newest first, a page at a time",
         query=list_query_schema,
-        description="Admins see every workflow; users their own. Follow `next_cursor`.",
+        description="Admins see every workflow; users their own. Follow `next_cursor` (with "
+        "the same filters). `q` matches part of the product's name or category, any case.",
         answers={200: ("a page", responses.WorkflowPageSchema())},
         errors={503: "`store_unavailable` or `contention`, with `Retry-After`"},
     )
@@ -246,8 +247,9 @@ class ListHandler(WorkflowHandler):
         query = self.load(list_query_schema, self.query())
         before = decode_cursor(query["cursor"]) if query["cursor"] else None
         limit = query["limit"]
+        filters = list_query_schema.filters(query)
         workflows = await self.orchestrator.list_workflows(
-            self.owner_filter(), query["status"], limit + 1, before
+            self.owner_filter(), query["status"], limit + 1, before, filters
         )
         page = workflows[:limit]
         body: dict[str, Any] = {

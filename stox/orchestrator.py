@@ -24,6 +24,8 @@ from stox.changes import ChangeBatcher
 from stox.codec import canonical
 from stox.logs import bind, event_log_fields, log_context, start_context
 from stox.store.base import (
+    NO_FILTERS,
+    Filters,
     IdempotencyKey,
     KeyTaken,
     NewEvent,
@@ -276,9 +278,10 @@ class Orchestrator:
         status: str | None,
         limit: int,
         before: tuple[str, str] | None = None,
+        filters: Filters = NO_FILTERS,
     ) -> list[Workflow]:
         docs = await self.store.list_workflows(
-            owner=owner, status=status, limit=limit, before=before
+            owner=owner, status=status, limit=limit, before=before, filters=filters
         )
         return [Workflow.from_doc(doc) for doc in docs]
 

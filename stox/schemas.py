@@ -233,6 +233,43 @@ class _Instant(fields.String):
         return isoformat(moment.timestamp())
 
 
+BULK_LIMIT = 100  # workflows one bulk call acts on at most
+
+
+class BulkFilterSchema(StrictSchema):
+    status = fields.String(load_default=None, validate=validate.OneOf(WORKFLOW_STATUSES))
+    pipeline = fields.String(
+        load_default=None,
+        validate=validate.Regexp(r"^[a-z][a-z0-9_]{0,63}\Z", error="expected a pipeline name"),
+    )
+    created_after = _Instant(load_default=None, metadata={"description": "inclusive"})
+    created_before = _Instant(load_default=None, metadata={"description": "exclusive"})
+
+
+class BulkSchema(StrictSchema):
+    """Retry or cancel the workflows `ids` names, or those `filter` selects."""
+
+    action = fields.String(required=True, validate=validate.OneOf(["retry", "cancel"]))
+    ids = fields.List(
+        fields.String(validate=HEX_ID),
+        load_default=None,
+        validate=validate.Length(min=1, max=BULK_LIMIT),
+    )
+    filter = fields.Nested(BulkFilterSchema, load_default=None)
+    cursor = fields.String(
+        load_default=None, metadata={"description": "with filter: the answer's next_cursor"}
+    )
+
+    @validates_schema
+    def _one_selection(self, data: dict[str, Any], **_: Any) -> None:
+        if (data.get("ids") is None) == (data.get("filter") is None):
+            raise ValidationError("give ids or filter, not both or neither", "ids")
+        if data.get("cursor") is not None:
+            if data.get("filter") is None:
+                raise ValidationError("a cursor goes with a filter", "cursor")
+            decode_cursor(data["cursor"])
+
+
 class ListQuerySchema(Schema):
     """Query parameters; unknown ones (cache busters) are ignored."""
 
@@ -336,6 +373,7 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
 
 
 upload_schema = UploadSchema()
+bulk_schema = BulkSchema()
 review_schema = ReviewSchema()
 completion_schema = CompletionSchema()
 completion_event_schema = CompletionEventSchema()

@@ -108,6 +108,28 @@ class PipelinesSchema(Schema):
     pipelines = fields.List(fields.Nested(PipelineDefinitionSchema), required=True)
 
 
+class BulkResultSchema(Schema):
+    workflow_id = fields.String(required=True)
+    outcome = fields.String(
+        required=True,
+        validate=validate.OneOf(
+            ["retried", "cancelled", "not_allowed", "not_found", "unavailable"]
+        ),
+    )
+    status = fields.String(required=True, allow_none=True)
+    message = fields.String(required=True, allow_none=True)
+
+
+class BulkAnswerSchema(Schema):
+    action = fields.String(required=True, validate=validate.OneOf(["retry", "cancel"]))
+    results = fields.List(fields.Nested(BulkResultSchema), required=True)
+    next_cursor = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "more matched the filter: send it back as `cursor`"},
+    )
+
+
 class UploadAnswerSchema(Schema):
     workflow_id = fields.String(required=True)
     status = _STATUS

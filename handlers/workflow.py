@@ -5,6 +5,7 @@ handler's error path answers them (`handlers.base.DOMAIN_ERRORS`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, cast
 
@@ -17,6 +18,8 @@ from stox import tracecontext
 from stox.auth.limits import UploadLimiter
 from stox.logs import bind
 from stox.schemas import (
+    BULK_LIMIT,
+    bulk_schema,
     completion_schema,
     decode_cursor,
     encode_cursor,
@@ -25,6 +28,7 @@ from stox.schemas import (
     upload_schema,
     workflow_id_schema,
 )
+from stox.store.base import Filters
 from stox.workflow import DEFAULT_STEPS, RUNNING, Report, Review, Workflow
 
 STEP_COMPLETED = "step_completed"  # the route's name: the dispatches' HTTP reply address
@@ -238,12 +242,55 @@ class ReviewHandler(WorkflowHandler):
         )
 
 
+class BulkHandler(WorkflowHandler):
+    @operation(
+        "Retry or cancel many workflows",
+        body=bulk_schema,
+        description=f"By `ids` (at most {BULK_LIMIT}) or by `filter` (the first {BULK_LIMIT} "
+        "it selects, newest first; `next_cursor` continues), among the caller's workflows "
+        "(an admin's: anyone's). Each is acted on as the single command does, and the answer "
+        "says per workflow what happened; one that cannot be does not stop the others.",
+        answers={200: ("what happened to each", responses.BulkAnswerSchema())},
+        errors={503: "`store_unavailable` or `contention`, with `Retry-After`"},
+    )
+    @requires("user")
+    async def post(self) -> None:
+        body = self.load(bulk_schema, self.json_body())
+        owner = self.owner_filter()
+        next_cursor = None
+        if body["ids"] is not None:
+            workflow_ids = body["ids"]
+        else:
+            chosen = body["filter"]
+            filters = Filters(
+                None, chosen["pipeline"], chosen["created_after"], chosen["created_before"]
+            )
+            before = decode_cursor(body["cursor"]) if body["cursor"] else None
+            found = await self.orchestrator.list_workflows(
+                owner, chosen["status"], BULK_LIMIT + 1, before, filters
+            )
+            page = found[:BULK_LIMIT]
+            workflow_ids = [w.id for w in page]
+            if len(found) > BULK_LIMIT:
+                next_cursor = encode_cursor(page[-1].created_at, page[-1].id)
+        results = await self.orchestrator.bulk(body["action"], owner, workflow_ids)
+        self.write_json(
+            200,
+            {
+                "action": body["action"],
+                "results": [dataclasses.asdict(result) for result in results],
+                "next_cursor": next_cursor,
+            },
+        )
+
+
 class ListHandler(WorkflowHandler):
     @operation(
         "Workflows, newest first, a page at a time",
         query=list_query_schema,
         description="Admins and reviewers see every workflow; users their own. Follow "
-        "`next_cursor`.",
+        "`next_cursor` (with the same filters). `q` matches part of the product's name or "
+        "category, any case.",
         answers={200: ("a page", responses.WorkflowPageSchema())},
         errors={503: "`store_unavailable` or `contention`, with `Retry-After`"},
     )
@@ -252,8 +299,9 @@ class ListHandler(WorkflowHandler):
         query = self.load(list_query_schema, self.query())
         before = decode_cursor(query["cursor"]) if query["cursor"] else None
         limit = query["limit"]
+        filters = list_query_schema.filters(query)
         workflows = await self.orchestrator.list_workflows(
-            self.read_filter(), query["status"], limit + 1, before
+            self.read_filter(), query["status"], limit + 1, before, filters
         )
         page = workflows[:limit]
         body: dict[str, Any] = {
@@ -304,6 +352,7 @@ routes = [
     (r"/api/v1/workflow/status", StatusHandler),
     tornado.web.url(r"/api/v1/workflow/step-completed", StepCompletedHandler, name=STEP_COMPLETED),
     (r"/api/v1/workflow/review", ReviewHandler),
+    (r"/api/v1/workflow/bulk", BulkHandler),
     (r"/api/v1/workflow/list", ListHandler),
     (r"/api/v1/workflow/cancel", CancelHandler),
     (r"/api/v1/workflow/retry", RetryHandler),

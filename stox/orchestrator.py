@@ -24,6 +24,8 @@ from stox.changes import ChangeBatcher
 from stox.codec import canonical
 from stox.logs import bind, event_log_fields, log_context, start_context
 from stox.store.base import (
+    NO_FILTERS,
+    Filters,
     IdempotencyKey,
     KeyTaken,
     NewEvent,
@@ -68,6 +70,18 @@ class KeyReused(Exception):
     def __init__(self, key: str) -> None:
         super().__init__(key)
         self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """What a bulk action did to one workflow: `outcome` is the action's past tense
+    ("retried", "cancelled"), "not_allowed" (its state; `message` says why), "not_found"
+    (none, or another's) or "unavailable" (the store; try it again)."""
+
+    workflow_id: str
+    outcome: str
+    status: str | None = None
+    message: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +272,30 @@ class Orchestrator:
             self._definitions[definition["version"]] = found
         return found
 
+    async def bulk(
+        self, action: str, owner: str | None, workflow_ids: list[str]
+    ) -> list[BulkResult]:
+        """Retry or cancel each of `workflow_ids` (each once, in order) as the single
+        commands do, on `owner`'s workflows (None: anyone's); one that cannot be does not
+        stop the others."""
+        command = self.retry if action == "retry" else self.cancel
+        done = "retried" if action == "retry" else "cancelled"
+        results = []
+        for workflow_id in dict.fromkeys(workflow_ids):
+            with log_context(workflow_id=workflow_id):
+                try:
+                    workflow = await command(workflow_id, owner)
+                except NotFound:
+                    results.append(BulkResult(workflow_id, "not_found"))
+                except wf_rules.NotAllowed as exc:
+                    results.append(BulkResult(workflow_id, "not_allowed", message=str(exc)))
+                except (Contention, StoreError) as exc:
+                    log.warning("bulk %s of %s left undone: %s", action, workflow_id, exc)
+                    results.append(BulkResult(workflow_id, "unavailable"))
+                else:
+                    results.append(BulkResult(workflow_id, done, workflow.status))
+        return results
+
     # -- queries --------------------------------------------------------------------------
 
     async def get(self, workflow_id: str, owner: str | None = None) -> Workflow:
@@ -276,9 +314,10 @@ class Orchestrator:
         status: str | None,
         limit: int,
         before: tuple[str, str] | None = None,
+        filters: Filters = NO_FILTERS,
     ) -> list[Workflow]:
         docs = await self.store.list_workflows(
-            owner=owner, status=status, limit=limit, before=before
+            owner=owner, status=status, limit=limit, before=before, filters=filters
         )
         return [Workflow.from_doc(doc) for doc in docs]
 

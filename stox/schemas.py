@@ -10,6 +10,7 @@ import math
 import operator
 import re
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from marshmallow import (
@@ -24,7 +25,8 @@ from marshmallow import (
 )
 
 from stox.codec import dumps
-from stox.workflow import REVIEW_DECISIONS, WORKFLOW_STATUSES, Report
+from stox.store.base import Filters
+from stox.workflow import REVIEW_DECISIONS, WORKFLOW_STATUSES, Report, isoformat
 
 HEX_ID = validate.Regexp(r"^[0-9a-f]{32}\Z", error="expected a 32-character hex id")
 MAX_METADATA_BYTES = 16 * 1024
@@ -217,6 +219,57 @@ class WorkflowIdSchema(StrictSchema):
     workflow_id = fields.String(required=True, validate=HEX_ID)
 
 
+class _Instant(fields.String):
+    """An ISO 8601 time with its zone (`Z` or an offset), as the stored timestamps write it."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            moment = None
+        if moment is None or moment.tzinfo is None or not 1970 <= moment.year <= 9999:
+            raise ValidationError("expected an ISO 8601 time with its zone, e.g. 2026-12-04T10:00Z")
+        return isoformat(moment.timestamp())
+
+
+BULK_LIMIT = 100  # workflows one bulk call acts on at most
+
+
+class BulkFilterSchema(StrictSchema):
+    status = fields.String(load_default=None, validate=validate.OneOf(WORKFLOW_STATUSES))
+    pipeline = fields.String(
+        load_default=None,
+        validate=validate.Regexp(r"^[a-z][a-z0-9_]{0,63}\Z", error="expected a pipeline name"),
+    )
+    created_after = _Instant(load_default=None, metadata={"description": "inclusive"})
+    created_before = _Instant(load_default=None, metadata={"description": "exclusive"})
+
+
+class BulkSchema(StrictSchema):
+    """Retry or cancel the workflows `ids` names, or those `filter` selects."""
+
+    action = fields.String(required=True, validate=validate.OneOf(["retry", "cancel"]))
+    ids = fields.List(
+        fields.String(validate=HEX_ID),
+        load_default=None,
+        validate=validate.Length(min=1, max=BULK_LIMIT),
+    )
+    filter = fields.Nested(BulkFilterSchema, load_default=None)
+    cursor = fields.String(
+        load_default=None, metadata={"description": "with filter: the answer's next_cursor"}
+    )
+
+    @validates_schema
+    def _one_selection(self, data: dict[str, Any], **_: Any) -> None:
+        if (data.get("ids") is None) == (data.get("filter") is None):
+            raise ValidationError("give ids or filter, not both or neither", "ids")
+        if data.get("cursor") is not None:
+            if data.get("filter") is None:
+                raise ValidationError("a cursor goes with a filter", "cursor")
+            decode_cursor(data["cursor"])
+
+
 class ListQuerySchema(Schema):
     """Query parameters; unknown ones (cache busters) are ignored."""
 
@@ -226,6 +279,24 @@ class ListQuerySchema(Schema):
     status = fields.String(load_default=None, validate=validate.OneOf(WORKFLOW_STATUSES))
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = fields.String(load_default=None)
+    q = fields.String(
+        load_default=None,
+        validate=validate.Length(min=1, max=200),
+        metadata={"description": "a case-insensitive part of the product's name or category"},
+    )
+    pipeline = fields.String(
+        load_default=None,
+        validate=validate.Regexp(r"^[a-z][a-z0-9_]{0,63}\Z", error="expected a pipeline name"),
+    )
+    created_after = _Instant(
+        load_default=None, metadata={"description": "created at or after (ISO 8601, with a zone)"}
+    )
+    created_before = _Instant(
+        load_default=None, metadata={"description": "created before (ISO 8601, with a zone)"}
+    )
+
+    def filters(self, data: dict[str, Any]) -> Filters:
+        return Filters(data["q"], data["pipeline"], data["created_after"], data["created_before"])
 
     @validates_schema
     def _cursor(self, data: dict[str, Any], **_: Any) -> None:
@@ -302,6 +373,7 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
 
 
 upload_schema = UploadSchema()
+bulk_schema = BulkSchema()
 review_schema = ReviewSchema()
 completion_schema = CompletionSchema()
 completion_event_schema = CompletionEventSchema()

@@ -129,23 +129,44 @@ class StepSpec:
         return self.backoff * 2.0 ** max(attempt - 1, 0)
 
     def to_doc(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "routing_key": self.routing_key,
-            "timeout": self.timeout,
-            "max_attempts": self.max_attempts,
-            "backoff": self.backoff,
-            "after": None if self.after is None else list(self.after),
-            "on_reject": self.on_reject,
-            "on_deadline": self.on_deadline,
-        }
+        """Its name and what differs from the defaults: a workflow stores its pipeline's
+        steps, and every change notification carries them, so they are kept short."""
+        doc: dict[str, Any] = {"name": self.name}
+        defaults = _SPEC_DEFAULTS.get(self.kind, _SPEC_DEFAULTS[SERVICE])
+        for key in _SPEC_FIELDS:
+            value = getattr(self, key)
+            if value != defaults.get(key, f"step.{self.name}"):
+                doc[key] = list(value) if key == "after" else value
+        return doc
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> StepSpec:
-        after = doc.get("after")
-        return cls(**{**doc, "after": None if after is None else tuple(after)})
+        return cls(**doc)  # `after` becomes a tuple in __post_init__
 
+
+_SPEC_FIELDS = (
+    "kind",
+    "after",
+    "routing_key",
+    "timeout",
+    "max_attempts",
+    "backoff",
+    "on_reject",
+    "on_deadline",
+)
+# what `StepSpec.to_doc` leaves out, by kind (a routing key's default is step.NAME)
+_SPEC_DEFAULTS: dict[str, dict[str, Any]] = {
+    kind: {
+        "kind": SERVICE,
+        "after": None,
+        "timeout": DEFAULT_TIMEOUT if kind == SERVICE else None,
+        "max_attempts": 3,
+        "backoff": 1.0,
+        "on_reject": FAIL,
+        "on_deadline": FAIL,
+    }
+    for kind in STEP_KINDS
+}
 
 DEFAULT_STEPS = (
     StepSpec("image_processing"),
@@ -172,6 +193,8 @@ class Pipeline:
     deps: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
     upstream: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)
     version: str = field(init=False, compare=False)  # a short hash of name and steps
+    # `definition()`, made once: every workflow of the pipeline shares it (none mutates it)
+    _definition: dict[str, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         deps = _dependencies(self.steps)
@@ -182,6 +205,7 @@ class Pipeline:
         definition = {"name": self.name, "steps": [spec.to_doc() for spec in self.steps]}
         version = hashlib.sha256(canonical(definition)).hexdigest()[:12]
         object.__setattr__(self, "version", version)
+        object.__setattr__(self, "_definition", {**definition, "version": version})
 
     def spec(self, name: str) -> StepSpec:
         for spec in self.steps:
@@ -191,11 +215,7 @@ class Pipeline:
 
     def definition(self) -> dict[str, Any]:
         """What a workflow stores of the pipeline it started with (no reply addresses)."""
-        return {
-            "name": self.name,
-            "version": self.version,
-            "steps": [spec.to_doc() for spec in self.steps],
-        }
+        return self._definition
 
     @classmethod
     def from_definition(
@@ -478,8 +498,8 @@ class _Transition:
             return
         deps = self.pipeline.deps
         for step in wf.steps:
-            ready = step.status == PENDING and step.retry_at is None
-            if ready and all(dep in done for dep in deps.get(step.name, ())):
+            pending = step.status == PENDING and step.retry_at is None
+            if pending and done.issuperset(deps.get(step.name, ())):
                 self.begin(step)
 
     def finish_workflow(self, status: str, extra: dict[str, Any]) -> None:
@@ -540,8 +560,7 @@ class _Transition:
         wf = self.wf
         wf.version += 1
         wf.updated_at = self.now_iso
-        wf.current_step = _current_step(wf)
-        wf.wake_at = _wake_at(wf)
+        wf.current_step, wf.wake_at = _current_and_wake_at(wf)
         self.emit(
             CHANGE_ROUTING_KEY,
             {
@@ -555,20 +574,18 @@ class _Transition:
         return self.changes
 
 
-def _current_step(wf: Workflow) -> int:
+def _current_and_wake_at(wf: Workflow) -> tuple[int, str | None]:
+    """The first step not completed (the last when all are), and the earliest timer of a
+    running workflow: a live attempt's deadline, a retry's time, a waiting review's
+    deadline (one pass: every transition ends here)."""
+    current, wake_at = -1, None
+    running = wf.status == RUNNING
     for index, step in enumerate(wf.steps):
-        if step.status != COMPLETED:
-            return index
-    return len(wf.steps) - 1
-
-
-def _wake_at(wf: Workflow) -> str | None:
-    """The earliest timer of a running workflow: a live attempt's deadline, a retry's
-    time, a waiting review's deadline."""
-    if wf.status != RUNNING:
-        return None
-    times = [t for step in wf.steps if (t := _timer(step)) is not None]
-    return min(times) if times else None
+        if current < 0 and step.status != COMPLETED:
+            current = index
+        if running and (timer := _timer(step)) is not None:
+            wake_at = timer if wake_at is None or timer < wake_at else wake_at
+    return (current if current >= 0 else len(wf.steps) - 1), wake_at
 
 
 def _timer(step: Step) -> str | None:

@@ -197,3 +197,20 @@ def test_metrics_cost_runs_each_round_with_metrics_on_and_off() -> None:
     rows = re.findall(r"^ +(\d) +(on|off) +[\d.]+ ms +[\d.]+$", result.stdout, re.MULTILINE)
     assert rows == [("1", "on"), ("1", "off"), ("2", "off"), ("2", "on")]
     assert re.search(r"metrics add [+-]\d+ us per workflow", result.stdout)
+
+
+def test_core_cost_counts_instructions_per_workflow_of_two_checkouts() -> None:
+    script = str(REPO / "bench" / "core_cost.py")
+    result = subprocess.run(
+        [sys.executable, script, "--workflows", "3", "--compare", str(REPO)],
+        cwd=REPO,
+        env=stox_environ(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = re.findall(r": ([\d.]+) M instructions per workflow", result.stdout)
+    assert len(counts) == 2 and all(float(count) > 0 for count in counts)
+    assert re.search(r"/ .*: [\d.]+ \([+-][\d.]+%\)", result.stdout)

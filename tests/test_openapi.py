@@ -148,7 +148,8 @@ def test_inputs_come_from_the_handlers_schemas(document: dict[str, Any]) -> None
     assert "pipeline" in upload_body["properties"]
     assert "Idempotency-Key" in {p["name"] for p in upload["parameters"]}
     listed = {p["name"] for p in document["paths"][LIST]["get"]["parameters"]}
-    assert listed == {"status", "limit", "cursor"}
+    filters = {"q", "pipeline", "created_after", "created_before"}
+    assert listed == {"status", "limit", "cursor", *filters}
     ws = document["paths"]["/ws"]["get"]
     assert (
         "snapshot" in ws["description"] and "WebSocketMessage" in document["components"]["schemas"]

@@ -191,7 +191,10 @@ async def test_an_upload_naming_a_pipeline_runs_on_it_and_records_name_and_versi
         assert doc["pipeline"]["name"] == "apparel"
         assert VERSION.match(doc["pipeline"]["version"])
         assert [s["name"] for s in doc["pipeline"]["steps"]] == [s["name"] for s in APPAREL]
-        assert [s["kind"] for s in doc["pipeline"]["steps"]] == ["service"] * 2 + [
+        # a stored step keeps what differs from the defaults: kind only for the review
+        assert [s.get("kind", "service") for s in doc["pipeline"]["steps"]] == [
+            "service",
+            "service",
             "review",
             "service",
         ]
@@ -294,7 +297,13 @@ async def test_get_pipelines_lists_default_first_then_the_others(tmp_path: Path)
         assert review["kind"] == "review"
         assert review["after"] == ["image_processing", "ai_enhancement"]
         assert review["timeout"] == DAY
-        assert review["on_reject"] == "fail" and review["on_deadline"] == "fail"
+        # the defaults (on_reject and on_deadline fail) are left out
+        assert "on_reject" not in review and "on_deadline" not in review
+        assert default["steps"] == [
+            {"name": "image_processing"},
+            {"name": "ai_enhancement"},
+            {"name": "seo_generation"},
+        ]
         # a reviewer's token (a user's audience) may read them too
         as_reviewer = await gw.fetch("GET", PIPELINES, token=gw.token("rita", "reviewer"))
         assert as_reviewer.status == 200 and as_reviewer.body == response.body

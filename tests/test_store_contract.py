@@ -25,15 +25,18 @@ from stox.store import (
     WorkflowStore,
     make_store,
 )
+from stox.store.base import Filters
 from stox.store.mongo import MongoStore, MongoUserStore
 from stox.store.mongo_url import database_from_url
 from stox.store.sqlite import LAYOUT, SQLiteStore
 from stox.workflow import (
     COMPLETED,
     FAILED,
+    REVIEW,
     RUNNING,
     Pipeline,
     Report,
+    StepSpec,
     Workflow,
     complete,
     isoformat,
@@ -586,6 +589,134 @@ async def test_keyset_pagination_walks_every_page_without_gaps_or_duplicates(
         seen = await walk(store, owner, status, page_size)
         assert len(seen) == len(set(seen)), "a workflow appeared on two pages"
         assert seen == expected, f"owner={owner} status={status}"
+
+
+# -- search --------------------------------------------------------------------------------
+
+APPAREL = Pipeline(
+    (StepSpec("image_processing"), StepSpec("copy_review", kind=REVIEW)), name="apparel"
+)
+
+
+def product(name: str, category: str = "") -> dict[str, Any]:
+    return {"name": name, "description": "", "images": [], "category": category, "metadata": {}}
+
+
+@pytest.fixture
+async def searched(store: WorkflowStore) -> list[dict[str, Any]]:
+    """Workflows one second apart with names and categories to search, on two pipelines,
+    one stored without a definition (it runs on the default)."""
+    named = [
+        ("Desk Lamp", "home"),
+        ("Red dress", "Apparel"),
+        ("LAMP shade", "lighting"),
+        ("100% cotton_shirt", "apparel"),
+        ('The "quoted" mug', "kitchen"),
+        ("Back\\slash", "odd"),
+        ("Ämter-Öl", "ünïcode"),
+    ]
+    docs = []
+    for i, (name, category) in enumerate(named):
+        pipeline = APPAREL if i % 2 else Pipeline()
+        wf, _ = start(pipeline, "alice" if i < 5 else "bob", product(name, category), T0 + i)
+        docs.append(wf.to_doc())
+    del docs[0]["pipeline"]  # stored before workflows kept their definition
+    await insert_all(store, docs)
+    return docs
+
+
+async def found(store: WorkflowStore, owner: str | None = None, **filters: Any) -> list[str]:
+    return ids(
+        await store.list_workflows(owner=owner, status=None, limit=100, filters=Filters(**filters))
+    )
+
+
+async def test_text_matches_part_of_the_name_or_category_in_any_case(
+    store: WorkflowStore, searched: list[dict[str, Any]]
+) -> None:
+    d = [doc["id"] for doc in searched]
+    assert await found(store, text="lamp") == [d[2], d[0]]
+    assert await found(store, text="APPAREL") == [d[3], d[1]]  # the category
+    assert await found(store, text="ss") == [d[1]]  # shorter than a trigram
+    assert await found(store, text="e") == newest_first(
+        [
+            doc
+            for doc in searched
+            if "e" in (doc["product"]["name"] + doc["product"]["category"]).lower()
+        ]
+    )
+    assert await found(store, text="nothing like it") == []
+    assert await found(store, owner="bob", text="lamp") == []
+
+
+async def test_text_is_literal_whatever_characters_it_holds(
+    store: WorkflowStore, searched: list[dict[str, Any]]
+) -> None:
+    d = [doc["id"] for doc in searched]
+    assert await found(store, text="0% c") == [d[3]]
+    assert await found(store, text="%") == [d[3]]
+    assert await found(store, text="_") == [d[3]]
+    assert await found(store, text="n_s") == [d[3]]
+    assert await found(store, text='"quoted"') == [d[4]]
+    assert await found(store, text="k\\s") == [d[5]]
+    assert await found(store, text=".*") == []
+    assert await found(store, text="mter-ö") == [d[6]]
+
+
+async def test_pipeline_names_the_pipeline_and_the_default_takes_workflows_without_one(
+    store: WorkflowStore, searched: list[dict[str, Any]]
+) -> None:
+    by_pipeline = {
+        name: newest_first(
+            [doc for doc in searched if doc.get("pipeline", {"name": "default"})["name"] == name]
+        )
+        for name in ("default", "apparel")
+    }
+    assert len(by_pipeline["default"]) == 4 and len(by_pipeline["apparel"]) == 3
+    assert await found(store, pipeline="default") == by_pipeline["default"]
+    assert await found(store, pipeline="apparel") == by_pipeline["apparel"]
+    assert await found(store, pipeline="other") == []
+
+
+async def test_created_after_is_inclusive_and_created_before_exclusive(
+    store: WorkflowStore, searched: list[dict[str, Any]]
+) -> None:
+    d = [doc["id"] for doc in searched]
+    after, before = isoformat(T0 + 2), isoformat(T0 + 5)
+    assert await found(store, created_after=after, created_before=before) == [d[4], d[3], d[2]]
+    assert await found(store, created_after=isoformat(T0 + 6)) == [d[6]]
+    assert await found(store, created_before=isoformat(T0 + 1)) == [d[0]]
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 5])
+async def test_pages_of_a_filtered_list_have_no_gaps_or_duplicates(
+    store: WorkflowStore, page_size: int
+) -> None:
+    docs = []
+    for i in range(17):  # on 3 distinct timestamps: pages break inside runs of ties
+        name = ("Lamp", "Chair", "lamp post")[i % 3]
+        wf, _ = start(APPAREL if i % 2 else Pipeline(), "alice", product(name), T0 + i % 3)
+        docs.append(wf.to_doc())
+    await insert_all(store, docs)
+    filters = Filters(text="lamp", pipeline="default", created_after=isoformat(T0))
+    expected = newest_first(
+        [
+            d
+            for d in docs
+            if "lamp" in d["product"]["name"].lower() and d["pipeline"]["name"] == "default"
+        ]
+    )
+    seen: list[str] = []
+    before = None
+    while True:
+        page = await store.list_workflows(
+            owner="alice", status=None, limit=page_size, before=before, filters=filters
+        )
+        seen.extend(ids(page))
+        if len(page) < page_size:
+            break
+        before = cursor(page[-1])
+    assert seen == expected and len(expected) >= 4
 
 
 # -- timers and outbox -------------------------------------------------------------------------

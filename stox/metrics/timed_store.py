@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from stox.metrics.families import Buckets, HistogramFamily
-from stox.store.base import IdempotencyKey, NewEvent, WorkflowStore
+from stox.store.base import NO_FILTERS, Filters, IdempotencyKey, NewEvent, WorkflowStore
 from stox.store.wrapper import PassThrough
 
 T = TypeVar("T")
@@ -78,8 +78,11 @@ class TimedStore(PassThrough):
         status: str | None,
         limit: int,
         before: tuple[str, str] | None = None,
+        filters: Filters = NO_FILTERS,
     ) -> Coroutine[Any, Any, list[dict[str, Any]]]:
-        call = self.inner.list_workflows(owner=owner, status=status, limit=limit, before=before)
+        call = self.inner.list_workflows(
+            owner=owner, status=status, limit=limit, before=before, filters=filters
+        )
         return _timed(self._list, call)
 
     def due(self, now: str, limit: int) -> Coroutine[Any, Any, list[dict[str, Any]]]:

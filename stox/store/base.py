@@ -61,6 +61,23 @@ def slot(owner: str, key: str) -> str:
     return encode_json([owner, key])
 
 
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """What a list may be narrowed to, beside the owner and the status. `text`: a
+    case-insensitive substring of the product's name or category; `pipeline`: the name of
+    the pipeline a workflow runs on (one stored without a definition runs on the default);
+    `created_after` (inclusive) and `created_before` (exclusive): timestamps as
+    `workflow.isoformat` writes them."""
+
+    text: str | None = None
+    pipeline: str | None = None
+    created_after: str | None = None
+    created_before: str | None = None
+
+
+NO_FILTERS = Filters()
+
+
 class WorkflowStore(Protocol):
     """Keeps workflow documents (the shape `Workflow.to_doc` produces) and their outboxes.
 
@@ -133,8 +150,10 @@ class WorkflowStore(Protocol):
         status: str | None,
         limit: int,
         before: tuple[str, str] | None = None,
+        filters: Filters = NO_FILTERS,
     ) -> list[dict[str, Any]]:
-        """Newest first by (created_at, id), only those strictly before `before`."""
+        """Newest first by (created_at, id), only those strictly before `before`, and those
+        `filters` admits."""
 
     async def due(self, now: str, limit: int) -> list[dict[str, Any]]:
         """Workflows whose `wake_at` is at or before `now`."""

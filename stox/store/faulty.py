@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from stox.store.base import IdempotencyKey, NewEvent, StoreError, WorkflowStore
+from stox.store.base import NO_FILTERS, Filters, IdempotencyKey, NewEvent, StoreError, WorkflowStore
 from stox.store.wrapper import PassThrough
 
 T = TypeVar("T")
@@ -125,11 +125,12 @@ class FaultyStore(PassThrough):
         status: str | None,
         limit: int,
         before: tuple[str, str] | None = None,
+        filters: Filters = NO_FILTERS,
     ) -> list[dict[str, Any]]:
         return await self._call(
             "list_workflows",
             lambda: self.inner.list_workflows(
-                owner=owner, status=status, limit=limit, before=before
+                owner=owner, status=status, limit=limit, before=before, filters=filters
             ),
             write=False,
         )

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -78,7 +79,9 @@ from pymongo.write_concern import WriteConcern
 from stox.logs import detached
 from stox.store.base import (
     DEFER_DELAY,
+    NO_FILTERS,
     AlreadyExists,
+    Filters,
     IdempotencyKey,
     KeyTaken,
     NewEvent,
@@ -86,7 +89,7 @@ from stox.store.base import (
     slot,
 )
 from stox.store.mongo_url import database_from_url
-from stox.workflow import DISPATCHED, PENDING, RUNNING, outbox_at, unpublished
+from stox.workflow import DEFAULT_PIPELINE, DISPATCHED, PENDING, RUNNING, outbox_at, unpublished
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +116,37 @@ _NEWEST_FIRST = [("created_at", DESCENDING), ("id", DESCENDING)]
 _INDEXES = (
     [("owner", ASCENDING), *_NEWEST_FIRST],
     [("status", ASCENDING), *_NEWEST_FIRST],
+    [("pipeline.name", ASCENDING), *_NEWEST_FIRST],
     _NEWEST_FIRST,
     [("wake_at", ASCENDING)],
     [("outbox_at", ASCENDING)],
 )
+
+
+def _filtered(filters: Filters) -> dict[str, Any]:
+    """The query of `filters` (the same meaning on MongoDB and on nx-27017): a regular
+    expression of the text, escaped, matched case-insensitively against the product's name
+    and category; a workflow without a stored definition runs on the default pipeline."""
+    query: dict[str, Any] = {}
+    clauses: list[dict[str, Any]] = []
+    if filters.text:
+        pattern = {"$regex": re.escape(filters.text), "$options": "i"}
+        clauses.append({"$or": [{"product.name": pattern}, {"product.category": pattern}]})
+    if filters.pipeline is not None:
+        named: dict[str, Any] = {"pipeline.name": filters.pipeline}
+        if filters.pipeline == DEFAULT_PIPELINE:
+            named = {"$or": [named, {"pipeline": {"$exists": False}}]}
+        clauses.append(named)
+    if clauses:
+        query["$and"] = clauses
+    created: dict[str, str] = {}
+    if filters.created_after is not None:
+        created["$gte"] = filters.created_after
+    if filters.created_before is not None:
+        created["$lt"] = filters.created_before
+    if created:
+        query["created_at"] = created
+    return query
 
 
 def _bson(doc: dict[str, Any]) -> RawBSONDocument:
@@ -408,10 +438,11 @@ class MongoStore(MongoCollection):
         status: str | None,
         limit: int,
         before: tuple[str, str] | None = None,
+        filters: Filters = NO_FILTERS,
     ) -> list[dict[str, Any]]:
         if limit <= 0:
             return []
-        query: dict[str, Any] = {}
+        query: dict[str, Any] = _filtered(filters)
         if owner is not None:
             query["owner"] = owner
         if status is not None:
@@ -421,7 +452,8 @@ class MongoStore(MongoCollection):
         # Exact would be created_at < c or (created_at == c and id < i); see the module
         # docstring for why this asks for created_at <= c and drops the newer head here.
         cursor = (before[0], before[1])
-        query["created_at"] = {"$lte": cursor[0]}
+        created = query.setdefault("created_at", {})
+        created["$lte"] = min(cursor[0], created.get("$lte", cursor[0]))
         fetch = limit + 1
         while True:
             docs = await self._find(query, _NEWEST_FIRST, fetch)

@@ -21,7 +21,9 @@ from typing import Any
 
 from stox.codec import loads
 from stox.store.base import (
+    NO_FILTERS,
     AlreadyExists,
+    Filters,
     IdempotencyKey,
     KeyTaken,
     NewEvent,
@@ -29,7 +31,7 @@ from stox.store.base import (
     slot,
 )
 from stox.store.sqlite_db import SQLiteDatabase, rowcount
-from stox.workflow import DISPATCHED, PENDING, RUNNING
+from stox.workflow import DEFAULT_PIPELINE, DISPATCHED, PENDING, RUNNING
 
 LAYOUT = 3  # PRAGMA user_version: 0 was the whole document in `doc`, outbox included; 1 had
 # no idempotency keys; 2 no pipeline definitions
@@ -45,6 +47,7 @@ _SCHEMA = (
         doc TEXT,
         product TEXT,
         pipeline TEXT NULL,
+        pipeline_name TEXT NULL,
         idem_key TEXT NULL,
         idem_hash TEXT NULL,
         idem_expires TEXT NULL
@@ -62,6 +65,10 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS idx_workflows_created ON workflows (created_at, id)",
     "CREATE INDEX IF NOT EXISTS idx_workflows_wake_at ON workflows (wake_at)",
     "CREATE INDEX IF NOT EXISTS idx_outbox_workflow ON outbox (workflow_id)",
+    # the search of `list_workflows`: each workflow's product name and category, by the
+    # workflow's rowid, in trigrams (a case-insensitive substring of 3 characters or more is
+    # an index lookup)
+    "CREATE VIRTUAL TABLE IF NOT EXISTS workflow_text USING fts5(text, tokenize='trigram')",
 )
 # after `migrate`, which adds their columns to an older file; only the rows holding a key
 _KEY_INDEXES = (
@@ -71,12 +78,25 @@ _KEY_INDEXES = (
     " WHERE idem_expires IS NOT NULL",
 )
 _KEY_COLUMNS = ("idem_key", "idem_hash", "idem_expires")
-_ADDED_COLUMNS = (*_KEY_COLUMNS, "pipeline")  # layouts 2 and 3: NULL in older rows
+_ADDED_COLUMNS = (*_KEY_COLUMNS, "pipeline", "pipeline_name")  # layouts 2 and 3
+_PIPELINE_INDEX = (
+    "CREATE INDEX IF NOT EXISTS idx_workflows_pipeline ON workflows (pipeline_name, created_at, id)"
+)
+# layout 3: older rows run on the default pipeline; their text, for the search
+_LAYOUT_3 = (
+    f"UPDATE workflows SET pipeline_name = '{DEFAULT_PIPELINE}' WHERE pipeline_name IS NULL",
+    "INSERT INTO workflow_text (rowid, text) SELECT rowid,"
+    " coalesce(json_extract(product, '$.name'), '') || char(10) ||"
+    " coalesce(json_extract(product, '$.category'), '') FROM workflows"
+    " WHERE rowid NOT IN (SELECT rowid FROM workflow_text)",
+)
 
 _INSERT = (
     "INSERT INTO workflows (id, owner, status, created_at, version, wake_at, doc, product,"
-    " pipeline, idem_key, idem_hash, idem_expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " pipeline, pipeline_name, idem_key, idem_hash, idem_expires)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_TEXT = "INSERT INTO workflow_text (rowid, text) VALUES (last_insert_rowid(), ?)"
 # owner and created_at never change: leaving them out spares their indexes on every write
 _REPLACE = (
     "UPDATE workflows SET status = ?, version = ?, wake_at = ?, doc = ?"
@@ -125,6 +145,26 @@ def _state(doc: dict[str, Any]) -> str:
     return _encode({key: value for key, value in doc.items() if key not in _NOT_STATE})
 
 
+def _searched(product: dict[str, Any]) -> str:
+    """What the search of `list_workflows` looks in: the product's name and category."""
+    return f"{product.get('name', '')}\n{product.get('category', '')}"
+
+
+def _text_filter(text: str) -> str:
+    """A trigram lookup for 3 characters or more; a scan of the text table for fewer (the
+    trigram index has nothing to look up)."""
+    if len(text) >= 3:
+        return "rowid IN (SELECT rowid FROM workflow_text WHERE workflow_text MATCH ?)"
+    return "rowid IN (SELECT rowid FROM workflow_text WHERE text LIKE ? ESCAPE '\\')"
+
+
+def _text_pattern(text: str) -> str:
+    if len(text) >= 3:  # one phrase: its trigrams in a row, so a substring
+        return '"' + text.replace('"', '""') + '"'
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
 def _events(workflow_id: str, events: Iterable[NewEvent]) -> list[tuple[str, ...]]:
     """Outbox rows of `events`, their payloads as encoded when they were made."""
     return [
@@ -165,9 +205,11 @@ class SQLiteStore(SQLiteDatabase):
             for column in _ADDED_COLUMNS:
                 if column not in columns:
                     conn.execute(f"ALTER TABLE workflows ADD COLUMN {column} TEXT NULL")
+            for statement in _LAYOUT_3:
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {LAYOUT}")
             conn.execute("COMMIT")
-        for statement in _KEY_INDEXES:
+        for statement in (*_KEY_INDEXES, _PIPELINE_INDEX):
             conn.execute(statement)
 
     def _layout_1(self, conn: sqlite3.Connection, columns: set[str]) -> None:
@@ -203,11 +245,13 @@ class SQLiteStore(SQLiteDatabase):
         state, product = _state(doc), _encode(doc["product"])
         definition = doc.get("pipeline")
         pipeline = None if definition is None else _encode(definition)
+        name = DEFAULT_PIPELINE if definition is None else definition["name"]
         held = (None, None, None) if key is None else (key.slot, key.body_hash, key.expires_at)
         row = (
             *(workflow_id, doc["owner"], doc["status"], doc["created_at"], doc["version"]),
-            *(doc.get("wake_at"), state, product, pipeline, *held),
+            *(doc.get("wake_at"), state, product, pipeline, name, *held),
         )
+        text = (_searched(doc["product"]),)
         rows = _events(workflow_id, events)
 
         def write(conn: sqlite3.Connection) -> None:
@@ -217,6 +261,7 @@ class SQLiteStore(SQLiteDatabase):
                 if key is not None and conn.execute(_KEY_HELD, (key.slot,)).fetchone():
                     raise KeyTaken(f"idempotency key {key.key!r} is held") from exc
                 raise AlreadyExists(f"workflow {workflow_id} already exists") from exc
+            conn.execute(_INSERT_TEXT, text)
             conn.executemany(_INSERT_EVENT, rows)
 
         await self.write(write)
@@ -300,11 +345,24 @@ class SQLiteStore(SQLiteDatabase):
         status: str | None,
         limit: int,
         before: tuple[str, str] | None = None,
+        filters: Filters = NO_FILTERS,
     ) -> list[dict[str, Any]]:
         if limit <= 0:
             return []
         where: list[str] = []
         params: list[Any] = []
+        if filters.text:
+            where.append(_text_filter(filters.text))
+            params.append(_text_pattern(filters.text))
+        if filters.pipeline is not None:
+            where.append("pipeline_name = ?")
+            params.append(filters.pipeline)
+        if filters.created_after is not None:
+            where.append("created_at >= ?")
+            params.append(filters.created_after)
+        if filters.created_before is not None:
+            where.append("created_at < ?")
+            params.append(filters.created_before)
         if owner is not None:
             where.append("owner = ?")
             params.append(owner)

@@ -164,7 +164,8 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
         self._bound_kernel_buffer()
         principal = self.principal
         assert principal is not None
-        owner = None if principal.is_admin and self.workflow_id else principal.id
+        # an admin's or a reviewer's: everyone's (a reviewer finds what waits for review)
+        owner = None if principal.can_review_any else principal.id
         try:
             self.subscription = self.hub.subscribe(
                 self, user=principal.id, owner=owner, workflow_id=self.workflow_id

@@ -366,6 +366,9 @@ class Workflow:
     # the definition it started with (`Pipeline.definition`), never rewritten; None in a
     # workflow stored before pipelines were stored (it runs on the gateway's `default`)
     pipeline: dict[str, Any] | None = None
+    # the owner's user name, to show (`owner` is their id); the document has the field only
+    # when it is known
+    owner_name: str | None = None
 
     def to_doc(self) -> dict[str, Any]:
         doc = {
@@ -386,6 +389,8 @@ class Workflow:
             doc["trace"] = self.trace
         if self.pipeline is not None:
             doc["pipeline"] = self.pipeline
+        if self.owner_name is not None:
+            doc["owner_name"] = self.owner_name
         return doc
 
     @classmethod
@@ -603,9 +608,11 @@ def start(
     now: float,
     ids: IdFactory = new_id,
     trace: str | None = None,
+    owner_name: str | None = None,
 ) -> tuple[Workflow, list[Change]]:
     """Upload: a running workflow whose first steps (those that depend on none) are begun;
-    `trace`: the traceparent of its upload's span, when it is traced."""
+    `trace`: the traceparent of its upload's span, when it is traced; `owner_name`: the
+    owner's user name, when known."""
     now_iso = isoformat(now)
     wf = Workflow(
         id=ids(),
@@ -619,6 +626,7 @@ def start(
         updated_at=now_iso,
         trace=trace,
         pipeline=pipeline.definition(),
+        owner_name=owner_name,
     )
     t = _Transition(wf, pipeline, now, ids)
     t.emit(

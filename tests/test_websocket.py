@@ -327,6 +327,29 @@ async def test_an_admin_may_subscribe_to_anyones_workflow(tmp_path: Path) -> Non
         assert snapshot["data"] == bobs
 
 
+async def test_an_admins_socket_of_all_workflows_carries_everyones_with_their_names(
+    tmp_path: Path,
+) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        bobs = await settled_upload(gw, gw.token("bob"))
+        roots = await settled_upload(gw, gw.token("root", role="admin"))
+        assert bobs["owner_name"] == "bob" and roots["owner_name"] == "root"
+        admin = await client.connect(gw.token("root", role="admin"))
+        alice = await client.connect(gw.token("alice"))
+        snapshots = [await receive(admin), await receive(admin)]
+        assert {m["workflow_id"] for m in snapshots} == {bobs["id"], roots["id"]}
+        await report_current(gw, bobs)  # a change of bob's reaches the admin, not alice
+        change = await receive(admin)
+        assert change["workflow_id"] == bobs["id"] and change["data"]["workflow"]["owner"] == "bob"
+        alices = await settled_upload(gw, gw.token("alice"))
+        first = await receive(alice)  # her own snapshot of nothing, then her upload
+        assert first["workflow_id"] == alices["id"]
+        # a reviewer sees everyone's too (to find what waits for review)
+        reviewer = await client.connect(gw.token("rita", role="reviewer"))
+        seen = {(await receive(reviewer))["workflow_id"] for _ in range(3)}
+        assert seen == {bobs["id"], roots["id"], alices["id"]}
+
+
 # -- one workflow --------------------------------------------------------------------------
 
 

@@ -158,6 +158,8 @@ function announceChange(kind, stepName, previous, current) {
   } else if (kind === "step_reviewed" && stepName) {
     const review = current.steps.find((s) => s.name === stepName)?.review;
     announce(`${name}: ${stepLongName(stepName)} ${review?.decision ?? "reviewed"}${review?.by ? ` by ${review.by}` : ""}.`);
+  } else if (kind === "step_review_escalated" && stepName) {
+    announce(`${name}: ${stepLongName(stepName)} is past its deadline, escalated.`);
   } else if (kind === "step_retrying" && stepName) {
     const step = current.steps.find((s) => s.name === stepName);
     announce(`${name}: ${stepLongName(stepName)} failed, will retry${step ? ` (attempt ${step.attempt + 1})` : ""}.`);

@@ -277,3 +277,37 @@ async def test_a_rejection_runs_the_named_step_again(browser: Browser, tmp_path:
         waiting = (await gw.status(workflow_id))["steps"][2]
         assert waiting["status"] == "waiting"
         await expect(panel).to_have_attribute("data-step-id", waiting["step_id"])
+
+
+async def test_the_demos_apparel_pipeline_writes_seo_from_the_approved_copy(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """`make demo` (`--demo`): apparel is offered; the copy approved in review, edited, is
+    what the demo's SEO step writes from."""
+
+    def demo(settings: settings_module.Settings) -> None:
+        settings.pipelines = settings_module.load(["--demo"], {}).pipelines
+
+    options = demo_workers(configure=demo, failure_rate=0.0, min_delay=0.05, max_delay=0.1)
+    async with running_gateway(tmp_path, **options) as gw, dashboard(browser, gw) as board:
+        page = board.page
+        await live(board)
+        await page.get_by_label("Pipeline", exact=True).select_option("apparel")
+        await expect(page.locator("#product-pipeline-hint")).to_have_text(
+            "Image processing and AI enhancement at once, then Copy review (review), "
+            "then SEO generation"
+        )
+        await upload_via_form(page, name="Wool Scarf", category="Apparel")
+        row = board.rows.first
+        await expect(row).to_contain_text("Copy review: needs review")
+        workflow_id = await row.get_attribute("data-workflow-id")
+        assert workflow_id
+        detail = await board.open_detail(workflow_id)
+        copy = "A hand-knitted lambswool scarf."
+        await detail.get_by_label("Enhanced description").fill(copy)
+        await detail.get_by_role("button", name="Approve").click()
+        await expect(row).to_have_attribute("data-status", "completed")
+        seo = detail.locator('li.step-card[data-step="seo_generation"]')
+        await expect(seo).to_contain_text(copy)  # its meta description
+        final = await gw.status(workflow_id)
+        assert final["steps"][3]["result"]["meta_description"] == copy

@@ -667,6 +667,8 @@ def complete(
     step, record = found
     if report.step_type is not None and report.step_type != step.name:
         raise StaleReport(f"step_id belongs to step {step.name!r}, not {report.step_type!r}")
+    if pipeline.spec(step.name).kind == REVIEW:  # decided by `review`, never by a service
+        raise StaleReport(f"step {step.name!r} is a review step")
     if record is not None:
         same = record["outcome"] == (COMPLETED if report.success else FAILED)
         if same:
@@ -748,16 +750,14 @@ def review(
     if spec.on_reject == FAIL:
         t.fail_step(step, f"rejected in review: {reason}")
         return t.seal()
-    # run the named upstream step again, and every step between it and this review
+    # run the named upstream step again, and every step after it (those between it and this
+    # review, this review, and any other that used its result): attempts under way end as
+    # cancelled, so none runs on, or is reviewed, with the result being replaced
     again = spec.on_reject
-    between = {
-        s.name
-        for s in wf.steps
-        if s.name == step.name
-        or (again in pipeline.upstream[s.name] and s.name in pipeline.upstream[step.name])
-    }
     for s in wf.steps:
-        if s.name == again or s.name in between:
+        if s.name == again or again in pipeline.upstream[s.name]:
+            if s is not step and s.status in (DISPATCHED, WAITING):
+                t.end_attempt(s, CANCELLED)
             s.status = PENDING
             s.attempt = 0
             s.result = None

@@ -121,6 +121,9 @@ class StepSpec:
             object.__setattr__(self, "routing_key", f"step.{self.name}")
         if self.timeout is None and self.kind == SERVICE:
             object.__setattr__(self, "timeout", DEFAULT_TIMEOUT)
+        elif self.timeout is not None:  # 5 and 5.0: one definition, one version
+            object.__setattr__(self, "timeout", float(self.timeout))
+        object.__setattr__(self, "backoff", float(self.backoff))
         if self.after is not None:
             object.__setattr__(self, "after", tuple(self.after))
 

@@ -706,3 +706,10 @@ def test_definition_round_trips_through_from_definition(ids: Ids) -> None:
     stored = Workflow.from_doc(copy.deepcopy(wf.to_doc()))
     assert stored.pipeline is not None
     assert Pipeline.from_definition(stored.pipeline).version == pipeline.version
+
+
+def test_whole_and_decimal_numbers_of_seconds_make_one_version() -> None:
+    whole = w.Pipeline((w.StepSpec("a", timeout=5, backoff=2),))
+    decimal = w.Pipeline((w.StepSpec("a", timeout=5.0, backoff=2.0),))
+    assert whole.version == decimal.version
+    assert whole.definition() == decimal.definition()

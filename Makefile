@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` runs the gateway with demo workers on the
-# embedded defaults; `make test` runs lint, the type checker and the whole test suite. Both create .venv.
+# embedded defaults and a second pipeline, apparel (stox/demo.yaml: `--demo`); `make test` runs lint, the type checker and the whole test suite. Both create .venv.
 # The interpreter is the newest CPython 3.12+ found (scripts/find_python), else python3;
 # `make PYTHON=/path/to/python3 VENV=.venv311 test` chooses another, in a venv of its own.
 PYTHON ?= $(shell scripts/find_python)
@@ -33,7 +33,7 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-binary.txt
 	touch $@
 
 demo: $(VENV)/.runtime
-	$(PY) server.py --demo-workers
+	$(PY) server.py --demo
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check .

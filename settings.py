@@ -138,6 +138,8 @@ def _amqp_url(key: str, value: Any) -> None:
 
 
 _NON_NEGATIVE = at_least(0, "0 or more")
+# `--demo`'s settings (the apparel pipeline), installed inside the stox package
+DEMO_CONFIG = Path(__file__).resolve().parent / "stox" / "demo.yaml"
 
 
 @dataclass
@@ -851,6 +853,13 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="run simulated image/AI/SEO services in this process",
     )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        default=None,
+        help="the demo: --demo-workers, and a second pipeline (apparel: parallel steps and a "
+        "review) from the demo settings shipped with stox (stox/demo.yaml), under any --config",
+    )
     return p
 
 
@@ -862,6 +871,8 @@ def load(
     args = parser().parse_args(argv)
     environ = os.environ if environ is None else environ
     tree: dict[str, Any] = {}
+    if args.demo:
+        tree = _read_yaml(DEMO_CONFIG)
     config_path = args.config or environ.get("STOX_CONFIG")
     if config_path:
         tree = _merge(tree, _read_yaml(Path(config_path)))
@@ -874,7 +885,7 @@ def load(
             value = getattr(args, flag.lstrip("-").replace("-", "_"))
             if value is not None:
                 _set_dotted(overrides, dotted, value)
-    if args.demo_workers:
+    if args.demo_workers or args.demo:
         overrides["demo_workers"] = True
     tree = _merge(tree, overrides)
     return _validate(_build(Settings, tree))

@@ -89,6 +89,7 @@ class PipelineDefinitionSchema(Schema):
 class WorkflowSchema(Schema):
     id = fields.String(required=True)
     owner = fields.String(required=True)
+    owner_name = fields.String(metadata={"description": "the owner's user name, when known"})
     status = _STATUS
     product = fields.Nested(ProductSchema, required=True)
     steps = fields.List(fields.Nested(StepSchema), required=True)

@@ -68,9 +68,9 @@ class WorkflowHandler(BaseHandler):
         """Admins change every workflow; everyone else only their own."""
         return None if self.principal.is_admin else self.principal.id
 
-    def read_filter(self) -> str | None:
-        """Admins and reviewers see every workflow (a reviewer needs a waiting review's
-        step_id and upstream results); everyone else only their own."""
+    def reader_filter(self) -> str | None:
+        """Admins and reviewers see every workflow (a reviewer must find what waits for
+        review); everyone else only their own."""
         return None if self.principal.can_review_any else self.principal.id
 
     async def change(self, action: str) -> None:
@@ -114,7 +114,10 @@ class UploadHandler(WorkflowHandler):
         key = self.idempotency_key()
         product = self.load(upload_schema, self.json_body())
         pipeline = product.pop("pipeline")
-        workflow = await self.orchestrator.upload(self.principal.id, product, key, pipeline)
+        principal = self.principal
+        workflow = await self.orchestrator.upload(
+            principal.id, product, key, pipeline, owner_name=principal.username
+        )
         # the answer as the upload that made it gave it (a retry with its key gets the same)
         deps = self.orchestrator.pipeline_of(workflow).deps
         begun = [step.name for step in workflow.steps if not deps.get(step.name)]
@@ -160,7 +163,7 @@ class StatusHandler(WorkflowHandler):
     async def get(self) -> None:
         workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
         bind(workflow_id=workflow_id)
-        workflow = await self.orchestrator.get(workflow_id, self.read_filter())
+        workflow = await self.orchestrator.get(workflow_id, self.reader_filter())
         self.write_json(200, workflow.public())
 
 
@@ -228,8 +231,7 @@ class ReviewHandler(WorkflowHandler):
         body = self.load(review_schema, self.json_body())
         bind(workflow_id=body["workflow_id"])
         decision = Review(by=self.principal.username, **body)
-        owner = None if self.principal.can_review_any else self.principal.id
-        outcome = await self.orchestrator.review(decision, owner)
+        outcome = await self.orchestrator.review(decision, self.reader_filter())
         workflow = outcome.workflow
         self.write_json(
             200,
@@ -289,8 +291,8 @@ class ListHandler(WorkflowHandler):
         "Workflows, newest first, a page at a time",
         query=list_query_schema,
         description="Admins and reviewers see every workflow; users their own. Follow "
-        "`next_cursor` (with the same filters). `q` matches part of the product's name or "
-        "category, any case.",
+        "`next_cursor` (with "
+        "the same filters). `q` matches part of the product's name or category, any case.",
         answers={200: ("a page", responses.WorkflowPageSchema())},
         errors={503: "`store_unavailable` or `contention`, with `Retry-After`"},
     )
@@ -301,7 +303,7 @@ class ListHandler(WorkflowHandler):
         limit = query["limit"]
         filters = list_query_schema.filters(query)
         workflows = await self.orchestrator.list_workflows(
-            self.read_filter(), query["status"], limit + 1, before, filters
+            self.reader_filter(), query["status"], limit + 1, before, filters
         )
         page = workflows[:limit]
         body: dict[str, Any] = {

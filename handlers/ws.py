@@ -97,7 +97,6 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
             "`WebSocketMessage` in the components: first a `snapshot` of each workflow "
             "subscribed to (data: the workflow), then every change in `version` order: "
             "`step_dispatched`, `step_completed`, `step_retrying`, `step_failed`, "
-            "`step_waiting_review`, `step_reviewed`, `step_review_escalated`, "
             "`workflow_completed`, `workflow_failed`, `workflow_cancelled` (data: "
             "`{step, workflow}`). Clients only listen; a message over 64 KiB closes with 1009. "
             "Close codes: 4008 too slow, 4029 too many sockets for the user, 1013 too many for "
@@ -165,8 +164,8 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
         self._bound_kernel_buffer()
         principal = self.principal
         assert principal is not None
-        # admins and reviewers may follow anyone's workflow (a reviewer: the reviews it decides)
-        owner = None if principal.can_review_any and self.workflow_id else principal.id
+        # an admin's or a reviewer's: everyone's (a reviewer finds what waits for review)
+        owner = None if principal.can_review_any else principal.id
         try:
             self.subscription = self.hub.subscribe(
                 self, user=principal.id, owner=owner, workflow_id=self.workflow_id

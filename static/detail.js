@@ -12,7 +12,20 @@ import {
   timeOf,
   updateElapsed,
 } from "./list.js";
-import { STATE_LABELS, TERMINAL, formatDuration, formatPrice, parseTime, stepLongName, stepState } from "./model.js";
+import {
+  STATE_LABELS,
+  TERMINAL,
+  formatDuration,
+  formatPrice,
+  isSequence,
+  parseTime,
+  pipelineLabel,
+  stages,
+  stepKind,
+  stepLongName,
+  stepState,
+} from "./model.js";
+import { renderReview } from "./review.js";
 import { call, onSignIn, onSignOut } from "./session.js";
 import { markDirty, state } from "./state.js";
 
@@ -51,6 +64,7 @@ function closeDetail(restoreFocus = true) {
   if (!id) return;
   state.detailId = null;
   $("detail").hidden = true;
+  renderReview(null);
   document.body.classList.remove("has-detail");
   if (location.hash) history.replaceState(null, "", location.pathname + location.search);
   markDirty(id);
@@ -68,6 +82,7 @@ export function renderDetail(missing = false) {
     $("detail-title").textContent = missing ? "Workflow not found" : "Loading…";
     $("detail-status").hidden = true;
     cancel.hidden = retry.hidden = true;
+    renderReview(null);
     body.replaceChildren(
       h("p", { class: "muted" }, missing ? "There is no workflow of yours with this id." : "Fetching the workflow…"),
     );
@@ -89,26 +104,66 @@ export function renderDetail(missing = false) {
       failureNote(w),
       factsList([
         ["Workflow id", h("span", { class: "mono break" }, w.id)],
+        ["Pipeline", pipelineLabel(w) ?? "default (stored before pipelines)"],
         ["Started", timeOf(w.created_at, formatDateTime(w.created_at))],
         ["Elapsed", h("time", { class: "elapsed" })],
         ["Last change", timeOf(w.updated_at, `version ${w.version}`)],
       ]),
     ),
     productSection(w.product ?? {}),
-    h(
-      "section",
-      { class: "detail-section", "aria-labelledby": "detail-steps-title" },
-      h("h3", { id: "detail-steps-title" }, "Steps"),
-      h("ol", { class: "step-cards" }, w.steps.map((step, i) => stepCard(step, i, w))),
-    ),
+    stepsSection(w),
   );
+  renderReview(w);
   updateElapsed(body.querySelector(".elapsed"), w);
   for (const details of body.querySelectorAll("details")) details.open = open.has(details.dataset.key);
 }
 
+/**
+ * The steps: a sequence as one list of cards; a pipeline with parallel branches as its stages
+ * in order, the steps of a stage side by side, each saying which steps it waits on.
+ */
+function stepsSection(w) {
+  const heading = h("h3", { id: "detail-steps-title" }, "Steps");
+  if (isSequence(w)) {
+    return h(
+      "section",
+      { class: "detail-section", "aria-labelledby": "detail-steps-title" },
+      heading,
+      h("ol", { class: "step-cards" }, w.steps.map((step, i) => stepCard(step, i, w))),
+    );
+  }
+  const groups = stages(w);
+  return h(
+    "section",
+    { class: "detail-section", "aria-labelledby": "detail-steps-title" },
+    heading,
+    h(
+      "ol",
+      { class: "stages", "aria-label": `${groups.length} stages; the steps of a stage run side by side` },
+      groups.map((group, depth) =>
+        h(
+          "li",
+          { class: "stage", dataset: { stage: depth + 1, parallel: group.length > 1 ? "true" : "false" } },
+          h(
+            "h4",
+            { class: "stage-title", id: `detail-stage-${depth + 1}` },
+            `Stage ${depth + 1}`,
+            group.length > 1 ? h("span", { class: "muted small" }, ` · ${group.length} in parallel`) : null,
+          ),
+          h(
+            "ol",
+            { class: "step-cards stage-steps", "aria-labelledby": `detail-stage-${depth + 1}` },
+            group.map(({ step, index, after }) => stepCard(step, index, w, after)),
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
 function failureNote(w) {
   if (w.status !== "failed") return null;
-  const step = w.steps[w.current_step];
+  const step = w.steps.find((s) => s.status === "failed") ?? w.steps[w.current_step];
   return h(
     "p",
     { class: "callout", dataset: { tone: "error" } },
@@ -148,8 +203,9 @@ function productSection(product) {
   );
 }
 
-function stepCard(step, index, w) {
+function stepCard(step, index, w, after = null) {
   const shown = stepState(step);
+  const review = stepKind(w, step.name) === "review";
   const started = parseTime(step.dispatched_at);
   const ended = parseTime(step.completed_at);
   const facts = [];
@@ -160,17 +216,30 @@ function stepCard(step, index, w) {
   const history = (step.attempts ?? []).filter((a) => a.outcome !== "completed");
   return h(
     "li",
-    { class: "step-card", dataset: { step: step.name, state: shown } },
+    { class: "step-card", dataset: { step: step.name, state: shown, kind: review ? "review" : "service" } },
     h(
       "div",
       { class: "step-card-head" },
       h("span", { class: "step-icon", "aria-hidden": "true" }, STATE_ICONS[shown] ?? "·"),
-      h("h4", {}, `${index + 1}. ${stepLongName(step.name)}`),
+      h(
+        after ? "h5" : "h4",
+        {},
+        `${index + 1}. ${stepLongName(step.name)}`,
+        review ? h("span", { class: "kind-tag" }, "review") : null,
+      ),
       h("span", { class: "state-label" }, STATE_LABELS[shown] ?? shown),
     ),
+    after
+      ? h(
+          "p",
+          { class: "muted small step-after" },
+          after.length ? `after ${after.map(stepLongName).join(" and ")}` : "starts at once",
+        )
+      : null,
     facts.length ? h("p", { class: "muted small" }, facts.join(" · ")) : null,
+    reviewNote(step),
     step.error && shown !== "completed" ? h("p", { class: "step-error" }, step.error) : null,
-    step.result ? renderResult(step.name, step.result, w) : null,
+    step.result && (!review || Object.keys(step.result).length) ? renderResult(step.name, step.result, w) : null,
     history.length
       ? h(
           "details",
@@ -180,11 +249,34 @@ function stepCard(step, index, w) {
             "ol",
             { class: "attempts" },
             history.map((a) =>
-              h("li", {}, `Attempt ${a.attempt}: ${a.outcome.replace("_", " ")}${a.error ? ` — ${a.error}` : ""}`),
+              h(
+                "li",
+                {},
+                `Attempt ${a.attempt}: ${a.outcome.replace("_", " ")}${a.by ? ` by ${a.by}` : ""}${a.error ? ` — ${a.error}` : ""}`,
+              ),
             ),
           ),
         )
       : null,
+  );
+}
+
+/** Who decided a review and when, or that it escalated. */
+function reviewNote(step) {
+  const review = step.review;
+  if (!review) return null;
+  if (!review.decision) {
+    return review.escalated_at
+      ? h("p", { class: "review-note small" }, `Escalated at ${formatClock(review.escalated_at)}: past its deadline.`)
+      : null;
+  }
+  const how = review.decision === "approved" ? "Approved" : "Rejected";
+  return h(
+    "p",
+    { class: "review-note small", dataset: { decision: review.decision } },
+    `${how} by ${review.by ?? "?"} at ${formatClock(review.at)}`,
+    review.reason ? `: ${review.reason}` : ".",
+    review.escalated_at ? ` (escalated at ${formatClock(review.escalated_at)})` : "",
   );
 }
 
@@ -245,8 +337,20 @@ function chips(label, items) {
   return [h("h5", {}, label), h("ul", { class: "chips", "aria-label": label }, items.map((t) => h("li", {}, String(t))))];
 }
 
+/** A review's result: the copy it approved, shown as the steps that made it show theirs. */
+function reviewedCopy(result) {
+  const parts = [];
+  if ("description" in result || "tags" in result) parts.push(RESULT_RENDERERS.ai_enhancement(result));
+  if ("title" in result || "meta_description" in result) parts.push(RESULT_RENDERERS.seo_generation(result));
+  const rest = Object.fromEntries(
+    Object.entries(result).filter(([k]) => !["description", "tags", "title", "meta_description", "keywords", "slug"].includes(k)),
+  );
+  if (Object.keys(rest).length) parts.push(h("pre", { class: "json" }, JSON.stringify(rest, null, 2)));
+  return [h("h5", {}, "Approved copy"), parts];
+}
+
 function renderResult(name, result, w) {
-  const render = RESULT_RENDERERS[name];
+  const render = stepKind(w, name) === "review" ? reviewedCopy : RESULT_RENDERERS[name];
   const content = render
     ? render(result, w)
     : [h("h5", {}, "Result"), h("pre", { class: "json" }, JSON.stringify(result, null, 2))];
@@ -276,11 +380,9 @@ async function change(action) {
     if (state.store.apply(doc)) markDirty(id);
     if (state.detailId === id) renderDetail();
     if (button.hidden) $("detail-title").focus(); // the button is gone: keep focus in the panel
-    setMessage(
-      message,
-      action === "cancel" ? "Workflow cancelled." : `Retrying from ${stepLongName(doc.steps[doc.current_step].name)}.`,
-      "success",
-    );
+    const restarted = doc.steps.find((s) => s.status === "dispatched" || s.status === "waiting");
+    const from = (restarted ?? doc.steps[doc.current_step]).name;
+    setMessage(message, action === "cancel" ? "Workflow cancelled." : `Retrying from ${stepLongName(from)}.`, "success");
   } catch (error) {
     const text = error.status === 409 ? `Not possible now: ${error.message}` : error.message;
     setMessage(message, text, "error");
@@ -302,6 +404,7 @@ export function wireDetail() {
   onSignOut(() => {
     state.detailId = null;
     $("detail").hidden = true;
+    renderReview(null);
     document.body.classList.remove("has-detail");
     if (location.hash) history.replaceState(null, "", location.pathname + location.search);
     $("cancel-dialog").close();

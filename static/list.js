@@ -5,14 +5,18 @@
 import { API, LiveSocket, socketUrl } from "./api.js";
 import { $, h, setMessage } from "./dom.js";
 import {
+  REVIEW_FILTER,
   SNAPSHOT_LIMIT,
   STATUS_LABELS,
   describeStep,
   elapsedMs,
   formatDuration,
   formatPrice,
+  isSequence,
   parseTime,
+  pipelineLabel,
   progress,
+  stages,
   stepLongName,
   stepShortName,
   stepState,
@@ -26,6 +30,7 @@ export const STATE_ICONS = {
   pending: "○",
   running: "●",
   retrying: "↻",
+  review: "✎",
   completed: "✓",
   failed: "✕",
   cancelled: "–",
@@ -148,7 +153,14 @@ function announce(text) {
 
 function announceChange(kind, stepName, previous, current) {
   const name = current.product?.name ?? "A workflow";
-  if (kind === "step_retrying" && stepName) {
+  if (kind === "step_waiting_review" && stepName) {
+    announce(`${name}: ${stepLongName(stepName)} needs review.`);
+  } else if (kind === "step_reviewed" && stepName) {
+    const review = current.steps.find((s) => s.name === stepName)?.review;
+    announce(`${name}: ${stepLongName(stepName)} ${review?.decision ?? "reviewed"}${review?.by ? ` by ${review.by}` : ""}.`);
+  } else if (kind === "step_review_escalated" && stepName) {
+    announce(`${name}: ${stepLongName(stepName)} is past its deadline, escalated.`);
+  } else if (kind === "step_retrying" && stepName) {
     const step = current.steps.find((s) => s.name === stepName);
     announce(`${name}: ${stepLongName(stepName)} failed, will retry${step ? ` (attempt ${step.attempt + 1})` : ""}.`);
   } else if (!previous) {
@@ -172,6 +184,7 @@ function renderTitle(counts) {
   const parts = [];
   if (counts.running) parts.push(`${counts.running} running`);
   if (counts.failed) parts.push(`${counts.failed} failed`);
+  if (counts[REVIEW_FILTER]) parts.push(`${counts[REVIEW_FILTER]} to review`);
   document.title = parts.length ? `(${parts.join(", ")}) Stox` : "Stox";
 }
 
@@ -208,7 +221,8 @@ function renderListFooter(shown) {
   } else if (!total) {
     setMessage(empty, "No workflows yet. Upload a product to start one.");
   } else if (!shown) {
-    setMessage(empty, `No ${state.filter} workflows among the ${total} loaded.`);
+    const which = state.filter === REVIEW_FILTER ? "workflows needing review" : `${state.filter} workflows`;
+    setMessage(empty, `No ${which} among the ${total} loaded.`);
   } else {
     setMessage(empty, null);
   }
@@ -248,8 +262,13 @@ function updateRow(row, w) {
   const meta = [w.product?.category, w.product?.price != null ? formatPrice(w.product.price) : null]
     .filter(Boolean)
     .join(" · ");
+  const pipeline = pipelineLabel(w);
   row.querySelector(".wf-meta").replaceChildren(
     meta ? `${meta} · ` : "",
+    pipeline
+      ? h("span", { class: "wf-pipeline", title: `Pipeline ${w.pipeline.name}, version ${w.pipeline.version}` }, pipeline)
+      : null,
+    pipeline ? " · " : "",
     h("span", { class: "mono", title: w.id }, w.id.slice(0, 8)),
     " · ",
     timeOf(w.created_at, formatDateTime(w.created_at)),
@@ -258,7 +277,22 @@ function updateRow(row, w) {
   const { done, total } = progress(w);
   const steps = row.querySelector(".steps");
   steps.setAttribute("aria-label", `Steps: ${done} of ${total} done`);
-  steps.replaceChildren(...w.steps.map(stepChip));
+  if (isSequence(w)) {
+    steps.replaceChildren(...w.steps.map(stepChip));
+  } else {
+    // a stage's steps stacked in one segment: they run side by side
+    steps.replaceChildren(
+      ...stages(w).map((group, depth) =>
+        group.length === 1
+          ? stepChip(group[0].step)
+          : h(
+              "li",
+              { class: "step-stage", dataset: { stage: depth + 1 } },
+              h("ol", { class: "stage-chips", "aria-label": `${group.length} in parallel` }, group.map((g) => stepChip(g.step))),
+            ),
+      ),
+    );
+  }
   updateElapsed(row.querySelector(".elapsed"), w);
 }
 
@@ -334,7 +368,8 @@ async function loadOlder() {
     let added = 0;
     while (!chain.done && added === 0) {
       const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
-      if (filter !== "all") query.set("status", filter);
+      // those needing review are running: the server filters by status only
+      if (filter !== "all") query.set("status", filter === REVIEW_FILTER ? "running" : filter);
       if (chain.cursor) query.set("cursor", chain.cursor);
       const page = await call("GET", `${API}/workflow/list?${query}`);
       if (!page) return;
@@ -375,7 +410,7 @@ export function wireList() {
     radio.addEventListener("change", () => {
       state.filter = radio.value;
       $("workflow-list").dataset.filter = radio.value;
-      renderSoon();
+      renderSoon(true); // rows the filter hid may have changed meanwhile: update them all
     });
   }
   $("load-older").addEventListener("click", loadOlder);

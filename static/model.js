@@ -4,6 +4,7 @@
 // No DOM here, so a test can import this module on its own.
 
 export const STATUSES = ["running", "completed", "failed", "cancelled"];
+export const REVIEW_FILTER = "review"; // the list's "needs review": running, a step waiting for a person
 export const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 export const SNAPSHOT_LIMIT = 100; // the newest workflows the WebSocket snapshot covers
 
@@ -30,16 +31,21 @@ export class WorkflowStore {
     return { previous: current ?? null };
   }
 
-  /** Newest first, as the server lists them; only `status` when given. */
+  /** Newest first, as the server lists them; only `status` (or those needing review) when given. */
   list(status = null) {
-    const docs = [...this.byId.values()].filter((w) => !status || w.status === status);
+    const docs = [...this.byId.values()].filter(
+      (w) => !status || (status === REVIEW_FILTER ? needsReview(w) : w.status === status),
+    );
     return docs.sort(newestFirst);
   }
 
   counts() {
-    const counts = { all: this.byId.size };
+    const counts = { all: this.byId.size, [REVIEW_FILTER]: 0 };
     for (const status of STATUSES) counts[status] = 0;
-    for (const w of this.byId.values()) counts[w.status] = (counts[w.status] ?? 0) + 1;
+    for (const w of this.byId.values()) {
+      counts[w.status] = (counts[w.status] ?? 0) + 1;
+      if (needsReview(w)) counts[REVIEW_FILTER] += 1;
+    }
     return counts;
   }
 
@@ -229,9 +235,11 @@ const humanize = (name) => name.replace(/[_.-]+/g, " ").replace(/^./, (c) => c.t
 export const stepShortName = (name) => STEP_NAMES[name]?.[0] ?? humanize(name);
 export const stepLongName = (name) => STEP_NAMES[name]?.[1] ?? humanize(name);
 
-/** What a step is doing, as the dashboard shows it: a pending step that failed before waits to retry. */
+/** What a step is doing, as the dashboard shows it: a pending step that failed before waits to
+ * retry; a waiting one waits for a person's review. */
 export function stepState(step) {
   if (step.status === "dispatched") return "running";
+  if (step.status === "waiting") return "review";
   if (step.status === "pending" && step.attempt > 0) return "retrying";
   return step.status;
 }
@@ -240,6 +248,7 @@ export const STATE_LABELS = {
   pending: "waiting",
   running: "running",
   retrying: "retry pending",
+  review: "needs review",
   completed: "done",
   failed: "failed",
   cancelled: "cancelled",
@@ -266,4 +275,153 @@ export const STATUS_LABELS = {
 export function formatPrice(price) {
   if (price === null || price === undefined) return "—";
   return new Intl.NumberFormat(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 }).format(price);
+}
+
+// -- pipelines: which steps wait on which ---------------------------------------------------------
+
+/**
+ * The definition a workflow runs on: its stored `pipeline`, or (a workflow stored before
+ * pipelines were) the plain sequence of its steps.
+ */
+export function pipelineOf(w) {
+  if (w.pipeline && Array.isArray(w.pipeline.steps)) return w.pipeline;
+  return { name: null, version: null, steps: w.steps.map((s) => ({ name: s.name, kind: "service", after: null })) };
+}
+
+/** Each step's direct dependencies by name: with no `after` anywhere, each follows the one before. */
+export function dependencies(w) {
+  const specs = pipelineOf(w).steps;
+  const deps = new Map();
+  const sequence = specs.every((s) => s.after === null || s.after === undefined);
+  specs.forEach((spec, i) => {
+    deps.set(spec.name, sequence ? (i ? [specs[i - 1].name] : []) : [...(spec.after ?? [])]);
+  });
+  for (const step of w.steps) if (!deps.has(step.name)) deps.set(step.name, []);
+  return deps;
+}
+
+/** Every step `name` depends on, directly or not. */
+export function upstreamOf(deps, name) {
+  const found = new Set();
+  const todo = [...(deps.get(name) ?? [])];
+  while (todo.length) {
+    const next = todo.pop();
+    if (found.has(next)) continue;
+    found.add(next);
+    todo.push(...(deps.get(next) ?? []));
+  }
+  return found;
+}
+
+/**
+ * The workflow's steps grouped by depth, in pipeline order within each stage: the steps of a
+ * stage may run side by side; each waits on steps of earlier stages only. A sequence is one
+ * step a stage.
+ */
+export function stages(w) {
+  const deps = dependencies(w);
+  const depth = new Map();
+  const depthOf = (name, seen = new Set()) => {
+    if (depth.has(name)) return depth.get(name);
+    if (seen.has(name)) return 0; // a cycle cannot be stored; be safe anyway
+    seen.add(name);
+    const d = Math.max(-1, ...(deps.get(name) ?? []).map((dep) => depthOf(dep, seen))) + 1;
+    depth.set(name, d);
+    return d;
+  };
+  const out = [];
+  w.steps.forEach((step, index) => {
+    const d = depthOf(step.name);
+    (out[d] ??= []).push({ step, index, after: deps.get(step.name) ?? [] });
+  });
+  return out.filter(Boolean);
+}
+
+export const isSequence = (w) => stages(w).every((stage) => stage.length === 1);
+
+export function stepKind(w, name) {
+  return pipelineOf(w).steps.find((s) => s.name === name)?.kind ?? "service";
+}
+
+export function stepSpec(w, name) {
+  return pipelineOf(w).steps.find((s) => s.name === name) ?? { name, kind: "service", after: null };
+}
+
+/** A running workflow with a step waiting for a person. */
+export const needsReview = (w) => w.status === "running" && w.steps.some((s) => s.status === "waiting");
+
+/** "apparel · v3f2a9c01b7de", or null for a workflow stored before pipelines were. */
+export function pipelineLabel(w) {
+  const p = w.pipeline;
+  if (!p?.name) return null;
+  return p.version ? `${p.name} · v${p.version}` : p.name;
+}
+
+// -- a review: the upstream copy a person checks --------------------------------------------------
+
+/** The copy a review shows when its upstream steps made it (the demo services' fields); `limit`
+ * is the length search engines show, counted beside the field, not enforced. */
+export const REVIEW_COPY = [
+  { key: "description", label: "Enhanced description", kind: "long" },
+  { key: "tags", label: "Tags", kind: "list", hint: "Comma separated" },
+  { key: "title", label: "SEO title", kind: "text", limit: 60 },
+  { key: "meta_description", label: "Meta description", kind: "long", limit: 160 },
+];
+
+const isScalar = (v) => typeof v === "string" || (typeof v === "number" && Number.isFinite(v));
+
+/**
+ * The editable fields of review step `name`: the upstream results' copy (REVIEW_COPY) when
+ * any of it is there, else every upstream result field that is text, a number or a list of
+ * them. A later step's value of a field wins (a review after another shows the edited copy).
+ */
+export function reviewFields(w, name) {
+  const upstream = upstreamOf(dependencies(w), name);
+  const results = w.steps.filter((s) => upstream.has(s.name) && s.result && typeof s.result === "object");
+  const values = new Map();
+  for (const step of results) {
+    for (const [key, value] of Object.entries(step.result)) values.set(key, { value, from: step.name });
+  }
+  const copy = REVIEW_COPY.filter((f) => values.has(f.key)).map((f) => ({ ...f, ...values.get(f.key) }));
+  if (copy.length) return copy;
+  const general = [];
+  for (const [key, { value, from }] of values) {
+    const label = `${humanize(key)} (${stepLongName(from)})`;
+    if (typeof value === "number" && Number.isFinite(value)) general.push({ key, label, kind: "number", value, from });
+    else if (typeof value === "string") general.push({ key, label, kind: value.length > 80 ? "long" : "text", value, from });
+    else if (Array.isArray(value) && value.every(isScalar)) general.push({ key, label, kind: "list", value, from });
+  }
+  return general;
+}
+
+/** A field's value as its input shows it. */
+export function fieldText(field) {
+  if (field.kind === "list") return (Array.isArray(field.value) ? field.value : []).map(String).join(", ");
+  return field.value === null || field.value === undefined ? "" : String(field.value);
+}
+
+/** The approved result from the inputs' texts: `{result, errors}` (errors by key). */
+export function parseReview(fields, texts) {
+  const result = {};
+  const errors = {};
+  for (const field of fields) {
+    const text = texts[field.key] ?? "";
+    if (field.kind === "list") {
+      result[field.key] = text
+        .split(",")
+        .map((s) => s.trim())
+        .filter(Boolean);
+    } else if (field.kind === "number") {
+      const value = Number(text.trim());
+      if (!text.trim() || !Number.isFinite(value)) errors[field.key] = "Enter a number.";
+      else result[field.key] = value;
+    } else {
+      const value = text.trim();
+      if (!wellFormed(value)) {
+        errors[field.key] = "This contains characters that are not valid text.";
+      }
+      result[field.key] = value;
+    }
+  }
+  return { result, errors };
 }

@@ -77,10 +77,13 @@ def enhance(workflow_id: str, product: dict[str, Any], _: dict[str, Any]) -> dic
 def seo(workflow_id: str, product: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     name = product["name"].strip()
     category = product.get("category") or "Shop"
-    enhanced = (results.get("ai_enhancement") or {}).get("description") or product.get(
-        "description", ""
-    )
-    keywords = (results.get("ai_enhancement") or {}).get("tags") or _tags(product)
+    # the copy of the last upstream step that has one: the AI's, or a review's approved edit
+    copy: dict[str, Any] = {}
+    for result in results.values():
+        if isinstance(result, dict) and "description" in result:
+            copy = result
+    enhanced = copy.get("description") or product.get("description", "")
+    keywords = copy.get("tags") or _tags(product)
     meta = enhanced if len(enhanced) <= 155 else enhanced[:152].rsplit(" ", 1)[0] + "..."
     slug = "-".join(_words(name)) or workflow_id[:8]
     return {

@@ -145,6 +145,7 @@ class Orchestrator:
         product: dict[str, Any],
         key: str | None = None,
         pipeline: str | None = None,
+        owner_name: str | None = None,
     ) -> Workflow:
         """A new workflow on `pipeline` (a configured name; None: the default); or, when
         `owner` sent `key` within the retention before, the one that upload made (KeyReused
@@ -156,7 +157,9 @@ class Orchestrator:
             raise UnknownPipeline(str(pipeline), sorted(self.pipelines))
         now = self.clock()
         trace = self.new_trace() if self.new_trace is not None else None
-        workflow, changes = wf_rules.start(chosen, owner, product, now, trace=trace)
+        workflow, changes = wf_rules.start(
+            chosen, owner, product, now, trace=trace, owner_name=owner_name
+        )
         bind(workflow_id=workflow.id)  # on the lines its insert writes (a retry's: see below)
         doc = workflow.to_doc()
         events = [NewEvent.of(entry) for entry in doc["outbox"]]

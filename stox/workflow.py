@@ -121,6 +121,9 @@ class StepSpec:
             object.__setattr__(self, "routing_key", f"step.{self.name}")
         if self.timeout is None and self.kind == SERVICE:
             object.__setattr__(self, "timeout", DEFAULT_TIMEOUT)
+        elif self.timeout is not None:  # 5 and 5.0: one definition, one version
+            object.__setattr__(self, "timeout", float(self.timeout))
+        object.__setattr__(self, "backoff", float(self.backoff))
         if self.after is not None:
             object.__setattr__(self, "after", tuple(self.after))
 
@@ -366,6 +369,9 @@ class Workflow:
     # the definition it started with (`Pipeline.definition`), never rewritten; None in a
     # workflow stored before pipelines were stored (it runs on the gateway's `default`)
     pipeline: dict[str, Any] | None = None
+    # the owner's user name, to show (`owner` is their id); the document has the field only
+    # when it is known
+    owner_name: str | None = None
 
     def to_doc(self) -> dict[str, Any]:
         doc = {
@@ -386,6 +392,8 @@ class Workflow:
             doc["trace"] = self.trace
         if self.pipeline is not None:
             doc["pipeline"] = self.pipeline
+        if self.owner_name is not None:
+            doc["owner_name"] = self.owner_name
         return doc
 
     @classmethod
@@ -603,9 +611,11 @@ def start(
     now: float,
     ids: IdFactory = new_id,
     trace: str | None = None,
+    owner_name: str | None = None,
 ) -> tuple[Workflow, list[Change]]:
     """Upload: a running workflow whose first steps (those that depend on none) are begun;
-    `trace`: the traceparent of its upload's span, when it is traced."""
+    `trace`: the traceparent of its upload's span, when it is traced; `owner_name`: the
+    owner's user name, when known."""
     now_iso = isoformat(now)
     wf = Workflow(
         id=ids(),
@@ -619,6 +629,7 @@ def start(
         updated_at=now_iso,
         trace=trace,
         pipeline=pipeline.definition(),
+        owner_name=owner_name,
     )
     t = _Transition(wf, pipeline, now, ids)
     t.emit(
@@ -659,6 +670,8 @@ def complete(
     step, record = found
     if report.step_type is not None and report.step_type != step.name:
         raise StaleReport(f"step_id belongs to step {step.name!r}, not {report.step_type!r}")
+    if pipeline.spec(step.name).kind == REVIEW:  # decided by `review`, never by a service
+        raise StaleReport(f"step {step.name!r} is a review step")
     if record is not None:
         same = record["outcome"] == (COMPLETED if report.success else FAILED)
         if same:
@@ -740,16 +753,14 @@ def review(
     if spec.on_reject == FAIL:
         t.fail_step(step, f"rejected in review: {reason}")
         return t.seal()
-    # run the named upstream step again, and every step between it and this review
+    # run the named upstream step again, and every step after it (those between it and this
+    # review, this review, and any other that used its result): attempts under way end as
+    # cancelled, so none runs on, or is reviewed, with the result being replaced
     again = spec.on_reject
-    between = {
-        s.name
-        for s in wf.steps
-        if s.name == step.name
-        or (again in pipeline.upstream[s.name] and s.name in pipeline.upstream[step.name])
-    }
     for s in wf.steps:
-        if s.name == again or s.name in between:
+        if s.name == again or again in pipeline.upstream[s.name]:
+            if s is not step and s.status in (DISPATCHED, WAITING):
+                t.end_attempt(s, CANCELLED)
             s.status = PENDING
             s.attempt = 0
             s.result = None

@@ -104,3 +104,14 @@ def assert_a_workflow_completes(base: str, token: str, within: float = 30.0) -> 
         time.sleep(0.1)
     assert workflow["status"] == "completed", workflow
     return workflow
+
+
+def assert_the_demo_pipelines(base: str, token: str) -> None:
+    """`--demo` found its settings where it is installed: apparel beside the default, its
+    review after the two parallel steps."""
+    status, _, body = get(f"{base}/api/v1/pipelines", token=token)
+    assert status == 200, body
+    pipelines = json.loads(body)["pipelines"]
+    assert [p["name"] for p in pipelines] == ["default", "apparel"]
+    review = next(s for s in pipelines[1]["steps"] if s.get("kind") == "review")
+    assert review["after"] == ["image_processing", "ai_enhancement"]

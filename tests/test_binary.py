@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 import rabbit
-from served import assert_a_workflow_completes, assert_dashboard_served, run, serving
+from served import (
+    assert_a_workflow_completes,
+    assert_dashboard_served,
+    assert_the_demo_pipelines,
+    run,
+    serving,
+)
 
 from stox import version
 
@@ -54,11 +60,12 @@ def test_it_is_one_file_that_prints_its_version_and_commit(
 def test_it_serves_the_demo_with_its_dashboard(
     binary: Path, tmp_path: Path, bare_environ: dict[str, str]
 ) -> None:
-    with serving([binary, "serve", "--demo-workers"], tmp_path, bare_environ) as base:
+    with serving([binary, "serve", "--demo"], tmp_path, bare_environ) as base:
         assert_dashboard_served(base)
         # the token command of the same binary, sharing the secret it generated in this folder
         token = run(binary, "token", "--user", "alice", cwd=tmp_path, env=bare_environ)
         workflow = assert_a_workflow_completes(base, token.stdout.strip())
+        assert_the_demo_pipelines(base, token.stdout.strip())  # stox/demo.yaml is carried
     assert [step["status"] for step in workflow["steps"]] == ["completed"] * 3
     assert version.describe() in (tmp_path / "gateway.log").read_text()  # logged at start-up
 

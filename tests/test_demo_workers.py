@@ -334,6 +334,18 @@ def test_seo_uses_the_enhanced_description_and_tags() -> None:
     }
 
 
+def test_seo_writes_from_the_copy_a_review_approved() -> None:
+    """In the demo's apparel pipeline a review comes between the AI copy and SEO: its result
+    (the copy as approved, edited or not) is the one SEO uses."""
+    product = {"name": "Wool Scarf", "category": "Apparel"}
+    ai = {"description": "A scarf.", "tags": ["scarf"]}
+    approved = {"description": "A hand-knitted lambswool scarf.", "tags": ["scarf", "knit"]}
+    results = {"image_processing": {"images": []}, "ai_enhancement": ai, "copy_review": approved}
+    result = seo(WORKFLOW_ID, product, results)
+    assert result["meta_description"] == "A hand-knitted lambswool scarf."
+    assert result["keywords"] == ["scarf", "knit"]
+
+
 def test_seo_without_earlier_results_falls_back_to_the_product() -> None:
     product = {"name": "Oak Shelf", "description": "A shelf of solid oak", "category": ""}
     result = seo(WORKFLOW_ID, product, {})

@@ -38,6 +38,7 @@ from stox.hub import (
     TooManySockets,
 )
 from stox.orchestrator import NotFound, Orchestrator
+from stox.store.base import NO_FILTERS, Filters
 from stox.workflow import CHANGE_ROUTING_KEY, Pipeline, Report, Workflow
 
 MESSAGE_KEYS = {"type", "workflow_id", "version", "data", "ts"}
@@ -121,7 +122,9 @@ class FakeStore:
         status: str | None,
         limit: int,
         before: tuple[str, str] | None = None,
+        filters: Filters = NO_FILTERS,
     ) -> list[dict[str, Any]]:
+        assert filters == NO_FILTERS  # the hub's snapshots filter by owner alone
         docs = [
             d
             for d in self.docs.values()

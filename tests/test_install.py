@@ -16,7 +16,13 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from served import assert_a_workflow_completes, assert_dashboard_served, run, serving
+from served import (
+    assert_a_workflow_completes,
+    assert_dashboard_served,
+    assert_the_demo_pipelines,
+    run,
+    serving,
+)
 from support import ROOT
 
 pytestmark = pytest.mark.slow
@@ -82,8 +88,9 @@ def test_the_stox_command_and_its_subcommands(
 def test_stox_serve_runs_the_demo_from_any_directory(
     installed: Path, tmp_path: Path, environ: dict[str, str]
 ) -> None:
-    with serving([installed / "stox", "serve", "--demo-workers"], tmp_path, environ) as base:
+    with serving([installed / "stox", "serve", "--demo"], tmp_path, environ) as base:
         assert_dashboard_served(base)
         # a token from the same settings, and a workflow through the demo workers
         token = run(installed / "stox", "token", "--user", "alice", cwd=tmp_path, env=environ)
         assert_a_workflow_completes(base, token.stdout.strip())
+        assert_the_demo_pipelines(base, token.stdout.strip())  # stox/demo.yaml is installed

@@ -160,6 +160,7 @@ FLAG_CASES: list[tuple[list[str], Any]] = [
     (["--auth-addr", "10.0.0.5:6000"], lambda s: s.services.auth == Endpoint("10.0.0.5", 6000)),
     (["--log-level", "debug"], lambda s: s.logging.level == "debug"),
     (["--demo-workers"], lambda s: s.demo_workers is True),
+    (["--demo"], lambda s: s.demo_workers is True and "apparel" in s.named_pipelines()),
 ]
 
 
@@ -496,3 +497,25 @@ def test_the_store_modules_say_where_a_storage_url_keeps_its_data(tmp_path: Path
     assert store.data_folder("mongodb://db:27017/shop") is None
     with pytest.raises(ValueError, match=r"storage.url: expected sqlite:///PATH or mongodb://"):
         store.data_folder("postgres://x")
+
+
+def test_the_demo_pipelines_come_under_the_config_file(tmp_path: Path) -> None:
+    """`--demo` reads stox/demo.yaml first: a config file changes or adds to it."""
+    apparel = load(["--demo"], {}).named_pipelines()["apparel"]
+    kinds = {spec.name: spec.kind for spec in apparel.steps}
+    assert kinds == {
+        "image_processing": "service",
+        "ai_enhancement": "service",
+        "copy_review": "review",
+        "seo_generation": "service",
+    }
+    assert apparel.spec("copy_review").on_reject == "ai_enhancement"
+    assert load(["--demo-workers"], {}).pipelines == {}  # the demo workers alone: no apparel
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "pipeline: {steps: [{name: image_processing}]}\n"
+        "pipelines: {apparel: {steps: [{name: ai_enhancement}]}}\n"
+    )
+    mine = load(["--demo", "--config", str(config)], {}).named_pipelines()
+    assert [spec.name for spec in mine["default"].steps] == ["image_processing"]
+    assert [spec.name for spec in mine["apparel"].steps] == ["ai_enhancement"]

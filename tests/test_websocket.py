@@ -327,6 +327,29 @@ async def test_an_admin_may_subscribe_to_anyones_workflow(tmp_path: Path) -> Non
         assert snapshot["data"] == bobs
 
 
+async def test_an_admins_socket_of_all_workflows_carries_everyones_with_their_names(
+    tmp_path: Path,
+) -> None:
+    async with gateway(tmp_path) as (gw, client):
+        bobs = await settled_upload(gw, gw.token("bob"))
+        roots = await settled_upload(gw, gw.token("root", role="admin"))
+        assert bobs["owner_name"] == "bob" and roots["owner_name"] == "root"
+        admin = await client.connect(gw.token("root", role="admin"))
+        alice = await client.connect(gw.token("alice"))
+        snapshots = [await receive(admin), await receive(admin)]
+        assert {m["workflow_id"] for m in snapshots} == {bobs["id"], roots["id"]}
+        await report_current(gw, bobs)  # a change of bob's reaches the admin, not alice
+        change = await receive(admin)
+        assert change["workflow_id"] == bobs["id"] and change["data"]["workflow"]["owner"] == "bob"
+        alices = await settled_upload(gw, gw.token("alice"))
+        first = await receive(alice)  # her own snapshot of nothing, then her upload
+        assert first["workflow_id"] == alices["id"]
+        # a reviewer sees everyone's too (to find what waits for review)
+        reviewer = await client.connect(gw.token("rita", role="reviewer"))
+        seen = {(await receive(reviewer))["workflow_id"] for _ in range(3)}
+        assert seen == {bobs["id"], roots["id"], alices["id"]}
+
+
 # -- one workflow --------------------------------------------------------------------------
 
 
@@ -791,8 +814,12 @@ async def test_a_reviewer_may_subscribe_to_anyones_workflow(tmp_path: Path) -> N
         assert snapshot["type"] == "snapshot" and snapshot["data"] == bobs
         waiting = (await until_waiting(gw, conn, snapshot["data"]))[-1]
         assert_change(waiting, "step_waiting_review", bobs["id"], "copy_review")
-        # with no workflow_id, a reviewer's socket carries its own workflows only
-        mine = await client.connect(gw.token("rita", role="reviewer"))
-        await assert_silent(mine, 0.1)
-        await gw.upload(gw.token("bob"))
-        await assert_silent(mine, 0.2)
+        # a rival's decision reaches the reviewer's socket too
+        body = {
+            "workflow_id": bobs["id"],
+            "step_id": named(waiting["data"]["workflow"], "copy_review")["step_id"],
+            "decision": "approve",
+        }
+        assert (await gw.fetch("POST", REVIEW, body, token=gw.token("bob"))).status == 200
+        reviewed = await receive_until(conn, "step_reviewed")
+        assert named(reviewed[-1]["data"]["workflow"], "copy_review")["review"]["by"] == "bob"

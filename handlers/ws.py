@@ -97,6 +97,7 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
             "`WebSocketMessage` in the components: first a `snapshot` of each workflow "
             "subscribed to (data: the workflow), then every change in `version` order: "
             "`step_dispatched`, `step_completed`, `step_retrying`, `step_failed`, "
+            "`step_waiting_review`, `step_reviewed`, `step_review_escalated`, "
             "`workflow_completed`, `workflow_failed`, `workflow_cancelled` (data: "
             "`{step, workflow}`). Clients only listen; a message over 64 KiB closes with 1009. "
             "Close codes: 4008 too slow, 4029 too many sockets for the user, 1013 too many for "

@@ -289,6 +289,11 @@ class StorageSettings:
     cache_max_bytes: Size = _help(
         "the most those cached documents may hold, by stored size", default=Size(64 * 1024**2)
     )
+    history_limit: int = _help(
+        "history entries kept per workflow, the newest (older ones are counted as dropped)",
+        default=100,
+        check=at_least(1, "at least 1"),
+    )
     sqlite_synchronous: str = _help(
         "SQLite's synchronous level in WAL mode: normal (a process crash loses nothing "
         "acknowledged; a power loss may lose the last commits) or full (a power loss neither)",

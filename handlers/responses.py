@@ -109,6 +109,24 @@ class PipelinesSchema(Schema):
     pipelines = fields.List(fields.Nested(PipelineDefinitionSchema), required=True)
 
 
+class HistoryEntrySchema(Schema):
+    at = fields.String(required=True, metadata={"format": "date-time"})
+    event = fields.String(
+        required=True,
+        metadata={"description": "workflow_started, or a change type (step_dispatched, …)"},
+    )
+    by = fields.String(required=True, metadata={"description": "user:NAME, service:NAME, sweeper"})
+    step = fields.String()
+    attempt = fields.Integer()
+    error = fields.String()
+
+
+class HistorySchema(Schema):
+    workflow_id = fields.String(required=True)
+    entries = fields.List(fields.Nested(HistoryEntrySchema), required=True)
+    dropped = fields.Integer(required=True, metadata={"description": "older entries dropped"})
+
+
 class BulkResultSchema(Schema):
     workflow_id = fields.String(required=True)
     outcome = fields.String(

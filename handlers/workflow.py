@@ -68,6 +68,10 @@ class WorkflowHandler(BaseHandler):
         """Admins change every workflow; everyone else only their own."""
         return None if self.principal.is_admin else self.principal.id
 
+    def by(self) -> str:
+        """Who is asking, as the history names them."""
+        return f"user:{self.principal.username}"
+
     def reader_filter(self) -> str | None:
         """Admins and reviewers see every workflow (a reviewer must find what waits for
         review); everyone else only their own."""
@@ -77,7 +81,7 @@ class WorkflowHandler(BaseHandler):
         workflow_id = self.load(workflow_id_schema, self.json_body())["workflow_id"]
         bind(workflow_id=workflow_id)
         command = getattr(self.orchestrator, action)
-        workflow: Workflow = await command(workflow_id, self.owner_filter())
+        workflow: Workflow = await command(workflow_id, self.owner_filter(), self.by())
         self.write_json(200, workflow.public())
 
 
@@ -192,7 +196,8 @@ class StepCompletedHandler(BaseHandler):
     )
     @requires("service")
     async def post(self) -> None:
-        report = Report(**self.load(completion_schema, self.json_body()))
+        body = self.load(completion_schema, self.json_body())
+        report = Report(**body, by=f"service:{self.principal.username}")
         bind(workflow_id=report.workflow_id, step=report.step_type)  # the attempt: see report()
         with tracecontext.continuing(self.request.headers.get(tracecontext.HEADER)):
             outcome = await self.orchestrator.report(report)
@@ -244,6 +249,33 @@ class ReviewHandler(WorkflowHandler):
         )
 
 
+class HistoryHandler(WorkflowHandler):
+    @operation(
+        "What happened to a workflow, oldest first",
+        query=workflow_id_schema,
+        description="Each transition's changes as entries: when, what, the step and attempt, "
+        "who or what caused it (`user:NAME`, `service:NAME`, `sweeper`), the error of an "
+        "attempt that failed. The newest `storage.history_limit` are kept; `dropped` counts "
+        "the older ones. The owner's, or any for an admin.",
+        answers={200: ("the history", responses.HistorySchema())},
+        errors={
+            404: "`not_found`: no such workflow, or another user's",
+            503: "`store_unavailable`, with `Retry-After`",
+        },
+    )
+    @requires("user")
+    async def get(self) -> None:
+        workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
+        bind(workflow_id=workflow_id)
+        workflow = await self.orchestrator.get(workflow_id, self.owner_filter())
+        body = {
+            "workflow_id": workflow.id,
+            "entries": workflow.history,
+            "dropped": workflow.history_dropped,
+        }
+        self.write_json(200, body)
+
+
 class BulkHandler(WorkflowHandler):
     @operation(
         "Retry or cancel many workflows",
@@ -275,7 +307,7 @@ class BulkHandler(WorkflowHandler):
             workflow_ids = [w.id for w in page]
             if len(found) > BULK_LIMIT:
                 next_cursor = encode_cursor(page[-1].created_at, page[-1].id)
-        results = await self.orchestrator.bulk(body["action"], owner, workflow_ids)
+        results = await self.orchestrator.bulk(body["action"], owner, workflow_ids, self.by())
         self.write_json(
             200,
             {
@@ -355,6 +387,7 @@ routes = [
     tornado.web.url(r"/api/v1/workflow/step-completed", StepCompletedHandler, name=STEP_COMPLETED),
     (r"/api/v1/workflow/review", ReviewHandler),
     (r"/api/v1/workflow/bulk", BulkHandler),
+    (r"/api/v1/workflow/history", HistoryHandler),
     (r"/api/v1/workflow/list", ListHandler),
     (r"/api/v1/workflow/cancel", CancelHandler),
     (r"/api/v1/workflow/retry", RetryHandler),

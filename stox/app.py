@@ -233,6 +233,7 @@ class Gateway:
             observers=self.observers,
             new_trace=self.tracing.new_root if self.tracing is not None else None,
             pipelines=self.pipelines,
+            history_limit=settings.storage.history_limit,
         )
         self.uploads = UploadLimiter.from_settings(settings.server)
         self.hub = Hub.from_settings(self.orchestrator, settings.websocket)

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 Decide = Callable[[Workflow], list[Change]]
 
 
+HISTORY_LIMIT = 100  # history entries kept per workflow (storage.history_limit)
+
+
 class NotFound(Exception):
     """No such workflow, or one the caller may not see."""
 
@@ -111,6 +114,7 @@ class Orchestrator:
         observers: observe.Observers | None = None,
         new_trace: Callable[[], str] | None = None,
         pipelines: Mapping[str, Pipeline] | None = None,
+        history_limit: int = HISTORY_LIMIT,
     ) -> None:
         """`pipeline`: the default (of uploads that name none, and of workflows stored
         without their definition); `pipelines`: the others an upload may name. Each
@@ -120,6 +124,7 @@ class Orchestrator:
         self.changes = ChangeBatcher(bus, clock)
         self.pipeline = pipeline
         self.pipelines = {DEFAULT_PIPELINE: pipeline, **(pipelines or {})}
+        self.history_limit = history_limit  # entries kept per workflow, the newest
         # the definitions workflows run on, by version (the configured ones, then any a
         # stored workflow brings: a definition changed or removed since it started)
         self._definitions = {p.version: p for p in self.pipelines.values()}
@@ -160,6 +165,8 @@ class Orchestrator:
         workflow, changes = wf_rules.start(
             chosen, owner, product, now, trace=trace, owner_name=owner_name
         )
+        by = f"user:{owner_name or owner}"
+        wf_rules.record(workflow, [Change(wf_rules.STARTED), *changes], by, self.history_limit)
         bind(workflow_id=workflow.id)  # on the lines its insert writes (a retry's: see below)
         doc = workflow.to_doc()
         events = [NewEvent.of(entry) for entry in doc["outbox"]]
@@ -212,7 +219,9 @@ class Orchestrator:
             return wf_rules.complete(wf, self.pipeline_of(wf), report, self.clock())
 
         try:
-            result = await self._apply(report.workflow_id, decide, cause=observe.REPORT)
+            result = await self._apply(
+                report.workflow_id, decide, cause=observe.REPORT, by=report.by or "service"
+            )
         except wf_rules.DuplicateReport:
             self.observers.report_refused(report, observe.DUPLICATE)
             return Outcome(await self.get(report.workflow_id), applied=False)
@@ -221,21 +230,25 @@ class Orchestrator:
             raise
         return Outcome(result.workflow, applied=True)
 
-    async def cancel(self, workflow_id: str, owner: str | None) -> Workflow:
+    async def cancel(self, workflow_id: str, owner: str | None, by: str = "user") -> Workflow:
+        """`by`: who asked, for the history ("user:NAME")."""
         result = await self._apply(
             workflow_id,
             lambda wf: wf_rules.cancel(wf, self.pipeline_of(wf), self.clock()),
             cause=observe.CANCEL,
             doc=await self._load(workflow_id, owner),
+            by=by,
         )
         return result.workflow
 
-    async def retry(self, workflow_id: str, owner: str | None) -> Workflow:
+    async def retry(self, workflow_id: str, owner: str | None, by: str = "user") -> Workflow:
+        """`by`: who asked, for the history ("user:NAME")."""
         result = await self._apply(
             workflow_id,
             lambda wf: wf_rules.retry(wf, self.pipeline_of(wf), self.clock()),
             cause=observe.RETRY,
             doc=await self._load(workflow_id, owner),
+            by=by,
         )
         return result.workflow
 
@@ -256,6 +269,7 @@ class Orchestrator:
                 decide,
                 cause=observe.REVIEW,
                 doc=await self._load(decision.workflow_id, owner),
+                by=f"user:{decision.by}",
             )
         except wf_rules.DuplicateReport:
             return Outcome(await self.get(decision.workflow_id), applied=False)
@@ -276,7 +290,7 @@ class Orchestrator:
         return found
 
     async def bulk(
-        self, action: str, owner: str | None, workflow_ids: list[str]
+        self, action: str, owner: str | None, workflow_ids: list[str], by: str = "user"
     ) -> list[BulkResult]:
         """Retry or cancel each of `workflow_ids` (each once, in order) as the single
         commands do, on `owner`'s workflows (None: anyone's); one that cannot be does not
@@ -287,7 +301,7 @@ class Orchestrator:
         for workflow_id in dict.fromkeys(workflow_ids):
             with log_context(workflow_id=workflow_id):
                 try:
-                    workflow = await command(workflow_id, owner)
+                    workflow = await command(workflow_id, owner, by)
                 except NotFound:
                     results.append(BulkResult(workflow_id, "not_found"))
                 except wf_rules.NotAllowed as exc:
@@ -337,6 +351,7 @@ class Orchestrator:
                         doc["id"],
                         lambda wf: wf_rules.wake(wf, self.pipeline_of(wf), self.clock()),
                         cause=observe.WAKE,
+                        by="sweeper",
                         doc=doc,
                     )
                 except (NotFound, Contention):
@@ -386,6 +401,7 @@ class Orchestrator:
         decide: Decide,
         *,
         cause: str,
+        by: str,
         doc: dict[str, Any] | None = None,
     ) -> Applied:
         """Decide on the workflow, then compare-and-swap; a lost race reloads and decides again.
@@ -418,6 +434,7 @@ class Orchestrator:
                     return Applied(workflow, written=False)
                 doc = None
                 continue
+            wf_rules.record(workflow, changes, by, self.history_limit)
             written = workflow.to_doc()
             new_events = [NewEvent.of(entry) for entry in written["outbox"][published_before:]]
             size = await self.store.replace(written, expected, new_events)

@@ -303,6 +303,7 @@ class Report:
     step_type: str | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
+    by: str | None = None  # who reported it, for the history ("service:NAME")
 
 
 @dataclass(slots=True)
@@ -372,6 +373,9 @@ class Workflow:
     # the owner's user name, to show (`owner` is their id); the document has the field only
     # when it is known
     owner_name: str | None = None
+    # what happened to it, oldest first (`record`), and how many older entries were dropped
+    history: list[dict[str, Any]] = field(default_factory=list)
+    history_dropped: int = 0
 
     def to_doc(self) -> dict[str, Any]:
         doc = {
@@ -387,6 +391,8 @@ class Workflow:
             "outbox": list(self.outbox),
             "wake_at": self.wake_at,
             "outbox_at": self.outbox_at,
+            "history": list(self.history),
+            "history_dropped": self.history_dropped,
         }
         if self.trace is not None:
             doc["trace"] = self.trace
@@ -401,12 +407,14 @@ class Workflow:
         fields = dict(doc)
         fields["steps"] = [Step.from_doc(step) for step in doc["steps"]]
         fields["outbox"] = list(doc["outbox"])  # appended to, as above
+        fields["history"] = list(doc.get("history", ()))  # none in documents of before
         return cls(**fields)
 
     def public(self) -> dict[str, Any]:
-        """The document as clients see it: everything but the outbox and the trace."""
+        """The document as clients see it: everything but the outbox, the trace and the
+        history (GET …/history serves it; every change notification would carry it)."""
         doc = self.to_doc()
-        del doc["outbox"]
+        del doc["outbox"], doc["history"], doc["history_dropped"]
         doc.pop("trace", None)
         return doc
 
@@ -834,6 +842,35 @@ def retry(wf: Workflow, pipeline: Pipeline, now: float, ids: IdFactory = new_id)
             step.retry_at = None
     t.advance()
     return t.seal()
+
+
+STARTED = "workflow_started"  # the history's first entry: the upload
+_ENDED_ATTEMPT = frozenset({"step_completed", "step_retrying", "step_failed", "step_reviewed"})
+
+
+def record(wf: Workflow, changes: list[Change], by: str, limit: int) -> None:
+    """Add what a transition just did to the history, an entry per change: when, what, the
+    step and its attempt, who or what caused it (`by`: "user:NAME", "service:NAME",
+    "sweeper"…), the error of an attempt that failed; keep the newest `limit` entries,
+    counting those dropped. Part of the transition's write: called before it is saved."""
+    at = wf.updated_at
+    for change in changes:
+        entry: dict[str, Any] = {"at": at, "event": change.type, "by": by}
+        step = wf.named(change.step) if change.step is not None else None
+        if step is not None:
+            entry["step"] = step.name
+            ended = step.attempts[-1] if step.attempts else None
+            if change.type in _ENDED_ATTEMPT and ended is not None:
+                entry["attempt"] = ended["attempt"]
+                if ended["error"] is not None:
+                    entry["error"] = ended["error"]
+            else:
+                entry["attempt"] = step.attempt
+        wf.history.append(entry)
+    excess = len(wf.history) - limit
+    if excess > 0:
+        del wf.history[:excess]
+        wf.history_dropped += excess
 
 
 def drop_published(wf: Workflow, message_ids: set[str]) -> bool:

@@ -117,10 +117,15 @@ class UploadHandler(WorkflowHandler):
         self.uploads.begin(self.principal.id)
         key = self.idempotency_key()
         product = self.load(upload_schema, self.json_body())
-        pipeline = product.pop("pipeline")
+        pipeline, callback_url = product.pop("pipeline"), product.pop("callback_url")
         principal = self.principal
         workflow = await self.orchestrator.upload(
-            principal.id, product, key, pipeline, owner_name=principal.username
+            principal.id,
+            product,
+            key,
+            pipeline,
+            owner_name=principal.username,
+            callback_url=callback_url,
         )
         # the answer as the upload that made it gave it (a retry with its key gets the same)
         deps = self.orchestrator.pipeline_of(workflow).deps
@@ -276,6 +281,28 @@ class HistoryHandler(WorkflowHandler):
         self.write_json(200, body)
 
 
+class DeliveriesHandler(WorkflowHandler):
+    @operation(
+        "A workflow's webhook deliveries",
+        query=workflow_id_schema,
+        description="Each delivery of its events to a configured endpoint or its callback_url: "
+        "status (`pending`, `delivered`, `given_up`), attempts, the last error, when it is "
+        "tried next. The owner's, or any for an admin.",
+        answers={200: ("the deliveries", responses.DeliveriesSchema())},
+        errors={
+            404: "`not_found`: no such workflow, or another user's",
+            503: "`store_unavailable`, with `Retry-After`",
+        },
+    )
+    @requires("user")
+    async def get(self) -> None:
+        workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
+        bind(workflow_id=workflow_id)
+        workflow = await self.orchestrator.get(workflow_id, self.owner_filter())
+        shown = [{k: v for k, v in d.items() if k != "payload"} for d in workflow.deliveries]
+        self.write_json(200, {"workflow_id": workflow.id, "deliveries": shown})
+
+
 class BulkHandler(WorkflowHandler):
     @operation(
         "Retry or cancel many workflows",
@@ -388,6 +415,7 @@ routes = [
     (r"/api/v1/workflow/review", ReviewHandler),
     (r"/api/v1/workflow/bulk", BulkHandler),
     (r"/api/v1/workflow/history", HistoryHandler),
+    (r"/api/v1/workflow/deliveries", DeliveriesHandler),
     (r"/api/v1/workflow/list", ListHandler),
     (r"/api/v1/workflow/cancel", CancelHandler),
     (r"/api/v1/workflow/retry", RetryHandler),

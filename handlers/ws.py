@@ -98,8 +98,10 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
             "subscribed to (data: the workflow), then every change in `version` order: "
             "`step_dispatched`, `step_completed`, `step_retrying`, `step_failed`, "
             "`step_waiting_review`, `step_reviewed`, `step_review_escalated`, "
-            "`workflow_completed`, `workflow_failed`, `workflow_cancelled` (data: "
-            "`{step, workflow}`). Clients only listen; a message over 64 KiB closes with 1009. "
+            "`workflow_completed`, `workflow_failed`, `workflow_cancelled`, and "
+            "`webhook_delivered`, `webhook_retrying`, `webhook_given_up` when a webhook "
+            "delivery of the workflow's events is recorded (data: `{step, workflow}`). "
+            "Clients only listen; a message over 64 KiB closes with 1009. "
             "Close codes: 4008 too slow, 4029 too many sockets for the user, 1013 too many for "
             "the instance, 4401 the token expired, 4404 no such workflow."
         ),

@@ -37,6 +37,7 @@ from stox.orchestrator import Orchestrator
 from stox.store import StoreError, WorkflowStore, make_store
 from stox.store.faulty import FaultyStore
 from stox.transition_log import TransitionLog
+from stox.webhooks import Webhooks
 from stox.workflow import (
     CHANGE_ROUTING_KEY,
     DEFAULT_PIPELINE,
@@ -214,6 +215,9 @@ class Gateway:
         self.auth = AuthClient.from_settings(
             settings.auth, f"{remote.host}:{remote.port}" if remote.host else ""
         )
+        hooks = settings.webhooks
+        # deliveries only where some are configured (endpoints, or callbacks with a secret)
+        self.webhooks = Webhooks(hooks, clock) if hooks.endpoints or hooks.callback_secret else None
         self.pipelines = make_pipelines(settings, completion_path)
         self.pipeline = self.pipelines[DEFAULT_PIPELINE]
         self.observers = Observers()  # metrics and traces add themselves
@@ -234,6 +238,7 @@ class Gateway:
             new_trace=self.tracing.new_root if self.tracing is not None else None,
             pipelines=self.pipelines,
             history_limit=settings.storage.history_limit,
+            webhooks=self.webhooks,
         )
         self.uploads = UploadLimiter.from_settings(settings.server)
         self.hub = Hub.from_settings(self.orchestrator, settings.websocket)
@@ -387,7 +392,10 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.hub.close()
+        await self.orchestrator.stop_deliveries()
         await self.orchestrator.drain()
+        if self.webhooks is not None:
+            self.webhooks.close()
         await self.auth.close()
         if self.auth_server is not None:
             await self.auth_server.stop()

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -299,3 +300,17 @@ def test_the_signature_is_stripes_scheme() -> None:
     body = b'{"event":"workflow.completed"}'
     expected = hmac.new(b"k", b"1700000000." + body, hashlib.sha256).hexdigest()
     assert signature("k", body, 1_700_000_000) == f"t=1700000000,v1={expected}"
+
+
+def test_the_readmes_verification_snippet_accepts_a_delivery_and_refuses_a_forgery() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    snippet = readme.split("Verifying a delivery (Python):\n\n```python\n", 1)[1].split("```")[0]
+    scope: dict[str, Any] = {}
+    exec(snippet, scope)  # the README's own code, as a receiver would paste it
+    body = b'{"event":"workflow.completed"}'
+    header = signature(SECRET, body, int(time.time()))
+    assert scope["verify"](SECRET, header, body)
+    assert not scope["verify"](SECRET, header, body + b" ")
+    assert not scope["verify"]("wrong", header, body)
+    stale = signature(SECRET, body, int(time.time()) - 3600)
+    assert not scope["verify"](SECRET, stale, body)

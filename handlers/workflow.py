@@ -17,6 +17,7 @@ from handlers.openapi import operation
 from stox import tracecontext
 from stox.auth.limits import UploadLimiter
 from stox.logs import bind
+from stox.orchestrator import Outcome
 from stox.schemas import (
     BULK_LIMIT,
     bulk_schema,
@@ -67,6 +68,19 @@ class WorkflowHandler(BaseHandler):
     def owner_filter(self) -> str | None:
         """Admins change every workflow; everyone else only their own."""
         return None if self.principal.is_admin else self.principal.id
+
+    def write_outcome(self, outcome: Outcome) -> None:
+        """The answer to a report or a review: applied, or a duplicate that changed nothing."""
+        workflow = outcome.workflow
+        self.write_json(
+            200,
+            {
+                "result": "applied" if outcome.applied else "duplicate",
+                "workflow_id": workflow.id,
+                "status": workflow.status,
+                "version": workflow.version,
+            },
+        )
 
     def by(self) -> str:
         """Who is asking, as the history names them."""
@@ -176,7 +190,7 @@ class StatusHandler(WorkflowHandler):
         self.write_json(200, workflow.public())
 
 
-class StepCompletedHandler(BaseHandler):
+class StepCompletedHandler(WorkflowHandler):
     @operation(
         "A service reports a step attempt's outcome",
         body=completion_schema,
@@ -206,16 +220,7 @@ class StepCompletedHandler(BaseHandler):
         bind(workflow_id=report.workflow_id, step=report.step_type)  # the attempt: see report()
         with tracecontext.continuing(self.request.headers.get(tracecontext.HEADER)):
             outcome = await self.orchestrator.report(report)
-        workflow = outcome.workflow
-        self.write_json(
-            200,
-            {
-                "result": "applied" if outcome.applied else "duplicate",
-                "workflow_id": workflow.id,
-                "status": workflow.status,
-                "version": workflow.version,
-            },
-        )
+        self.write_outcome(outcome)
 
 
 class ReviewHandler(WorkflowHandler):
@@ -242,16 +247,7 @@ class ReviewHandler(WorkflowHandler):
         bind(workflow_id=body["workflow_id"])
         decision = Review(by=self.principal.username, **body)
         outcome = await self.orchestrator.review(decision, self.reader_filter())
-        workflow = outcome.workflow
-        self.write_json(
-            200,
-            {
-                "result": "applied" if outcome.applied else "duplicate",
-                "workflow_id": workflow.id,
-                "status": workflow.status,
-                "version": workflow.version,
-            },
-        )
+        self.write_outcome(outcome)
 
 
 class HistoryHandler(WorkflowHandler):

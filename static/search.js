@@ -34,14 +34,16 @@ function readForm() {
   };
 }
 
-function apply() {
+/** Apply what the form says; `again`: also when it says what is applied (a search whose
+ * first page failed is asked for again). */
+function apply(again = false) {
   clearTimeout(typing);
   typing = null;
   const next = readForm();
   const same = Object.keys(NO_SEARCH).every((k) => next[k] === state.search[k]);
   $("search-clear").hidden = Object.values(next).every((v) => !v);
-  if (same) return;
-  state.search = Object.freeze(next);
+  if (same && !again) return;
+  if (!same) state.search = Object.freeze(next);
   changed();
 }
 
@@ -89,14 +91,14 @@ export function wireSearch(onChange) {
   const form = $("search-form");
   form.addEventListener("submit", (event) => {
     event.preventDefault();
-    apply();
+    apply(true);
   });
   $("search-q").addEventListener("input", () => {
     clearTimeout(typing);
-    typing = setTimeout(apply, 350);
+    typing = setTimeout(() => apply(), 350);
   });
   for (const id of ["search-pipeline", "search-from", "search-to", "search-owner"]) {
-    $(id).addEventListener("change", apply);
+    $(id).addEventListener("change", () => apply());
   }
   $("search-clear").addEventListener("click", clear);
 }

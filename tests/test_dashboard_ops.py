@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import test_dashboard
 from support import Clock, RunningGateway, running_gateway
 from test_dashboard import _reports, dashboard, expect, live
 from test_dashboard_pipelines import fork_join, with_pipelines
 
 import settings as settings_module
-from stox.auth.tokens import ADMIN, USER
+from stox.auth.tokens import ADMIN, REVIEWER, USER
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page
@@ -130,6 +131,34 @@ async def test_a_search_shows_the_servers_list_and_live_changes_that_match(
             await expect(page.locator('[data-count="all"]')).to_have_text(
                 "108"
             )  # every one loaded by now
+
+
+async def test_a_search_shows_no_more_than_the_servers_pages(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Workflows loaded before the search, older than its last page, wait for its next page:
+    the list never shows a gap the server's next page would fill."""
+    async with running_gateway(tmp_path) as gw:
+        token = gw.token("alice")
+        for n in range(230):
+            await gw.upload(token, name=f"Thing {n:03d}", category="Common" if n % 4 else "Rare")
+        async with dashboard(browser, gw) as board:
+            page = board.page
+            await live(board)
+            older = page.get_by_role("button", name="Load older")
+            await older.click()
+            await expect(board.rows).to_have_count(200)  # 30 are still to load
+            search = page.get_by_label("Search", exact=True)
+            await search.fill("common")  # 150 of the 200 loaded match, 22 more are older
+            await search.press("Enter")
+            await expect(page.locator("#list-summary")).to_have_text(
+                "Showing 100 that match, newest first."
+            )
+            await expect(board.rows).to_have_count(100)
+            await older.click()
+            await expect(board.rows).to_have_count(172)
+            await expect(board.rows.last.locator(".wf-open")).to_have_text("Thing 001")
+            await expect(older).to_be_hidden()
 
 
 async def test_the_search_matches_as_the_server_does(browser: Browser, tmp_path: Path) -> None:
@@ -330,13 +359,16 @@ async def test_cancel_selected_asks_first(browser: Browser, tmp_path: Path) -> N
 # -- admins ----------------------------------------------------------------------------------------
 
 
-async def test_an_admin_sees_everyones_workflows_by_owner(browser: Browser, tmp_path: Path) -> None:
+@pytest.mark.parametrize("role", [ADMIN, REVIEWER])
+async def test_admins_and_reviewers_see_everyones_workflows_by_owner(
+    browser: Browser, tmp_path: Path, role: str
+) -> None:
     async with running_gateway(tmp_path) as gw:
         issue = gw.gateway.tokens.issue
         alice, bob = issue("id-alice", "alice", USER), issue("id-bob", "bob", USER)
         mine = await gw.upload(alice, name="Alice's Vase")
         theirs = await gw.upload(bob, name="Bob's Bowl")
-        admin = issue("id-root", "root", ADMIN)
+        admin = issue("id-root", "root", role)
 
         async with dashboard(browser, gw, user="root", token=admin) as board:
             page = board.page

@@ -278,7 +278,7 @@ function renderListFooter(shown, searching) {
     setMessage(empty, "Loading workflows…");
   } else if (shown) {
     setMessage(empty, null);
-  } else if (searching && server && !chain && state.loadingOlder) {
+  } else if (server && chain && chain.cursor === null && !chain.done && state.loadingOlder) {
     setMessage(empty, "Searching…");
   } else if (searching) {
     setMessage(empty, `No ${which} match the search.`);
@@ -305,7 +305,12 @@ function createRow(id) {
   const row = h(
     "li",
     { class: "wf", dataset: { workflowId: id } },
-    h("div", { class: "wf-title" }, rowCheck(id), h("div", { class: "wf-text" }, open, h("p", { class: "wf-meta" }))),
+    h(
+      "div",
+      { class: "wf-title" },
+      rowCheck(id), // bulk.js's
+      h("div", { class: "wf-text" }, open, h("p", { class: "wf-meta" })),
+    ),
     h("span", { class: "badge" }),
     h("ol", { class: "steps" }),
     h("p", { class: "wf-elapsed" }, h("span", { class: "visually-hidden" }, "Elapsed "), h("time", { class: "elapsed" })),
@@ -329,7 +334,9 @@ function updateRow(row, w) {
     .join(" · ");
   const pipeline = pipelineLabel(w);
   row.querySelector(".wf-meta").replaceChildren(
-    owner ? h("span", { class: "wf-owner", title: `Owner ${owner}` }, h("span", { class: "visually-hidden" }, "Owner "), owner) : null,
+    owner
+      ? h("span", { class: "wf-owner", title: `Owner ${owner}` }, h("span", { class: "visually-hidden" }, "Owner "), owner)
+      : null,
     owner ? " · " : "",
     meta ? `${meta} · ` : "",
     pipeline

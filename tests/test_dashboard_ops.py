@@ -167,6 +167,7 @@ async def test_the_search_matches_as_the_server_does(browser: Browser, tmp_path:
         found = await board.page.evaluate(
             """async () => {
               const { matchesSearch, NO_SEARCH } = await import("/static/model.js");
+              const { ownerLabel } = await import("/static/search.js");
               const w = {
                 id: "a", owner: "u1", created_at: "2026-12-04T10:00:00.250000Z",
                 product: { name: "Linen Shirt", category: "Apparel" },
@@ -182,6 +183,8 @@ async def test_the_search_matches_as_the_server_does(browser: Browser, tmp_path:
                 on(w, { createdBefore: "2026-12-04T10:00:00.250Z" }),
                 on(w, { createdBefore: "2026-12-04T10:00:00.251Z" }),
                 on(w, { owner: "u1" }), on(w, { owner: "u2" }),
+                // a row's owner: the name, else (stored before names were) the id
+                ownerLabel({ ...w, owner_name: "alice" }), ownerLabel(w),
               ];
             }"""
         )
@@ -191,6 +194,7 @@ async def test_the_search_matches_as_the_server_does(browser: Browser, tmp_path:
             *(True, False),  # created_after: inclusive
             *(False, True),  # created_before: exclusive
             *(True, False),
+            *("alice", "u1"),
         ]
 
 

@@ -134,11 +134,15 @@ async def test_a_completed_workflow_is_posted_signed_once(tmp_path: Path) -> Non
         assert len(receiver.received) == 1
 
 
-async def test_500s_are_retried_with_backoff_until_taken(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["sqlite", "mongodb"])
+async def test_500s_are_retried_with_backoff_until_taken(
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
     clock = Clock()
+    on = {"storage__url": request.getfixturevalue("mongo_url")} if store == "mongodb" else {}
     async with (
         receiving() as receiver,
-        running_gateway(tmp_path, hooks(receiver), {"clock": clock}) as gw,
+        running_gateway(tmp_path, hooks(receiver), {"clock": clock}, **on) as gw,
     ):
         receiver.answers = [500, 503]
         workflow_id = await complete(gw)

@@ -113,6 +113,7 @@ _MUTABLE = (
     "outbox_at",
     "history",
     "history_dropped",
+    "deliveries",
 )
 _NEWEST_FIRST = [("created_at", DESCENDING), ("id", DESCENDING)]
 _INDEXES = (

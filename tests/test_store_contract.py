@@ -304,6 +304,25 @@ async def test_replace_adds_its_new_events_after_the_earlier_ones(store: Workflo
     assert stored is not None and stored["outbox"] == doc["outbox"] + entries(new_events)
 
 
+async def test_replace_writes_the_history_and_the_deliveries(store: WorkflowStore) -> None:
+    doc = new_doc()
+    await store.insert(doc)
+    entry = {"at": isoformat(T0 + 1), "event": "webhook_retrying", "by": "webhooks"}
+    delivery = {"id": "d1", "status": "pending", "attempts": 1, "next_at": isoformat(T0 + 11)}
+    changed = dict(
+        doc,
+        version=doc["version"] + 1,
+        history=[*doc["history"], entry],
+        history_dropped=2,
+        deliveries=[delivery],
+    )
+    assert await store.replace(changed, doc["version"], []) > 0
+    stored = await store.get(doc["id"])
+    assert stored is not None
+    assert stored["history"] == changed["history"] and stored["history_dropped"] == 2
+    assert stored["deliveries"] == [delivery]
+
+
 async def test_replace_never_writes_the_product_again(store: WorkflowStore) -> None:
     doc = new_doc()
     await store.insert(doc)

@@ -55,7 +55,7 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
         self.principal: Principal | None = None
         self.subscription: Subscription | None = None
         self.workflow_id: str | None = None
-        self.stats = False  # ?stats=1: the figures, not the workflows
+        self.stats = False  # ?stats=1: the figures too
         self._expiry: asyncio.TimerHandle | None = None
         self._outgoing: list[bytes] = []  # messages of this turn of the loop, not yet written
         self._written: asyncio.Future[None] | None = None  # resolved once they are flushed
@@ -100,10 +100,11 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
             "`step_dispatched`, `step_completed`, `step_retrying`, `step_failed`, "
             "`step_waiting_review`, `step_reviewed`, `step_review_escalated`, "
             "`workflow_completed`, `workflow_failed`, `workflow_cancelled` (data: "
-            "`{step, workflow}`). With `?stats=1` the socket carries only `stats` messages "
-            "instead (workflow_id empty, version a counter, data: the figures GET "
-            "/api/v1/stats answers, of the same workflows): one on opening, then one after "
-            "changes that move them, at most one a second. Clients only listen; a message over "
+            "`{step, workflow}`). With `?stats=1` (not with `workflow_id`) the socket also "
+            "carries `stats` messages (workflow_id empty, version a counter, data: the "
+            "figures GET /api/v1/stats answers, of the same workflows): one once the snapshot "
+            "is out, then one after changes that move them, at most one a second. Clients "
+            "only listen; a message over "
             "64 KiB closes with 1009. "
             "Close codes: 4008 too slow, 4029 too many sockets for the user, 1013 too many for "
             "the instance, 4401 the token expired, 4404 no such workflow."
@@ -120,7 +121,7 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
                 "in": "query",
                 "name": "stats",
                 "required": False,
-                "description": "`1`: watch the figures (`stats` messages), not the workflows",
+                "description": "`1`: the figures too (`stats` messages)",
                 "schema": {"type": "string", "enum": ["0", "1"]},
             },
             {

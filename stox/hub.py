@@ -161,7 +161,7 @@ class Subscription:
         stats: bool = False,
     ) -> None:
         self.connection = connection
-        self.stats = stats  # watches the figures (stox/stats.py), not workflows
+        self.stats = stats  # also watches the figures (stox/stats.py)
         self.tally = tally or Tally()
         self.user = user
         self.owner = owner
@@ -305,10 +305,8 @@ class Hub:
 
     @property
     def subscriber_count(self) -> int:
-        return (
-            sum(len(s) for s in self._by_workflow.values())
-            + sum(len(s) for s in self._by_owner.values())
-            + self.feed.subscribers
+        return sum(len(s) for s in self._by_workflow.values()) + sum(
+            len(s) for s in self._by_owner.values()
         )
 
     def subscribe(
@@ -324,8 +322,8 @@ class Hub:
         `send_snapshot` sends. TooManySockets when `user` has max_sockets_per_user already.
 
         `owner` limits what may be seen (None: an admin, who sees everything). With `stats`
-        the socket watches the figures of `owner`'s workflows instead (StatsFeed): its
-        "snapshot" is the figures now.
+        (and no `workflow_id`) the socket also watches the figures of `owner`'s workflows
+        (StatsFeed): once its snapshot is out, it is sent them, then their pushes.
         """
         if self._sockets[user] >= self.max_sockets_per_user:
             raise TooManySockets(self.max_sockets_per_user)
@@ -342,9 +340,7 @@ class Hub:
         )
         self._sockets[user] += 1
         self._total += 1
-        if stats:
-            pass  # StatsFeed.add, in send_snapshot
-        elif workflow_id is not None:
+        if workflow_id is not None:
             self._by_workflow.setdefault(workflow_id, set()).add(sub)
         else:
             self._by_owner.setdefault(owner, set()).add(sub)
@@ -354,13 +350,10 @@ class Hub:
         """Send the snapshot, then the changes that arrived meanwhile; from then on changes
         go straight out. With a `workflow_id`, another owner's workflow raises NotFound, as
         the HTTP API answers 404. A subscription that fails is unsubscribed."""
-        if sub.stats:
-            sub.ready = True
-            if sub.active and not self.feed.add(sub):
-                self.unsubscribe(sub)
-            return
         try:
             sent = await self._send_snapshot(sub) and await self._release_pending(sub)
+            if sent and sub.stats and sub.workflow_id is None:
+                sent = self.feed.add(sub)
         except BaseException:
             self.unsubscribe(sub)
             raise
@@ -445,7 +438,6 @@ class Hub:
             del self._sockets[sub.user]
         if sub.stats:
             self.feed.remove(sub)
-            return
         key_sets: Iterable[tuple[dict[Any, set[Subscription]], Any]] = (
             (self._by_workflow, sub.workflow_id),
             (self._by_owner, sub.owner),
@@ -512,9 +504,7 @@ class Hub:
                 self.unsubscribe(sub)
 
     async def close(self) -> None:
-        for sub in self.feed.close():
-            sub.connection.close(1001, "server shutting down")
-            self.unsubscribe(sub)
+        self.feed.close()
         for index in (self._by_workflow, self._by_owner):
             for members in list(index.values()):
                 for sub in list(members):

@@ -13,7 +13,7 @@ Memory is bounded: 60 minutes of counts per owner and step, at most MAX_SAMPLES 
 per owner and step, one entry per running workflow, and the versions of at most
 MAX_VERSIONS workflows (to skip a notification delivered twice).
 
-`StatsFeed` pushes the figures to the sockets that asked for them (`/ws?stats=1`): at most
+`StatsFeed` pushes the figures to the sockets that asked for them too (`/ws?stats=1`): at most
 once every `interval` seconds per view (an owner's, or everyone's), only after a change, and
 only when the figures differ from those it last sent that view.
 """
@@ -335,9 +335,8 @@ class StatsFeed:
         self._pushes += 1
         return encode("stats", "", self._pushes, figures)
 
-    def close(self) -> list[Subscription]:
-        """Stop pushing; the subscriptions that were watching."""
+    def close(self) -> None:
+        """Stop pushing (the hub closes the sockets)."""
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        return [sub for members in self._subs.values() for sub in members]

@@ -3,6 +3,7 @@
 // readers as workflows change.
 
 import { API, LiveSocket, socketUrl } from "./api.js";
+import { renderStats } from "./charts.js";
 import { $, h, setMessage } from "./dom.js";
 import {
   REVIEW_FILTER,
@@ -40,9 +41,9 @@ export const STATE_ICONS = {
 
 function startLive(session) {
   state.live = new LiveSocket({
-    url: socketUrl(),
+    url: socketUrl("/ws?stats=1"), // the charts' figures too (charts.js)
     token: session.token,
-    onMessage: onLiveMessage,
+    onMessage: (message) => (message?.type === "stats" ? renderStats(message.data) : onLiveMessage(message)),
     onState: renderConnection,
     onOpen: () => {
       state.snapshotIds = new Set();

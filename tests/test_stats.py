@@ -224,7 +224,9 @@ async def test_the_socket_pushes_the_figures_at_most_once_a_second(tmp_path: Pat
         conn = await stats_socket(gw, alice)
         other = await stats_socket(gw, gw.token("bob"))
         try:
-            snapshot = json.loads(await asyncio.wait_for(conn.read_message(), TIMEOUT))
+            raw = await asyncio.wait_for(conn.read_message(), TIMEOUT)
+            assert isinstance(raw, str)
+            snapshot = json.loads(raw)
             assert (snapshot["type"], snapshot["workflow_id"]) == ("snapshot", earlier)
             first = await receive(conn)  # the figures once the snapshot is out
             loop = asyncio.get_running_loop()

@@ -5,6 +5,7 @@ second, only when they move."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import time
@@ -16,9 +17,12 @@ import tornado.httpclient
 import tornado.websocket
 from support import Clock, RunningGateway, eventually, report, running_gateway
 
+import handlers
 import settings as settings_module
+from handlers import openapi
 from handlers.responses import StatsSchema, WebSocketMessageSchema
 from stox.auth.tokens import ADMIN, REVIEWER
+from stox.bus.local import LocalBus
 from stox.stats import StatsBoard, StatsFeed
 
 STATS = "/api/v1/stats"
@@ -262,3 +266,58 @@ async def test_the_socket_pushes_the_figures_at_most_once_a_second(tmp_path: Pat
             conn.close()
             other.close()
             await eventually(lambda: gw.gateway.hub.subscriber_count == 0, within=TIMEOUT)
+
+
+async def test_a_restarted_instance_reads_the_running_workflows_from_the_store(
+    tmp_path: Path,
+) -> None:
+    async with running_gateway(tmp_path) as gw:
+        alice = gw.token("alice")
+        ids = [await gw.upload(alice) for _ in range(3)]
+        step = (await gw.status(ids[0]))["steps"][0]
+        assert (await report(gw, ids[0], step, success=False)).status == 200  # a retry pending
+        await gw.gateway.orchestrator.drain()
+    async with running_gateway(tmp_path) as gw:  # the same store, a new instance
+        mine = await eventually(lambda: stats(gw, gw.token("alice")), lambda b: b["running"] == 3)
+        assert (mine["completed"], mine["steps"]) == (0, [])  # before it started: not heard
+        assert (await stats(gw, gw.token("bob")))["running"] == 0
+
+
+async def test_instances_sharing_a_store_and_a_bus_count_the_same(tmp_path: Path) -> None:
+    bus = LocalBus()
+    async with (
+        running_gateway(tmp_path, one_attempt, {"bus": bus}) as a,
+        running_gateway(tmp_path, one_attempt, {"bus": bus}) as b,
+    ):
+        assert a.gateway.instance_id != b.gateway.instance_id
+        alice = a.token("alice")
+        done, broken = await a.upload(alice), await b.upload(alice)
+        for index in range(3):  # one through instance a, the other's failure through b
+            step = (await a.status(done))["steps"][index]
+            assert (await report(a, done, step)).status == 200
+        step = (await b.status(broken))["steps"][0]
+        assert (await report(b, broken, step, success=False)).status == 200
+
+        def finished(body: dict[str, Any]) -> bool:
+            return (body["completed"], body["failed"]) == (1, 1)
+
+        seen = [await eventually(functools.partial(stats, gw, alice), finished) for gw in (a, b)]
+        keys = ("completed", "failed", "steps", "running", "waiting")  # `since`: each its own
+        on_a, on_b = ({k: body[k] for k in keys} for body in seen)
+        assert on_a == on_b and step_figures(on_a)["image_processing"]["attempts"] == 2
+
+
+async def test_the_answer_conforms_to_the_openapi_document(tmp_path: Path) -> None:
+    from test_openapi import conforms
+
+    document = openapi.build(handlers.routes)
+    async with running_gateway(tmp_path, one_attempt) as gw:
+        alice = gw.token("alice")
+        conforms(document, STATS, "get", await gw.fetch("GET", STATS, token=alice))
+        workflow_id = await gw.upload(alice)
+        step = (await gw.status(workflow_id))["steps"][0]
+        assert (await report(gw, workflow_id, step, success=False)).status == 200
+        body = await eventually(lambda: stats(gw, alice), lambda b: b["failed"] == 1)
+        assert body["steps"][0]["p50"] is not None
+        conforms(document, STATS, "get", await gw.fetch("GET", STATS, token=alice))
+        conforms(document, STATS, "get", await gw.fetch("GET", STATS))  # 401

@@ -8,7 +8,7 @@
 
 import { $, h } from "./dom.js";
 import { stepLongName } from "./model.js";
-import { onSignIn, onSignOut } from "./session.js";
+import { onSignOut } from "./session.js";
 
 const SVG = "http://www.w3.org/2000/svg";
 const WIDTH = 600; // the per-minute chart's viewBox
@@ -145,11 +145,8 @@ export function renderStats(stats) {
   renderMinutes(stats);
   renderSteps(stats);
   section.dataset.updated = String(Number(section.dataset.updated ?? 0) + 1);
+  section.hidden = false; // from the first figures on: a gateway that sends none shows none
   $("charts-since").textContent = `Counted since ${clockTime(stats.since)}`;
-}
-
-function start() {
-  $("charts").hidden = false;
 }
 
 function stop() {
@@ -158,6 +155,5 @@ function stop() {
 }
 
 export function wireCharts() {
-  onSignIn(start);
   onSignOut(stop);
 }

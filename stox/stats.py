@@ -9,9 +9,10 @@ counts are read once from the store at start-up (`seed`), then kept from the not
 
 Each notification costs a few dictionary updates; the figures are computed only when asked
 (GET /api/v1/stats, or `StatsFeed` at most once a second for the sockets that watch them).
-Memory is bounded: 60 minutes of counts per owner and step, at most MAX_SAMPLES durations
-per owner and step, one entry per running workflow, and the versions of at most
-MAX_VERSIONS workflows (to skip a notification delivered twice).
+Memory is bounded: 60 minutes of counts per owner and step (older ones are dropped once a
+minute; an owner with nothing in the window is forgotten when everyone's figures are
+computed), at most MAX_SAMPLES durations per owner and step, one entry per running workflow,
+and the versions of at most MAX_VERSIONS workflows (to skip a notification delivered twice).
 
 `StatsFeed` pushes the figures to the sockets that asked for them too (`/ws?stats=1`): at most
 once every `interval` seconds per view (an owner's, or everyone's), only after a change, and
@@ -66,11 +67,18 @@ class _StepFigures:
 
 
 class _OwnerFigures:
-    __slots__ = ("minutes", "steps")
+    __slots__ = ("minutes", "pruned", "steps")
 
     def __init__(self) -> None:
         self.minutes: dict[int, list[int]] = {}  # minute -> [completed, failed]
         self.steps: dict[str, _StepFigures] = {}
+        self.pruned = 0  # the minute of the last prune: at most one a minute
+
+    def current(self, oldest: int) -> bool:
+        """Whether anything is counted from minute `oldest` on."""
+        return any(m >= oldest for m in self.minutes) or any(
+            m >= oldest for step in self.steps.values() for m in step.minutes
+        )
 
 
 class StatsBoard:
@@ -162,6 +170,10 @@ class StatsBoard:
             log.debug("workflow %s has an unknown status %r", workflow_id, status)
 
     def _prune(self, figures: _OwnerFigures, minute: int) -> None:
+        """Forget what is older than the window, once a minute (the view skips it anyway)."""
+        if minute <= figures.pruned:
+            return
+        figures.pruned = minute
         oldest = minute - MINUTES + 1
         for stale in [m for m in figures.minutes if m < oldest]:
             del figures.minutes[stale]
@@ -198,6 +210,9 @@ class StatsBoard:
         now = self.clock()
         current = int(now // 60)
         oldest = current - MINUTES + 1
+        if owner is None:  # owners with nothing in the window are forgotten meanwhile
+            for name in [n for n, f in self._owners.items() if not f.current(oldest)]:
+                del self._owners[name]
         owners = list(self._owners.values()) if owner is None else [self._owners.get(owner)]
         finished = {m: [0, 0] for m in range(oldest, current + 1)}
         steps: dict[str, tuple[list[int], list[float]]] = {}

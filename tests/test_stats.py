@@ -143,6 +143,9 @@ def test_the_board_skips_duplicates_and_counts_reviews_waiting() -> None:
     view = board.view("alice")
     assert (view["running"], view["waiting"], view["completed"]) == (1, 0, 1)
     assert board.view("bob")["running"] == 0 and board.view(None)["completed"] == 1
+    clock.advance(2 * 3600)  # nothing of alice's in the window: forgotten, her running kept
+    assert board.view(None)["completed"] == 0 and board.view(None)["running"] == 1
+    assert board._owners == {}
 
 
 class FakeSocket:

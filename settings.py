@@ -13,6 +13,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,6 +290,11 @@ class StorageSettings:
     cache_max_bytes: Size = _help(
         "the most those cached documents may hold, by stored size", default=Size(64 * 1024**2)
     )
+    history_limit: int = _help(
+        "history entries kept per workflow, the newest (older ones are counted as dropped)",
+        default=100,
+        check=at_least(1, "at least 1"),
+    )
     sqlite_synchronous: str = _help(
         "SQLite's synchronous level in WAL mode: normal (a process crash loses nothing "
         "acknowledged; a power loss may lose the last commits) or full (a power loss neither)",
@@ -513,6 +519,57 @@ def _listen(key: str, value: Any) -> None:
 
 
 @dataclass
+class WebhookEndpointSettings:
+    url: str = _help(
+        "where to POST (http or https; its host in webhooks.allowed_hosts)", default=""
+    )
+    events: list[str] = _help(
+        "the event routing keys to send (workflow.completed, workflow.failed, step.…)",
+        default_factory=list,
+    )
+    secret: str = _help("the HMAC-SHA256 key of its Stox-Signature header", default="")
+
+    def check(self, key: str) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise SettingsError(f"{key}.url: expected an http:// or https:// URL, got {self.url!r}")
+        if not self.events:
+            raise SettingsError(f"{key}.events: expected at least one event")
+        if not self.secret:
+            raise SettingsError(f"{key}.secret: expected a secret to sign deliveries with")
+
+
+@dataclass
+class WebhookSettings:
+    allowed_hosts: list[str] = _help(
+        "the hosts (names or addresses) deliveries may go to; a name that resolves to a "
+        "loopback, link-local or private address is refused unless that address is listed",
+        default_factory=list,
+    )
+    endpoints: list[WebhookEndpointSettings] = _help(
+        "configured endpoints: url, events, secret", default_factory=list
+    )
+    callback_secret: str = _help(
+        "the key that signs deliveries to an upload's callback_url (empty: uploads may not "
+        "name one)",
+        default="",
+    )
+    timeout: Duration = _help("one delivery's time limit", default=Duration(10.0), check=positive)
+    retry_for: Duration = _help(
+        "how long a failing delivery is retried, with backoff, before it is given up",
+        default=Duration(24 * 3600.0),
+        check=positive,
+    )
+
+    def check(self, key: str) -> None:
+        for i, endpoint in enumerate(self.endpoints):
+            host = urllib.parse.urlsplit(endpoint.url).hostname or ""
+            if host.lower() not in {h.lower() for h in self.allowed_hosts}:
+                raise SettingsError(
+                    f"{key}.endpoints[{i}].url: its host {host!r} is not in {key}.allowed_hosts"
+                )
+
+
+@dataclass
 class MetricsSettings:
     enabled: bool = _help("serve Prometheus metrics at /metrics", default=True)
     listen: str = _help(
@@ -635,6 +692,7 @@ class Settings:
         default_factory=dict,
     )
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     demo_workers: bool = False
 
     def check(self, key: str) -> None:

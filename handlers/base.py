@@ -37,7 +37,14 @@ from stox.auth.tokens import (
 from stox.codec import dumps
 from stox.ids import random16
 from stox.logs import bind, log_exception
-from stox.orchestrator import Contention, KeyReused, NotFound, Orchestrator, UnknownPipeline
+from stox.orchestrator import (
+    CallbackRefused,
+    Contention,
+    KeyReused,
+    NotFound,
+    Orchestrator,
+    UnknownPipeline,
+)
 from stox.schemas import nested_beyond
 from stox.store import StoreError
 from stox.workflow import NotAllowed, StaleReport
@@ -150,6 +157,10 @@ def _unknown_pipeline(exc: Exception) -> ApiError:
     )
 
 
+def _callback_refused(exc: Exception) -> ApiError:
+    return ApiError(400, "invalid_input", f"callback_url: {exc}", {"callback_url": str(exc)})
+
+
 def _key_reused(exc: Exception) -> ApiError:
     return ApiError(
         422,
@@ -180,6 +191,7 @@ DOMAIN_ERRORS: dict[type[Exception], Callable[[Exception], ApiError]] = {
     StoreError: _store_unavailable,  # AlreadyExists too: an id taken is for a retry as well
     KeyReused: _key_reused,
     UnknownPipeline: _unknown_pipeline,
+    CallbackRefused: _callback_refused,
     TooManyAttempts: _too_many,
 }
 

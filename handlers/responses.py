@@ -109,6 +109,45 @@ class PipelinesSchema(Schema):
     pipelines = fields.List(fields.Nested(PipelineDefinitionSchema), required=True)
 
 
+class HistoryEntrySchema(Schema):
+    at = fields.String(required=True, metadata={"format": "date-time"})
+    event = fields.String(
+        required=True,
+        metadata={"description": "workflow_started, or a change type (step_dispatched, …)"},
+    )
+    by = fields.String(required=True, metadata={"description": "user:NAME, service:NAME, sweeper"})
+    step = fields.String()
+    attempt = fields.Integer()
+    error = fields.String()
+
+
+class HistorySchema(Schema):
+    workflow_id = fields.String(required=True)
+    entries = fields.List(fields.Nested(HistoryEntrySchema), required=True)
+    dropped = fields.Integer(required=True, metadata={"description": "older entries dropped"})
+
+
+class DeliverySchema(Schema):
+    id = fields.String(required=True, metadata={"description": "its Stox-Delivery header"})
+    url = fields.String(required=True)
+    signer = fields.String(required=True, validate=validate.OneOf(["endpoint", "callback"]))
+    event = fields.String(required=True)
+    message_id = fields.String(required=True)
+    status = fields.String(
+        required=True, validate=validate.OneOf(["pending", "delivered", "given_up"])
+    )
+    attempts = fields.Integer(required=True)
+    created_at = fields.String(required=True, metadata={"format": "date-time"})
+    next_at = fields.String(required=True, metadata={"format": "date-time"})
+    last_error = fields.String(required=True, allow_none=True)
+    ended_at = fields.String(required=True, allow_none=True, metadata={"format": "date-time"})
+
+
+class DeliveriesSchema(Schema):
+    workflow_id = fields.String(required=True)
+    deliveries = fields.List(fields.Nested(DeliverySchema), required=True)
+
+
 class BulkResultSchema(Schema):
     workflow_id = fields.String(required=True)
     outcome = fields.String(
@@ -218,6 +257,9 @@ class WebSocketMessageSchema(Schema):
                 "workflow_completed",
                 "workflow_failed",
                 "workflow_cancelled",
+                "webhook_delivered",
+                "webhook_retrying",
+                "webhook_given_up",
                 "stats",
             ]
         ),

@@ -17,6 +17,7 @@ from handlers.openapi import operation
 from stox import tracecontext
 from stox.auth.limits import UploadLimiter
 from stox.logs import bind
+from stox.orchestrator import Outcome
 from stox.schemas import (
     BULK_LIMIT,
     bulk_schema,
@@ -68,6 +69,23 @@ class WorkflowHandler(BaseHandler):
         """Admins change every workflow; everyone else only their own."""
         return None if self.principal.is_admin else self.principal.id
 
+    def write_outcome(self, outcome: Outcome) -> None:
+        """The answer to a report or a review: applied, or a duplicate that changed nothing."""
+        workflow = outcome.workflow
+        self.write_json(
+            200,
+            {
+                "result": "applied" if outcome.applied else "duplicate",
+                "workflow_id": workflow.id,
+                "status": workflow.status,
+                "version": workflow.version,
+            },
+        )
+
+    def by(self) -> str:
+        """Who is asking, as the history names them."""
+        return f"user:{self.principal.username}"
+
     def reader_filter(self) -> str | None:
         """Admins and reviewers see every workflow (a reviewer must find what waits for
         review); everyone else only their own."""
@@ -77,7 +95,7 @@ class WorkflowHandler(BaseHandler):
         workflow_id = self.load(workflow_id_schema, self.json_body())["workflow_id"]
         bind(workflow_id=workflow_id)
         command = getattr(self.orchestrator, action)
-        workflow: Workflow = await command(workflow_id, self.owner_filter())
+        workflow: Workflow = await command(workflow_id, self.owner_filter(), self.by())
         self.write_json(200, workflow.public())
 
 
@@ -113,10 +131,15 @@ class UploadHandler(WorkflowHandler):
         self.uploads.begin(self.principal.id)
         key = self.idempotency_key()
         product = self.load(upload_schema, self.json_body())
-        pipeline = product.pop("pipeline")
+        pipeline, callback_url = product.pop("pipeline"), product.pop("callback_url")
         principal = self.principal
         workflow = await self.orchestrator.upload(
-            principal.id, product, key, pipeline, owner_name=principal.username
+            principal.id,
+            product,
+            key,
+            pipeline,
+            owner_name=principal.username,
+            callback_url=callback_url,
         )
         # the answer as the upload that made it gave it (a retry with its key gets the same)
         deps = self.orchestrator.pipeline_of(workflow).deps
@@ -167,7 +190,7 @@ class StatusHandler(WorkflowHandler):
         self.write_json(200, workflow.public())
 
 
-class StepCompletedHandler(BaseHandler):
+class StepCompletedHandler(WorkflowHandler):
     @operation(
         "A service reports a step attempt's outcome",
         body=completion_schema,
@@ -192,20 +215,12 @@ class StepCompletedHandler(BaseHandler):
     )
     @requires("service")
     async def post(self) -> None:
-        report = Report(**self.load(completion_schema, self.json_body()))
+        body = self.load(completion_schema, self.json_body())
+        report = Report(**body, by=f"service:{self.principal.username}")
         bind(workflow_id=report.workflow_id, step=report.step_type)  # the attempt: see report()
         with tracecontext.continuing(self.request.headers.get(tracecontext.HEADER)):
             outcome = await self.orchestrator.report(report)
-        workflow = outcome.workflow
-        self.write_json(
-            200,
-            {
-                "result": "applied" if outcome.applied else "duplicate",
-                "workflow_id": workflow.id,
-                "status": workflow.status,
-                "version": workflow.version,
-            },
-        )
+        self.write_outcome(outcome)
 
 
 class ReviewHandler(WorkflowHandler):
@@ -232,16 +247,56 @@ class ReviewHandler(WorkflowHandler):
         bind(workflow_id=body["workflow_id"])
         decision = Review(by=self.principal.username, **body)
         outcome = await self.orchestrator.review(decision, self.reader_filter())
-        workflow = outcome.workflow
-        self.write_json(
-            200,
-            {
-                "result": "applied" if outcome.applied else "duplicate",
-                "workflow_id": workflow.id,
-                "status": workflow.status,
-                "version": workflow.version,
-            },
-        )
+        self.write_outcome(outcome)
+
+
+class HistoryHandler(WorkflowHandler):
+    @operation(
+        "What happened to a workflow, oldest first",
+        query=workflow_id_schema,
+        description="Each transition's changes as entries: when, what, the step and attempt, "
+        "who or what caused it (`user:NAME`, `service:NAME`, `sweeper`), the error of an "
+        "attempt that failed. The newest `storage.history_limit` are kept; `dropped` counts "
+        "the older ones. The owner's, or any for an admin.",
+        answers={200: ("the history", responses.HistorySchema())},
+        errors={
+            404: "`not_found`: no such workflow, or another user's",
+            503: "`store_unavailable`, with `Retry-After`",
+        },
+    )
+    @requires("user")
+    async def get(self) -> None:
+        workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
+        bind(workflow_id=workflow_id)
+        workflow = await self.orchestrator.get(workflow_id, self.owner_filter())
+        body = {
+            "workflow_id": workflow.id,
+            "entries": workflow.history,
+            "dropped": workflow.history_dropped,
+        }
+        self.write_json(200, body)
+
+
+class DeliveriesHandler(WorkflowHandler):
+    @operation(
+        "A workflow's webhook deliveries",
+        query=workflow_id_schema,
+        description="Each delivery of its events to a configured endpoint or its callback_url: "
+        "status (`pending`, `delivered`, `given_up`), attempts, the last error, when it is "
+        "tried next. The owner's, or any for an admin.",
+        answers={200: ("the deliveries", responses.DeliveriesSchema())},
+        errors={
+            404: "`not_found`: no such workflow, or another user's",
+            503: "`store_unavailable`, with `Retry-After`",
+        },
+    )
+    @requires("user")
+    async def get(self) -> None:
+        workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
+        bind(workflow_id=workflow_id)
+        workflow = await self.orchestrator.get(workflow_id, self.owner_filter())
+        shown = [{k: v for k, v in d.items() if k != "payload"} for d in workflow.deliveries]
+        self.write_json(200, {"workflow_id": workflow.id, "deliveries": shown})
 
 
 class BulkHandler(WorkflowHandler):
@@ -275,7 +330,7 @@ class BulkHandler(WorkflowHandler):
             workflow_ids = [w.id for w in page]
             if len(found) > BULK_LIMIT:
                 next_cursor = encode_cursor(page[-1].created_at, page[-1].id)
-        results = await self.orchestrator.bulk(body["action"], owner, workflow_ids)
+        results = await self.orchestrator.bulk(body["action"], owner, workflow_ids, self.by())
         self.write_json(
             200,
             {
@@ -355,6 +410,8 @@ routes = [
     tornado.web.url(r"/api/v1/workflow/step-completed", StepCompletedHandler, name=STEP_COMPLETED),
     (r"/api/v1/workflow/review", ReviewHandler),
     (r"/api/v1/workflow/bulk", BulkHandler),
+    (r"/api/v1/workflow/history", HistoryHandler),
+    (r"/api/v1/workflow/deliveries", DeliveriesHandler),
     (r"/api/v1/workflow/list", ListHandler),
     (r"/api/v1/workflow/cancel", CancelHandler),
     (r"/api/v1/workflow/retry", RetryHandler),

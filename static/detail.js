@@ -422,7 +422,8 @@ export function wireDetail() {
     change("cancel");
   });
   document.addEventListener("keydown", (event) => {
-    if (event.key === "Escape" && state.detailId && !$("cancel-dialog").open) closeDetail();
+    const dialogOpen = $("cancel-dialog").open || $("bulk-dialog").open; // Escape closes that first
+    if (event.key === "Escape" && state.detailId && !dialogOpen) closeDetail();
   });
   window.addEventListener("hashchange", () => routeFromHash());
   setInterval(tick, 1000);

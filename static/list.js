@@ -1,8 +1,10 @@
 // The list of workflows, live: the WebSocket that feeds it (a snapshot, then every change),
 // the rows and counts it renders, older pages on demand, and what is announced to screen
-// readers as workflows change.
+// readers as workflows change. A search (search.js) shows the server's list of it, a page at
+// a time, and the live changes that match; the rows' checkboxes are bulk.js's.
 
 import { API, LiveSocket, socketUrl } from "./api.js";
+import { labelCheck, renderBulk, resetBulk, rowCheck, wireBulk } from "./bulk.js";
 import { renderStats } from "./charts.js";
 import { $, h, setMessage } from "./dom.js";
 import {
@@ -14,14 +16,26 @@ import {
   formatDuration,
   formatPrice,
   isSequence,
+  newestFirst,
   parseTime,
   pipelineLabel,
   progress,
+  searchParams,
+  serverSearch,
   stages,
   stepLongName,
   stepShortName,
   stepState,
+  tokenClaims,
 } from "./model.js";
+import {
+  ownerLabel,
+  renderOwnerChoice,
+  resetSearch,
+  searchKeep,
+  seesEveryone,
+  wireSearch,
+} from "./search.js";
 import { EXPIRED, call, onSignIn, onSignOut, sessionExpired, signOut } from "./session.js";
 import { markDirty, renderSoon, serverNow, state } from "./state.js";
 
@@ -39,7 +53,23 @@ export const STATE_ICONS = {
 
 // -- the live connection --------------------------------------------------------------------------
 
+/** Whether this person sees everyone's workflows: the token says, else their profile. */
+function learnRole(session) {
+  const role = tokenClaims(session.token)?.role;
+  state.role = typeof role === "string" ? role : null;
+  if (state.role) return;
+  call("GET", `${API}/auth/profile`)
+    .then((profile) => {
+      if (profile && state.session === session) {
+        state.role = profile.role ?? null;
+        renderSoon(true);
+      }
+    })
+    .catch(() => {}); // the rows go without owners
+}
+
 function startLive(session) {
+  learnRole(session);
   state.live = new LiveSocket({
     url: socketUrl("/ws?stats=1"), // the charts' figures too (charts.js)
     token: session.token,
@@ -173,12 +203,31 @@ function announceChange(kind, stepName, previous, current) {
 
 // -- rendering --------------------------------------------------------------------------------------
 
-/** The counts, the tab's title and the rows of the current filter. */
+/** The counts (of what the search finds), the tab's title and the rows of the current filter. */
 export function renderList() {
-  const counts = state.store.counts();
+  const keep = searchKeep();
+  const counts = state.store.counts(keep);
   for (const el of document.querySelectorAll("[data-count]")) el.textContent = counts[el.dataset.count] ?? 0;
-  renderTitle(counts);
-  renderRows();
+  renderTitle(keep ? state.store.counts() : counts);
+  renderOwnerChoice();
+  renderRows(keep);
+}
+
+/** The chain of pages the list shows: the filter's, or the filter's within the search. */
+function chainKey() {
+  if (!serverSearch(state.search)) return state.filter;
+  return `${state.filter} ${JSON.stringify(searchParams(state.search))}`;
+}
+
+/**
+ * What a search shows: the workflows that match, down to the oldest of the server's pages
+ * loaded so far (older ones loaded otherwise would leave a gap the next page fills).
+ */
+function searched(workflows) {
+  if (!serverSearch(state.search) || state.chains.get("all")?.done) return workflows;
+  const chain = state.chains.get(chainKey());
+  if (!chain?.last || chain.done) return workflows;
+  return workflows.filter((w) => newestFirst(w, chain.last) <= 0);
 }
 
 function renderTitle(counts) {
@@ -189,10 +238,10 @@ function renderTitle(counts) {
   document.title = parts.length ? `(${parts.join(", ")}) Stox` : "Stox";
 }
 
-function renderRows() {
+function renderRows(keep) {
   const list = $("workflow-list");
   const status = state.filter === "all" ? null : state.filter;
-  const workflows = state.store.list(status);
+  const workflows = searched(state.store.list(status, keep));
   let cursor = list.firstElementChild;
   for (const w of workflows) {
     let row = state.rows.get(w.id);
@@ -211,27 +260,40 @@ function renderRows() {
     cursor.remove();
     cursor = next;
   }
-  renderListFooter(workflows.length);
+  renderListFooter(workflows.length, keep !== null);
+  renderBulk(workflows.map((w) => w.id));
 }
 
-function renderListFooter(shown) {
+function renderListFooter(shown, searching) {
   const total = state.store.size;
   const empty = $("list-empty");
+  const which =
+    state.filter === "all"
+      ? "workflows"
+      : state.filter === REVIEW_FILTER
+        ? "workflows needing review"
+        : `${state.filter} workflows`;
+  const server = serverSearch(state.search);
+  const chain = state.chains.get(chainKey());
   if (!state.connections && !total) {
     setMessage(empty, "Loading workflows…");
+  } else if (shown) {
+    setMessage(empty, null);
+  } else if (server && chain && chain.cursor === null && !chain.done && state.loadingOlder) {
+    setMessage(empty, "Searching…");
+  } else if (searching) {
+    setMessage(empty, `No ${which} match the search.`);
   } else if (!total) {
     setMessage(empty, "No workflows yet. Upload a product to start one.");
-  } else if (!shown) {
-    const which = state.filter === REVIEW_FILTER ? "workflows needing review" : `${state.filter} workflows`;
-    setMessage(empty, `No ${which} among the ${total} loaded.`);
   } else {
-    setMessage(empty, null);
+    setMessage(empty, `No ${which} among the ${total} loaded.`);
   }
-  $("list-summary").textContent =
-    state.listNote ?? (total ? `Showing ${shown} of ${total} loaded, newest first.` : "");
-  const chain = state.chains.get(state.filter);
+  const summary = searching
+    ? `Showing ${shown} that match, newest first.`
+    : `Showing ${shown} of ${total} loaded, newest first.`;
+  $("list-summary").textContent = state.listNote ?? (total ? summary : "");
   const everything = state.chains.get("all")?.done;
-  const more = !everything && (chain ? !chain.done : state.snapshotFull);
+  const more = !everything && (chain ? !chain.done : !server && state.snapshotFull);
   const button = $("load-older");
   button.hidden = !more;
   button.disabled = state.loadingOlder;
@@ -244,7 +306,12 @@ function createRow(id) {
   const row = h(
     "li",
     { class: "wf", dataset: { workflowId: id } },
-    h("div", { class: "wf-title" }, open, h("p", { class: "wf-meta" })),
+    h(
+      "div",
+      { class: "wf-title" },
+      rowCheck(id), // bulk.js's
+      h("div", { class: "wf-text" }, open, h("p", { class: "wf-meta" })),
+    ),
     h("span", { class: "badge" }),
     h("ol", { class: "steps" }),
     h("p", { class: "wf-elapsed" }, h("span", { class: "visually-hidden" }, "Elapsed "), h("time", { class: "elapsed" })),
@@ -260,11 +327,18 @@ function updateRow(row, w) {
   const open = row.querySelector(".wf-open");
   open.textContent = w.product?.name ?? w.id;
   open.setAttribute("aria-expanded", String(state.detailId === w.id));
+  labelCheck(row.querySelector(".wf-check"), w.product?.name ?? w.id);
+  const owner = seesEveryone() ? ownerLabel(w) : "";
+  row.dataset.owner = w.owner ?? "";
   const meta = [w.product?.category, w.product?.price != null ? formatPrice(w.product.price) : null]
     .filter(Boolean)
     .join(" · ");
   const pipeline = pipelineLabel(w);
   row.querySelector(".wf-meta").replaceChildren(
+    owner
+      ? h("span", { class: "wf-owner", title: `Owner ${owner}` }, h("span", { class: "visually-hidden" }, "Owner "), owner)
+      : null,
+    owner ? " · " : "",
     meta ? `${meta} · ` : "",
     pipeline
       ? h("span", { class: "wf-pipeline", title: `Pipeline ${w.pipeline.name}, version ${w.pipeline.version}` }, pipeline)
@@ -356,24 +430,42 @@ function tick() {
 
 // -- older workflows ----------------------------------------------------------------------------------
 
-async function loadOlder() {
-  if (state.loadingOlder || !state.session) return;
+/** A search's first page is still to be asked for. */
+const needsFirstPage = () =>
+  serverSearch(state.search) && !state.chains.has(chainKey()) && !state.chains.get("all")?.done;
+
+/**
+ * The next pages of the filter's (and the search's) list, as the server pages it; `first`: a
+ * search's first page, which shows the server's answer at once.
+ */
+async function loadOlder(first = false) {
+  if (!state.session) return;
+  if (state.loadingOlder) {
+    state.reloadAfter ||= first; // the search changed meanwhile: its first page next
+    return;
+  }
   const filter = state.filter;
-  const chain = state.chains.get(filter) ?? { cursor: null, done: false };
-  state.chains.set(filter, chain);
+  const search = state.search;
+  const key = chainKey();
+  const chain = state.chains.get(key) ?? { cursor: null, done: false, last: null };
+  state.chains.set(key, chain);
   state.loadingOlder = true;
   state.listNote = null;
   renderSoon(true);
   try {
     // The first page repeats what the snapshot holds; go on until something new shows.
     let added = 0;
-    while (!chain.done && added === 0) {
-      const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
+    let pages = 0;
+    let found = 0;
+    while (!chain.done && (first ? pages === 0 : added === 0)) {
+      const query = new URLSearchParams({ limit: String(PAGE_SIZE), ...searchParams(search) });
       // those needing review are running: the server filters by status only
       if (filter !== "all") query.set("status", filter === REVIEW_FILTER ? "running" : filter);
       if (chain.cursor) query.set("cursor", chain.cursor);
       const page = await call("GET", `${API}/workflow/list?${query}`);
       if (!page) return;
+      pages += 1;
+      found += page.workflows.length;
       for (const doc of page.workflows) {
         const applied = state.store.apply(doc);
         if (applied) {
@@ -381,17 +473,31 @@ async function loadOlder() {
           if (!applied.previous) added += 1;
         }
       }
+      if (page.workflows.length) chain.last = page.workflows.at(-1);
       chain.cursor = page.next_cursor;
       chain.done = !page.next_cursor;
     }
-    announce(added ? `Loaded ${added} older workflows.` : "No older workflows.");
+    if (first) announce(`${found}${chain.done ? "" : " or more"} workflows match.`);
+    else announce(added ? `Loaded ${added} older workflows.` : "No older workflows.");
   } catch (error) {
-    state.listNote = `Could not load older workflows: ${error.message}`;
+    if (first) state.chains.delete(key); // asked again at the next change
+    state.listNote = `Could not load ${first ? "the search" : "older workflows"}: ${error.message}`;
     announce(state.listNote);
   } finally {
     state.loadingOlder = false;
     renderSoon(true);
+    if (state.reloadAfter) {
+      state.reloadAfter = false;
+      if (needsFirstPage()) loadOlder(true);
+    }
   }
+}
+
+/** The search or the filter changed: rows it hid may have changed meanwhile, update them all. */
+function listChanged() {
+  state.listNote = null;
+  renderSoon(true);
+  if (needsFirstPage()) loadOlder(true);
 }
 
 export function wireList() {
@@ -404,6 +510,10 @@ export function wireList() {
     state.snapshotIds = new Set();
     state.connections = 0;
     state.fresh.clear();
+    state.role = null;
+    state.reloadAfter = false;
+    resetSearch();
+    resetBulk();
     $("workflow-list").replaceChildren();
   });
   $("reconnect-now").addEventListener("click", () => state.live?.reconnectNow());
@@ -411,9 +521,11 @@ export function wireList() {
     radio.addEventListener("change", () => {
       state.filter = radio.value;
       $("workflow-list").dataset.filter = radio.value;
-      renderSoon(true); // rows the filter hid may have changed meanwhile: update them all
+      listChanged();
     });
   }
-  $("load-older").addEventListener("click", loadOlder);
+  $("load-older").addEventListener("click", () => loadOlder());
+  wireSearch(listChanged);
+  wireBulk();
   setInterval(tick, 1000);
 }

@@ -31,18 +31,23 @@ export class WorkflowStore {
     return { previous: current ?? null };
   }
 
-  /** Newest first, as the server lists them; only `status` (or those needing review) when given. */
-  list(status = null) {
+  /** Newest first, as the server lists them; only `status` (or those needing review) when
+   * given, and only those `keep` keeps. */
+  list(status = null, keep = null) {
     const docs = [...this.byId.values()].filter(
-      (w) => !status || (status === REVIEW_FILTER ? needsReview(w) : w.status === status),
+      (w) =>
+        (!status || (status === REVIEW_FILTER ? needsReview(w) : w.status === status)) && (!keep || keep(w)),
     );
     return docs.sort(newestFirst);
   }
 
-  counts() {
-    const counts = { all: this.byId.size, [REVIEW_FILTER]: 0 };
+  /** How many by status (and needing review), among those `keep` keeps. */
+  counts(keep = null) {
+    const counts = { all: 0, [REVIEW_FILTER]: 0 };
     for (const status of STATUSES) counts[status] = 0;
     for (const w of this.byId.values()) {
+      if (keep && !keep(w)) continue;
+      counts.all += 1;
       counts[w.status] = (counts[w.status] ?? 0) + 1;
       if (needsReview(w)) counts[REVIEW_FILTER] += 1;
     }
@@ -54,9 +59,71 @@ export class WorkflowStore {
   }
 }
 
-function newestFirst(a, b) {
+export function newestFirst(a, b) {
   if (a.created_at !== b.created_at) return a.created_at < b.created_at ? 1 : -1;
   return a.id < b.id ? 1 : a.id > b.id ? -1 : 0;
+}
+
+// -- search: the server's rules (GET /api/v1/workflow/list), applied to what arrives live ------
+
+export const DEFAULT_PIPELINE = "default"; // what a workflow stored without a pipeline runs on
+
+export const NO_SEARCH = Object.freeze({ q: "", pipeline: "", createdAfter: "", createdBefore: "", owner: "" });
+
+/** A search the server narrows the list by (the owner is narrowed here only). */
+export const serverSearch = (s) => Boolean(s.q || s.pipeline || s.createdAfter || s.createdBefore);
+
+/**
+ * Whether workflow `w` is one search `s` finds, as the server decides it: `q` a part of the
+ * product's name or category in any case, `pipeline` the name of the pipeline it runs on,
+ * `createdAfter` inclusive and `createdBefore` exclusive (ISO times); `owner` an owner's id.
+ */
+export function matchesSearch(w, s) {
+  if (s.q) {
+    const q = s.q.toLowerCase();
+    const name = String(w.product?.name ?? "").toLowerCase();
+    const category = String(w.product?.category ?? "").toLowerCase();
+    if (!name.includes(q) && !category.includes(q)) return false;
+  }
+  if (s.pipeline && (w.pipeline?.name ?? DEFAULT_PIPELINE) !== s.pipeline) return false;
+  if (s.createdAfter || s.createdBefore) {
+    const created = parseTime(w.created_at);
+    if (created === null) return false;
+    if (s.createdAfter && created < parseTime(s.createdAfter)) return false;
+    if (s.createdBefore && created >= parseTime(s.createdBefore)) return false;
+  }
+  if (s.owner && w.owner !== s.owner) return false;
+  return true;
+}
+
+/** The list's query parameters of search `s`. */
+export function searchParams(s) {
+  const params = {};
+  if (s.q) params.q = s.q;
+  if (s.pipeline) params.pipeline = s.pipeline;
+  if (s.createdAfter) params.created_after = s.createdAfter;
+  if (s.createdBefore) params.created_before = s.createdBefore;
+  return params;
+}
+
+/** A day of a date input ("2026-12-04") as the ISO time its local midnight is, `days` later. */
+export function dayStart(value, days = 0) {
+  const m = /^(\d{4})-(\d\d)-(\d\d)$/.exec(value ?? "");
+  if (!m) return "";
+  return new Date(+m[1], +m[2] - 1, +m[3] + days).toISOString();
+}
+
+const OUTCOMES = ["retried", "cancelled", "not_allowed", "not_found", "unavailable"];
+
+/** "3 retried, 1 not allowed" of a bulk answer's results: what was done first. */
+export function outcomeCounts(results) {
+  const counts = new Map();
+  for (const r of results) counts.set(r.outcome, (counts.get(r.outcome) ?? 0) + 1);
+  const rank = (outcome) => (OUTCOMES.includes(outcome) ? OUTCOMES.indexOf(outcome) : OUTCOMES.length);
+  return [...counts]
+    .sort((a, b) => rank(a[0]) - rank(b[0]))
+    .map(([outcome, n]) => `${n} ${outcome.replace(/_/g, " ")}`)
+    .join(", ");
 }
 
 // -- input checks, mirroring the server ------------------------------------------------------

@@ -1,6 +1,6 @@
 // The page's state, shared by its modules, and the rendering they ask for when it changes.
 
-import { WorkflowStore } from "./model.js";
+import { NO_SEARCH, WorkflowStore } from "./model.js";
 
 export const state = {
   session: null, // {token, username, expiresAt}
@@ -11,10 +11,16 @@ export const state = {
   snapshotIds: new Set(), // workflows in the current connection's snapshot
   connections: 0,
   snapshotFull: false, // the newest SNAPSHOT_LIMIT are not all there is
-  chains: new Map(), // filter -> {cursor, done}: pages of older workflows
+  chains: new Map(), // filter (and search) -> {cursor, done, last}: pages of older workflows
   loadingOlder: false,
+  reloadAfter: false, // the search changed while a page loaded: ask for its first page after
   listNote: null, // what went wrong loading older workflows
   filter: "all",
+  search: NO_SEARCH, // what the search form applies (model.js matchesSearch)
+  role: null, // the signed-in person's role: admins and reviewers see everyone's workflows
+  pipelines: [], // GET /api/v1/pipelines, the default first
+  selected: new Set(), // workflow ids checked for a bulk action
+  bulkBusy: false,
   rows: new Map(), // workflow id -> <li>
   dirty: new Set(),
   renderAll: false,

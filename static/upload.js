@@ -6,6 +6,7 @@ import { API } from "./api.js";
 import { $, h, setFieldError, setMessage, showFieldErrors } from "./dom.js";
 import { refreshWorkflow } from "./list.js";
 import { fieldMessages, parseProduct, stepLongName } from "./model.js";
+import { renderPipelineChoice } from "./search.js";
 import { call, onSignIn, onSignOut } from "./session.js";
 import { state } from "./state.js";
 
@@ -22,6 +23,8 @@ async function loadPipelines() {
   } catch {
     pipelines = []; // uploads still go to the default pipeline
   }
+  state.pipelines = pipelines;
+  renderPipelineChoice(); // the list's search offers them too
   const select = $("product-pipeline");
   select.replaceChildren(
     ...pipelines.map((p, i) => h("option", { value: p.name, selected: i === 0 }, `${p.name} (v${p.version})`)),
@@ -102,6 +105,8 @@ export function wireUpload() {
   onSignIn(loadPipelines);
   onSignOut(() => {
     pipelines = [];
+    state.pipelines = [];
+    renderPipelineChoice();
     $("product-pipeline").replaceChildren();
     $("pipeline-field").hidden = true;
     $("upload-form").reset();

@@ -38,6 +38,7 @@ from stox.stats import StatsBoard
 from stox.store import StoreError, WorkflowStore, make_store
 from stox.store.faulty import FaultyStore
 from stox.transition_log import TransitionLog
+from stox.webhooks import Webhooks
 from stox.workflow import (
     CHANGE_ROUTING_KEY,
     DEFAULT_PIPELINE,
@@ -215,6 +216,9 @@ class Gateway:
         self.auth = AuthClient.from_settings(
             settings.auth, f"{remote.host}:{remote.port}" if remote.host else ""
         )
+        hooks = settings.webhooks
+        # deliveries only where some are configured (endpoints, or callbacks with a secret)
+        self.webhooks = Webhooks(hooks, clock) if hooks.endpoints or hooks.callback_secret else None
         self.pipelines = make_pipelines(settings, completion_path)
         self.pipeline = self.pipelines[DEFAULT_PIPELINE]
         self.observers = Observers()  # metrics and traces add themselves
@@ -234,6 +238,8 @@ class Gateway:
             observers=self.observers,
             new_trace=self.tracing.new_root if self.tracing is not None else None,
             pipelines=self.pipelines,
+            history_limit=settings.storage.history_limit,
+            webhooks=self.webhooks,
         )
         self.uploads = UploadLimiter.from_settings(settings.server)
         # the dashboard's charts, from the change notifications the hub hears (stox/stats.py)
@@ -397,7 +403,10 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.hub.close()
+        await self.orchestrator.stop_deliveries()
         await self.orchestrator.drain()
+        if self.webhooks is not None:
+            self.webhooks.close()
         await self.auth.close()
         if self.auth_server is not None:
             await self.auth_server.stop()

@@ -29,9 +29,9 @@ AUTHORIZATION = "authorization"  # the AMQP header; its name is matched in any c
 
 def completion_handler(orchestrator: Orchestrator, tokens: TokenAuthority) -> Handler:
     async def handle(event: Event) -> None:
-        authorize(tokens, event)
+        service = authorize(tokens, event)
         try:
-            report = Report(**completion_event_schema.load(event.payload))
+            report = Report(**completion_event_schema.load(event.payload), by=f"service:{service}")
         except ValidationError as exc:
             raise Rejected(f"malformed completion {event.message_id}: {exc.messages}") from None
         bind(workflow_id=report.workflow_id, step=report.step_type)  # the attempt: see report()
@@ -44,8 +44,9 @@ def completion_handler(orchestrator: Orchestrator, tokens: TokenAuthority) -> Ha
     return handle
 
 
-def authorize(tokens: TokenAuthority, event: Event) -> None:
-    """Rejected unless the event carries a valid service token (the reason names no token)."""
+def authorize(tokens: TokenAuthority, event: Event) -> str:
+    """The name of the service whose valid token the event carries; Rejected if it carries
+    none (the reason names no token)."""
     header = next((v for k, v in event.headers.items() if k.lower() == AUTHORIZATION), None)
     token = bearer.from_authorization(header)
     if token is None:
@@ -56,3 +57,4 @@ def authorize(tokens: TokenAuthority, event: Event) -> None:
         raise Rejected(f"completion {event.message_id}: invalid service token ({exc})") from None
     if principal.role != SERVICE:
         raise Rejected(f"completion {event.message_id}: a {principal.role} token, not a service's")
+    return principal.username

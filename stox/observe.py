@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # what caused a transition
 UPLOAD, REPORT, CANCEL, RETRY, WAKE = "upload", "report", "cancel", "retry", "wake"
 REVIEW = "review"  # a person's decision on a review step
+WEBHOOK = "webhook"  # a webhook delivery's attempt, recorded
 # why a report changed nothing
 DUPLICATE, STALE = "duplicate", "stale"
 

@@ -15,13 +15,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from stox import observe, tracecontext
 from stox import workflow as wf_rules
 from stox.bus.base import Event, EventBus, PublishError
 from stox.changes import ChangeBatcher
 from stox.codec import canonical
+from stox.ids import new_id
 from stox.logs import bind, event_log_fields, log_context, start_context
 from stox.store.base import (
     NO_FILTERS,
@@ -46,6 +47,29 @@ from stox.workflow import (
 log = logging.getLogger(__name__)
 
 Decide = Callable[[Workflow], list[Change]]
+
+
+class WebhookSender(Protocol):
+    """What the orchestrator asks of webhooks (stox/webhooks.py): where new events go, and
+    one delivery's attempt."""
+
+    @property
+    def retry_for(self) -> float: ...
+
+    def targets(
+        self, workflow: Workflow, entries: list[dict[str, Any]]
+    ) -> list[tuple[str, str, dict[str, Any]]]: ...
+
+    async def send(self, delivery: dict[str, Any]) -> str | None: ...
+
+    def callback_refusal(self, url: str) -> str | None: ...
+
+
+class CallbackRefused(Exception):
+    """An upload's callback_url this gateway will not call (the message says why)."""
+
+
+HISTORY_LIMIT = 100  # history entries kept per workflow (storage.history_limit)
 
 
 class NotFound(Exception):
@@ -111,6 +135,8 @@ class Orchestrator:
         observers: observe.Observers | None = None,
         new_trace: Callable[[], str] | None = None,
         pipelines: Mapping[str, Pipeline] | None = None,
+        history_limit: int = HISTORY_LIMIT,
+        webhooks: WebhookSender | None = None,
     ) -> None:
         """`pipeline`: the default (of uploads that name none, and of workflows stored
         without their definition); `pipelines`: the others an upload may name. Each
@@ -120,6 +146,9 @@ class Orchestrator:
         self.changes = ChangeBatcher(bus, clock)
         self.pipeline = pipeline
         self.pipelines = {DEFAULT_PIPELINE: pipeline, **(pipelines or {})}
+        self.history_limit = history_limit  # entries kept per workflow, the newest
+        self.webhooks = webhooks  # None: no webhooks configured
+        self._delivering: dict[str, asyncio.Task[None]] = {}  # delivery id -> its attempt
         # the definitions workflows run on, by version (the configured ones, then any a
         # stored workflow brings: a definition changed or removed since it started)
         self._definitions = {p.version: p for p in self.pipelines.values()}
@@ -146,6 +175,7 @@ class Orchestrator:
         key: str | None = None,
         pipeline: str | None = None,
         owner_name: str | None = None,
+        callback_url: str | None = None,
     ) -> Workflow:
         """A new workflow on `pipeline` (a configured name; None: the default); or, when
         `owner` sent `key` within the retention before, the one that upload made (KeyReused
@@ -155,11 +185,23 @@ class Orchestrator:
         chosen = self.pipelines.get(pipeline or DEFAULT_PIPELINE)
         if chosen is None:
             raise UnknownPipeline(str(pipeline), sorted(self.pipelines))
+        if callback_url is not None:
+            refusal = (
+                "this gateway sends no webhooks"
+                if self.webhooks is None
+                else self.webhooks.callback_refusal(callback_url)
+            )
+            if refusal is not None:
+                raise CallbackRefused(refusal)
         now = self.clock()
         trace = self.new_trace() if self.new_trace is not None else None
         workflow, changes = wf_rules.start(
             chosen, owner, product, now, trace=trace, owner_name=owner_name
         )
+        workflow.callback_url = callback_url
+        by = f"user:{owner_name or owner}"
+        wf_rules.record(workflow, [Change(wf_rules.STARTED), *changes], by, self.history_limit)
+        self._add_deliveries(workflow, workflow.outbox, now)
         bind(workflow_id=workflow.id)  # on the lines its insert writes (a retry's: see below)
         doc = workflow.to_doc()
         events = [NewEvent.of(entry) for entry in doc["outbox"]]
@@ -168,7 +210,9 @@ class Orchestrator:
         else:
             expires_at = wf_rules.isoformat(now + self.idempotency_retention)
             # the product alone on the default pipeline: keys stored before pipelines had names
-            body = product if pipeline is None else {"pipeline": pipeline, "product": product}
+            body: dict[str, Any] = product
+            if pipeline is not None or callback_url is not None:
+                body = {"pipeline": pipeline, "product": product, "callback_url": callback_url}
             held = IdempotencyKey(owner, key, body_hash(body), expires_at)
             for _ in range(self.max_races):
                 try:
@@ -185,6 +229,7 @@ class Orchestrator:
         self._keep_bodies(events)
         self.observers.transitioned(workflow, changes, observe.UPLOAD)
         self._publish_soon(workflow)
+        self._deliver_soon(workflow)
         return workflow
 
     async def _first_upload(self, key: IdempotencyKey) -> Workflow | None:
@@ -212,7 +257,9 @@ class Orchestrator:
             return wf_rules.complete(wf, self.pipeline_of(wf), report, self.clock())
 
         try:
-            result = await self._apply(report.workflow_id, decide, cause=observe.REPORT)
+            result = await self._apply(
+                report.workflow_id, decide, cause=observe.REPORT, by=report.by or "service"
+            )
         except wf_rules.DuplicateReport:
             self.observers.report_refused(report, observe.DUPLICATE)
             return Outcome(await self.get(report.workflow_id), applied=False)
@@ -221,21 +268,25 @@ class Orchestrator:
             raise
         return Outcome(result.workflow, applied=True)
 
-    async def cancel(self, workflow_id: str, owner: str | None) -> Workflow:
+    async def cancel(self, workflow_id: str, owner: str | None, by: str = "user") -> Workflow:
+        """`by`: who asked, for the history ("user:NAME")."""
         result = await self._apply(
             workflow_id,
             lambda wf: wf_rules.cancel(wf, self.pipeline_of(wf), self.clock()),
             cause=observe.CANCEL,
             doc=await self._load(workflow_id, owner),
+            by=by,
         )
         return result.workflow
 
-    async def retry(self, workflow_id: str, owner: str | None) -> Workflow:
+    async def retry(self, workflow_id: str, owner: str | None, by: str = "user") -> Workflow:
+        """`by`: who asked, for the history ("user:NAME")."""
         result = await self._apply(
             workflow_id,
             lambda wf: wf_rules.retry(wf, self.pipeline_of(wf), self.clock()),
             cause=observe.RETRY,
             doc=await self._load(workflow_id, owner),
+            by=by,
         )
         return result.workflow
 
@@ -256,6 +307,7 @@ class Orchestrator:
                 decide,
                 cause=observe.REVIEW,
                 doc=await self._load(decision.workflow_id, owner),
+                by=f"user:{decision.by}",
             )
         except wf_rules.DuplicateReport:
             return Outcome(await self.get(decision.workflow_id), applied=False)
@@ -276,7 +328,7 @@ class Orchestrator:
         return found
 
     async def bulk(
-        self, action: str, owner: str | None, workflow_ids: list[str]
+        self, action: str, owner: str | None, workflow_ids: list[str], by: str = "user"
     ) -> list[BulkResult]:
         """Retry or cancel each of `workflow_ids` (each once, in order) as the single
         commands do, on `owner`'s workflows (None: anyone's); one that cannot be does not
@@ -287,7 +339,7 @@ class Orchestrator:
         for workflow_id in dict.fromkeys(workflow_ids):
             with log_context(workflow_id=workflow_id):
                 try:
-                    workflow = await command(workflow_id, owner)
+                    workflow = await command(workflow_id, owner, by)
                 except NotFound:
                     results.append(BulkResult(workflow_id, "not_found"))
                 except wf_rules.NotAllowed as exc:
@@ -337,6 +389,7 @@ class Orchestrator:
                         doc["id"],
                         lambda wf: wf_rules.wake(wf, self.pipeline_of(wf), self.clock()),
                         cause=observe.WAKE,
+                        by="sweeper",
                         doc=doc,
                     )
                 except (NotFound, Contention):
@@ -345,6 +398,7 @@ class Orchestrator:
                     log.warning("deadline of %s left for the next sweep: %s", doc["id"], exc)
                     continue
             fired += result.written  # not when another instance fired it first
+            self._deliver_soon(result.workflow)  # its webhook deliveries that are due
         return fired
 
     async def expire_keys(self, limit: int = 500) -> int:
@@ -378,6 +432,63 @@ class Orchestrator:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.store.flush()
 
+    async def stop_deliveries(self) -> None:
+        """Abandon the deliveries under way (at shutdown): each is still pending in its
+        workflow, so whichever instance sweeps next sends it again."""
+        tasks = list(self._delivering.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- webhooks -------------------------------------------------------------------------
+
+    def _add_deliveries(
+        self, workflow: Workflow, entries: list[dict[str, Any]], now: float
+    ) -> None:
+        if self.webhooks is not None and entries:
+            wf_rules.add_deliveries(workflow, self.webhooks.targets(workflow, entries), now, new_id)
+
+    def _deliver_soon(self, workflow: Workflow) -> None:
+        """Send the workflow's deliveries that are due, each in a task of its own (one at a
+        time per delivery on this instance)."""
+        if self.webhooks is None or not workflow.deliveries:
+            return
+        for delivery in wf_rules.deliveries_due(workflow, self.clock()):
+            if delivery["id"] not in self._delivering:
+                task = asyncio.ensure_future(self._deliver(workflow.id, delivery))
+                self._delivering[delivery["id"]] = task
+
+    async def _deliver(self, workflow_id: str, delivery: dict[str, Any]) -> None:
+        start_context(workflow_id=workflow_id)
+        webhooks = self.webhooks
+        assert webhooks is not None
+        try:
+            error = await webhooks.send(delivery)
+            detail = {"url": delivery["url"], "delivery": delivery["id"]}
+            if error is not None:
+                detail["error"] = error
+                log.info("delivery %s to %s failed: %s", delivery["id"], delivery["url"], error)
+
+            def attempted(wf: Workflow) -> list[Change]:
+                return wf_rules.delivery_attempted(
+                    wf,
+                    self.pipeline_of(wf),
+                    delivery["id"],
+                    error,
+                    self.clock(),
+                    webhooks.retry_for,
+                )
+
+            await self._apply(
+                workflow_id, attempted, cause=observe.WEBHOOK, by="webhooks", detail=detail
+            )
+        except (NotFound, Contention, StoreError) as exc:  # it stays pending: sent again later
+            log.warning("delivery %s of %s left for later: %s", delivery["id"], workflow_id, exc)
+        except Exception:
+            log.exception("delivery %s of %s failed", delivery["id"], workflow_id)
+        finally:
+            self._delivering.pop(delivery["id"], None)
+
     # -- internals ------------------------------------------------------------------------
 
     async def _apply(
@@ -386,7 +497,9 @@ class Orchestrator:
         decide: Decide,
         *,
         cause: str,
+        by: str,
         doc: dict[str, Any] | None = None,
+        detail: dict[str, Any] | None = None,
     ) -> Applied:
         """Decide on the workflow, then compare-and-swap; a lost race reloads and decides again.
 
@@ -418,6 +531,8 @@ class Orchestrator:
                     return Applied(workflow, written=False)
                 doc = None
                 continue
+            wf_rules.record(workflow, changes, by, self.history_limit, detail)
+            self._add_deliveries(workflow, workflow.outbox[published_before:], self.clock())
             written = workflow.to_doc()
             new_events = [NewEvent.of(entry) for entry in written["outbox"][published_before:]]
             size = await self.store.replace(written, expected, new_events)
@@ -427,6 +542,7 @@ class Orchestrator:
                 self._keep_bodies(new_events)
                 self.observers.transitioned(workflow, changes, cause)
                 self._publish_soon(workflow)
+                self._deliver_soon(workflow)
                 return Applied(workflow, written=True)
             doc = None
         self._forget(workflow_id)

@@ -169,6 +169,14 @@ class UploadSchema(ProductSchema):
         validate=validate.Regexp(r"^[a-z][a-z0-9_]{0,63}\Z", error="expected a pipeline name"),
         metadata={"description": "a configured pipeline (default: `default`)"},
     )
+    callback_url = fields.String(
+        load_default=None,
+        validate=validate.Length(min=1, max=2048),
+        metadata={
+            "description": "where to POST this workflow's end (workflow.completed, .failed, "
+            ".cancelled), signed; its host must be in webhooks.allowed_hosts"
+        },
+    )
 
 
 class ReviewSchema(StrictSchema):

@@ -303,6 +303,7 @@ class Report:
     step_type: str | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
+    by: str | None = None  # who reported it, for the history ("service:NAME")
 
 
 @dataclass(slots=True)
@@ -372,6 +373,13 @@ class Workflow:
     # the owner's user name, to show (`owner` is their id); the document has the field only
     # when it is known
     owner_name: str | None = None
+    # what happened to it, oldest first (`record`), and how many older entries were dropped
+    history: list[dict[str, Any]] = field(default_factory=list)
+    history_dropped: int = 0
+    # webhook deliveries of its events (`add_deliveries`), and where the upload asked its
+    # own to go (the document has that field only when it did)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
+    callback_url: str | None = None
 
     def to_doc(self) -> dict[str, Any]:
         doc = {
@@ -387,7 +395,12 @@ class Workflow:
             "outbox": list(self.outbox),
             "wake_at": self.wake_at,
             "outbox_at": self.outbox_at,
+            "history": list(self.history),
+            "history_dropped": self.history_dropped,
+            "deliveries": [dict(d) for d in self.deliveries],
         }
+        if self.callback_url is not None:
+            doc["callback_url"] = self.callback_url
         if self.trace is not None:
             doc["trace"] = self.trace
         if self.pipeline is not None:
@@ -401,12 +414,15 @@ class Workflow:
         fields = dict(doc)
         fields["steps"] = [Step.from_doc(step) for step in doc["steps"]]
         fields["outbox"] = list(doc["outbox"])  # appended to, as above
+        fields["history"] = list(doc.get("history", ()))  # none in documents of before
+        fields["deliveries"] = [dict(d) for d in doc.get("deliveries", ())]  # changed in place
         return cls(**fields)
 
     def public(self) -> dict[str, Any]:
-        """The document as clients see it: everything but the outbox and the trace."""
+        """The document as clients see it: everything but the outbox, the trace and the
+        history (GET …/history serves it; every change notification would carry it)."""
         doc = self.to_doc()
-        del doc["outbox"]
+        del doc["outbox"], doc["history"], doc["history_dropped"], doc["deliveries"]
         doc.pop("trace", None)
         return doc
 
@@ -592,6 +608,10 @@ def _current_and_wake_at(wf: Workflow) -> tuple[int, str | None]:
         if current < 0 and step.status != COMPLETED:
             current = index
         if running and (timer := _timer(step)) is not None:
+            wake_at = timer if wake_at is None or timer < wake_at else wake_at
+    for delivery in wf.deliveries:  # whatever the workflow's state
+        if delivery["status"] == PENDING:
+            timer = delivery["next_at"]
             wake_at = timer if wake_at is None or timer < wake_at else wake_at
     return (current if current >= 0 else len(wf.steps) - 1), wake_at
 
@@ -782,8 +802,10 @@ def wake(wf: Workflow, pipeline: Pipeline, now: float, ids: IdFactory = new_id) 
     Returns no changes (and mutates nothing) when nothing is due, so a sweeper that lost
     the race to another instance simply moves on.
     """
-    if wf.status != RUNNING or not is_due(wf, now):
-        return []
+    now_iso = isoformat(now)
+    timers = (_timer(step) for step in wf.steps)
+    if wf.status != RUNNING or not any(t is not None and t <= now_iso for t in timers):
+        return []  # (a webhook delivery may be what is due: see `deliveries_due`)
     t = _Transition(wf, pipeline, now, ids)
     for step in wf.steps:
         timer = _timer(step)
@@ -834,6 +856,113 @@ def retry(wf: Workflow, pipeline: Pipeline, now: float, ids: IdFactory = new_id)
             step.retry_at = None
     t.advance()
     return t.seal()
+
+
+# -- webhook deliveries --------------------------------------------------------------------
+
+DELIVERED, GIVEN_UP = "delivered", "given_up"  # a delivery's end; PENDING until then
+FIRST_RETRY, LONGEST_PAUSE = 10.0, 3600.0  # a failed delivery's backoff: 10 s, doubling to 1 h
+
+
+def add_deliveries(
+    wf: Workflow, targets: list[tuple[str, str, dict[str, Any]]], now: float, ids: IdFactory
+) -> None:
+    """Deliveries of events just written to the outbox, due at once: each target is (url,
+    signer: "endpoint" or "callback", the outbox entry). Part of the transition's write."""
+    now_iso = isoformat(now)
+    for url, signer, entry in targets:
+        wf.deliveries.append(
+            {
+                "id": ids(),
+                "url": url,
+                "signer": signer,
+                "event": entry["routing_key"],
+                "message_id": entry["message_id"],
+                "payload": entry["payload"],
+                "status": PENDING,
+                "attempts": 0,
+                "created_at": now_iso,
+                "next_at": now_iso,
+                "last_error": None,
+                "ended_at": None,
+            }
+        )
+    if targets:
+        wf.current_step, wf.wake_at = _current_and_wake_at(wf)
+
+
+def deliveries_due(wf: Workflow, now: float) -> list[dict[str, Any]]:
+    now_iso = isoformat(now)
+    return [d for d in wf.deliveries if d["status"] == PENDING and d["next_at"] <= now_iso]
+
+
+def delivery_attempted(
+    wf: Workflow,
+    pipeline: Pipeline,
+    delivery_id: str,
+    error: str | None,
+    now: float,
+    retry_for: float,
+    ids: IdFactory = new_id,
+) -> list[Change]:
+    """A delivery's attempt ended: delivered (`error` None), or failed: tried again after a
+    backoff (10 s, doubling, at most an hour apart) until `retry_for` after it was made, then
+    given up. No change (nothing mutated) when it is not pending any more: another instance
+    recorded it first."""
+    delivery = next((d for d in wf.deliveries if d["id"] == delivery_id), None)
+    if delivery is None or delivery["status"] != PENDING:
+        return []
+    t = _Transition(wf, pipeline, now, ids)
+    delivery["attempts"] += 1
+    delivery["last_error"] = error
+    if error is None:
+        delivery["status"], delivery["ended_at"] = DELIVERED, t.now_iso
+        t.changes.append(Change("webhook_delivered"))
+        return t.seal()
+    pause = min(LONGEST_PAUSE, FIRST_RETRY * 2.0 ** (delivery["attempts"] - 1))
+    if now + pause > epoch(delivery["created_at"]) + retry_for:
+        delivery["status"], delivery["ended_at"] = GIVEN_UP, t.now_iso
+        t.changes.append(Change("webhook_given_up"))
+    else:
+        delivery["next_at"] = isoformat(now + pause)
+        t.changes.append(Change("webhook_retrying"))
+    return t.seal()
+
+
+STARTED = "workflow_started"  # the history's first entry: the upload
+_ENDED_ATTEMPT = frozenset({"step_completed", "step_retrying", "step_failed", "step_reviewed"})
+
+
+def record(
+    wf: Workflow,
+    changes: list[Change],
+    by: str,
+    limit: int,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Add what a transition just did to the history, an entry per change: when, what, the
+    step and its attempt, who or what caused it (`by`: "user:NAME", "service:NAME",
+    "sweeper"…), the error of an attempt that failed; keep the newest `limit` entries,
+    counting those dropped; `detail` goes into each entry (a delivery's url and error).
+    Part of the transition's write: called before it is saved."""
+    at = wf.updated_at
+    for change in changes:
+        entry: dict[str, Any] = {"at": at, "event": change.type, "by": by, **(detail or {})}
+        step = wf.named(change.step) if change.step is not None else None
+        if step is not None:
+            entry["step"] = step.name
+            ended = step.attempts[-1] if step.attempts else None
+            if change.type in _ENDED_ATTEMPT and ended is not None:
+                entry["attempt"] = ended["attempt"]
+                if ended["error"] is not None:
+                    entry["error"] = ended["error"]
+            else:
+                entry["attempt"] = step.attempt
+        wf.history.append(entry)
+    excess = len(wf.history) - limit
+    if excess > 0:
+        del wf.history[:excess]
+        wf.history_dropped += excess
 
 
 def drop_published(wf: Workflow, message_ids: set[str]) -> bool:

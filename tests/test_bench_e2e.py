@@ -182,16 +182,20 @@ def test_gateway_env_reaches_the_started_gateway() -> None:
     assert refused.returncode == 2 and "expected STOX_NAME=VALUE" in refused.stderr
 
 
-def test_metrics_cost_runs_each_round_with_metrics_on_and_off() -> None:
-    script = str(REPO / "bench" / "metrics_cost.py")
-    result = subprocess.run(
-        [sys.executable, script, "--rounds", "2", "--workflows", "20"],
+def bench_script(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Another script of bench/, run as by hand."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / name), *args],
         cwd=REPO,
         env=stox_environ(),
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=timeout,
     )
+
+
+def test_metrics_cost_runs_each_round_with_metrics_on_and_off() -> None:
+    result = bench_script("metrics_cost.py", "--rounds", "2", "--workflows", "20", timeout=100)
 
     assert result.returncode == 0, result.stdout + result.stderr
     rows = re.findall(r"^ +(\d) +(on|off) +[\d.]+ ms +[\d.]+$", result.stdout, re.MULTILINE)
@@ -200,15 +204,7 @@ def test_metrics_cost_runs_each_round_with_metrics_on_and_off() -> None:
 
 
 def test_core_cost_counts_instructions_per_workflow_of_two_checkouts() -> None:
-    script = str(REPO / "bench" / "core_cost.py")
-    result = subprocess.run(
-        [sys.executable, script, "--workflows", "3", "--compare", str(REPO)],
-        cwd=REPO,
-        env=stox_environ(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = bench_script("core_cost.py", "--workflows", "3", "--compare", str(REPO), timeout=120)
 
     assert result.returncode == 0, result.stdout + result.stderr
     counts = re.findall(r": ([\d.]+) M instructions per workflow", result.stdout)

@@ -1086,28 +1086,32 @@ async def test_a_file_of_the_earlier_layout_is_moved_to_the_new_one_once(tmp_pat
         conn.close()
 
 
+def write_layout(path: Path, layout: int, old: dict[str, Any], key_columns: str = "") -> None:
+    """A file of `layout` 1 (no key columns) or 2 (`key_columns`) holding `old`."""
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE workflows (id TEXT PRIMARY KEY, owner TEXT, status TEXT, created_at TEXT,"
+        f" version INTEGER, wake_at TEXT NULL, doc TEXT, product TEXT{key_columns})"
+    )
+    state = {k: v for k, v in old.items() if k not in ("product", "outbox", "outbox_at")}
+    row = (
+        *(old["id"], old["owner"], old["status"], old["created_at"], old["version"]),
+        *(old["wake_at"], json.dumps(state), json.dumps(old["product"])),
+    )
+    columns = "id, owner, status, created_at, version, wake_at, doc, product"
+    conn.execute(f"INSERT INTO workflows ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+    conn.execute(f"PRAGMA user_version = {layout}")
+    conn.commit()
+    conn.close()
+
+
 async def test_a_file_of_layout_2_gets_a_pipeline_column_its_workflows_none(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "stox.db"
     old = legacy_doc()
-    conn = sqlite3.connect(path)
-    conn.execute(
-        """CREATE TABLE workflows (id TEXT PRIMARY KEY, owner TEXT, status TEXT,
-        created_at TEXT, version INTEGER, wake_at TEXT NULL, doc TEXT, product TEXT,
-        idem_key TEXT NULL, idem_hash TEXT NULL, idem_expires TEXT NULL)"""
-    )
-    state = {k: v for k, v in old.items() if k not in ("product", "outbox", "outbox_at")}
-    conn.execute(
-        "INSERT INTO workflows VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
-        (
-            *(old["id"], old["owner"], old["status"], old["created_at"], old["version"]),
-            *(old["wake_at"], json.dumps(state), json.dumps(old["product"])),
-        ),
-    )
-    conn.execute("PRAGMA user_version = 2")
-    conn.commit()
-    conn.close()
+    key_columns = ", idem_key TEXT NULL, idem_hash TEXT NULL, idem_expires TEXT NULL"
+    write_layout(path, 2, old, key_columns)
     store = SQLiteStore(str(path))
     await store.open()
     try:
@@ -1133,22 +1137,7 @@ async def test_a_file_of_layout_1_takes_idempotency_keys(tmp_path: Path) -> None
     """Layout 1 had no key columns: they are added on open, and its workflows hold none."""
     path = tmp_path / "stox.db"
     old = legacy_doc()
-    conn = sqlite3.connect(path)
-    conn.execute(
-        """CREATE TABLE workflows (id TEXT PRIMARY KEY, owner TEXT, status TEXT,
-        created_at TEXT, version INTEGER, wake_at TEXT NULL, doc TEXT, product TEXT)"""
-    )
-    state = {k: v for k, v in old.items() if k not in ("product", "outbox", "outbox_at")}
-    conn.execute(
-        "INSERT INTO workflows VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            *(old["id"], old["owner"], old["status"], old["created_at"], old["version"]),
-            *(old["wake_at"], json.dumps(state), json.dumps(old["product"])),
-        ),
-    )
-    conn.execute("PRAGMA user_version = 1")
-    conn.commit()
-    conn.close()
+    write_layout(path, 1, old)
     store = SQLiteStore(str(path))
     await store.open()
     try:

@@ -747,11 +747,12 @@ def test_an_emitted_event_is_a_snapshot_later_transitions_do_not_rewrite(
     assert first_change["steps"][0]["attempts"] == []
 
 
-def test_public_is_the_document_without_the_outbox(wf: Workflow) -> None:
+def test_public_is_the_document_without_the_outbox_history_and_deliveries(wf: Workflow) -> None:
     doc = wf.to_doc()
     public = wf.public()
-    assert "outbox" in doc
-    del doc["outbox"]
+    for kept_in in ("outbox", "history", "history_dropped", "deliveries"):
+        assert kept_in in doc
+        del doc[kept_in]
     assert public == doc
 
 

@@ -111,6 +111,8 @@ _MUTABLE = (
     "outbox",
     "wake_at",
     "outbox_at",
+    "history",
+    "history_dropped",
 )
 _NEWEST_FIRST = [("created_at", DESCENDING), ("id", DESCENDING)]
 _INDEXES = (

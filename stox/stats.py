@@ -9,10 +9,12 @@ counts are read once from the store at start-up (`seed`), then kept from the not
 
 Each notification costs a few dictionary updates; the figures are computed only when asked
 (GET /api/v1/stats, or `StatsFeed` at most once a second for the sockets that watch them).
-Memory is bounded: 60 minutes of counts per owner and step (older ones are dropped once a
-minute; an owner with nothing in the window is forgotten when everyone's figures are
-computed), at most MAX_SAMPLES durations per owner and step, one entry per running workflow,
-and the versions of at most MAX_VERSIONS workflows (to skip a notification delivered twice).
+The counts are kept per owner and for everyone together (what an admin sees), so a view is
+read from one of them, never merged. Memory is bounded: 60 minutes of counts per owner and
+step (older ones are dropped once a minute, and an owner with nothing left in the window is
+forgotten), at most MAX_SAMPLES durations per owner and step (the newest; as many for
+everyone's), one entry per running workflow, and the versions of at most MAX_VERSIONS
+workflows (to skip a notification delivered twice).
 
 `StatsFeed` pushes the figures to the sockets that asked for them too (`/ws?stats=1`): at most
 once every `interval` seconds per view (an owner's, or everyone's), only after a change, and
@@ -86,6 +88,7 @@ class StatsBoard:
         self.clock = clock
         self.since = clock()
         self._owners: dict[str, _OwnerFigures] = {}
+        self._everyone = _OwnerFigures()  # the same counts, all owners together
         self._versions: OrderedDict[str, int] = OrderedDict()
         self._active: dict[str, tuple[str, bool]] = {}  # running id -> (owner, waiting)
         self._running: Counter[str] = Counter()
@@ -113,13 +116,19 @@ class StatsBoard:
         figures = self._owners.get(owner)
         if figures is None:
             figures = self._owners[owner] = _OwnerFigures()
+        both = (figures, self._everyone)
         for kind, step in changes:
             if (index := _FINISHED.get(kind)) is not None:
-                figures.minutes.setdefault(minute, [0, 0])[index] += 1
+                for counted in both:
+                    counted.minutes.setdefault(minute, [0, 0])[index] += 1
             elif kind in _ATTEMPT_ENDS and step is not None:
-                self._attempt_ended(figures, document, step, at, minute)
+                self._attempt_ended(both, document, step, at, minute)
         self._track(workflow_id, owner, document)
         self._prune(figures, minute)
+        if self._prune(self._everyone, minute):  # once a minute: forget the owners gone quiet
+            oldest = minute - MINUTES + 1
+            for name in [n for n, f in self._owners.items() if not f.current(oldest)]:
+                del self._owners[name]
         return True
 
     def _newer(self, workflow_id: str, version: int) -> bool:
@@ -133,23 +142,32 @@ class StatsBoard:
         return True
 
     def _attempt_ended(
-        self, figures: _OwnerFigures, document: dict[str, Any], name: str, at: float, minute: int
+        self,
+        targets: Iterable[_OwnerFigures],
+        document: dict[str, Any],
+        name: str,
+        at: float,
+        minute: int,
     ) -> None:
         record = _last_attempt(document, name)
         if record is None:
             return
         outcome = record.get("outcome")
-        step = figures.steps.get(name)
-        if step is None:
-            step = figures.steps[name] = _StepFigures()
-        counts = step.minutes.setdefault(minute, [0, 0])
-        counts[0] += 1
-        if outcome in (FAILED, TIMED_OUT):
-            counts[1] += 1
+        failed = outcome in (FAILED, TIMED_OUT)
+        duration: float | None = None
         began = record.get("dispatched_at")
         if outcome != TIMED_OUT and isinstance(began, str):  # a timeout's is its deadline
             with contextlib.suppress(ValueError):
-                step.durations.append((at, max(0.0, at - epoch(began))))
+                duration = max(0.0, at - epoch(began))
+        for figures in targets:
+            step = figures.steps.get(name)
+            if step is None:
+                step = figures.steps[name] = _StepFigures()
+            counts = step.minutes.setdefault(minute, [0, 0])
+            counts[0] += 1
+            counts[1] += failed
+            if duration is not None:
+                step.durations.append((at, duration))
 
     def _track(self, workflow_id: str, owner: str, document: dict[str, Any]) -> None:
         """Keep the running and waiting counts: a workflow's state after this change."""
@@ -169,10 +187,11 @@ class StatsBoard:
         elif status not in TERMINAL_STATUSES:
             log.debug("workflow %s has an unknown status %r", workflow_id, status)
 
-    def _prune(self, figures: _OwnerFigures, minute: int) -> None:
-        """Forget what is older than the window, once a minute (the view skips it anyway)."""
+    def _prune(self, figures: _OwnerFigures, minute: int) -> bool:
+        """Forget what is older than the window, once a minute (the view skips it anyway);
+        whether it did."""
         if minute <= figures.pruned:
-            return
+            return False
         figures.pruned = minute
         oldest = minute - MINUTES + 1
         for stale in [m for m in figures.minutes if m < oldest]:
@@ -182,6 +201,7 @@ class StatsBoard:
                 del step.minutes[stale]
             while step.durations and step.durations[0][0] < oldest * 60:
                 step.durations.popleft()
+        return True
 
     async def seed(self, orchestrator: Orchestrator) -> int:
         """Read the running workflows from the store (at most SEED_LIMIT, newest first):
@@ -210,15 +230,10 @@ class StatsBoard:
         now = self.clock()
         current = int(now // 60)
         oldest = current - MINUTES + 1
-        if owner is None:  # owners with nothing in the window are forgotten meanwhile
-            for name in [n for n, f in self._owners.items() if not f.current(oldest)]:
-                del self._owners[name]
-        owners = list(self._owners.values()) if owner is None else [self._owners.get(owner)]
+        figures = self._everyone if owner is None else self._owners.get(owner)
         finished = {m: [0, 0] for m in range(oldest, current + 1)}
         steps: dict[str, tuple[list[int], list[float]]] = {}
-        for figures in owners:
-            if figures is None:
-                continue
+        if figures is not None:
             for minute, (completed, failed) in figures.minutes.items():
                 if minute in finished:
                     finished[minute][0] += completed
@@ -230,6 +245,7 @@ class StatsBoard:
                         counts[0] += ended
                         counts[1] += failed
                 durations.extend(d for t, d in step.durations if oldest * 60 <= t < now + 60)
+                durations.sort()
         if owner is None:
             running, waiting = sum(self._running.values()), sum(self._waiting.values())
         else:
@@ -248,8 +264,8 @@ class StatsBoard:
                     "attempts": ended,
                     "failures": failed,
                     "failure_rate": failed / ended if ended else 0.0,
-                    "p50": _percentile(sorted(durations), 0.50),
-                    "p95": _percentile(sorted(durations), 0.95),
+                    "p50": _percentile(durations, 0.50),
+                    "p95": _percentile(durations, 0.95),
                 }
                 for name, ([ended, failed], durations) in sorted(steps.items())
                 if ended

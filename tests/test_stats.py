@@ -143,9 +143,12 @@ def test_the_board_skips_duplicates_and_counts_reviews_waiting() -> None:
     view = board.view("alice")
     assert (view["running"], view["waiting"], view["completed"]) == (1, 0, 1)
     assert board.view("bob")["running"] == 0 and board.view(None)["completed"] == 1
-    clock.advance(2 * 3600)  # nothing of alice's in the window: forgotten, her running kept
+    clock.advance(2 * 3600)  # out of the window; alice's running one stays
     assert board.view(None)["completed"] == 0 and board.view(None)["running"] == 1
-    assert board._owners == {}
+    later = {**doc("completed", "completed", 1), "updated_at": "2026-01-01T02:00:00.000000Z"}
+    assert board.record("w3", "bob", 1, [("workflow_completed", None)], later)
+    assert list(board._owners) == ["bob"]  # a new minute: alice, with nothing left, forgotten
+    assert board.view(None)["completed"] == 1 and board.view("alice")["running"] == 1
 
 
 class FakeSocket:

@@ -13,7 +13,7 @@ import tornado.httpserver
 import tornado.routing
 import tornado.web
 
-from handlers import auth, health, metrics, openapi, pipelines, static, workflow, ws
+from handlers import auth, health, metrics, openapi, pipelines, static, stats, workflow, ws
 from handlers.base import NotFoundHandler
 from handlers.workflow import STEP_COMPLETED
 from stox.app import Gateway
@@ -25,6 +25,7 @@ routes: list[Any] = [
     *health.routes,
     *workflow.routes,
     *pipelines.routes,
+    *stats.routes,
     *ws.routes,
     *openapi.routes,
     *metrics.routes,  # on the API's port unless metrics.listen moves it (or it is off)

@@ -201,6 +201,44 @@ class ReadySchema(Schema):
     auth = fields.String(required=True, validate=validate.OneOf(["ok", "unavailable"]))
 
 
+class StatsMinuteSchema(Schema):
+    start = fields.String(required=True, metadata={"format": "date-time"})
+    completed = fields.Integer(required=True)
+    failed = fields.Integer(required=True)
+
+
+def _seconds() -> fields.Float:
+    return fields.Float(required=True, allow_none=True, metadata={"description": "seconds"})
+
+
+class StatsStepSchema(Schema):
+    step = fields.String(required=True)
+    attempts = fields.Integer(required=True, metadata={"description": "attempts ended"})
+    failures = fields.Integer(required=True, metadata={"description": "failed or timed out"})
+    failure_rate = fields.Float(required=True, metadata={"description": "failures / attempts"})
+    p50 = _seconds()
+    p95 = _seconds()
+
+
+class StatsSchema(Schema):
+    since = fields.String(
+        required=True,
+        metadata={"format": "date-time", "description": "when this instance began counting"},
+    )
+    minutes = fields.List(
+        fields.Nested(StatsMinuteSchema),
+        required=True,
+        metadata={"description": "the last 60 minutes, oldest first (the last one: now's)"},
+    )
+    completed = fields.Integer(required=True, metadata={"description": "over the hour"})
+    failed = fields.Integer(required=True, metadata={"description": "over the hour"})
+    steps = fields.List(fields.Nested(StatsStepSchema), required=True)
+    running = fields.Integer(required=True)
+    waiting = fields.Integer(
+        required=True, metadata={"description": "running workflows waiting for a review"}
+    )
+
+
 class WebSocketMessageSchema(Schema):
     """One message the gateway sends on /ws (a text frame of JSON)."""
 
@@ -222,13 +260,19 @@ class WebSocketMessageSchema(Schema):
                 "webhook_delivered",
                 "webhook_retrying",
                 "webhook_given_up",
+                "stats",
             ]
         ),
     )
-    workflow_id = fields.String(required=True)
-    version = fields.Integer(required=True)
+    workflow_id = fields.String(required=True, metadata={"description": "stats: empty"})
+    version = fields.Integer(
+        required=True, metadata={"description": "stats: a counter of this instance's pushes"}
+    )
     data = fields.Dict(
         required=True,
-        metadata={"description": "snapshot: the workflow; the others: {step, workflow}"},
+        metadata={
+            "description": "snapshot: the workflow; stats: the figures (`Stats`); the others: "
+            "{step, workflow}"
+        },
     )
     ts = fields.String(required=True, metadata={"format": "date-time"})

@@ -55,6 +55,7 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
         self.principal: Principal | None = None
         self.subscription: Subscription | None = None
         self.workflow_id: str | None = None
+        self.stats = False  # ?stats=1: the figures too
         self._expiry: asyncio.TimerHandle | None = None
         self._outgoing: list[bytes] = []  # messages of this turn of the loop, not yet written
         self._written: asyncio.Future[None] | None = None  # resolved once they are flushed
@@ -101,6 +102,10 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
             "`workflow_completed`, `workflow_failed`, `workflow_cancelled`, and "
             "`webhook_delivered`, `webhook_retrying`, `webhook_given_up` when a webhook "
             "delivery of the workflow's events is recorded (data: `{step, workflow}`). "
+            "With `?stats=1` (not with `workflow_id`) the socket also carries `stats` "
+            "messages (workflow_id empty, version a counter, data: the figures GET "
+            "/api/v1/stats answers, of the same workflows): one once the snapshot is out, "
+            "then one after changes that move them, at most one a second. "
             "Clients only listen; a message over 64 KiB closes with 1009. "
             "Close codes: 4008 too slow, 4029 too many sockets for the user, 1013 too many for "
             "the instance, 4401 the token expired, 4404 no such workflow."
@@ -115,6 +120,13 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
             },
             {
                 "in": "query",
+                "name": "stats",
+                "required": False,
+                "description": "`1`: the figures too (`stats` messages)",
+                "schema": {"type": "string", "enum": ["0", "1"]},
+            },
+            {
+                "in": "query",
                 "name": "token",
                 "required": False,
                 "description": "the bearer token, for clients that cannot set the subprotocol",
@@ -123,7 +135,8 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
         ),
         answers={101: ("switching to the WebSocket protocol", None)},
         errors={
-            400: "`invalid_input` (a malformed `workflow_id`) or not a WebSocket handshake",
+            400: "`invalid_input` (a malformed `workflow_id`, a `stats` other than 0 or 1 or "
+            "with a `workflow_id`) or not a WebSocket handshake",
             403: "`forbidden`: a service token, or an origin not allowed",
             426: "another WebSocket protocol version",
         },
@@ -142,6 +155,15 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
             except ValidationError as exc:
                 raise invalid(exc) from None
         self.workflow_id = workflow_id
+        stats = self.get_query_argument("stats", "0")
+        if stats not in ("0", "1") or (stats == "1" and workflow_id is not None):
+            raise ApiError(
+                400,
+                "invalid_input",
+                "stats is 0 or 1, and 1 watches no one workflow",
+                {"stats": ["must be 0 or 1, and not with workflow_id"]},
+            )
+        self.stats = stats == "1"
         await super().get(*args, **kwargs)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -171,7 +193,7 @@ class WorkflowSocket(JsonErrors, PathOnlyErrorLog, BoundedBody, tornado.websocke
         owner = None if principal.can_review_any else principal.id
         try:
             self.subscription = self.hub.subscribe(
-                self, user=principal.id, owner=owner, workflow_id=self.workflow_id
+                self, user=principal.id, owner=owner, workflow_id=self.workflow_id, stats=self.stats
             )
         except TooManySockets as exc:
             self.close(CLOSE_TOO_MANY, str(exc))

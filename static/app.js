@@ -6,6 +6,7 @@
 // workflow); state.js is what they share, dom.js how they build elements, api.js how they
 // talk to the gateway and model.js the rules and words without a DOM.
 
+import { wireCharts } from "./charts.js";
 import { renderDetail, wireDetail } from "./detail.js";
 import { renderList, wireList } from "./list.js";
 import { resumeSession, wireSession } from "./session.js";
@@ -26,4 +27,5 @@ wireSession();
 wireList(); // before detail.js: on sign-in the socket starts, then the detail opens
 wireUpload();
 wireDetail();
+wireCharts(); // the charts' own socket (charts.js)
 resumeSession();

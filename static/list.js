@@ -5,6 +5,7 @@
 
 import { API, LiveSocket, socketUrl } from "./api.js";
 import { labelCheck, renderBulk, resetBulk, rowCheck, wireBulk } from "./bulk.js";
+import { renderStats } from "./charts.js";
 import { $, h, setMessage } from "./dom.js";
 import {
   REVIEW_FILTER,
@@ -70,9 +71,9 @@ function learnRole(session) {
 function startLive(session) {
   learnRole(session);
   state.live = new LiveSocket({
-    url: socketUrl(),
+    url: socketUrl("/ws?stats=1"), // the charts' figures too (charts.js)
     token: session.token,
-    onMessage: onLiveMessage,
+    onMessage: (message) => (message?.type === "stats" ? renderStats(message.data) : onLiveMessage(message)),
     onState: renderConnection,
     onOpen: () => {
       state.snapshotIds = new Set();

@@ -34,6 +34,7 @@ from stox.metrics.timed_store import TimedStore
 from stox.metrics.workflows import WorkflowMetrics
 from stox.observe import Observers
 from stox.orchestrator import Orchestrator
+from stox.stats import StatsBoard
 from stox.store import StoreError, WorkflowStore, make_store
 from stox.store.faulty import FaultyStore
 from stox.transition_log import TransitionLog
@@ -241,7 +242,9 @@ class Gateway:
             webhooks=self.webhooks,
         )
         self.uploads = UploadLimiter.from_settings(settings.server)
-        self.hub = Hub.from_settings(self.orchestrator, settings.websocket)
+        # the dashboard's charts, from the change notifications the hub hears (stox/stats.py)
+        self.stats = StatsBoard(clock)
+        self.hub = Hub.from_settings(self.orchestrator, settings.websocket, self.stats)
         if self.metrics is not None:
             self.observers.add(WorkflowMetrics(self.metrics, self.pipelines.values()))
             self.metrics.watch(self.hub, self.bus)
@@ -269,6 +272,7 @@ class Gateway:
         await self.bus.start()
         steps = await self._steps_to_serve()
         await self._declare_and_consume(steps)
+        self._tasks.append(asyncio.ensure_future(self._seed_stats()))
         if self.settings.demo_workers:
             from stox.demo_workers import DemoWorkers, ServiceToken
 
@@ -286,6 +290,13 @@ class Gateway:
         if self._faults is not None:
             self._faults.armed = True
         self._every(server.relay_interval, self.orchestrator.expire_keys)
+
+    async def _seed_stats(self) -> None:
+        """The running and waiting counts start from the store (once, in the background)."""
+        try:
+            await self.stats.seed(self.orchestrator)
+        except StoreError as exc:
+            log.warning("stats: the running workflows could not be read: %s", exc)
 
     async def sweep(self) -> None:
         """One run of the timer sweeper."""

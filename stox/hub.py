@@ -33,6 +33,7 @@ from stox.bus.base import Event
 from stox.changes import CHANGES_ROUTING_KEY
 from stox.codec import dumps
 from stox.orchestrator import Orchestrator
+from stox.stats import StatsBoard, StatsFeed
 from stox.workflow import Workflow, isoformat
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ class Subscription:
         "pending_bytes",
         "ready",
         "seen",
+        "stats",
         "tally",
         "user",
         "workflow_id",
@@ -156,8 +158,10 @@ class Subscription:
         workflow_id: str | None,
         max_backlog: int,
         tally: Tally | None = None,
+        stats: bool = False,
     ) -> None:
         self.connection = connection
+        self.stats = stats  # also watches the figures (stox/stats.py)
         self.tally = tally or Tally()
         self.user = user
         self.owner = owner
@@ -256,8 +260,11 @@ class Hub:
         snapshot_cache: int,
         max_sockets: int,
         snapshot_limit: int = SNAPSHOT_LIMIT,
+        stats: StatsBoard | None = None,
     ) -> None:
-        """The limits are those of `websocket.*` in settings.py (see `from_settings`)."""
+        """The limits are those of `websocket.*` in settings.py (see `from_settings`);
+        `stats` counts every change notification, for GET /api/v1/stats and the sockets
+        that watch the figures."""
         self.orchestrator = orchestrator
         self.max_backlog = max_backlog
         self.send_timeout = send_timeout
@@ -271,9 +278,16 @@ class Hub:
         self._sockets: Counter[str] = Counter()  # user -> subscriptions
         self._total = 0  # subscriptions, all users together
         self.tally = Tally()
+        self.stats = stats or StatsBoard()
+        self.feed = StatsFeed(self.stats, self.unsubscribe)
 
     @classmethod
-    def from_settings(cls, orchestrator: Orchestrator, settings: WebSocketSettings) -> Hub:
+    def from_settings(
+        cls,
+        orchestrator: Orchestrator,
+        settings: WebSocketSettings,
+        stats: StatsBoard | None = None,
+    ) -> Hub:
         return cls(
             orchestrator,
             max_backlog=settings.max_backlog,
@@ -281,6 +295,7 @@ class Hub:
             max_sockets_per_user=settings.max_sockets_per_user,
             snapshot_cache=settings.snapshot_cache,
             max_sockets=settings.max_sockets,
+            stats=stats,
         )
 
     @property
@@ -295,12 +310,20 @@ class Hub:
         )
 
     def subscribe(
-        self, connection: Connection, *, user: str, owner: str | None, workflow_id: str | None
+        self,
+        connection: Connection,
+        *,
+        user: str,
+        owner: str | None,
+        workflow_id: str | None,
+        stats: bool = False,
     ) -> Subscription:
         """Register a socket of `user`; changes from now on wait behind its snapshot, which
         `send_snapshot` sends. TooManySockets when `user` has max_sockets_per_user already.
 
-        `owner` limits what may be seen (None: an admin, who sees everything).
+        `owner` limits what may be seen (None: an admin, who sees everything). With `stats`
+        (and no `workflow_id`) the socket also watches the figures of `owner`'s workflows
+        (StatsFeed): once its snapshot is out, it is sent them, then their pushes.
         """
         if self._sockets[user] >= self.max_sockets_per_user:
             raise TooManySockets(self.max_sockets_per_user)
@@ -313,6 +336,7 @@ class Hub:
             workflow_id=workflow_id,
             max_backlog=self.max_backlog,
             tally=self.tally,
+            stats=stats,
         )
         self._sockets[user] += 1
         self._total += 1
@@ -328,6 +352,8 @@ class Hub:
         the HTTP API answers 404. A subscription that fails is unsubscribed."""
         try:
             sent = await self._send_snapshot(sub) and await self._release_pending(sub)
+            if sent and sub.stats and sub.workflow_id is None:
+                sent = self.feed.add(sub)
         except BaseException:
             self.unsubscribe(sub)
             raise
@@ -410,6 +436,8 @@ class Hub:
         self._total -= 1
         if not self._sockets[sub.user]:
             del self._sockets[sub.user]
+        if sub.stats:
+            self.feed.remove(sub)
         key_sets: Iterable[tuple[dict[Any, set[Subscription]], Any]] = (
             (self._by_workflow, sub.workflow_id),
             (self._by_owner, sub.owner),
@@ -444,6 +472,8 @@ class Hub:
             log.warning("ignoring a malformed change notification in %s", message_id)
             return
         workflow_id, owner, version, changes, document = parsed
+        if self.stats.record(workflow_id, owner, version, changes, document):
+            self.feed.changed(owner)
         targets = [
             *self._by_workflow.get(workflow_id, ()),
             *self._by_owner.get(owner, ()),
@@ -474,6 +504,7 @@ class Hub:
                 self.unsubscribe(sub)
 
     async def close(self) -> None:
+        self.feed.close()
         for index in (self._by_workflow, self._by_owner):
             for members in list(index.values()):
                 for sub in list(members):

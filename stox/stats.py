@@ -1,0 +1,373 @@
+"""The dashboard's charts: what the workflows did over the last hour, and what runs now.
+
+`StatsBoard` counts the change notifications the hub consumes (stox/hub.py): every
+instance's hub hears every instance's notifications, so every instance counts the same
+transitions, whichever instance made them. What it has not heard (before this instance
+started) it does not know: the per-minute counts and the steps' figures cover the last
+hour of what this instance heard (`since` says from when), and the running and waiting
+counts are read once from the store at start-up (`seed`), then kept from the notifications.
+
+Each notification costs a few dictionary updates; the figures are computed only when asked
+(GET /api/v1/stats, or `StatsFeed` at most once a second for the sockets that watch them).
+The counts are kept per owner and for everyone together (what an admin sees), so a view is
+read from one of them, never merged. Memory is bounded: 60 minutes of counts per owner and
+step (older ones are dropped once a minute, and an owner with nothing left in the window is
+forgotten), at most MAX_SAMPLES durations per owner and step (the newest; as many for
+everyone's), one entry per running workflow, and the versions of at most MAX_VERSIONS
+workflows (to skip a notification delivered twice).
+
+`StatsFeed` pushes the figures to the sockets that asked for them too (`/ws?stats=1`): at most
+once every `interval` seconds per view (an owner's, or everyone's), only after a change, and
+only when the figures differ from those it last sent that view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from stox.codec import dumps
+from stox.workflow import (
+    FAILED,
+    RUNNING,
+    TERMINAL_STATUSES,
+    TIMED_OUT,
+    WAITING,
+    epoch,
+    isoformat,
+)
+
+if TYPE_CHECKING:
+    from stox.hub import Subscription
+    from stox.orchestrator import Orchestrator
+
+log = logging.getLogger(__name__)
+
+MINUTES = 60  # the window: the last hour, a bucket a minute
+MAX_SAMPLES = 2000  # durations kept per owner and step (the newest)
+MAX_VERSIONS = 100_000  # workflows whose last version is remembered, to skip duplicates
+SEED_PAGE = 100
+SEED_LIMIT = 10_000  # running workflows read from the store at start-up, at most
+
+# the changes that end a step's attempt (its last record says how)
+_ATTEMPT_ENDS = frozenset({"step_completed", "step_failed", "step_retrying", "step_reviewed"})
+_FINISHED = {"workflow_completed": 0, "workflow_failed": 1}
+
+
+class _StepFigures:
+    __slots__ = ("durations", "minutes")
+
+    def __init__(self) -> None:
+        self.minutes: dict[int, list[int]] = {}  # minute -> [attempts ended, failed]
+        self.durations: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (at, seconds)
+
+
+class _OwnerFigures:
+    __slots__ = ("minutes", "pruned", "steps")
+
+    def __init__(self) -> None:
+        self.minutes: dict[int, list[int]] = {}  # minute -> [completed, failed]
+        self.steps: dict[str, _StepFigures] = {}
+        self.pruned = 0  # the minute of the last prune: at most one a minute
+
+    def current(self, oldest: int) -> bool:
+        """Whether anything is counted from minute `oldest` on."""
+        return any(m >= oldest for m in self.minutes) or any(
+            m >= oldest for step in self.steps.values() for m in step.minutes
+        )
+
+
+class StatsBoard:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.since = clock()
+        self._owners: dict[str, _OwnerFigures] = {}
+        self._everyone = _OwnerFigures()  # the same counts, all owners together
+        self._versions: OrderedDict[str, int] = OrderedDict()
+        self._active: dict[str, tuple[str, bool]] = {}  # running id -> (owner, waiting)
+        self._running: Counter[str] = Counter()
+        self._waiting: Counter[str] = Counter()
+
+    # -- counting ---------------------------------------------------------------------------
+
+    def record(
+        self,
+        workflow_id: str,
+        owner: str,
+        version: int,
+        changes: Iterable[tuple[str, str | None]],
+        document: dict[str, Any],
+    ) -> bool:
+        """Count one change notification; False when it was counted already (a duplicate,
+        or older than one counted) and changed nothing."""
+        if not self._newer(workflow_id, version):
+            return False
+        try:
+            at = epoch(document["updated_at"])
+        except (KeyError, TypeError, ValueError):
+            at = self.clock()
+        minute = int(at // 60)
+        figures = self._owners.get(owner)
+        if figures is None:
+            figures = self._owners[owner] = _OwnerFigures()
+        both = (figures, self._everyone)
+        for kind, step in changes:
+            if (index := _FINISHED.get(kind)) is not None:
+                for counted in both:
+                    counted.minutes.setdefault(minute, [0, 0])[index] += 1
+            elif kind in _ATTEMPT_ENDS and step is not None:
+                self._attempt_ended(both, document, step, at, minute)
+        self._track(workflow_id, owner, document)
+        self._prune(figures, minute)
+        if self._prune(self._everyone, minute):  # once a minute: forget the owners gone quiet
+            oldest = minute - MINUTES + 1
+            for name in [n for n, f in self._owners.items() if not f.current(oldest)]:
+                del self._owners[name]
+        return True
+
+    def _newer(self, workflow_id: str, version: int) -> bool:
+        seen = self._versions.get(workflow_id)
+        if seen is not None and seen >= version:
+            return False
+        self._versions[workflow_id] = version
+        self._versions.move_to_end(workflow_id)
+        if len(self._versions) > MAX_VERSIONS:
+            self._versions.popitem(last=False)
+        return True
+
+    def _attempt_ended(
+        self,
+        targets: Iterable[_OwnerFigures],
+        document: dict[str, Any],
+        name: str,
+        at: float,
+        minute: int,
+    ) -> None:
+        record = _last_attempt(document, name)
+        if record is None:
+            return
+        outcome = record.get("outcome")
+        failed = outcome in (FAILED, TIMED_OUT)
+        duration: float | None = None
+        began = record.get("dispatched_at")
+        if outcome != TIMED_OUT and isinstance(began, str):  # a timeout's is its deadline
+            with contextlib.suppress(ValueError):
+                duration = max(0.0, at - epoch(began))
+        for figures in targets:
+            step = figures.steps.get(name)
+            if step is None:
+                step = figures.steps[name] = _StepFigures()
+            counts = step.minutes.setdefault(minute, [0, 0])
+            counts[0] += 1
+            counts[1] += failed
+            if duration is not None:
+                step.durations.append((at, duration))
+
+    def _track(self, workflow_id: str, owner: str, document: dict[str, Any]) -> None:
+        """Keep the running and waiting counts: a workflow's state after this change."""
+        old = self._active.pop(workflow_id, None)
+        if old is not None:
+            self._running[old[0]] -= 1
+            self._waiting[old[0]] -= old[1]
+        status = document.get("status")
+        if status == RUNNING:
+            steps = document.get("steps")
+            waiting = isinstance(steps, list) and any(
+                isinstance(s, dict) and s.get("status") == WAITING for s in steps
+            )
+            self._active[workflow_id] = (owner, waiting)
+            self._running[owner] += 1
+            self._waiting[owner] += waiting
+        elif status not in TERMINAL_STATUSES:
+            log.debug("workflow %s has an unknown status %r", workflow_id, status)
+
+    def _prune(self, figures: _OwnerFigures, minute: int) -> bool:
+        """Forget what is older than the window, once a minute (the view skips it anyway);
+        whether it did."""
+        if minute <= figures.pruned:
+            return False
+        figures.pruned = minute
+        oldest = minute - MINUTES + 1
+        for stale in [m for m in figures.minutes if m < oldest]:
+            del figures.minutes[stale]
+        for step in figures.steps.values():
+            for stale in [m for m in step.minutes if m < oldest]:
+                del step.minutes[stale]
+            while step.durations and step.durations[0][0] < oldest * 60:
+                step.durations.popleft()
+        return True
+
+    async def seed(self, orchestrator: Orchestrator) -> int:
+        """Read the running workflows from the store (at most SEED_LIMIT, newest first):
+        what ran before this instance heard of it. A notification heard meanwhile wins over
+        the older version read. The number read."""
+        before: tuple[str, str] | None = None
+        read = 0
+        while read < SEED_LIMIT:
+            page = await orchestrator.list_workflows(None, RUNNING, SEED_PAGE, before)
+            for workflow in page:
+                if self._newer(workflow.id, workflow.version):
+                    self._track(workflow.id, workflow.owner, workflow.public())
+            read += len(page)
+            if len(page) < SEED_PAGE:
+                break
+            before = (page[-1].created_at, page[-1].id)
+        if read >= SEED_LIMIT:
+            log.warning("stats: more than %d running workflows; the counts miss some", read)
+        return read
+
+    # -- the figures ------------------------------------------------------------------------
+
+    def view(self, owner: str | None) -> dict[str, Any]:
+        """The figures of `owner`'s workflows (None: everyone's), as GET /api/v1/stats
+        answers them."""
+        now = self.clock()
+        current = int(now // 60)
+        oldest = current - MINUTES + 1
+        figures = self._everyone if owner is None else self._owners.get(owner)
+        finished = {m: [0, 0] for m in range(oldest, current + 1)}
+        steps: dict[str, tuple[list[int], list[float]]] = {}
+        if figures is not None:
+            for minute, (completed, failed) in figures.minutes.items():
+                if minute in finished:
+                    finished[minute][0] += completed
+                    finished[minute][1] += failed
+            for name, step in figures.steps.items():
+                counts, durations = steps.setdefault(name, ([0, 0], []))
+                for minute, (ended, failed) in step.minutes.items():
+                    if oldest <= minute <= current:
+                        counts[0] += ended
+                        counts[1] += failed
+                durations.extend(d for t, d in step.durations if oldest * 60 <= t < now + 60)
+                durations.sort()
+        if owner is None:
+            running, waiting = sum(self._running.values()), sum(self._waiting.values())
+        else:
+            running, waiting = self._running[owner], self._waiting[owner]
+        return {
+            "since": isoformat(self.since),
+            "minutes": [
+                {"start": isoformat(m * 60), "completed": c, "failed": f}
+                for m, (c, f) in finished.items()
+            ],
+            "completed": sum(c for c, _ in finished.values()),
+            "failed": sum(f for _, f in finished.values()),
+            "steps": [
+                {
+                    "step": name,
+                    "attempts": ended,
+                    "failures": failed,
+                    "failure_rate": failed / ended if ended else 0.0,
+                    "p50": _percentile(durations, 0.50),
+                    "p95": _percentile(durations, 0.95),
+                }
+                for name, ([ended, failed], durations) in sorted(steps.items())
+                if ended
+            ],
+            "running": running,
+            "waiting": waiting,
+        }
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    """The nearest-rank percentile of `ordered` (None when empty)."""
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def _last_attempt(document: dict[str, Any], name: str) -> dict[str, Any] | None:
+    for step in document.get("steps") or ():
+        if isinstance(step, dict) and step.get("name") == name:
+            attempts = step.get("attempts")
+            if isinstance(attempts, list) and attempts and isinstance(attempts[-1], dict):
+                return attempts[-1]
+            return None
+    return None
+
+
+class StatsFeed:
+    """The sockets that watch the figures, by view (an owner; None: everyone's), and the
+    pushes to them: at most one a view every `interval` seconds, after a change, and only
+    when the figures differ from the last ones sent."""
+
+    def __init__(
+        self,
+        board: StatsBoard,
+        drop: Callable[[Subscription], None],
+        interval: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.board = board
+        self.drop = drop  # unsubscribes a socket whose send failed
+        self.interval = interval
+        self.monotonic = monotonic
+        self._subs: dict[str | None, set[Subscription]] = {}
+        self._last: dict[str | None, tuple[float, bytes]] = {}  # view -> (sent at, figures)
+        self._timers: dict[str | None, asyncio.TimerHandle] = {}
+        self._pushes = 0
+
+    @property
+    def subscribers(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+    def add(self, sub: Subscription) -> bool:
+        """Watch `sub`'s view; it is sent the figures now. False once the socket is gone."""
+        self._subs.setdefault(sub.owner, set()).add(sub)
+        figures = dumps(self.board.view(sub.owner))
+        self._last.setdefault(sub.owner, (self.monotonic(), figures))
+        return sub.send(self._message(figures))
+
+    def remove(self, sub: Subscription) -> None:
+        members = self._subs.get(sub.owner)
+        if members is None or sub not in members:
+            return
+        members.discard(sub)
+        if not members:
+            del self._subs[sub.owner]
+            self._last.pop(sub.owner, None)
+            timer = self._timers.pop(sub.owner, None)
+            if timer is not None:
+                timer.cancel()
+
+    def changed(self, owner: str) -> None:
+        """A workflow of `owner` changed: its view and everyone's may have."""
+        for view in (owner, None):
+            if view in self._subs and view not in self._timers:
+                last = self._last.get(view)
+                delay = 0.0 if last is None else last[0] + self.interval - self.monotonic()
+                loop = asyncio.get_running_loop()
+                self._timers[view] = loop.call_later(max(0.0, delay), self._push, view)
+
+    def _push(self, view: str | None) -> None:
+        self._timers.pop(view, None)
+        members = self._subs.get(view)
+        if not members:
+            return
+        figures = dumps(self.board.view(view))
+        last = self._last.get(view)
+        if last is not None and last[1] == figures:
+            return  # nothing the charts show moved
+        self._last[view] = (self.monotonic(), figures)
+        message = self._message(figures)
+        for sub in list(members):
+            if not sub.send(message):
+                self.drop(sub)
+
+    def _message(self, figures: bytes) -> bytes:
+        from stox.hub import encode  # stox.hub imports this module
+
+        self._pushes += 1
+        return encode("stats", "", self._pushes, figures)
+
+    def close(self) -> None:
+        """Stop pushing (the hub closes the sockets)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()

@@ -337,12 +337,12 @@ function updateRow(row, w) {
   row.querySelector(".wf-meta").replaceChildren(
     owner
       ? h("span", { class: "wf-owner", title: `Owner ${owner}` }, h("span", { class: "visually-hidden" }, "Owner "), owner)
-      : null,
+      : "", // replaceChildren writes null as the text "null"
     owner ? " · " : "",
     meta ? `${meta} · ` : "",
     pipeline
       ? h("span", { class: "wf-pipeline", title: `Pipeline ${w.pipeline.name}, version ${w.pipeline.version}` }, pipeline)
-      : null,
+      : "",
     pipeline ? " · " : "",
     h("span", { class: "mono", title: w.id }, w.id.slice(0, 8)),
     " · ",

@@ -905,6 +905,7 @@ async def test_a_dashboard_with_every_kind_of_workflow(browser: Browser, tmp_pat
             for workflow_id, (status, states) in expected.items():
                 row = board.row(workflow_id)
                 await expect(row).to_have_attribute("data-status", status)
+                await expect(row.locator(".wf-meta")).not_to_contain_text("null")
                 chips = row.locator("li.step")
                 assert await chips.evaluate_all("cs => cs.map(c => c.dataset.state)") == states
             await expect(board.row(mug).locator("li.step").first).to_contain_text(

@@ -86,26 +86,31 @@ function showHistory(outcome) {
   const entries = Array.isArray(doc.entries) ? doc.entries : [];
   const dispatched = new Set(); // steps dispatched before: a retry dispatches one "again"
   const rejections = reviewOutcomes(entries);
-  body.replaceChildren(
+  const dropped =
     doc.dropped > 0
       ? h(
           "p",
           { class: "muted small timeline-dropped" },
           `${doc.dropped} older ${doc.dropped === 1 ? "entry" : "entries"} not shown.`,
         )
-      : null,
-    entries.length
-      ? h(
-          "ol",
-          { class: "timeline-entries", "aria-label": "What happened, oldest first" },
-          entries.map((entry) => {
-            const again = entry.event === "step_dispatched" && dispatched.has(entry.step);
-            if (entry.event === "step_dispatched") dispatched.add(entry.step);
-            return entryItem(entry, { again, rejected: rejections.get(entry) ?? Boolean(entry.error) });
-          }),
-        )
-      : h("p", { class: "muted small" }, "Nothing recorded yet."),
-  );
+      : null;
+  const list = entries.length
+    ? h(
+        "ol",
+        { class: "timeline-entries", "aria-label": "What happened, oldest first" },
+        entries.map((entry) => {
+          const again = entry.event === "step_dispatched" && dispatched.has(entry.step);
+          if (entry.event === "step_dispatched") dispatched.add(entry.step);
+          return entryItem(entry, { again, rejected: rejections.get(entry) ?? Boolean(entry.error) });
+        }),
+      )
+    : h("p", { class: "muted small" }, "Nothing recorded yet.");
+  body.replaceChildren(...present(dropped, list));
+}
+
+/** The nodes given, without the nulls (replaceChildren would show them as text). */
+function present(...nodes) {
+  return nodes.filter((node) => node !== null && node !== undefined);
 }
 
 function entryItem(entry, how) {
@@ -235,9 +240,9 @@ function showDeliveries(outcome) {
   const body = deliveriesSection.querySelector(".deliveries-body");
   const list = outcome.status === "fulfilled" ? (outcome.value?.deliveries ?? []) : [];
   deliveriesSection.hidden = list.length === 0; // none, or not the user's to see
-  body.replaceChildren(
-    list.length ? h("ul", { class: "delivery-list", "aria-label": "Webhook deliveries" }, list.map(deliveryItem)) : null,
-  );
+  if (list.length) {
+    body.replaceChildren(h("ul", { class: "delivery-list", "aria-label": "Webhook deliveries" }, list.map(deliveryItem)));
+  } else body.replaceChildren();
 }
 
 function deliveryItem(d) {

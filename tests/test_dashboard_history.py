@@ -116,6 +116,7 @@ async def test_the_timeline_says_who_did_what_and_grows_live(
 
         await expect(listed.get_by_role("listitem")).to_have_count(len(FAILED))
         assert await entries(timeline) == FAILED
+        await expect(timeline.locator(".timeline-body")).not_to_contain_text("null")
         await expect(timeline.locator(".timeline-dropped")).to_have_count(0)
         await expect(detail.get_by_role("region", name="Webhook deliveries")).to_be_hidden()
 
@@ -235,6 +236,9 @@ async def test_the_delivery_log_shows_each_attempt_live(browser: Browser, tmp_pa
         await expect(facts.locator("dd").nth(1)).to_have_text("2")
         await expect_last(timeline, f"Webhook to {receiver.url} delivered", "by the webhook relay")
         assert len(receiver.received) == 2
+        for section in (timeline, log):
+            await expect(section).not_to_contain_text("null")
+            await expect(section).not_to_contain_text("undefined")
 
 
 async def gw_attempt(gw: RunningGateway, workflow_id: str, attempt: int) -> bool:

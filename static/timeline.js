@@ -28,8 +28,9 @@ const deliveriesSection = h(
   h("div", { class: "deliveries-body" }),
 );
 
-// what is shown and what is asked: the workflow, the version the shown answer was asked for
-const loaded = { id: null, version: null, loading: false };
+// what is shown: the workflow and the version its answers were asked for; `asking`: the
+// workflow a request is under way for (another opened meanwhile is asked about at once)
+const loaded = { id: null, version: null, asking: null };
 
 /** Forget what is shown: the next render asks again (the detail opened). */
 export function resetTimeline() {
@@ -43,24 +44,23 @@ export function resetTimeline() {
 /** The history and delivery sections for `w`, asking the server when `w` is newer than they. */
 export function timelineSections(w) {
   if (loaded.id !== w.id) resetTimeline();
-  if ((loaded.id !== w.id || loaded.version !== w.version) && !loaded.loading) load(w.id, w.version);
+  const stale = loaded.id !== w.id || loaded.version !== w.version;
+  if (stale && loaded.asking !== w.id) load(w.id, w.version);
   return [section, deliveriesSection];
 }
 
 async function load(id, version) {
-  loaded.loading = true;
-  loaded.id = id;
-  loaded.version = version;
+  Object.assign(loaded, { id, version, asking: id });
   const [history, deliveries] = await Promise.allSettled([
     call("GET", `${API}/workflow/history?workflow_id=${id}`),
     call("GET", `${API}/workflow/deliveries?workflow_id=${id}`),
   ]);
-  loaded.loading = false;
+  if (loaded.asking === id) loaded.asking = null;
   if (loaded.id !== id || state.detailId !== id) return; // another workflow opened meanwhile
   showHistory(history);
   showDeliveries(deliveries);
   const w = state.store.get(id);
-  if (w && w.version !== loaded.version) load(id, w.version); // changed while asking
+  if (w && w.version !== loaded.version && loaded.asking !== id) load(id, w.version); // changed while asking
 }
 
 function showHistory(outcome) {

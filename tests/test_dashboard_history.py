@@ -24,7 +24,7 @@ from settings import StepSettings
 from stox.auth.tokens import REVIEWER
 
 if TYPE_CHECKING:
-    from playwright.async_api import Browser, Locator, Page
+    from playwright.async_api import Browser, Locator, Page, Route
 
 # test_dashboard.py's fixtures, the same here
 chromium = test_dashboard.chromium
@@ -301,3 +301,29 @@ async def test_the_timeline_says_who_approved_and_who_rejected(
         assert ("Rejected by rita (Copy review): too long", "by rita") in shown, shown
         assert ("AI enhancement dispatched again", "by rita") in shown, shown
         assert shown[-2] == ("Approved by rita (Copy review)", "by rita"), shown
+
+
+async def test_another_workflow_opened_while_the_first_is_asked_about_shows_its_own(
+    browser: Browser, tmp_path: Path
+) -> None:
+    async with running_gateway(tmp_path) as gw, dashboard(browser, gw) as board:
+        page = board.page
+        await live(board)
+        slow = await gw.upload(gw.token("alice"), name="Slow Lamp")
+        other = await gw.upload(gw.token("alice"), name="Quick Mug")
+        await _reports(gw)(other)
+
+        async def held(route: Route) -> None:
+            await asyncio.sleep(1)
+            await route.continue_()
+
+        await page.route(f"**/workflow/history?workflow_id={slow}", held)
+        await board.open_detail(slow)
+        await page.evaluate("id => { location.hash = `#/workflow/${id}`; }", other)
+        timeline = page.locator(f'#detail[data-workflow-id="{other}"]').get_by_role(
+            "region", name="History"
+        )
+        await expect(timeline.locator("li.timeline-entry")).to_have_count(4)
+        await asyncio.sleep(1.2)  # the first answer came meanwhile: not shown
+        await expect(timeline.locator("li.timeline-entry")).to_have_count(4)
+        await expect_last(timeline, "AI enhancement dispatched", "by service demo")

@@ -1,5 +1,6 @@
 // One workflow in detail (#/workflow/<id>, so Back closes it): the product, each step's
-// result, errors and earlier attempts, and Cancel or Retry.
+// result, errors and earlier attempts, its history and webhook deliveries (timeline.js), and
+// Cancel or Retry.
 
 import { API } from "./api.js";
 import { $, h, setMessage } from "./dom.js";
@@ -28,6 +29,7 @@ import {
 import { renderReview } from "./review.js";
 import { call, onSignIn, onSignOut } from "./session.js";
 import { markDirty, state } from "./state.js";
+import { resetTimeline, timelineSections } from "./timeline.js";
 
 const DETAIL_PREFIX = "#/workflow/";
 
@@ -47,6 +49,7 @@ function routeFromHash(focus = true) {
   state.detailId = id;
   setMessage($("detail-message"), null);
   if (previous && previous !== id) markDirty(previous);
+  resetTimeline(); // opened: the history and deliveries are asked for again
   markDirty(id);
   $("detail").hidden = false;
   document.body.classList.add("has-detail");
@@ -112,6 +115,7 @@ export function renderDetail(missing = false) {
     ),
     productSection(w.product ?? {}),
     stepsSection(w),
+    ...timelineSections(w),
   );
   renderReview(w);
   updateElapsed(body.querySelector(".elapsed"), w);

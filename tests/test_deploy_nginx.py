@@ -127,7 +127,15 @@ async def deployment(
         procs.append(proxy)
         await asyncio.gather(*(wait_ready(proc, p, within=60) for proc, p in gateways.values()))
         await wait_ready(proxy, port, 30.0)  # /readyz through nginx
-        yield Deployment(tmp_path, ns, port, gateways, procs)
+        try:
+            yield Deployment(tmp_path, ns, port, gateways, procs)
+        except BaseException:  # what each process said, for the report (pytest shows stdout)
+            for proc in procs:
+                if proc.log_path.exists():
+                    tail = proc.log_path.read_text(errors="replace").splitlines()[-40:]
+                    print(f"--- {proc.name} ({proc.log_path}), last lines:", *tail, sep="\n")
+            print("--- nginx error log:", nginx.error_log(tmp_path / "nginx")[-4000:], sep="\n")
+            raise
 
 
 # -- a browser's view ----------------------------------------------------------------------

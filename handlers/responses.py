@@ -111,6 +111,7 @@ class PipelinesSchema(Schema):
 
 class HistoryEntrySchema(Schema):
     at = fields.String(required=True, metadata={"format": "date-time"})
+    version = fields.Integer(required=True, metadata={"description": "the workflow's, after it"})
     event = fields.String(
         required=True,
         metadata={"description": "workflow_started, or a change type (step_dispatched, …)"},

@@ -947,7 +947,13 @@ def record(
     Part of the transition's write: called before it is saved."""
     at = wf.updated_at
     for change in changes:
-        entry: dict[str, Any] = {"at": at, "event": change.type, "by": by, **(detail or {})}
+        entry: dict[str, Any] = {
+            "at": at,
+            "version": wf.version,  # the transition's (a store may write only the new ones)
+            "event": change.type,
+            "by": by,
+            **(detail or {}),
+        }
         step = wf.named(change.step) if change.step is not None else None
         if step is not None:
             entry["step"] = step.name

@@ -121,6 +121,7 @@ def test_record_keeps_the_newest_and_counts_the_dropped() -> None:
     assert wf.history == [
         {
             "at": wf.updated_at,
+            "version": 1,
             "event": "step_dispatched",
             "by": "user:alice",
             "step": "image_processing",

@@ -67,7 +67,7 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS idx_outbox_workflow ON outbox (workflow_id)",
     # the search of `list_workflows`: each workflow's product name and category, by the
     # workflow's rowid, in trigrams (a case-insensitive substring of 3 characters or more is
-    # an index lookup)
+    # an index lookup); brought up to date by each search (`_CATCH_UP`), not by uploads
     "CREATE VIRTUAL TABLE IF NOT EXISTS workflow_text USING fts5(text, tokenize='trigram')",
 )
 # after `migrate`, which adds their columns to an older file; only the rows holding a key
@@ -82,13 +82,18 @@ _ADDED_COLUMNS = (*_KEY_COLUMNS, "pipeline", "pipeline_name")  # layouts 2 and 3
 _PIPELINE_INDEX = (
     "CREATE INDEX IF NOT EXISTS idx_workflows_pipeline ON workflows (pipeline_name, created_at, id)"
 )
-# layout 3: older rows run on the default pipeline; their text, for the search
+# layout 3: older rows run on the default pipeline
 _LAYOUT_3 = (
     f"UPDATE workflows SET pipeline_name = '{DEFAULT_PIPELINE}' WHERE pipeline_name IS NULL",
+)
+# The search index's rows of the workflows written since it was last brought up to date: by
+# the search, in one statement, so an upload pays nothing for it (workflows are never
+# deleted, so rowids only grow and the newest indexed one is where to go on from).
+_CATCH_UP = (
     "INSERT INTO workflow_text (rowid, text) SELECT rowid,"
     " coalesce(json_extract(product, '$.name'), '') || char(10) ||"
-    " coalesce(json_extract(product, '$.category'), '') FROM workflows"
-    " WHERE rowid NOT IN (SELECT rowid FROM workflow_text)",
+    " coalesce(json_extract(product, '$.category'), '') FROM workflows WHERE rowid >"
+    " coalesce((SELECT rowid FROM workflow_text ORDER BY rowid DESC LIMIT 1), 0)"
 )
 
 _INSERT = (
@@ -96,7 +101,6 @@ _INSERT = (
     " pipeline, pipeline_name, idem_key, idem_hash, idem_expires)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_INSERT_TEXT = "INSERT INTO workflow_text (rowid, text) VALUES (last_insert_rowid(), ?)"
 # owner and created_at never change: leaving them out spares their indexes on every write
 _REPLACE = (
     "UPDATE workflows SET status = ?, version = ?, wake_at = ?, doc = ?"
@@ -145,9 +149,8 @@ def _state(doc: dict[str, Any]) -> str:
     return _encode({key: value for key, value in doc.items() if key not in _NOT_STATE})
 
 
-def _searched(product: dict[str, Any]) -> str:
-    """What the search of `list_workflows` looks in: the product's name and category."""
-    return f"{product.get('name', '')}\n{product.get('category', '')}"
+def _catch_up(conn: sqlite3.Connection) -> None:
+    conn.execute(_CATCH_UP)
 
 
 def _text_filter(text: str) -> str:
@@ -251,7 +254,6 @@ class SQLiteStore(SQLiteDatabase):
             *(workflow_id, doc["owner"], doc["status"], doc["created_at"], doc["version"]),
             *(doc.get("wake_at"), state, product, pipeline, name, *held),
         )
-        text = (_searched(doc["product"]),)
         rows = _events(workflow_id, events)
 
         def write(conn: sqlite3.Connection) -> None:
@@ -261,7 +263,6 @@ class SQLiteStore(SQLiteDatabase):
                 if key is not None and conn.execute(_KEY_HELD, (key.slot,)).fetchone():
                     raise KeyTaken(f"idempotency key {key.key!r} is held") from exc
                 raise AlreadyExists(f"workflow {workflow_id} already exists") from exc
-            conn.execute(_INSERT_TEXT, text)
             conn.executemany(_INSERT_EVENT, rows)
 
         await self.write(write)
@@ -352,6 +353,7 @@ class SQLiteStore(SQLiteDatabase):
         where: list[str] = []
         params: list[Any] = []
         if filters.text:
+            await self.write(_catch_up)
             where.append(_text_filter(filters.text))
             params.append(_text_pattern(filters.text))
         if filters.pipeline is not None:

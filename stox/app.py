@@ -249,7 +249,8 @@ class Gateway:
             self.observers.add(WorkflowMetrics(self.metrics, self.pipelines.values()))
             self.metrics.watch(self.hub, self.bus)
         self.topology = Topology(settings.rabbitmq.prefix, self.instance_id)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # the background loops, running until stop
+        self._seeding: asyncio.Task[None] | None = None  # the stats' one read of the store
         # the routing keys of steps no pipeline has any more, as running workflows' stored
         # definitions dispatch them (found at start-up by _steps_to_serve)
         self._retired_keys: dict[str, set[str]] = {}
@@ -272,7 +273,7 @@ class Gateway:
         await self.bus.start()
         steps = await self._steps_to_serve()
         await self._declare_and_consume(steps)
-        self._tasks.append(asyncio.ensure_future(self._seed_stats()))
+        self._seeding = asyncio.ensure_future(self._seed_stats())
         if self.settings.demo_workers:
             from stox.demo_workers import DemoWorkers, ServiceToken
 
@@ -398,6 +399,9 @@ class Gateway:
         self._tasks.append(asyncio.ensure_future(loop()))
 
     async def stop(self) -> None:
+        if self._seeding is not None:
+            self._tasks.append(self._seeding)  # cancelled with the loops if still reading
+            self._seeding = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -58,6 +58,10 @@ SEED_LIMIT = 10_000  # running workflows read from the store at start-up, at mos
 # the changes that end a step's attempt (its last record says how)
 _ATTEMPT_ENDS = frozenset({"step_completed", "step_failed", "step_retrying", "step_reviewed"})
 _FINISHED = {"workflow_completed": 0, "workflow_failed": 1}
+# the changes that may change whether a running workflow waits for a review
+_REVIEW_CHANGES = frozenset(
+    {"step_waiting_review", "step_reviewed", "step_review_escalated", "workflow_cancelled"}
+)
 
 
 class _StepFigures:
@@ -117,13 +121,18 @@ class StatsBoard:
         if figures is None:
             figures = self._owners[owner] = _OwnerFigures()
         both = (figures, self._everyone)
+        settled = True  # running before and after, and no review began or ended
         for kind, step in changes:
             if (index := _FINISHED.get(kind)) is not None:
+                settled = False
                 for counted in both:
                     counted.minutes.setdefault(minute, [0, 0])[index] += 1
             elif kind in _ATTEMPT_ENDS and step is not None:
                 self._attempt_ended(both, document, step, at, minute)
-        self._track(workflow_id, owner, document)
+            if kind in _REVIEW_CHANGES:
+                settled = False
+        if not (settled and workflow_id in self._active and document.get("status") == RUNNING):
+            self._track(workflow_id, owner, document)
         self._prune(figures, minute)
         if self._prune(self._everyone, minute):  # once a minute: forget the owners gone quiet
             oldest = minute - MINUTES + 1

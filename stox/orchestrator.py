@@ -532,7 +532,8 @@ class Orchestrator:
                 doc = None
                 continue
             wf_rules.record(workflow, changes, by, self.history_limit, detail)
-            self._add_deliveries(workflow, workflow.outbox[published_before:], self.clock())
+            if cause != observe.WEBHOOK:  # a delivery's own record is not delivered again
+                self._add_deliveries(workflow, workflow.outbox[published_before:], self.clock())
             written = workflow.to_doc()
             new_events = [NewEvent.of(entry) for entry in written["outbox"][published_before:]]
             size = await self.store.replace(written, expected, new_events)

@@ -318,3 +318,18 @@ def test_the_readmes_verification_snippet_accepts_a_delivery_and_refuses_a_forge
     assert not scope["verify"]("wrong", header, body)
     stale = signature(SECRET, body, int(time.time()) - 3600)
     assert not scope["verify"](SECRET, stale, body)
+
+
+async def test_an_endpoint_of_every_change_is_not_sent_the_records_of_its_own_deliveries(
+    tmp_path: Path,
+) -> None:
+    async with receiving() as receiver:
+        every_change = [
+            settings_module.WebhookEndpointSettings(receiver.url, ["workflow.changed"], SECRET)
+        ]
+        async with running_gateway(tmp_path, hooks(receiver, endpoints=every_change)) as gw:
+            workflow_id = await complete(gw)  # four transitions: four workflow.changed events
+            await eventually(lambda: len(receiver.received) == 4)
+            await asyncio.sleep(0.3)  # a delivery's record would make a fifth, and so on
+            assert len(receiver.received) == 4
+            assert {d["status"] for d in await deliveries(gw, workflow_id)} == {"delivered"}

@@ -82,6 +82,12 @@ class WorkflowHandler(BaseHandler):
             },
         )
 
+    async def requested(self, owner: str | None) -> Workflow:
+        """The workflow the query's `workflow_id` names, as `owner` (None: anyone) sees it."""
+        workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
+        bind(workflow_id=workflow_id)
+        return await self.orchestrator.get(workflow_id, owner)
+
     def by(self) -> str:
         """Who is asking, as the history names them."""
         return f"user:{self.principal.username}"
@@ -184,9 +190,7 @@ class StatusHandler(WorkflowHandler):
     )
     @requires("user")
     async def get(self) -> None:
-        workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
-        bind(workflow_id=workflow_id)
-        workflow = await self.orchestrator.get(workflow_id, self.reader_filter())
+        workflow = await self.requested(self.reader_filter())
         self.write_json(200, workflow.public())
 
 
@@ -266,9 +270,7 @@ class HistoryHandler(WorkflowHandler):
     )
     @requires("user")
     async def get(self) -> None:
-        workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
-        bind(workflow_id=workflow_id)
-        workflow = await self.orchestrator.get(workflow_id, self.owner_filter())
+        workflow = await self.requested(self.owner_filter())
         body = {
             "workflow_id": workflow.id,
             "entries": workflow.history,
@@ -292,9 +294,7 @@ class DeliveriesHandler(WorkflowHandler):
     )
     @requires("user")
     async def get(self) -> None:
-        workflow_id = self.load(workflow_id_schema, self.query())["workflow_id"]
-        bind(workflow_id=workflow_id)
-        workflow = await self.orchestrator.get(workflow_id, self.owner_filter())
+        workflow = await self.requested(self.owner_filter())
         shown = [{k: v for k, v in d.items() if k != "payload"} for d in workflow.deliveries]
         self.write_json(200, {"workflow_id": workflow.id, "deliveries": shown})
 

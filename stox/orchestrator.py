@@ -196,9 +196,14 @@ class Orchestrator:
         now = self.clock()
         trace = self.new_trace() if self.new_trace is not None else None
         workflow, changes = wf_rules.start(
-            chosen, owner, product, now, trace=trace, owner_name=owner_name
+            chosen,
+            owner,
+            product,
+            now,
+            trace=trace,
+            owner_name=owner_name,
+            callback_url=callback_url,
         )
-        workflow.callback_url = callback_url
         by = f"user:{owner_name or owner}"
         wf_rules.record(workflow, [Change(wf_rules.STARTED), *changes], by, self.history_limit)
         self._add_deliveries(workflow, workflow.outbox, now)

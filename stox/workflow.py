@@ -632,10 +632,11 @@ def start(
     ids: IdFactory = new_id,
     trace: str | None = None,
     owner_name: str | None = None,
+    callback_url: str | None = None,
 ) -> tuple[Workflow, list[Change]]:
     """Upload: a running workflow whose first steps (those that depend on none) are begun;
     `trace`: the traceparent of its upload's span, when it is traced; `owner_name`: the
-    owner's user name, when known."""
+    owner's user name, when known; `callback_url`: where its end is to be delivered."""
     now_iso = isoformat(now)
     wf = Workflow(
         id=ids(),
@@ -650,6 +651,7 @@ def start(
         trace=trace,
         pipeline=pipeline.definition(),
         owner_name=owner_name,
+        callback_url=callback_url,
     )
     t = _Transition(wf, pipeline, now, ids)
     t.emit(

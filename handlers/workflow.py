@@ -30,7 +30,7 @@ from stox.schemas import (
     workflow_id_schema,
 )
 from stox.store.base import Filters
-from stox.workflow import DEFAULT_STEPS, RUNNING, Report, Review, Workflow
+from stox.workflow import DEFAULT_STEPS, RUNNING, Report, Review, Workflow, history_entry
 
 STEP_COMPLETED = "step_completed"  # the route's name: the dispatches' HTTP reply address
 MAX_KEY_LENGTH = 255
@@ -273,7 +273,7 @@ class HistoryHandler(WorkflowHandler):
         workflow = await self.requested(self.owner_filter())
         body = {
             "workflow_id": workflow.id,
-            "entries": workflow.history,
+            "entries": [history_entry(e) for e in workflow.history],
             "dropped": workflow.history_dropped,
         }
         self.write_json(200, body)

@@ -24,7 +24,6 @@ only when the figures differ from those it last sent that view.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -58,6 +57,7 @@ SEED_LIMIT = 10_000  # running workflows read from the store at start-up, at mos
 # the changes that end a step's attempt (its last record says how)
 _ATTEMPT_ENDS = frozenset({"step_completed", "step_failed", "step_retrying", "step_reviewed"})
 _FINISHED = {"workflow_completed": 0, "workflow_failed": 1}
+_SHAPE = "2026-01-01T00:00:00.000000Z"  # what `isoformat` writes
 # the changes that may change whether a running workflow waits for a review
 _REVIEW_CHANGES = frozenset(
     {"step_waiting_review", "step_reviewed", "step_review_escalated", "workflow_cancelled"}
@@ -69,22 +69,29 @@ class _StepFigures:
 
     def __init__(self) -> None:
         self.minutes: dict[int, list[int]] = {}  # minute -> [attempts ended, failed]
-        self.durations: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (at, seconds)
+        # (minute, seconds), the newest
+        self.durations: deque[tuple[int, float]] = deque(maxlen=MAX_SAMPLES)
 
 
 class _OwnerFigures:
-    __slots__ = ("minutes", "pruned", "steps")
+    __slots__ = ("minutes", "steps")
 
     def __init__(self) -> None:
         self.minutes: dict[int, list[int]] = {}  # minute -> [completed, failed]
         self.steps: dict[str, _StepFigures] = {}
-        self.pruned = 0  # the minute of the last prune: at most one a minute
 
-    def current(self, oldest: int) -> bool:
-        """Whether anything is counted from minute `oldest` on."""
-        return any(m >= oldest for m in self.minutes) or any(
-            m >= oldest for step in self.steps.values() for m in step.minutes
-        )
+    def prune(self, oldest: int) -> bool:
+        """Forget what is older than minute `oldest`; whether anything is left."""
+        for stale in [m for m in self.minutes if m < oldest]:
+            del self.minutes[stale]
+        left = bool(self.minutes)
+        for step in self.steps.values():
+            for stale in [m for m in step.minutes if m < oldest]:
+                del step.minutes[stale]
+            while step.durations and step.durations[0][0] < oldest:
+                step.durations.popleft()
+            left = left or bool(step.minutes)
+        return left
 
 
 class StatsBoard:
@@ -93,7 +100,9 @@ class StatsBoard:
         self.since = clock()
         self._owners: dict[str, _OwnerFigures] = {}
         self._everyone = _OwnerFigures()  # the same counts, all owners together
+        self._pruned = 0  # the minute of the last prune: at most one a minute
         self._versions: OrderedDict[str, int] = OrderedDict()
+        self._minutes: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM" -> its minute
         self._active: dict[str, tuple[str, bool]] = {}  # running id -> (owner, waiting)
         self._running: Counter[str] = Counter()
         self._waiting: Counter[str] = Counter()
@@ -112,11 +121,8 @@ class StatsBoard:
         or older than one counted) and changed nothing."""
         if not self._newer(workflow_id, version):
             return False
-        try:
-            at = epoch(document["updated_at"])
-        except (KeyError, TypeError, ValueError):
-            at = self.clock()
-        minute = int(at // 60)
+        updated = document.get("updated_at")
+        minute = self._minute(updated)
         figures = self._owners.get(owner)
         if figures is None:
             figures = self._owners[owner] = _OwnerFigures()
@@ -128,16 +134,13 @@ class StatsBoard:
                 for counted in both:
                     counted.minutes.setdefault(minute, [0, 0])[index] += 1
             elif kind in _ATTEMPT_ENDS and step is not None:
-                self._attempt_ended(both, document, step, at, minute)
+                self._attempt_ended(both, document, step, updated, minute)
             if kind in _REVIEW_CHANGES:
                 settled = False
         if not (settled and workflow_id in self._active and document.get("status") == RUNNING):
             self._track(workflow_id, owner, document)
-        self._prune(figures, minute)
-        if self._prune(self._everyone, minute):  # once a minute: forget the owners gone quiet
-            oldest = minute - MINUTES + 1
-            for name in [n for n, f in self._owners.items() if not f.current(oldest)]:
-                del self._owners[name]
+        if minute > self._pruned:
+            self._prune(minute)
         return True
 
     def _newer(self, workflow_id: str, version: int) -> bool:
@@ -150,12 +153,30 @@ class StatsBoard:
             self._versions.popitem(last=False)
         return True
 
+    def _minute(self, timestamp: Any) -> int:
+        """The minute (since the epoch) of a timestamp `isoformat` wrote, or of now if it is
+        not one. Parsing a timestamp costs more than the rest of `record`: each minute's is
+        parsed once."""
+        if not (isinstance(timestamp, str) and len(timestamp) == len(_SHAPE)):
+            return int(self.clock() // 60)
+        key = timestamp[:16]
+        minute = self._minutes.get(key)
+        if minute is None:
+            try:
+                minute = int(epoch(timestamp) // 60)
+            except ValueError:
+                return int(self.clock() // 60)
+            if len(self._minutes) >= MINUTES:
+                self._minutes.clear()
+            self._minutes[key] = minute
+        return minute
+
     def _attempt_ended(
         self,
         targets: Iterable[_OwnerFigures],
         document: dict[str, Any],
         name: str,
-        at: float,
+        ended: Any,
         minute: int,
     ) -> None:
         record = _last_attempt(document, name)
@@ -165,9 +186,8 @@ class StatsBoard:
         failed = outcome in (FAILED, TIMED_OUT)
         duration: float | None = None
         began = record.get("dispatched_at")
-        if outcome != TIMED_OUT and isinstance(began, str):  # a timeout's is its deadline
-            with contextlib.suppress(ValueError):
-                duration = max(0.0, at - epoch(began))
+        if outcome != TIMED_OUT:  # a timeout's is its deadline
+            duration = _seconds_between(began, ended)
         for figures in targets:
             step = figures.steps.get(name)
             if step is None:
@@ -176,7 +196,7 @@ class StatsBoard:
             counts[0] += 1
             counts[1] += failed
             if duration is not None:
-                step.durations.append((at, duration))
+                step.durations.append((minute, duration))
 
     def _track(self, workflow_id: str, owner: str, document: dict[str, Any]) -> None:
         """Keep the running and waiting counts: a workflow's state after this change."""
@@ -196,21 +216,14 @@ class StatsBoard:
         elif status not in TERMINAL_STATUSES:
             log.debug("workflow %s has an unknown status %r", workflow_id, status)
 
-    def _prune(self, figures: _OwnerFigures, minute: int) -> bool:
-        """Forget what is older than the window, once a minute (the view skips it anyway);
-        whether it did."""
-        if minute <= figures.pruned:
-            return False
-        figures.pruned = minute
+    def _prune(self, minute: int) -> None:
+        """Forget what is older than the window, once a minute (the view skips it anyway),
+        and the owners with nothing left in it."""
+        self._pruned = minute
         oldest = minute - MINUTES + 1
-        for stale in [m for m in figures.minutes if m < oldest]:
-            del figures.minutes[stale]
-        for step in figures.steps.values():
-            for stale in [m for m in step.minutes if m < oldest]:
-                del step.minutes[stale]
-            while step.durations and step.durations[0][0] < oldest * 60:
-                step.durations.popleft()
-        return True
+        self._everyone.prune(oldest)
+        for name in [n for n, f in self._owners.items() if not f.prune(oldest)]:
+            del self._owners[name]
 
     async def seed(self, orchestrator: Orchestrator) -> int:
         """Read the running workflows from the store (at most SEED_LIMIT, newest first):
@@ -253,7 +266,7 @@ class StatsBoard:
                     if oldest <= minute <= current:
                         counts[0] += ended
                         counts[1] += failed
-                durations.extend(d for t, d in step.durations if oldest * 60 <= t < now + 60)
+                durations.extend(d for m, d in step.durations if oldest <= m <= current)
                 durations.sort()
         if owner is None:
             running, waiting = sum(self._running.values()), sum(self._waiting.values())
@@ -291,6 +304,19 @@ def _percentile(ordered: list[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
+def _seconds_between(began: Any, ended: Any) -> float | None:
+    """The seconds from one timestamp `isoformat` wrote to a later one (0 if it is earlier);
+    None when either is not one. Most are in the same minute: their seconds subtracted."""
+    if not (isinstance(began, str) and isinstance(ended, str)):
+        return None
+    try:
+        if began[:16] == ended[:16] and len(began) == len(ended) == len(_SHAPE):
+            return max(0.0, float(ended[17:-1]) - float(began[17:-1]))
+        return max(0.0, epoch(ended) - epoch(began))
+    except ValueError:
+        return None
+
+
 def _last_attempt(document: dict[str, Any], name: str) -> dict[str, Any] | None:
     for step in document.get("steps") or ():
         if isinstance(step, dict) and step.get("name") == name:
@@ -317,29 +343,29 @@ class StatsFeed:
         self.drop = drop  # unsubscribes a socket whose send failed
         self.interval = interval
         self.monotonic = monotonic
-        self._subs: dict[str | None, set[Subscription]] = {}
+        self.views: dict[str | None, set[Subscription]] = {}  # the sockets watching each
         self._last: dict[str | None, tuple[float, bytes]] = {}  # view -> (sent at, figures)
         self._timers: dict[str | None, asyncio.TimerHandle] = {}
         self._pushes = 0
 
     @property
     def subscribers(self) -> int:
-        return sum(len(s) for s in self._subs.values())
+        return sum(len(s) for s in self.views.values())
 
     def add(self, sub: Subscription) -> bool:
         """Watch `sub`'s view; it is sent the figures now. False once the socket is gone."""
-        self._subs.setdefault(sub.owner, set()).add(sub)
+        self.views.setdefault(sub.owner, set()).add(sub)
         figures = dumps(self.board.view(sub.owner))
         self._last.setdefault(sub.owner, (self.monotonic(), figures))
         return sub.send(self._message(figures))
 
     def remove(self, sub: Subscription) -> None:
-        members = self._subs.get(sub.owner)
+        members = self.views.get(sub.owner)
         if members is None or sub not in members:
             return
         members.discard(sub)
         if not members:
-            del self._subs[sub.owner]
+            del self.views[sub.owner]
             self._last.pop(sub.owner, None)
             timer = self._timers.pop(sub.owner, None)
             if timer is not None:
@@ -348,7 +374,7 @@ class StatsFeed:
     def changed(self, owner: str) -> None:
         """A workflow of `owner` changed: its view and everyone's may have."""
         for view in (owner, None):
-            if view in self._subs and view not in self._timers:
+            if view in self.views and view not in self._timers:
                 last = self._last.get(view)
                 delay = 0.0 if last is None else last[0] + self.interval - self.monotonic()
                 loop = asyncio.get_running_loop()
@@ -356,7 +382,7 @@ class StatsFeed:
 
     def _push(self, view: str | None) -> None:
         self._timers.pop(view, None)
-        members = self._subs.get(view)
+        members = self.views.get(view)
         if not members:
             return
         figures = dumps(self.board.view(view))

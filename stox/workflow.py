@@ -374,7 +374,7 @@ class Workflow:
     # when it is known
     owner_name: str | None = None
     # what happened to it, oldest first (`record`), and how many older entries were dropped
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[Any] = field(default_factory=list)
     history_dropped: int = 0
     # webhook deliveries of its events (`add_deliveries`), and where the upload asked its
     # own to go (the document has that field only when it did)
@@ -382,6 +382,28 @@ class Workflow:
     callback_url: str | None = None
 
     def to_doc(self) -> dict[str, Any]:
+        doc = self.public()
+        doc["outbox"] = list(self.outbox)
+        doc["history"] = list(self.history)
+        doc["history_dropped"] = self.history_dropped
+        doc["deliveries"] = [dict(d) for d in self.deliveries]
+        if self.trace is not None:
+            doc["trace"] = self.trace
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Workflow:
+        fields = dict(doc)
+        fields["steps"] = [Step.from_doc(step) for step in doc["steps"]]
+        fields["outbox"] = list(doc["outbox"])  # appended to
+        fields["history"] = list(doc.get("history", ()))  # none in documents of before
+        fields["deliveries"] = [dict(d) for d in doc.get("deliveries", ())]  # changed in place
+        return cls(**fields)
+
+    def public(self) -> dict[str, Any]:
+        """The document as clients see it: everything but the outbox, the trace, the
+        deliveries and the history (GET …/history serves it; every change notification would
+        carry it)."""
         doc = {
             "id": self.id,
             "owner": self.owner,
@@ -392,38 +414,15 @@ class Workflow:
             "version": self.version,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
-            "outbox": list(self.outbox),
             "wake_at": self.wake_at,
             "outbox_at": self.outbox_at,
-            "history": list(self.history),
-            "history_dropped": self.history_dropped,
-            "deliveries": [dict(d) for d in self.deliveries],
         }
         if self.callback_url is not None:
             doc["callback_url"] = self.callback_url
-        if self.trace is not None:
-            doc["trace"] = self.trace
         if self.pipeline is not None:
             doc["pipeline"] = self.pipeline
         if self.owner_name is not None:
             doc["owner_name"] = self.owner_name
-        return doc
-
-    @classmethod
-    def from_doc(cls, doc: dict[str, Any]) -> Workflow:
-        fields = dict(doc)
-        fields["steps"] = [Step.from_doc(step) for step in doc["steps"]]
-        fields["outbox"] = list(doc["outbox"])  # appended to, as above
-        fields["history"] = list(doc.get("history", ()))  # none in documents of before
-        fields["deliveries"] = [dict(d) for d in doc.get("deliveries", ())]  # changed in place
-        return cls(**fields)
-
-    def public(self) -> dict[str, Any]:
-        """The document as clients see it: everything but the outbox, the trace and the
-        history (GET …/history serves it; every change notification would carry it)."""
-        doc = self.to_doc()
-        del doc["outbox"], doc["history"], doc["history_dropped"], doc["deliveries"]
-        doc.pop("trace", None)
         return doc
 
     def copy(self) -> Workflow:
@@ -946,31 +945,50 @@ def record(
     step and its attempt, who or what caused it (`by`: "user:NAME", "service:NAME",
     "sweeper"…), the error of an attempt that failed; keep the newest `limit` entries,
     counting those dropped; `detail` goes into each entry (a delivery's url and error).
-    Part of the transition's write: called before it is saved."""
-    at = wf.updated_at
+    Part of the transition's write: called before it is saved.
+
+    An entry is stored as a list, `[at, version, event, by]` then, when there are, the step,
+    its attempt, the error and the detail (`history_entry` reads it): every write of the
+    workflow encodes its whole history again, and a list is a third of the work of a dict."""
+    at, version = wf.updated_at, wf.version  # the transition's (a store may write only these)
+    steps = {step.name: step for step in wf.steps}
     for change in changes:
-        entry: dict[str, Any] = {
-            "at": at,
-            "version": wf.version,  # the transition's (a store may write only the new ones)
-            "event": change.type,
-            "by": by,
-            **(detail or {}),
-        }
-        step = wf.named(change.step) if change.step is not None else None
+        entry: list[Any] = [at, version, change.type, by]
+        step = steps.get(change.step) if change.step is not None else None
+        error = None
         if step is not None:
-            entry["step"] = step.name
             ended = step.attempts[-1] if step.attempts else None
             if change.type in _ENDED_ATTEMPT and ended is not None:
-                entry["attempt"] = ended["attempt"]
-                if ended["error"] is not None:
-                    entry["error"] = ended["error"]
+                entry += (step.name, ended["attempt"])
+                error = ended["error"]
             else:
-                entry["attempt"] = step.attempt
+                entry += (step.name, step.attempt)
+        if detail is not None:
+            entry += (None, None, error, detail) if step is None else (error, detail)
+        elif error is not None:
+            entry.append(error)
         wf.history.append(entry)
     excess = len(wf.history) - limit
     if excess > 0:
         del wf.history[:excess]
         wf.history_dropped += excess
+
+
+def history_entry(stored: list[Any] | dict[str, Any]) -> dict[str, Any]:
+    """An entry as `record` stored it, as GET …/history shows it: `at`, `version`,
+    `event`, `by`, and `step`, `attempt`, `error` and the detail's fields where there are."""
+    if isinstance(stored, dict):  # written before entries were lists
+        return stored
+    at, version, event, by, *rest = stored
+    entry: dict[str, Any] = {"at": at, "version": version, "event": event, "by": by}
+    step, attempt, error, detail = (*rest, None, None, None, None)[:4]
+    if step is not None:
+        entry["step"], entry["attempt"] = step, attempt
+    if error is not None:
+        entry["error"] = error
+    if detail is not None:
+        entry.update(detail)
+    return entry
 
 
 def drop_published(wf: Workflow, message_ids: set[str]) -> bool:

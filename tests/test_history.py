@@ -118,7 +118,7 @@ async def test_only_the_newest_entries_are_kept_and_the_rest_counted(tmp_path: P
 def test_record_keeps_the_newest_and_counts_the_dropped() -> None:
     wf, changes = w.start(w.Pipeline(), "alice", {"name": "Mug"}, 1_700_000_000.0)
     w.record(wf, [w.Change(w.STARTED), *changes], "user:alice", limit=1)
-    assert wf.history == [
+    assert [w.history_entry(e) for e in wf.history] == [
         {
             "at": wf.updated_at,
             "version": 1,
@@ -130,3 +130,25 @@ def test_record_keeps_the_newest_and_counts_the_dropped() -> None:
     ]
     assert wf.history_dropped == 1
     assert w.Workflow.from_doc(wf.to_doc()) == wf
+
+
+def test_entries_are_read_back_with_their_error_and_detail_and_older_ones_as_they_were() -> None:
+    wf, changes = w.start(w.Pipeline(), "alice", {"name": "Mug"}, 1_700_000_000.0)
+    w.record(wf, [w.Change(w.STARTED), *changes], "user:alice", limit=10)
+    step = wf.steps[0]
+    step.attempts.append({"attempt": 1, "error": "disk full", "outcome": "failed"})
+    w.record(wf, [w.Change("step_failed", step.name)], "service:img", limit=10)
+    hook = {"url": "https://hooks.example/x", "delivery": "d1", "error": "HTTP 500"}
+    w.record(wf, [w.Change("webhook_retrying")], "webhooks", limit=10, detail=hook)
+    older = {"at": wf.updated_at, "version": 1, "event": "step_dispatched", "by": "sweeper"}
+    wf.history.append(older)  # as a gateway before compact entries stored it
+    entries = [w.history_entry(e) for e in wf.history]
+    base = {"at": wf.updated_at, "version": 1}
+    assert entries == [
+        {**base, "event": "workflow_started", "by": "user:alice"},
+        {**base, "event": "step_dispatched", "by": "user:alice", "step": step.name, "attempt": 1},
+        {**base, "event": "step_failed", "by": "service:img", "step": step.name, "attempt": 1}
+        | {"error": "disk full"},
+        {**base, "event": "webhook_retrying", "by": "webhooks", **hook},
+        older,
+    ]

@@ -327,3 +327,33 @@ async def test_the_answer_conforms_to_the_openapi_document(tmp_path: Path) -> No
         assert body["steps"][0]["p50"] is not None
         conforms(document, STATS, "get", await gw.fetch("GET", STATS, token=alice))
         conforms(document, STATS, "get", await gw.fetch("GET", STATS))  # 401
+
+
+def test_durations_cross_minute_and_hour_boundaries_and_odd_timestamps_count_now() -> None:
+    clock = Clock()
+    clock.advance(3630)  # 01:00:30: all of them in the last hour
+    board = StatsBoard(clock)
+
+    def ended(name: str, began: str, ended: Any) -> dict[str, Any]:
+        attempt = {"outcome": "completed", "dispatched_at": began}
+        step = {"name": name, "status": "completed", "attempts": [attempt]}
+        return {"status": "running", "updated_at": ended, "steps": [step]}
+
+    cases = [
+        ("same_minute", "2026-01-01T00:01:01.250000Z", "2026-01-01T00:01:03.750000Z", 2.5),
+        ("next_minute", "2026-01-01T00:01:59.500000Z", "2026-01-01T00:02:00.250000Z", 0.75),
+        ("next_hour", "2026-01-01T00:59:59.000000Z", "2026-01-01T01:00:01.000000Z", 2.0),
+        ("clock_skew", "2026-01-01T00:03:05.000000Z", "2026-01-01T00:03:04.000000Z", 0.0),
+    ]
+    for version, (name, began, at, _) in enumerate(cases, 1):
+        changes = [("step_completed", name)]
+        assert board.record("w1", "alice", version, changes, ended(name, began, at))
+    steps = step_figures(board.view("alice"))
+    assert {name: steps[name]["p50"] for name, *_ in cases} == {
+        name: seconds for name, _, _, seconds in cases
+    }
+    # an updated_at that is not one `isoformat` wrote: counted in the clock's minute, no duration
+    clock.advance(30)
+    odd = ended("odd", "2026-01-01T00:00:00.000000Z", "yesterday")
+    assert board.record("w2", "alice", 1, [("step_completed", "odd")], odd)
+    assert step_figures(board.view("alice"))["odd"]["attempts"] == 1

@@ -146,7 +146,10 @@ _decode = loads
 
 
 def _state(doc: dict[str, Any]) -> str:
-    return _encode({key: value for key, value in doc.items() if key not in _NOT_STATE})
+    state = dict(doc)  # then the few keys dropped: a comprehension visits every key
+    for key in _NOT_STATE:
+        state.pop(key, None)
+    return _encode(state)
 
 
 def _catch_up(conn: sqlite3.Connection) -> None:

@@ -7,8 +7,12 @@ started) it does not know: the per-minute counts and the steps' figures cover th
 hour of what this instance heard (`since` says from when), and the running and waiting
 counts are read once from the store at start-up (`seed`), then kept from the notifications.
 
-Each notification costs a few dictionary updates; the figures are computed only when asked
-(GET /api/v1/stats, or `StatsFeed` at most once a second for the sockets that watch them).
+Each notification costs a few dictionary updates, and is on every transition's path, so the
+counting does as little as it can: a dispatch counts nothing; timestamps are not parsed
+(that was most of the cost) but for the first of each minute, the minute and the seconds are
+read from the text `isoformat` wrote, and a duration within one minute is a difference of
+seconds. The figures are computed only when asked (GET /api/v1/stats, or `StatsFeed` at most
+once a second for the sockets that watch them).
 The counts are kept per owner and for everyone together (what an admin sees), so a view is
 read from one of them, never merged. Memory is bounded: 60 minutes of counts per owner and
 step (older ones are dropped once a minute, and an owner with nothing left in the window is
@@ -54,9 +58,23 @@ MAX_VERSIONS = 100_000  # workflows whose last version is remembered, to skip du
 SEED_PAGE = 100
 SEED_LIMIT = 10_000  # running workflows read from the store at start-up, at most
 
-# the changes that end a step's attempt (its last record says how)
-_ATTEMPT_ENDS = frozenset({"step_completed", "step_failed", "step_retrying", "step_reviewed"})
-_FINISHED = {"workflow_completed": 0, "workflow_failed": 1}
+# What each change counts: a finished workflow (the index of its count), the end of a step's
+# attempt (its last record says how), a change of whether a running workflow waits for a
+# review, or both of the last two; the others (a dispatch) count nothing.
+_ATTEMPT = -1
+_REVIEW = -2
+_ATTEMPT_AND_REVIEW = -3
+_ACTIONS = {
+    "workflow_completed": 0,
+    "workflow_failed": 1,
+    "step_completed": _ATTEMPT,
+    "step_failed": _ATTEMPT,
+    "step_retrying": _ATTEMPT,
+    "step_reviewed": _ATTEMPT_AND_REVIEW,
+    "step_waiting_review": _REVIEW,
+    "step_review_escalated": _REVIEW,
+    "workflow_cancelled": _REVIEW,
+}
 _SHAPE = "2026-01-01T00:00:00.000000Z"  # what `isoformat` writes
 # the changes that may change whether a running workflow waits for a review
 _REVIEW_CHANGES = frozenset(
@@ -127,18 +145,27 @@ class StatsBoard:
         if figures is None:
             figures = self._owners[owner] = _OwnerFigures()
         both = (figures, self._everyone)
-        settled = True  # running before and after, and no review began or ended
+        finished = reviewed = False  # the workflow ended; a review began or ended
         for kind, step in changes:
-            if (index := _FINISHED.get(kind)) is not None:
-                settled = False
+            action = _ACTIONS.get(kind)
+            if action is None:  # a dispatch, most of them: nothing to count
+                continue
+            if action >= 0:
+                finished = True
                 for counted in both:
-                    counted.minutes.setdefault(minute, [0, 0])[index] += 1
-            elif kind in _ATTEMPT_ENDS and step is not None:
+                    counted.minutes.setdefault(minute, [0, 0])[action] += 1
+                continue
+            if action != _REVIEW and step is not None:
                 self._attempt_ended(both, document, step, updated, minute)
-            if kind in _REVIEW_CHANGES:
-                settled = False
-        if not (settled and workflow_id in self._active and document.get("status") == RUNNING):
-            self._track(workflow_id, owner, document)
+            if action != _ATTEMPT:
+                reviewed = True
+        old = self._active.get(workflow_id)
+        running = document.get("status") == RUNNING
+        if finished or reviewed or old is None or not running:
+            # whether it waits for a review changes only with a review; read from its steps
+            # then, or when it was first heard after its upload
+            waiting = None if reviewed or (old is None and version > 1) else bool(old and old[1])
+            self._track(workflow_id, owner, document, waiting)
         if minute > self._pruned:
             self._prune(minute)
         return True
@@ -198,18 +225,22 @@ class StatsBoard:
             if duration is not None:
                 step.durations.append((minute, duration))
 
-    def _track(self, workflow_id: str, owner: str, document: dict[str, Any]) -> None:
-        """Keep the running and waiting counts: a workflow's state after this change."""
+    def _track(
+        self, workflow_id: str, owner: str, document: dict[str, Any], waiting: bool | None = None
+    ) -> None:
+        """Keep the running and waiting counts: a workflow's state after this change
+        (`waiting`: whether it waits for a review, None to read it from its steps)."""
         old = self._active.pop(workflow_id, None)
         if old is not None:
             self._running[old[0]] -= 1
             self._waiting[old[0]] -= old[1]
         status = document.get("status")
         if status == RUNNING:
-            steps = document.get("steps")
-            waiting = isinstance(steps, list) and any(
-                isinstance(s, dict) and s.get("status") == WAITING for s in steps
-            )
+            if waiting is None:
+                steps = document.get("steps")
+                waiting = isinstance(steps, list) and any(
+                    isinstance(s, dict) and s.get("status") == WAITING for s in steps
+                )
             self._active[workflow_id] = (owner, waiting)
             self._running[owner] += 1
             self._waiting[owner] += waiting

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -947,26 +947,31 @@ def record(
     counting those dropped; `detail` goes into each entry (a delivery's url and error).
     Part of the transition's write: called before it is saved.
 
-    An entry is stored as a list, `[at, version, event, by]` then, when there are, the step,
+    An entry is stored as an array, `[at, version, event, by]` then, when there are, the step,
     its attempt, the error and the detail (`history_entry` reads it): every write of the
-    workflow encodes its whole history again, and a list is a third of the work of a dict."""
+    workflow encodes its whole history again, and an array is a third of the work of an
+    object. (A tuple here, a list once read back from the store.)"""
     at, version = wf.updated_at, wf.version  # the transition's (a store may write only these)
     steps = {step.name: step for step in wf.steps}
     for change in changes:
-        entry: list[Any] = [at, version, change.type, by]
         step = steps.get(change.step) if change.step is not None else None
-        error = None
-        if step is not None:
+        entry: tuple[Any, ...]
+        if step is None:
+            entry = (at, version, change.type, by)
+            if detail is not None:
+                entry += (None, None, None, detail)
+        else:
             ended = step.attempts[-1] if step.attempts else None
             if change.type in _ENDED_ATTEMPT and ended is not None:
-                entry += (step.name, ended["attempt"])
+                entry = (at, version, change.type, by, step.name, ended["attempt"])
                 error = ended["error"]
             else:
-                entry += (step.name, step.attempt)
-        if detail is not None:
-            entry += (None, None, error, detail) if step is None else (error, detail)
-        elif error is not None:
-            entry.append(error)
+                entry = (at, version, change.type, by, step.name, step.attempt)
+                error = None
+            if detail is not None:
+                entry += (error, detail)
+            elif error is not None:
+                entry += (error,)
         wf.history.append(entry)
     excess = len(wf.history) - limit
     if excess > 0:
@@ -974,7 +979,7 @@ def record(
         wf.history_dropped += excess
 
 
-def history_entry(stored: list[Any] | dict[str, Any]) -> dict[str, Any]:
+def history_entry(stored: Sequence[Any] | dict[str, Any]) -> dict[str, Any]:
     """An entry as `record` stored it, as GET …/history shows it: `at`, `version`,
     `event`, `by`, and `step`, `attempt`, `error` and the detail's fields where there are."""
     if isinstance(stored, dict):  # written before entries were lists

@@ -206,20 +206,22 @@ class StatsBoard:
         ended: Any,
         minute: int,
     ) -> None:
-        record = _last_attempt(document, name)
-        if record is None:
+        """Count the end of step `name`'s last attempt (its record says how) in `minute`;
+        `ended` is when (the document's `updated_at`)."""
+        try:  # the document's shape checked by the lookups themselves, in one pass
+            record = next(s for s in document["steps"] if s["name"] == name)["attempts"][-1]
+            outcome, began = record["outcome"], record["dispatched_at"]
+        except (KeyError, TypeError, IndexError, StopIteration):
             return
-        outcome = record.get("outcome")
         failed = outcome in (FAILED, TIMED_OUT)
-        duration: float | None = None
-        began = record.get("dispatched_at")
-        if outcome != TIMED_OUT:  # a timeout's is its deadline
-            duration = _seconds_between(began, ended)
+        duration = None if outcome == TIMED_OUT else _seconds_between(began, ended)
         for figures in targets:
             step = figures.steps.get(name)
             if step is None:
                 step = figures.steps[name] = _StepFigures()
-            counts = step.minutes.setdefault(minute, [0, 0])
+            counts = step.minutes.get(minute)
+            if counts is None:
+                counts = step.minutes[minute] = [0, 0]
             counts[0] += 1
             counts[1] += failed
             if duration is not None:
@@ -346,16 +348,6 @@ def _seconds_between(began: Any, ended: Any) -> float | None:
         return max(0.0, epoch(ended) - epoch(began))
     except ValueError:
         return None
-
-
-def _last_attempt(document: dict[str, Any], name: str) -> dict[str, Any] | None:
-    for step in document.get("steps") or ():
-        if isinstance(step, dict) and step.get("name") == name:
-            attempts = step.get("attempts")
-            if isinstance(attempts, list) and attempts and isinstance(attempts[-1], dict):
-                return attempts[-1]
-            return None
-    return None
 
 
 class StatsFeed:

@@ -472,7 +472,7 @@ class Hub:
             log.warning("ignoring a malformed change notification in %s", message_id)
             return
         workflow_id, owner, version, changes, document = parsed
-        if self.stats.record(workflow_id, owner, version, changes, document) and self.feed.views:
+        if self.stats.record(workflow_id, owner, version, changes, document):
             self.feed.changed(owner)
         targets = [
             *self._by_workflow.get(workflow_id, ()),

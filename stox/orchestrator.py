@@ -537,8 +537,7 @@ class Orchestrator:
                 doc = None
                 continue
             wf_rules.record(workflow, changes, by, self.history_limit, detail)
-            # a delivery's own record is not delivered again
-            if self.webhooks is not None and cause != observe.WEBHOOK:
+            if cause != observe.WEBHOOK:  # a delivery's own record is not delivered again
                 self._add_deliveries(workflow, workflow.outbox[published_before:], self.clock())
             written = workflow.to_doc()
             new_events = [NewEvent.of(entry) for entry in written["outbox"][published_before:]]
@@ -549,8 +548,7 @@ class Orchestrator:
                 self._keep_bodies(new_events)
                 self.observers.transitioned(workflow, changes, cause)
                 self._publish_soon(workflow)
-                if workflow.deliveries:
-                    self._deliver_soon(workflow)
+                self._deliver_soon(workflow)
                 return Applied(workflow, written=True)
             doc = None
         self._forget(workflow_id)

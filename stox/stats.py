@@ -76,10 +76,6 @@ _ACTIONS = {
     "workflow_cancelled": _REVIEW,
 }
 _SHAPE = "2026-01-01T00:00:00.000000Z"  # what `isoformat` writes
-# the changes that may change whether a running workflow waits for a review
-_REVIEW_CHANGES = frozenset(
-    {"step_waiting_review", "step_reviewed", "step_review_escalated", "workflow_cancelled"}
-)
 
 
 class _StepFigures:
@@ -366,29 +362,29 @@ class StatsFeed:
         self.drop = drop  # unsubscribes a socket whose send failed
         self.interval = interval
         self.monotonic = monotonic
-        self.views: dict[str | None, set[Subscription]] = {}  # the sockets watching each
+        self._subs: dict[str | None, set[Subscription]] = {}
         self._last: dict[str | None, tuple[float, bytes]] = {}  # view -> (sent at, figures)
         self._timers: dict[str | None, asyncio.TimerHandle] = {}
         self._pushes = 0
 
     @property
     def subscribers(self) -> int:
-        return sum(len(s) for s in self.views.values())
+        return sum(len(s) for s in self._subs.values())
 
     def add(self, sub: Subscription) -> bool:
         """Watch `sub`'s view; it is sent the figures now. False once the socket is gone."""
-        self.views.setdefault(sub.owner, set()).add(sub)
+        self._subs.setdefault(sub.owner, set()).add(sub)
         figures = dumps(self.board.view(sub.owner))
         self._last.setdefault(sub.owner, (self.monotonic(), figures))
         return sub.send(self._message(figures))
 
     def remove(self, sub: Subscription) -> None:
-        members = self.views.get(sub.owner)
+        members = self._subs.get(sub.owner)
         if members is None or sub not in members:
             return
         members.discard(sub)
         if not members:
-            del self.views[sub.owner]
+            del self._subs[sub.owner]
             self._last.pop(sub.owner, None)
             timer = self._timers.pop(sub.owner, None)
             if timer is not None:
@@ -397,7 +393,7 @@ class StatsFeed:
     def changed(self, owner: str) -> None:
         """A workflow of `owner` changed: its view and everyone's may have."""
         for view in (owner, None):
-            if view in self.views and view not in self._timers:
+            if view in self._subs and view not in self._timers:
                 last = self._last.get(view)
                 delay = 0.0 if last is None else last[0] + self.interval - self.monotonic()
                 loop = asyncio.get_running_loop()
@@ -405,7 +401,7 @@ class StatsFeed:
 
     def _push(self, view: str | None) -> None:
         self._timers.pop(view, None)
-        members = self.views.get(view)
+        members = self._subs.get(view)
         if not members:
             return
         figures = dumps(self.board.view(view))

@@ -982,7 +982,7 @@ def record(
 def history_entry(stored: Sequence[Any] | dict[str, Any]) -> dict[str, Any]:
     """An entry as `record` stored it, as GET …/history shows it: `at`, `version`,
     `event`, `by`, and `step`, `attempt`, `error` and the detail's fields where there are."""
-    if isinstance(stored, dict):  # written before entries were lists
+    if isinstance(stored, dict):  # written before entries were arrays
         return stored
     at, version, event, by, *rest = stored
     entry: dict[str, Any] = {"at": at, "version": version, "event": event, "by": by}
